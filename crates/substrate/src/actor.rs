@@ -1,0 +1,473 @@
+//! Keyed single-writer actors with transactional storage and one alarm each.
+//!
+//! An actor is addressed by `(type, key)`. [`ActorSystem::call`] runs the actor's handler with an
+//! [`ActorContext`]: reads see committed state plus the call's own writes; writes are buffered and
+//! committed atomically when the handler returns `Ok`, discarded when it returns `Err` or panics.
+//! Calls on one key run one at a time (a FIFO mutex per key on this node, plus the backend's
+//! cross-node lock on PostgreSQL); calls on different keys run concurrently. At most
+//! `max_backlog` calls may wait for one key; beyond that callers get [`Error::Overloaded`].
+//!
+//! Behaviour follows Cloudflare Durable Objects (storage transactions, one alarm per object,
+//! `setAlarm` replaces, alarm retries with backoff); see DESIGN.md §3.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::{Clock, UnixMs};
+use crate::cron::CronSchedule;
+use crate::error::{Error, Result};
+use crate::store::{ActorSession, AlarmCompletion, Backend, WriteSet};
+
+/// What an alarm handler is told about the firing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlarmInfo {
+    /// The time the alarm was scheduled for (or rescheduled to by a retry), ms since epoch.
+    pub scheduled_at: UnixMs,
+    /// Failed attempts before this one: 0 on the first run, up to [`crate::ALARM_MAX_RETRIES`].
+    pub retry_count: u32,
+}
+
+impl AlarmInfo {
+    /// True when an earlier run of this alarm failed.
+    pub fn is_retry(&self) -> bool {
+        self.retry_count > 0
+    }
+}
+
+/// An actor type: a stateless handler whose state lives in the [`ActorContext`]'s storage.
+///
+/// One value of the type serves every key; it holds shared dependencies (HTTP clients, config).
+pub trait Actor: Send + Sync + 'static {
+    /// Type name, part of the address and of stored rows; must not contain `\u{1f}`.
+    const TYPE: &'static str;
+    /// A call's input.
+    type Call: Send + 'static;
+    /// A call's output.
+    type Reply: Send + 'static;
+
+    /// Handles one call. Returning `Err` discards every write the call made.
+    fn call(
+        &self,
+        ctx: &mut ActorContext,
+        call: Self::Call,
+    ) -> impl Future<Output = Result<Self::Reply>> + Send;
+
+    /// Handles the actor's alarm. Returning `Err` discards the writes and reschedules the alarm
+    /// with exponential backoff (2 s base, at most 6 retries). The default deletes nothing and
+    /// succeeds.
+    fn alarm(
+        &self,
+        ctx: &mut ActorContext,
+        alarm: AlarmInfo,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (ctx, alarm);
+        async { Ok(()) }
+    }
+}
+
+/// The storage and alarm of one actor during one call.
+pub struct ActorContext {
+    actor_type: &'static str,
+    key: String,
+    session: Box<dyn ActorSession>,
+    writes: WriteSet,
+    clock: Arc<dyn Clock>,
+}
+
+impl ActorContext {
+    /// The actor's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The actor's type name.
+    pub fn actor_type(&self) -> &'static str {
+        self.actor_type
+    }
+
+    /// Current time from the substrate's clock, ms since epoch.
+    pub fn now_ms(&self) -> UnixMs {
+        self.clock.now_ms()
+    }
+
+    /// Reads `key` as JSON: the call's own write if any, else the committed value.
+    ///
+    /// Errors: [`Error::Serde`] when the stored JSON does not fit `T`; [`Error::Storage`].
+    pub async fn get<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
+        let raw = match self.writes.entries.get(key) {
+            Some(v) => v.clone(),
+            None if self.writes.cleared => None,
+            None => self.session.get(key).await?,
+        };
+        raw.map(|v| serde_json::from_slice(&v).map_err(Error::from))
+            .transpose()
+    }
+
+    /// Buffers a write of `value` (as JSON) under `key`.
+    pub fn put<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value)?;
+        self.writes.entries.insert(key.to_owned(), Some(bytes));
+        Ok(())
+    }
+
+    /// Buffers a delete of `key`.
+    pub fn delete(&mut self, key: &str) {
+        self.writes.entries.insert(key.to_owned(), None);
+    }
+
+    /// Entries whose key starts with `prefix`, in key order, including the call's own writes.
+    pub async fn list<T: DeserializeOwned>(&mut self, prefix: &str) -> Result<Vec<(String, T)>> {
+        let mut merged: std::collections::BTreeMap<String, Vec<u8>> = if self.writes.cleared {
+            Default::default()
+        } else {
+            self.session.list(prefix).await?.into_iter().collect()
+        };
+        for (k, v) in self.writes.entries.range(prefix.to_owned()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        merged
+            .into_iter()
+            .map(|(k, v)| Ok((k, serde_json::from_slice(&v)?)))
+            .collect()
+    }
+
+    /// Buffers removal of all storage and the alarm.
+    pub fn delete_all(&mut self) {
+        self.writes = WriteSet {
+            cleared: true,
+            ..WriteSet::default()
+        };
+    }
+
+    /// The alarm time as this call sees it, ms since epoch.
+    pub async fn alarm(&mut self) -> Result<Option<UnixMs>> {
+        match self.writes.alarm {
+            Some(a) => Ok(a),
+            None if self.writes.cleared => Ok(None),
+            None => Ok(self.session.alarm().await?.map(|(at, _)| at)),
+        }
+    }
+
+    /// Sets (replacing) the alarm to fire at `at_ms`, committed with the call.
+    pub fn set_alarm(&mut self, at_ms: UnixMs) {
+        self.writes.alarm = Some(Some(at_ms));
+    }
+
+    /// Removes the alarm, committed with the call.
+    pub fn delete_alarm(&mut self) {
+        self.writes.alarm = Some(None);
+    }
+
+    /// Sets the alarm to the schedule's next occurrence after now and returns it.
+    ///
+    /// Errors: [`Error::Invalid`] when the schedule has no future occurrence.
+    pub fn schedule_cron(&mut self, schedule: &CronSchedule) -> Result<UnixMs> {
+        let next = schedule.next_after(self.now_ms())?;
+        self.set_alarm(next);
+        Ok(next)
+    }
+}
+
+/// Type-erased actor entry for the alarm scheduler, which knows actors only by type name.
+trait ErasedActor: Send + Sync {
+    fn alarm<'a>(
+        &'a self,
+        ctx: &'a mut ActorContext,
+        info: AlarmInfo,
+    ) -> BoxFuture<'a, Result<()>>;
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<A: Actor> ErasedActor for A {
+    fn alarm<'a>(
+        &'a self,
+        ctx: &'a mut ActorContext,
+        info: AlarmInfo,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Actor::alarm(self, ctx, info))
+    }
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+/// Per-key admission: a FIFO mutex and a count of calls holding or waiting for it.
+#[derive(Default)]
+struct Slot {
+    mutex: tokio::sync::Mutex<()>,
+    queued: AtomicUsize,
+}
+
+const SHARDS: usize = 64;
+
+/// Admission slots of live keys, sharded to keep lock hold times short.
+type Shards = Vec<std::sync::Mutex<HashMap<(&'static str, String), Arc<Slot>>>>;
+
+fn shard_of<'a>(
+    shards: &'a Shards,
+    actor_type: &str,
+    key: &str,
+) -> &'a std::sync::Mutex<HashMap<(&'static str, String), Arc<Slot>>> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    actor_type.hash(&mut h);
+    key.hash(&mut h);
+    &shards[(h.finish() as usize) % SHARDS]
+}
+
+/// Runs actor calls and alarms; owns the per-key admission slots.
+pub struct ActorSystem {
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    actors: std::sync::RwLock<HashMap<&'static str, Arc<dyn ErasedActor>>>,
+    slots: Arc<Shards>,
+    max_backlog: usize,
+    tasks: TaskTracker,
+    alarm_set: Arc<Notify>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Whether a call is refused when its key's backlog is full (calls) or always waits (alarms).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Bounded,
+    Always,
+}
+
+/// Releases a slot reservation when a call finishes (or its task is dropped).
+struct SlotGuard {
+    shards: Arc<Shards>,
+    actor_type: &'static str,
+    key: String,
+    slot: Arc<Slot>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if self.slot.queued.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut shard = shard_of(&self.shards, self.actor_type, &self.key)
+                .lock()
+                .unwrap();
+            let id = (self.actor_type, std::mem::take(&mut self.key));
+            if let Some(s) = shard.get(&id)
+                && Arc::ptr_eq(s, &self.slot)
+                && s.queued.load(Ordering::Acquire) == 0
+            {
+                shard.remove(&id);
+            }
+        }
+    }
+}
+
+impl ActorSystem {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        clock: Arc<dyn Clock>,
+        max_backlog: usize,
+        tasks: TaskTracker,
+        alarm_set: Arc<Notify>,
+    ) -> Self {
+        Self {
+            backend,
+            clock,
+            actors: Default::default(),
+            slots: Arc::new((0..SHARDS).map(|_| Default::default()).collect()),
+            max_backlog,
+            tasks,
+            alarm_set,
+            closed: false.into(),
+        }
+    }
+
+    /// Registers an actor type. Registering the same type twice replaces the handler.
+    pub fn register<A: Actor>(&self, actor: A) {
+        self.actors
+            .write()
+            .unwrap()
+            .insert(A::TYPE, Arc::new(actor));
+    }
+
+    /// Names of the registered actor types.
+    pub fn types(&self) -> Vec<&'static str> {
+        let mut t: Vec<_> = self.actors.read().unwrap().keys().copied().collect();
+        t.sort_unstable();
+        t
+    }
+
+    pub(crate) fn wake_alarms(&self) {
+        self.alarm_set.notify_one();
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn admit(
+        &self,
+        actor_type: &'static str,
+        key: &str,
+        admission: Admission,
+    ) -> Result<SlotGuard> {
+        let slot = {
+            let mut shard = shard_of(&self.slots, actor_type, key).lock().unwrap();
+            let slot = shard
+                .entry((actor_type, key.to_owned()))
+                .or_default()
+                .clone();
+            let queued = slot.queued.fetch_add(1, Ordering::AcqRel);
+            if admission == Admission::Bounded && queued >= self.max_backlog {
+                slot.queued.fetch_sub(1, Ordering::AcqRel);
+                metrics::counter!("kilocloud_actor_overloaded_total", "actor_type" => actor_type)
+                    .increment(1);
+                return Err(Error::Overloaded {
+                    actor_type: actor_type.to_owned(),
+                    key: key.to_owned(),
+                    backlog: queued,
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            slot
+        };
+        Ok(SlotGuard {
+            shards: self.slots.clone(),
+            actor_type,
+            key: key.to_owned(),
+            slot,
+        })
+    }
+
+    fn handler<A: Actor>(&self) -> Result<Arc<A>> {
+        let erased = self
+            .actors
+            .read()
+            .unwrap()
+            .get(A::TYPE)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                what: "actor type",
+                name: A::TYPE.to_owned(),
+            })?;
+        erased
+            .as_any()
+            .downcast::<A>()
+            .map_err(|_| Error::Storage(format!("actor type {} registered twice", A::TYPE)))
+    }
+
+    /// Runs one call on actor `(A::TYPE, key)` and returns its reply after its writes committed.
+    ///
+    /// The call runs in its own task: if the caller stops waiting, the call still completes (and
+    /// commits). Errors: [`Error::Overloaded`] when `max_backlog` calls already wait for this key;
+    /// [`Error::ShuttingDown`]; the handler's own error (writes discarded); [`Error::Storage`] when
+    /// the commit fails (writes discarded, reply dropped).
+    pub async fn call<A: Actor>(
+        self: &Arc<Self>,
+        key: &str,
+        call: A::Call,
+    ) -> Result<A::Reply> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let actor = self.handler::<A>()?;
+        // Reserve the backlog slot before spawning, so Overloaded is immediate.
+        let guard = self.admit(A::TYPE, key, Admission::Bounded)?;
+        let this = self.clone();
+        let task = self.tasks.spawn(async move {
+            this.run(guard, move |ctx| {
+                Box::pin(async move { actor.call(ctx, call).await.map(|r| (r, None)) })
+            })
+            .await
+        });
+        task.await
+            .map_err(|e| Error::Handler(format!("actor call panicked: {e}")))?
+    }
+
+    /// Runs `f` as a call on `(actor_type, key)`: admission, local and cross-node lock, session,
+    /// commit or discard. `f` returns the reply and, for alarm runs, the completion to commit.
+    async fn run<R: Send>(
+        &self,
+        guard: SlotGuard,
+        f: impl for<'c> FnOnce(
+            &'c mut ActorContext,
+        ) -> BoxFuture<'c, Result<(R, Option<AlarmCompletion>)>>,
+    ) -> Result<R> {
+        let _held = guard.slot.mutex.lock().await;
+        let session = self
+            .backend
+            .actor_session(guard.actor_type, &guard.key)
+            .await?;
+        let mut ctx = ActorContext {
+            actor_type: guard.actor_type,
+            key: guard.key.clone(),
+            session,
+            writes: WriteSet::default(),
+            clock: self.clock.clone(),
+        };
+        match f(&mut ctx).await {
+            Ok((reply, completion)) => {
+                let sets_alarm = matches!(ctx.writes.alarm, Some(Some(_)));
+                ctx.session.commit(ctx.writes, completion).await?;
+                if sets_alarm {
+                    self.alarm_set.notify_one();
+                }
+                Ok(reply)
+            }
+            Err(e) => {
+                ctx.session.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs a claimed alarm on its actor. Returns `Ok(true)` when the handler ran and committed,
+    /// `Ok(false)` when the alarm was replaced or deleted before it could run.
+    pub(crate) async fn run_alarm(
+        &self,
+        row: &crate::store::AlarmRow,
+    ) -> Result<bool> {
+        let (actor_type, actor) = self
+            .actors
+            .read()
+            .unwrap()
+            .get_key_value(row.actor_type.as_str())
+            .map(|(t, a)| (*t, a.clone()))
+            .ok_or_else(|| Error::NotFound {
+                what: "actor type",
+                name: row.actor_type.clone(),
+            })?;
+        let guard = self.admit(actor_type, &row.actor_key, Admission::Always)?;
+        let (fire_at, generation, retry_count) = (row.fire_at, row.generation, row.retry_count);
+        let lag_clock = self.clock.clone();
+        self.run(guard, move |ctx| {
+            Box::pin(async move {
+                if ctx.session.alarm().await? != Some((fire_at, generation)) {
+                    return Ok((false, None));
+                }
+                let lag_ms = (lag_clock.now_ms() - fire_at).max(0);
+                metrics::histogram!("kilocloud_alarm_lag_seconds").record(lag_ms as f64 / 1000.0);
+                let info = AlarmInfo {
+                    scheduled_at: fire_at,
+                    retry_count,
+                };
+                actor.alarm(ctx, info).await?;
+                Ok((true, Some(AlarmCompletion { generation })))
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,382 @@
+//! The Kilo Cloud substrate: what replaces Durable Objects, Queues, KV and R2 (DESIGN.md §3).
+//!
+//! - [`ActorSystem`]: keyed single-writer actors with transactional storage and one alarm each.
+//! - [`Alarms`]: the scheduler that runs due alarms at least once, with retries.
+//! - [`Queues`]: named queues with visibility timeouts, retries and dead-letter queues.
+//! - [`Kv`]: values with TTL. [`Blobs`]: `object_store`. [`CronSchedule`]: cron → alarms.
+//!
+//! Everything is reached through one [`Substrate`] handle, opened on SQLite (embedded, single
+//! node) or PostgreSQL (several nodes). Storage is behind [`store::Backend`]; everything above it
+//! is backend-neutral.
+
+mod actor;
+mod alarm;
+mod blob;
+mod clock;
+mod cron;
+mod error;
+mod kv;
+mod queue;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use actor::{Actor, ActorContext, ActorSystem, AlarmInfo};
+pub use alarm::{ALARM_MAX_RETRIES, ALARM_RETRY_BASE_MS, Alarms, FireReport, alarm_retry_delay_ms};
+pub use blob::{BlobConfig, BlobMeta, Blobs};
+pub use clock::{Clock, ManualClock, SystemClock, UnixMs};
+pub use cron::CronSchedule;
+pub use error::{Error, Result};
+pub use kv::{KV_LIST_LIMIT, Kv};
+pub use queue::{
+    Consumer, Delivery, MAX_DELAY_MS, MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS, QueueConfig, Queues,
+};
+pub use store::sqlite::Synchronous;
+pub use store::{ActorSnapshot, BackendKind, DeadLetter, QueueStats, RetryOutcome};
+
+use store::Backend;
+
+/// Which database to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseConfig {
+    /// An SQLite file (created if missing), WAL mode.
+    Sqlite {
+        /// Database file path.
+        path: PathBuf,
+        /// Commit durability.
+        synchronous: Synchronous,
+    },
+    /// A PostgreSQL database.
+    Postgres {
+        /// `postgres://user:password@host:port/db`.
+        url: String,
+        /// Pool size per node.
+        max_connections: u32,
+        /// Schema to use instead of the URL's default `search_path` (tests isolate this way).
+        schema: Option<String>,
+    },
+}
+
+/// Substrate settings. Defaults match ARCHITECTURE.md and `docs/configuration.md`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tuning {
+    /// Calls that may wait for one actor key before callers get `Overloaded`. Default 1,000.
+    pub actor_max_backlog: usize,
+    /// How often a node writes its heartbeat, ms. Default 1,000.
+    pub node_heartbeat_ms: u64,
+    /// A node silent this long is dead and its claims are taken over, ms. Default 5,000.
+    pub node_dead_after_ms: u64,
+    /// Idle consumers look for messages sent by other nodes or whose delay ended this often, ms.
+    /// Default 250.
+    pub queue_poll_ms: u64,
+    /// The alarm scheduler looks for alarms set by other nodes this often, ms. Default 1,000.
+    pub alarm_poll_ms: u64,
+    /// Expired KV entries are deleted this often, ms. Default 60,000.
+    pub kv_sweep_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            actor_max_backlog: 1_000,
+            node_heartbeat_ms: 1_000,
+            node_dead_after_ms: 5_000,
+            queue_poll_ms: 250,
+            alarm_poll_ms: 1_000,
+            kv_sweep_ms: 60_000,
+        }
+    }
+}
+
+/// The substrate of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Substrate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    node_id: String,
+    tuning: Tuning,
+    actors: Arc<ActorSystem>,
+    alarms: Arc<Alarms>,
+    queues: Arc<Queues>,
+    kv: Kv,
+    blobs: Blobs,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    data_lock: std::sync::Mutex<Option<std::fs::File>>,
+    sqlite_path: Option<PathBuf>,
+}
+
+impl Substrate {
+    /// Connects to the database, applies pending migrations, and opens the blob store. Does not
+    /// start background work: operator commands use the substrate this way; servers then call
+    /// [`Substrate::start`].
+    ///
+    /// Errors: [`Error::SchemaTooNew`]; [`Error::Storage`] naming the database (password
+    /// redacted) when it cannot be reached.
+    pub async fn open(
+        database: &DatabaseConfig,
+        blobs: &BlobConfig,
+        tuning: Tuning,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let (backend, sqlite_path): (Arc<dyn Backend>, _) = match database {
+            DatabaseConfig::Sqlite { path, synchronous } => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        Error::Storage(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                }
+                let backend = store::sqlite::SqliteBackend::open(path, *synchronous)?;
+                (Arc::new(backend), Some(path.clone()))
+            }
+            DatabaseConfig::Postgres {
+                url,
+                max_connections,
+                schema,
+            } => {
+                let backend = store::postgres::PostgresBackend::connect(
+                    url,
+                    *max_connections,
+                    schema.as_deref(),
+                )
+                .await?;
+                (Arc::new(backend), None)
+            }
+        };
+        let blobs = Blobs::open(blobs)?;
+        let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
+        let tasks = TaskTracker::new();
+        let alarm_wake = Arc::new(Notify::new());
+        let actors = Arc::new(ActorSystem::new(
+            backend.clone(),
+            clock.clone(),
+            tuning.actor_max_backlog,
+            tasks.clone(),
+            alarm_wake.clone(),
+        ));
+        let alarms = Arc::new(Alarms::new(
+            backend.clone(),
+            clock.clone(),
+            actors.clone(),
+            node_id.clone(),
+            alarm_wake,
+        ));
+        let queues = Arc::new(Queues::new(backend.clone(), clock.clone(), node_id.clone()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                kv: Kv::new(backend.clone(), clock.clone()),
+                backend,
+                clock,
+                node_id,
+                tuning,
+                actors,
+                alarms,
+                queues,
+                blobs,
+                shutdown: CancellationToken::new(),
+                tasks,
+                data_lock: Default::default(),
+                sqlite_path,
+            }),
+        })
+    }
+
+    /// Joins the cluster as a serving node: on SQLite takes the data file's lock (one server per
+    /// file) and releases claims left by an earlier process; starts the heartbeat and takeover
+    /// loop, the alarm scheduler and the KV sweeper.
+    ///
+    /// Errors: [`Error::DataDirLocked`] when another process serves the same SQLite file.
+    pub async fn start(&self) -> Result<()> {
+        let i = &self.inner;
+        if let Some(path) = &i.sqlite_path {
+            let lock_path = path.with_extension("lock");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| {
+                    Error::Storage(format!("cannot open {}: {e}", lock_path.display()))
+                })?;
+            if file.try_lock().is_err() {
+                return Err(Error::DataDirLocked {
+                    path: lock_path.display().to_string(),
+                });
+            }
+            *i.data_lock.lock().unwrap() = Some(file);
+            // Single node: whatever an earlier process claimed is free now.
+            let r = i.backend.release_dead_nodes(i64::MAX, i.clock.now_ms()).await?;
+            if r != Default::default() {
+                tracing::info!(messages = r.messages, alarms = r.alarms,
+                    "released claims left by an earlier process");
+            }
+        }
+        i.backend.node_heartbeat(&i.node_id, i.clock.now_ms()).await?;
+        let this = self.clone();
+        i.tasks.spawn(async move { this.node_loop().await });
+        let (alarms, shutdown) = (i.alarms.clone(), i.shutdown.clone());
+        let poll = i.tuning.alarm_poll_ms;
+        i.tasks.spawn(async move { alarms.run(poll, shutdown).await });
+        let this = self.clone();
+        i.tasks.spawn(async move { this.kv_sweep_loop().await });
+        tracing::info!(node = %i.node_id, backend = ?i.backend.kind(), "substrate started");
+        Ok(())
+    }
+
+    async fn node_loop(&self) {
+        let i = &self.inner;
+        let every = i.tuning.node_heartbeat_ms;
+        while !i.shutdown.is_cancelled() {
+            let now = i.clock.now_ms();
+            if let Err(e) = i.backend.node_heartbeat(&i.node_id, now).await {
+                tracing::error!(error = %e, "node heartbeat failed");
+            }
+            match i
+                .backend
+                .release_dead_nodes(now - i.tuning.node_dead_after_ms as i64, now)
+                .await
+            {
+                Ok(r) if r != Default::default() => {
+                    tracing::warn!(messages = r.messages, alarms = r.alarms,
+                        "took over claims of dead nodes");
+                    i.alarms_wake();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "dead-node takeover failed"),
+            }
+            tokio::select! {
+                _ = i.clock.sleep_until(now + every as i64, every) => {}
+                _ = i.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    async fn kv_sweep_loop(&self) {
+        let i = &self.inner;
+        let every = i.tuning.kv_sweep_ms;
+        while !i.shutdown.is_cancelled() {
+            if let Err(e) = i.kv.sweep().await {
+                tracing::error!(error = %e, "kv sweep failed");
+            }
+            tokio::select! {
+                _ = i.clock.sleep_until(i.clock.now_ms() + every as i64, every) => {}
+                _ = i.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Starts a background consumer for a declared queue on this node.
+    pub fn start_consumer(&self, queue: &str, consumer: Arc<dyn Consumer>) {
+        let i = &self.inner;
+        let (queues, tasks) = (i.queues.clone(), i.tasks.clone());
+        let (queue, poll, shutdown) = (queue.to_owned(), i.tuning.queue_poll_ms, i.shutdown.clone());
+        i.tasks.spawn(async move {
+            queues
+                .run_consumer(queue, consumer, poll, shutdown, tasks)
+                .await
+        });
+    }
+
+    /// Stops the node: refuses new actor calls, stops consumers and the scheduler, waits up to
+    /// `grace` for in-flight calls, alarms and messages, then releases this node's claims so
+    /// other nodes need not wait for the dead-node timeout. Returns false if work was still
+    /// running when `grace` ran out (its claims expire by the usual rules).
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        let i = &self.inner;
+        i.actors.close();
+        i.shutdown.cancel();
+        i.tasks.close();
+        let finished = tokio::time::timeout(grace, i.tasks.wait()).await.is_ok();
+        if finished && let Err(e) = i.backend.node_leave(&i.node_id, i.clock.now_ms()).await {
+            tracing::warn!(error = %e, "could not release this node's claims");
+        }
+        i.data_lock.lock().unwrap().take();
+        finished
+    }
+
+    /// The actor system.
+    pub fn actors(&self) -> &Arc<ActorSystem> {
+        &self.inner.actors
+    }
+
+    /// The alarm scheduler.
+    pub fn alarms(&self) -> &Alarms {
+        &self.inner.alarms
+    }
+
+    /// The queues.
+    pub fn queues(&self) -> &Queues {
+        &self.inner.queues
+    }
+
+    /// The KV store.
+    pub fn kv(&self) -> &Kv {
+        &self.inner.kv
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &Blobs {
+        &self.inner.blobs
+    }
+
+    /// The clock every timestamp comes from.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// This node's id (`node-<uuid>`), new at every start.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// Which database backs this substrate.
+    pub fn backend_kind(&self) -> BackendKind {
+        self.inner.backend.kind()
+    }
+
+    /// Checks the database answers and its schema is the one this binary expects (for `/ready`).
+    pub async fn ready(&self) -> Result<()> {
+        self.inner.backend.ping().await?;
+        let v = self.inner.backend.schema_version().await?;
+        if v != store::migrations::LATEST {
+            return Err(Error::Storage(format!(
+                "schema version {v}, expected {}",
+                store::migrations::LATEST
+            )));
+        }
+        Ok(())
+    }
+
+    /// Schema version of the database.
+    pub async fn schema_version(&self) -> Result<i64> {
+        self.inner.backend.schema_version().await
+    }
+
+    /// Newest schema version this binary knows.
+    pub fn latest_schema_version() -> i64 {
+        store::migrations::LATEST
+    }
+
+    /// An actor's committed storage and alarm, read without locking it (operator view).
+    pub async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
+        self.inner.backend.actor_snapshot(actor_type, key).await
+    }
+}
+
+impl Inner {
+    fn alarms_wake(&self) {
+        self.actors.wake_alarms();
+    }
+}

@@ -1,0 +1,286 @@
+//! Storage backends: the one place that knows SQL.
+//!
+//! [`Backend`] is the narrow contract the rest of the substrate is written against. Two
+//! implementations keep it: [`sqlite`] (embedded, single node, one writer thread with group commit)
+//! and [`postgres`] (multi-node: advisory locks for actors, `FOR UPDATE SKIP LOCKED` claims for
+//! alarms and queue messages, node heartbeats for takeover). Every timestamp is ms since the Unix
+//! epoch from the substrate's [`crate::Clock`].
+
+pub(crate) mod migrations;
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::clock::UnixMs;
+use crate::error::Result;
+
+/// Which database a [`Backend`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Embedded SQLite in WAL mode.
+    Sqlite,
+    /// PostgreSQL (multi-node).
+    Postgres,
+}
+
+/// Buffered writes of one actor call, applied atomically by [`ActorSession::commit`].
+#[derive(Debug, Default, Clone)]
+pub struct WriteSet {
+    /// `delete_all` was called: storage and alarm are removed before `entries` apply.
+    pub cleared: bool,
+    /// Key → new value (`None` deletes the key). Values are JSON bytes.
+    pub entries: BTreeMap<String, Option<Vec<u8>>>,
+    /// `Some(Some(t))` sets the alarm to `t`, `Some(None)` deletes it, `None` leaves it alone.
+    pub alarm: Option<Option<UnixMs>>,
+}
+
+impl WriteSet {
+    /// True when committing would change nothing.
+    pub fn is_empty(&self) -> bool {
+        !self.cleared && self.entries.is_empty() && self.alarm.is_none()
+    }
+}
+
+/// An alarm row as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlarmRow {
+    /// Actor type name.
+    pub actor_type: String,
+    /// Actor key.
+    pub actor_key: String,
+    /// When it is due, ms since epoch.
+    pub fire_at: UnixMs,
+    /// Failed attempts so far (0 on the first run).
+    pub retry_count: u32,
+    /// Changes every time the alarm is set; completion only deletes the generation it ran.
+    pub generation: i64,
+}
+
+/// What to do with the alarm that a call ran for, applied in the call's commit.
+#[derive(Debug, Clone, Copy)]
+pub struct AlarmCompletion {
+    /// Generation of the alarm that ran; the row is deleted only if it still has it.
+    pub generation: i64,
+}
+
+/// One delivery of a queue message to a consumer.
+#[derive(Debug, Clone)]
+pub struct ClaimedMessage {
+    /// Message id (unique per queue database, increasing in send order).
+    pub id: i64,
+    /// JSON body.
+    pub body: Vec<u8>,
+    /// Deliveries so far including this one (1 on first delivery).
+    pub attempts: u32,
+    /// When the message was first sent, ms since epoch.
+    pub enqueued_at: UnixMs,
+}
+
+/// Parameters of a claim of queue messages.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    /// Queue name.
+    pub queue: &'a str,
+    /// Claiming node id.
+    pub node: &'a str,
+    /// Now, ms since epoch.
+    pub now: UnixMs,
+    /// Most messages to return.
+    pub limit: u32,
+    /// How long the claim hides the messages from other consumers, ms.
+    pub visibility_timeout_ms: i64,
+    /// Messages that already had this many deliveries go to the dead-letter queue instead.
+    pub max_attempts: u32,
+}
+
+/// Result of [`Backend::queue_retry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The message will be delivered again after the delay.
+    Requeued,
+    /// It had reached the queue's max attempts and moved to the dead-letter queue.
+    DeadLettered,
+    /// The receipt was stale (the message was redelivered or acked meanwhile); nothing changed.
+    Stale,
+}
+
+/// A dead-lettered message.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    /// Id in the dead-letter table.
+    pub id: i64,
+    /// Source queue.
+    pub queue: String,
+    /// Id the message had in its queue.
+    pub message_id: i64,
+    /// JSON body.
+    pub body: serde_json::Value,
+    /// Deliveries made before it was dead-lettered.
+    pub attempts: u32,
+    /// The last handler error (or the visibility-timeout note).
+    pub last_error: String,
+    /// First send, ms since epoch.
+    pub enqueued_at: UnixMs,
+    /// When it was dead-lettered, ms since epoch.
+    pub failed_at: UnixMs,
+}
+
+/// Depth and age of one queue.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Queue name.
+    pub queue: String,
+    /// Messages deliverable now.
+    pub ready: u64,
+    /// Messages waiting for a delay or retry delay.
+    pub delayed: u64,
+    /// Messages held by a consumer (inside their visibility timeout).
+    pub in_flight: u64,
+    /// Messages in the dead-letter queue.
+    pub dead: u64,
+    /// Age of the oldest deliverable message (now − visible_at), ms; 0 when none.
+    pub oldest_ready_age_ms: i64,
+}
+
+/// A snapshot of one actor's durable state, for operators.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActorSnapshot {
+    /// Actor type.
+    pub actor_type: String,
+    /// Actor key.
+    pub key: String,
+    /// Storage entries as JSON.
+    pub storage: BTreeMap<String, serde_json::Value>,
+    /// The pending alarm, if any.
+    pub alarm: Option<AlarmSnapshot>,
+}
+
+/// The pending alarm of an actor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AlarmSnapshot {
+    /// Due time, ms since epoch.
+    pub fire_at: UnixMs,
+    /// Failed attempts so far.
+    pub retry_count: u32,
+    /// Node currently running it, if claimed.
+    pub claimed_by: Option<String>,
+}
+
+/// Claims released by a takeover pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Queue messages made visible again.
+    pub messages: u64,
+    /// Alarms made claimable again.
+    pub alarms: u64,
+}
+
+/// An actor's storage opened for one call, holding its cross-node lock (PostgreSQL) for as long as
+/// it lives. Dropping it without [`ActorSession::commit`] discards the call's writes.
+#[async_trait]
+pub trait ActorSession: Send {
+    /// Committed value of `key`.
+    async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Committed entries whose key starts with `prefix`, in key order.
+    async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    /// The committed alarm: `(fire_at, generation)`.
+    async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>>;
+    /// Applies `writes` (and, for an alarm run, `completion`) atomically, then releases the lock.
+    async fn commit(
+        self: Box<Self>,
+        writes: WriteSet,
+        completion: Option<AlarmCompletion>,
+    ) -> Result<()>;
+    /// Releases the lock without writing.
+    async fn release(self: Box<Self>);
+}
+
+/// The storage contract every backend keeps. See ARCHITECTURE.md "Substrate invariants".
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Which database this is.
+    fn kind(&self) -> BackendKind;
+    /// Schema version the database is at.
+    async fn schema_version(&self) -> Result<i64>;
+    /// Round trip to the database (for `/ready`).
+    async fn ping(&self) -> Result<()>;
+
+    /// Opens an actor's storage for one call; on PostgreSQL blocks until this node holds the
+    /// actor's advisory lock.
+    async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>>;
+    /// Reads an actor's state without locking it (operator view).
+    async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot>;
+
+    /// Earliest alarm time not held by a live claim, if any.
+    async fn next_alarm_at(&self, now: UnixMs) -> Result<Option<UnixMs>>;
+    /// Claims up to `limit` due alarms for `node`.
+    async fn claim_due_alarms(&self, node: &str, now: UnixMs, limit: u32) -> Result<Vec<AlarmRow>>;
+    /// Records a failed alarm run: reschedules at `retry_at` with `retry_count + 1`, or deletes it
+    /// when `retry_at` is `None`. Only touches the row if it still has `generation`.
+    async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()>;
+    /// Drops this node's claim on an alarm it will not run (actor gone, shutting down).
+    async fn alarm_unclaim(&self, row: &AlarmRow) -> Result<()>;
+
+    /// Enqueues messages (JSON bodies) on `queue`, deliverable from `visible_at`. Returns their ids.
+    async fn queue_send(
+        &self,
+        queue: &str,
+        bodies: Vec<Vec<u8>>,
+        now: UnixMs,
+        visible_at: UnixMs,
+    ) -> Result<Vec<i64>>;
+    /// Claims deliverable messages; ones that already had `max_attempts` deliveries are moved to
+    /// the dead-letter queue instead (their visibility timeout expired on the last attempt).
+    async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>>;
+    /// Deletes a delivered message if `attempts` still matches (the receipt). Returns false when stale.
+    async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool>;
+    /// Makes a delivered message visible again at `visible_at` with `error` noted, or moves it to
+    /// the dead-letter queue when it had `max_attempts` deliveries.
+    async fn queue_retry(
+        &self,
+        queue: &str,
+        id: i64,
+        attempts: u32,
+        visible_at: UnixMs,
+        error: &str,
+        max_attempts: u32,
+        now: UnixMs,
+    ) -> Result<RetryOutcome>;
+    /// Dead-lettered messages of `queue`, oldest first, with id greater than `after`.
+    async fn dlq_list(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>>;
+    /// Moves dead-lettered messages (all, or the given ids) back to `queue` as new messages with
+    /// zero attempts. Returns how many moved.
+    async fn dlq_replay(&self, queue: &str, ids: Option<&[i64]>, now: UnixMs) -> Result<u64>;
+    /// Depth and age of every queue that has messages or dead letters.
+    async fn queue_stats(&self, now: UnixMs) -> Result<Vec<QueueStats>>;
+
+    /// Value of a KV key if present and not expired.
+    async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>>;
+    /// Stores a KV value, expiring at `expires_at` if given.
+    async fn kv_put(&self, key: &str, value: Vec<u8>, expires_at: Option<UnixMs>) -> Result<()>;
+    /// Deletes a KV key; true if it existed.
+    async fn kv_delete(&self, key: &str) -> Result<bool>;
+    /// Non-expired KV keys with `prefix`, in order.
+    async fn kv_list(&self, prefix: &str, now: UnixMs, limit: u32) -> Result<Vec<String>>;
+    /// Deletes expired KV entries; returns how many.
+    async fn kv_sweep(&self, now: UnixMs) -> Result<u64>;
+
+    /// Records that `node` is alive at `now`.
+    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()>;
+    /// Releases every claim (messages, alarms) held by nodes whose last heartbeat is older than
+    /// `dead_before`, and forgets those nodes.
+    async fn release_dead_nodes(&self, dead_before: UnixMs, now: UnixMs) -> Result<Released>;
+    /// Removes `node` and releases its claims (clean shutdown).
+    async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released>;
+}
+
+/// Decodes stored JSON for operator views; bytes that are not JSON show as a size note.
+pub(crate) fn json_or_bytes(v: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(v).unwrap_or_else(|_| {
+        serde_json::Value::String(format!("<{} bytes, not JSON>", v.len()))
+    })
+}

@@ -1,0 +1,776 @@
+//! PostgreSQL backend: several `kilocloud serve` nodes on one database.
+//!
+//! - **Actors**: a call holds a session-level advisory lock on
+//!   `hashtextextended(type || 0x1f || key, 0)` on one pooled connection for its whole duration, and
+//!   commits its write set on that connection. PostgreSQL drops the lock when the connection closes,
+//!   so a node killed mid-call frees its actors as soon as its sockets close.
+//! - **Alarms and queue messages** are claimed with `FOR UPDATE SKIP LOCKED`, recording the claiming
+//!   node. Nodes heartbeat into `nodes`; any node releases the claims of a node whose heartbeat is
+//!   older than the configured dead-node timeout.
+//! - Migrations run under a fixed advisory lock so nodes starting together apply them once.
+
+use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool, Postgres, Row};
+
+use super::{
+    ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
+    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, WriteSet,
+    migrations, sqlite::timeout_error,
+};
+use crate::clock::UnixMs;
+use crate::error::{Error, Result};
+
+/// Advisory lock id held while migrating ("kilocloud" in ASCII, truncated).
+const MIGRATION_LOCK: i64 = 0x6b696c6f636c6f75;
+
+/// The PostgreSQL backend.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    pool: PgPool,
+}
+
+impl PostgresBackend {
+    /// Connects with up to `max_connections` pooled connections and applies migrations.
+    ///
+    /// `search_path`, when given, is set on every connection (tests use one schema each).
+    /// Errors: [`Error::Storage`] naming the URL with its password redacted when the database is
+    /// unreachable; [`Error::SchemaTooNew`].
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        search_path: Option<&str>,
+    ) -> Result<Self> {
+        let mut opts: PgConnectOptions = url.parse().map_err(|e| {
+            Error::Storage(format!("invalid database URL {}: {e}", redact_url(url)))
+        })?;
+        if let Some(schema) = search_path {
+            opts = opts.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(|e| {
+                Error::Storage(format!(
+                    "cannot connect to PostgreSQL at {}: {e}",
+                    redact_url(url)
+                ))
+            })?;
+        let backend = Self { pool };
+        backend.migrate().await?;
+        Ok(backend)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        let result = self.migrate_locked(&mut conn).await;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        result
+    }
+
+    async fn migrate_locked(&self, conn: &mut PoolConnection<Postgres>) -> Result<()> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS kilocloud_schema (
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut **conn)
+        .await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM kilocloud_schema")
+                .fetch_one(&mut **conn)
+                .await?;
+        migrations::check_not_newer(current)?;
+        for m in migrations::MIGRATIONS.iter().filter(|m| m.version > current) {
+            let mut tx = conn.begin().await?;
+            sqlx::raw_sql(m.postgres).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO kilocloud_schema (version, name, applied_at) VALUES ($1, $2, $3)")
+                .bind(m.version)
+                .bind(m.name)
+                .bind(crate::clock::Clock::now_ms(&crate::SystemClock))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version = m.version, name = m.name, "applied postgres migration");
+        }
+        Ok(())
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
+fn lock_name(actor_type: &str, key: &str) -> String {
+    format!("{actor_type}\u{1f}{key}")
+}
+
+struct PgSession {
+    conn: Option<PoolConnection<Postgres>>,
+    actor_type: String,
+    key: String,
+}
+
+impl PgSession {
+    fn conn(&mut self) -> &mut PoolConnection<Postgres> {
+        self.conn.as_mut().expect("session used after release")
+    }
+
+    async fn unlock(&mut self) -> Result<()> {
+        let name = lock_name(&self.actor_type, &self.key);
+        let conn = self.conn();
+        sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+            .bind(name)
+            .execute(&mut **conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(&mut self, writes: &WriteSet, completion: Option<AlarmCompletion>) -> Result<()> {
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        let mut tx = self.conn().begin().await?;
+        if let Some(c) = completion {
+            sqlx::query("DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND generation = $3")
+                .bind(&t)
+                .bind(&k)
+                .bind(c.generation)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if writes.cleared {
+            sqlx::query("DELETE FROM actor_storage WHERE actor_type = $1 AND actor_key = $2")
+                .bind(&t)
+                .bind(&k)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2")
+                .bind(&t)
+                .bind(&k)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let (mut put_keys, mut put_values, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, value) in &writes.entries {
+            match value {
+                Some(v) => {
+                    put_keys.push(key.as_str());
+                    put_values.push(v.as_slice());
+                }
+                None => deleted.push(key.as_str()),
+            }
+        }
+        if !deleted.is_empty() {
+            sqlx::query("DELETE FROM actor_storage WHERE actor_type = $1 AND actor_key = $2 AND key = ANY($3)")
+                .bind(&t)
+                .bind(&k)
+                .bind(&deleted)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !put_keys.is_empty() {
+            sqlx::query(
+                "INSERT INTO actor_storage (actor_type, actor_key, key, value)
+                 SELECT $1, $2, k, v FROM UNNEST($3::text[], $4::bytea[]) AS u(k, v)
+                 ON CONFLICT (actor_type, actor_key, key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(&t)
+            .bind(&k)
+            .bind(&put_keys)
+            .bind(&put_values)
+            .execute(&mut *tx)
+            .await?;
+        }
+        match writes.alarm {
+            Some(Some(at)) => {
+                sqlx::query(
+                    "INSERT INTO alarms (actor_type, actor_key, fire_at, retry_count, generation, claimed_by)
+                     VALUES ($1, $2, $3, 0, $4, NULL)
+                     ON CONFLICT (actor_type, actor_key) DO UPDATE SET fire_at = excluded.fire_at,
+                       retry_count = 0, generation = excluded.generation, claimed_by = NULL",
+                )
+                .bind(&t)
+                .bind(&k)
+                .bind(at)
+                .bind(rand::random::<i64>())
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(None) => {
+                sqlx::query("DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2")
+                    .bind(&t)
+                    .bind(&k)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            None => {}
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends the session: unlocks, or closes the connection (which drops the lock server-side)
+    /// when unlocking fails.
+    async fn finish(&mut self) {
+        if self.unlock().await.is_err()
+            && let Some(conn) = self.conn.take()
+        {
+            let _ = conn.close().await;
+        }
+        self.conn = None;
+    }
+}
+
+impl Drop for PgSession {
+    fn drop(&mut self) {
+        // Dropped without commit/release (a panicking or cancelled call): close the connection
+        // instead of returning it to the pool with the advisory lock still held.
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+#[async_trait]
+impl ActorSession for PgSession {
+    async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        Ok(sqlx::query_scalar(
+            "SELECT value FROM actor_storage WHERE actor_type = $1 AND actor_key = $2 AND key = $3",
+        )
+        .bind(t)
+        .bind(k)
+        .bind(key)
+        .fetch_optional(&mut **self.conn())
+        .await?)
+    }
+
+    async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        list_storage(&mut **self.conn(), &t, &k, prefix).await
+    }
+
+    async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>> {
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        let row = sqlx::query(
+            "SELECT fire_at, generation FROM alarms WHERE actor_type = $1 AND actor_key = $2",
+        )
+        .bind(t)
+        .bind(k)
+        .fetch_optional(&mut **self.conn())
+        .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    async fn commit(
+        mut self: Box<Self>,
+        writes: WriteSet,
+        completion: Option<AlarmCompletion>,
+    ) -> Result<()> {
+        let result = if writes.is_empty() && completion.is_none() {
+            Ok(())
+        } else {
+            self.apply(&writes, completion).await
+        };
+        self.finish().await;
+        result
+    }
+
+    async fn release(mut self: Box<Self>) {
+        self.finish().await;
+    }
+}
+
+async fn list_storage(
+    conn: &mut sqlx::PgConnection,
+    t: &str,
+    k: &str,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let rows = sqlx::query(
+        "SELECT key, value FROM actor_storage WHERE actor_type = $1 AND actor_key = $2
+         AND starts_with(key, $3) ORDER BY key COLLATE \"C\"",
+    )
+    .bind(t)
+    .bind(k)
+    .bind(prefix)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+fn dead_letter(r: sqlx::postgres::PgRow) -> DeadLetter {
+    let body: Vec<u8> = r.get(3);
+    DeadLetter {
+        id: r.get(0),
+        queue: r.get(1),
+        message_id: r.get(2),
+        body: super::json_or_bytes(&body),
+        attempts: r.get::<i32, _>(4) as u32,
+        last_error: r.get(5),
+        enqueued_at: r.get(6),
+        failed_at: r.get(7),
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Postgres
+    }
+
+    async fn schema_version(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM kilocloud_schema")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(lock_name(actor_type, key))
+            .execute(&mut *conn)
+            .await?;
+        Ok(Box::new(PgSession {
+            conn: Some(conn),
+            actor_type: actor_type.to_owned(),
+            key: key.to_owned(),
+        }))
+    }
+
+    async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
+        let mut conn = self.pool.acquire().await?;
+        let storage = list_storage(&mut conn, actor_type, key, "")
+            .await?
+            .into_iter()
+            .map(|(k, v)| (k, super::json_or_bytes(&v)))
+            .collect();
+        let alarm = sqlx::query(
+            "SELECT fire_at, retry_count, claimed_by FROM alarms WHERE actor_type = $1 AND actor_key = $2",
+        )
+        .bind(actor_type)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| AlarmSnapshot {
+            fire_at: r.get(0),
+            retry_count: r.get::<i32, _>(1) as u32,
+            claimed_by: r.get(2),
+        });
+        Ok(ActorSnapshot {
+            actor_type: actor_type.to_owned(),
+            key: key.to_owned(),
+            storage,
+            alarm,
+        })
+    }
+
+    async fn next_alarm_at(&self, _now: UnixMs) -> Result<Option<UnixMs>> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn claim_due_alarms(&self, node: &str, now: UnixMs, limit: u32) -> Result<Vec<AlarmRow>> {
+        let rows = sqlx::query(
+            "UPDATE alarms a SET claimed_by = $1
+             FROM (SELECT actor_type, actor_key FROM alarms
+                   WHERE claimed_by IS NULL AND fire_at <= $2
+                   ORDER BY fire_at LIMIT $3 FOR UPDATE SKIP LOCKED) d
+             WHERE a.actor_type = d.actor_type AND a.actor_key = d.actor_key
+             RETURNING a.actor_type, a.actor_key, a.fire_at, a.retry_count, a.generation",
+        )
+        .bind(node)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AlarmRow {
+                actor_type: r.get(0),
+                actor_key: r.get(1),
+                fire_at: r.get(2),
+                retry_count: r.get::<i32, _>(3) as u32,
+                generation: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()> {
+        let q = match retry_at {
+            Some(at) => sqlx::query(
+                "UPDATE alarms SET fire_at = $4, retry_count = retry_count + 1, claimed_by = NULL
+                 WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
+            )
+            .bind(&row.actor_type)
+            .bind(&row.actor_key)
+            .bind(row.generation)
+            .bind(at),
+            None => sqlx::query(
+                "DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
+            )
+            .bind(&row.actor_type)
+            .bind(&row.actor_key)
+            .bind(row.generation),
+        };
+        q.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn alarm_unclaim(&self, row: &AlarmRow) -> Result<()> {
+        sqlx::query(
+            "UPDATE alarms SET claimed_by = NULL
+             WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
+        )
+        .bind(&row.actor_type)
+        .bind(&row.actor_key)
+        .bind(row.generation)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_send(
+        &self,
+        queue: &str,
+        bodies: Vec<Vec<u8>>,
+        now: UnixMs,
+        visible_at: UnixMs,
+    ) -> Result<Vec<i64>> {
+        let ids = sqlx::query_scalar(
+            "INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
+             SELECT $1, b, $3, $4 FROM UNNEST($2::bytea[]) WITH ORDINALITY AS u(b, n) ORDER BY n
+             RETURNING id",
+        )
+        .bind(queue)
+        .bind(&bodies)
+        .bind(now)
+        .bind(visible_at)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>> {
+        let exhausted = sqlx::query(
+            "SELECT id, attempts, last_error FROM queue_messages
+             WHERE queue = $1 AND visible_at <= $2 AND attempts >= $3
+             ORDER BY visible_at, id LIMIT 100 FOR UPDATE SKIP LOCKED",
+        );
+        let mut tx = self.pool.begin().await?;
+        let rows = exhausted
+            .bind(req.queue)
+            .bind(req.now)
+            .bind(req.max_attempts as i32)
+            .fetch_all(&mut *tx)
+            .await?;
+        for r in rows {
+            let attempts = r.get::<i32, _>(1) as u32;
+            let last_error: Option<String> = r.get(2);
+            move_to_dlq(
+                &mut tx,
+                r.get(0),
+                &timeout_error(attempts, last_error.as_deref()),
+                req.now,
+            )
+            .await?;
+        }
+        let rows = sqlx::query(
+            "UPDATE queue_messages m SET attempts = m.attempts + 1, visible_at = $4, claimed_by = $5
+             FROM (SELECT id FROM queue_messages
+                   WHERE queue = $1 AND visible_at <= $2 AND attempts < $6
+                   ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+             WHERE m.id = c.id
+             RETURNING m.id, m.body, m.attempts, m.enqueued_at",
+        )
+        .bind(req.queue)
+        .bind(req.now)
+        .bind(i64::from(req.limit))
+        .bind(req.now + req.visibility_timeout_ms)
+        .bind(req.node)
+        .bind(req.max_attempts as i32)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut out: Vec<ClaimedMessage> = rows
+            .into_iter()
+            .map(|r| ClaimedMessage {
+                id: r.get(0),
+                body: r.get(1),
+                attempts: r.get::<i32, _>(2) as u32,
+                enqueued_at: r.get(3),
+            })
+            .collect();
+        out.sort_by_key(|m| m.id);
+        Ok(out)
+    }
+
+    async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM queue_messages WHERE id = $1 AND queue = $2 AND attempts = $3")
+            .bind(id)
+            .bind(queue)
+            .bind(attempts as i32)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn queue_retry(
+        &self,
+        queue: &str,
+        id: i64,
+        attempts: u32,
+        visible_at: UnixMs,
+        error: &str,
+        max_attempts: u32,
+        now: UnixMs,
+    ) -> Result<RetryOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<i32> = sqlx::query_scalar(
+            "SELECT attempts FROM queue_messages WHERE id = $1 AND queue = $2 FOR UPDATE",
+        )
+        .bind(id)
+        .bind(queue)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current != Some(attempts as i32) {
+            return Ok(RetryOutcome::Stale);
+        }
+        let outcome = if attempts >= max_attempts {
+            move_to_dlq(&mut tx, id, error, now).await?;
+            RetryOutcome::DeadLettered
+        } else {
+            sqlx::query(
+                "UPDATE queue_messages SET visible_at = $2, last_error = $3, claimed_by = NULL WHERE id = $1",
+            )
+            .bind(id)
+            .bind(visible_at)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+            RetryOutcome::Requeued
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn dlq_list(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT id, queue, message_id, body, attempts, last_error, enqueued_at, failed_at
+             FROM dead_letters WHERE queue = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(queue)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(dead_letter).collect())
+    }
+
+    async fn dlq_replay(&self, queue: &str, ids: Option<&[i64]>, now: UnixMs) -> Result<u64> {
+        let moved = sqlx::query(
+            "WITH moved AS (
+                DELETE FROM dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))
+                RETURNING id, queue, body, enqueued_at)
+             INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
+             SELECT queue, body, enqueued_at, $3 FROM moved ORDER BY id",
+        )
+        .bind(queue)
+        .bind(ids)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(moved.rows_affected())
+    }
+
+    async fn queue_stats(&self, now: UnixMs) -> Result<Vec<QueueStats>> {
+        let rows = sqlx::query(
+            "SELECT queue,
+                COUNT(*) FILTER (WHERE visible_at <= $1),
+                COUNT(*) FILTER (WHERE visible_at > $1 AND claimed_by IS NULL),
+                COUNT(*) FILTER (WHERE visible_at > $1 AND claimed_by IS NOT NULL),
+                COALESCE($1 - MIN(visible_at) FILTER (WHERE visible_at <= $1), 0)::BIGINT
+             FROM queue_messages GROUP BY queue",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stats: std::collections::BTreeMap<String, QueueStats> = rows
+            .into_iter()
+            .map(|r| {
+                let s = QueueStats {
+                    queue: r.get(0),
+                    ready: r.get::<i64, _>(1) as u64,
+                    delayed: r.get::<i64, _>(2) as u64,
+                    in_flight: r.get::<i64, _>(3) as u64,
+                    dead: 0,
+                    oldest_ready_age_ms: r.get(4),
+                };
+                (s.queue.clone(), s)
+            })
+            .collect();
+        let rows = sqlx::query("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")
+            .fetch_all(&self.pool)
+            .await?;
+        for r in rows {
+            let queue: String = r.get(0);
+            stats
+                .entry(queue.clone())
+                .or_insert_with(|| QueueStats {
+                    queue,
+                    ..Default::default()
+                })
+                .dead = r.get::<i64, _>(1) as u64;
+        }
+        Ok(stats.into_values().collect())
+    }
+
+    async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT value FROM kv WHERE key = $1 AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn kv_put(&self, key: &str, value: Vec<u8>, expires_at: Option<UnixMs>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO kv (key, value, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn kv_delete(&self, key: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM kv WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn kv_list(&self, prefix: &str, now: UnixMs, limit: u32) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT key FROM kv WHERE starts_with(key, $1) AND (expires_at IS NULL OR expires_at > $2)
+             ORDER BY key COLLATE \"C\" LIMIT $3",
+        )
+        .bind(prefix)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn kv_sweep(&self, now: UnixMs) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)
+             ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(node)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn release_dead_nodes(&self, dead_before: UnixMs, now: UnixMs) -> Result<Released> {
+        let dead: Vec<String> =
+            sqlx::query_scalar("SELECT node_id FROM nodes WHERE heartbeat_at < $1")
+                .bind(dead_before)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut released = Released::default();
+        for node in dead {
+            tracing::warn!(node = %node, "node missed its heartbeats; taking over its claims");
+            let r = self.node_leave(&node, now).await?;
+            released.messages += r.messages;
+            released.alarms += r.alarms;
+        }
+        Ok(released)
+    }
+
+    async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released> {
+        let mut tx = self.pool.begin().await?;
+        let messages = sqlx::query(
+            "UPDATE queue_messages SET claimed_by = NULL, visible_at = LEAST(visible_at, $2)
+             WHERE claimed_by = $1",
+        )
+        .bind(node)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let alarms = sqlx::query("UPDATE alarms SET claimed_by = NULL WHERE claimed_by = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM nodes WHERE node_id = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Released { messages, alarms })
+    }
+}
+
+async fn move_to_dlq(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    id: i64,
+    error: &str,
+    now: UnixMs,
+) -> Result<()> {
+    sqlx::query(
+        "WITH m AS (DELETE FROM queue_messages WHERE id = $1
+                    RETURNING queue, id, body, attempts, enqueued_at)
+         INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
+         SELECT queue, id, body, attempts, $2, enqueued_at, $3 FROM m",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

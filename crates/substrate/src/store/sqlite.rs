@@ -1,0 +1,813 @@
+//! SQLite backend: the embedded single-node default.
+//!
+//! One OS thread owns the only write connection and applies writes with **group commit**: it takes
+//! every job waiting in its channel (up to [`MAX_BATCH`]), runs each inside its own savepoint so one
+//! failing job cannot affect another, commits once, and only then answers the callers. A caller is
+//! told "done" only after its write is in the WAL. Reads run on a small pool of read-only
+//! connections; in WAL mode they never wait for the writer.
+//!
+//! Single-node only: the data directory lock (see [`crate::Substrate::open`]) keeps a second
+//! server off the same file, so process-local actor serialization is enough.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{
+    ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
+    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, WriteSet,
+    migrations,
+};
+use crate::clock::UnixMs;
+use crate::error::{Error, Result};
+
+/// Most jobs committed in one transaction.
+pub const MAX_BATCH: usize = 512;
+const READERS: usize = 4;
+
+type Completer = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Completer + Send>;
+
+/// `PRAGMA synchronous` setting for the write connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Durable across process crashes (the WAL is written before a commit returns); the last
+    /// commits can be lost on power failure. SQLite's recommended setting for WAL.
+    #[default]
+    Normal,
+    /// Also durable across power failure: every commit fsyncs the WAL.
+    Full,
+}
+
+/// The SQLite backend. Cheap to clone: every clone shares the writer thread and readers.
+#[derive(Clone)]
+pub struct SqliteBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: mpsc::Sender<Job>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+fn open_conn(path: &Path, read_only: bool, sync: Synchronous) -> Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let sync = match sync {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+    }
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database at `path`, applies migrations, and starts the
+    /// writer thread.
+    ///
+    /// Errors: [`Error::SchemaTooNew`] when the file was written by a newer binary;
+    /// [`Error::Storage`] when it cannot be opened.
+    pub fn open(path: &Path, sync: Synchronous) -> Result<Self> {
+        let mut conn = open_conn(path, false, sync)?;
+        migrate(&mut conn)?;
+        let readers = (0..READERS)
+            .map(|_| open_conn(path, true, sync).map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("kilocloud-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| Error::Storage(format!("cannot start sqlite writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer: tx,
+                readers,
+                next_reader: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.inner.write(f).await
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        self.inner.read(f)
+    }
+}
+
+impl Inner {
+    /// Runs `f` in the writer thread inside the next group commit; resolves after the commit.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &Connection| -> Completer {
+            let res = in_savepoint(conn, f);
+            Box::new(move |commit: Result<(), String>| {
+                let out = match commit {
+                    Ok(()) => res,
+                    Err(e) => Err(Error::Storage(format!("sqlite commit failed: {e}"))),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| Error::Storage("sqlite writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Storage("sqlite writer thread has stopped".into()))?
+    }
+
+    /// Runs a read on one of the read-only connections. Reads are point or prefix queries that
+    /// take microseconds, so they run on the calling task.
+    fn read<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        for _ in 0..self.readers.len() {
+            let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+            if let Ok(conn) = self.readers[i].try_lock() {
+                return f(&conn);
+            }
+        }
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        let conn = self.readers[i]
+            .lock()
+            .map_err(|_| Error::Storage("sqlite reader poisoned".into()))?;
+        f(&conn)
+    }
+}
+
+fn in_savepoint<R>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+    match f(conn) {
+        Ok(r) => {
+            conn.prepare_cached("RELEASE job")?.execute([])?;
+            Ok(r)
+        }
+        Err(e) => {
+            conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+            conn.prepare_cached("RELEASE job")?.execute([])?;
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let commit = run_batch(&conn, batch);
+        metrics::histogram!("kilocloud_sqlite_group_commit_jobs").record(commit.1 as f64);
+        for completer in commit.0 {
+            completer(commit.2.clone());
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, batch: Vec<Job>) -> (Vec<Completer>, usize, Result<(), String>) {
+    let n = batch.len();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let err = e.to_string();
+        let completers = batch.into_iter().map(|job| job(conn)).collect();
+        return (completers, n, Err(err));
+    }
+    let completers: Vec<Completer> = batch.into_iter().map(|job| job(conn)).collect();
+    let result = conn.execute_batch("COMMIT").map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        e.to_string()
+    });
+    (completers, n, result)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS kilocloud_schema (
+            version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )?;
+    let current = schema_version(conn)?;
+    migrations::check_not_newer(current)?;
+    for m in migrations::MIGRATIONS.iter().filter(|m| m.version > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(m.sqlite)?;
+        tx.execute(
+            "INSERT INTO kilocloud_schema (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            params![
+                m.version,
+                m.name,
+                crate::clock::Clock::now_ms(&crate::SystemClock)
+            ],
+        )?;
+        tx.commit()?;
+        tracing::info!(version = m.version, name = m.name, "applied sqlite migration");
+    }
+    Ok(())
+}
+
+fn schema_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM kilocloud_schema",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+fn read_alarm(conn: &Connection, t: &str, k: &str) -> Result<Option<(UnixMs, i64)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT fire_at, generation FROM alarms WHERE actor_type = ?1 AND actor_key = ?2",
+        )?
+        .query_row(params![t, k], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Applies a call's write set; shared by commit. Runs inside the writer's transaction.
+fn apply_writes(
+    conn: &Connection,
+    t: &str,
+    k: &str,
+    writes: &WriteSet,
+    completion: Option<AlarmCompletion>,
+) -> Result<()> {
+    if let Some(c) = completion {
+        conn.prepare_cached(
+            "DELETE FROM alarms WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
+        )?
+        .execute(params![t, k, c.generation])?;
+    }
+    if writes.cleared {
+        conn.prepare_cached("DELETE FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2")?
+            .execute(params![t, k])?;
+        conn.prepare_cached("DELETE FROM alarms WHERE actor_type = ?1 AND actor_key = ?2")?
+            .execute(params![t, k])?;
+    }
+    for (key, value) in &writes.entries {
+        match value {
+            Some(v) => conn
+                .prepare_cached(
+                    "INSERT INTO actor_storage (actor_type, actor_key, key, value) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (actor_type, actor_key, key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![t, k, key, v])?,
+            None => conn
+                .prepare_cached(
+                    "DELETE FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2 AND key = ?3",
+                )?
+                .execute(params![t, k, key])?,
+        };
+    }
+    match writes.alarm {
+        Some(Some(at)) => {
+            conn.prepare_cached(
+                "INSERT INTO alarms (actor_type, actor_key, fire_at, retry_count, generation, claimed_by)
+                 VALUES (?1, ?2, ?3, 0, ?4, NULL)
+                 ON CONFLICT (actor_type, actor_key) DO UPDATE SET fire_at = excluded.fire_at,
+                   retry_count = 0, generation = excluded.generation, claimed_by = NULL",
+            )?
+            .execute(params![t, k, at, rand::random::<i64>()])?;
+        }
+        Some(None) => {
+            conn.prepare_cached("DELETE FROM alarms WHERE actor_type = ?1 AND actor_key = ?2")?
+                .execute(params![t, k])?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+struct SqliteSession {
+    backend: Arc<Inner>,
+    actor_type: String,
+    key: String,
+}
+
+#[async_trait]
+impl ActorSession for SqliteSession {
+    async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.backend.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2 AND key = ?3",
+            )?
+            .query_row(params![self.actor_type, self.key, key], |r| r.get(0))
+            .optional()?)
+        })
+    }
+
+    async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.backend
+            .read(|c| list_storage(c, &self.actor_type, &self.key, prefix))
+    }
+
+    async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>> {
+        self.backend
+            .read(|c| read_alarm(c, &self.actor_type, &self.key))
+    }
+
+    async fn commit(
+        self: Box<Self>,
+        writes: WriteSet,
+        completion: Option<AlarmCompletion>,
+    ) -> Result<()> {
+        if writes.is_empty() && completion.is_none() {
+            return Ok(());
+        }
+        let (t, k) = (self.actor_type, self.key);
+        self.backend
+            .write(move |c| apply_writes(c, &t, &k, &writes, completion))
+            .await
+    }
+
+    async fn release(self: Box<Self>) {}
+}
+
+fn list_storage(c: &Connection, t: &str, k: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT key, value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2
+         AND key >= ?3 ORDER BY key",
+    )?;
+    let rows = stmt.query_map(params![t, k, prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (key, value): (String, Vec<u8>) = row?;
+        if !key.starts_with(prefix) {
+            break;
+        }
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn move_to_dlq(c: &Connection, id: i64, error: &str, now: UnixMs) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
+         SELECT queue, id, body, attempts, ?2, enqueued_at, ?3 FROM queue_messages WHERE id = ?1",
+    )?
+    .execute(params![id, error, now])?;
+    c.prepare_cached("DELETE FROM queue_messages WHERE id = ?1")?
+        .execute(params![id])?;
+    Ok(())
+}
+
+/// Error recorded when a message's visibility timeout expired on its last allowed delivery.
+pub(crate) fn timeout_error(attempts: u32, last_error: Option<&str>) -> String {
+    match last_error {
+        Some(e) => format!(
+            "visibility timeout expired on delivery {attempts}; previous error: {e}"
+        ),
+        None => format!("visibility timeout expired on delivery {attempts}"),
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Sqlite
+    }
+
+    async fn schema_version(&self) -> Result<i64> {
+        self.read(schema_version)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>> {
+        Ok(Box::new(SqliteSession {
+            backend: self.inner.clone(),
+            actor_type: actor_type.to_owned(),
+            key: key.to_owned(),
+        }))
+    }
+
+    async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
+        self.read(|c| {
+            let storage = list_storage(c, actor_type, key, "")?
+                .into_iter()
+                .map(|(k, v)| (k, super::json_or_bytes(&v)))
+                .collect();
+            let alarm = c
+                .prepare_cached(
+                    "SELECT fire_at, retry_count, claimed_by FROM alarms
+                     WHERE actor_type = ?1 AND actor_key = ?2",
+                )?
+                .query_row(params![actor_type, key], |r| {
+                    Ok(AlarmSnapshot {
+                        fire_at: r.get(0)?,
+                        retry_count: r.get(1)?,
+                        claimed_by: r.get(2)?,
+                    })
+                })
+                .optional()?;
+            Ok(ActorSnapshot {
+                actor_type: actor_type.to_owned(),
+                key: key.to_owned(),
+                storage,
+                alarm,
+            })
+        })
+    }
+
+    async fn next_alarm_at(&self, _now: UnixMs) -> Result<Option<UnixMs>> {
+        self.read(|c| {
+            Ok(c.prepare_cached("SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL")?
+                .query_row([], |r| r.get(0))?)
+        })
+    }
+
+    async fn claim_due_alarms(&self, node: &str, now: UnixMs, limit: u32) -> Result<Vec<AlarmRow>> {
+        let node = node.to_owned();
+        self.write(move |c| {
+            let mut stmt = c.prepare_cached(
+                "UPDATE alarms SET claimed_by = ?1
+                 WHERE (actor_type, actor_key) IN (
+                    SELECT actor_type, actor_key FROM alarms
+                    WHERE claimed_by IS NULL AND fire_at <= ?2 ORDER BY fire_at LIMIT ?3)
+                 RETURNING actor_type, actor_key, fire_at, retry_count, generation",
+            )?;
+            let rows = stmt.query_map(params![node, now, limit], |r| {
+                Ok(AlarmRow {
+                    actor_type: r.get(0)?,
+                    actor_key: r.get(1)?,
+                    fire_at: r.get(2)?,
+                    retry_count: r.get(3)?,
+                    generation: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()> {
+        let row = row.clone();
+        self.write(move |c| {
+            match retry_at {
+                Some(at) => c
+                    .prepare_cached(
+                        "UPDATE alarms SET fire_at = ?4, retry_count = retry_count + 1, claimed_by = NULL
+                         WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
+                    )?
+                    .execute(params![row.actor_type, row.actor_key, row.generation, at])?,
+                None => c
+                    .prepare_cached(
+                        "DELETE FROM alarms WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
+                    )?
+                    .execute(params![row.actor_type, row.actor_key, row.generation])?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn alarm_unclaim(&self, row: &AlarmRow) -> Result<()> {
+        let row = row.clone();
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE alarms SET claimed_by = NULL
+                 WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
+            )?
+            .execute(params![row.actor_type, row.actor_key, row.generation])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn queue_send(
+        &self,
+        queue: &str,
+        bodies: Vec<Vec<u8>>,
+        now: UnixMs,
+        visible_at: UnixMs,
+    ) -> Result<Vec<i64>> {
+        let queue = queue.to_owned();
+        self.write(move |c| {
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO queue_messages (queue, body, enqueued_at, visible_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut ids = Vec::with_capacity(bodies.len());
+            for body in bodies {
+                stmt.execute(params![queue, body, now, visible_at])?;
+                ids.push(c.last_insert_rowid());
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>> {
+        let (queue, node) = (req.queue.to_owned(), req.node.to_owned());
+        let (now, limit, vt, max) = (
+            req.now,
+            req.limit,
+            req.visibility_timeout_ms,
+            req.max_attempts,
+        );
+        self.write(move |c| {
+            // Messages whose last allowed delivery timed out go to the dead-letter queue.
+            let exhausted: Vec<(i64, u32, Option<String>)> = c
+                .prepare_cached(
+                    "SELECT id, attempts, last_error FROM queue_messages
+                     WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
+                     ORDER BY visible_at, id LIMIT 100",
+                )?
+                .query_map(params![queue, now, max], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            for (id, attempts, last_error) in exhausted {
+                move_to_dlq(c, id, &timeout_error(attempts, last_error.as_deref()), now)?;
+            }
+            let mut stmt = c.prepare_cached(
+                "UPDATE queue_messages SET attempts = attempts + 1, visible_at = ?4, claimed_by = ?5
+                 WHERE id IN (SELECT id FROM queue_messages
+                              WHERE queue = ?1 AND visible_at <= ?2 AND attempts < ?6
+                              ORDER BY visible_at, id LIMIT ?3)
+                 RETURNING id, body, attempts, enqueued_at",
+            )?;
+            let rows = stmt.query_map(params![queue, now, limit, now + vt, node, max], |r| {
+                Ok(ClaimedMessage {
+                    id: r.get(0)?,
+                    body: r.get(1)?,
+                    attempts: r.get(2)?,
+                    enqueued_at: r.get(3)?,
+                })
+            })?;
+            let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+            out.sort_by_key(|m| m.id);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool> {
+        let queue = queue.to_owned();
+        self.write(move |c| {
+            Ok(c.prepare_cached(
+                "DELETE FROM queue_messages WHERE id = ?1 AND queue = ?2 AND attempts = ?3",
+            )?
+            .execute(params![id, queue, attempts])?
+                == 1)
+        })
+        .await
+    }
+
+    async fn queue_retry(
+        &self,
+        queue: &str,
+        id: i64,
+        attempts: u32,
+        visible_at: UnixMs,
+        error: &str,
+        max_attempts: u32,
+        now: UnixMs,
+    ) -> Result<RetryOutcome> {
+        let (queue, error) = (queue.to_owned(), error.to_owned());
+        self.write(move |c| {
+            let current: Option<u32> = c
+                .prepare_cached("SELECT attempts FROM queue_messages WHERE id = ?1 AND queue = ?2")?
+                .query_row(params![id, queue], |r| r.get(0))
+                .optional()?;
+            if current != Some(attempts) {
+                return Ok(RetryOutcome::Stale);
+            }
+            if attempts >= max_attempts {
+                move_to_dlq(c, id, &error, now)?;
+                return Ok(RetryOutcome::DeadLettered);
+            }
+            c.prepare_cached(
+                "UPDATE queue_messages SET visible_at = ?2, last_error = ?3, claimed_by = NULL WHERE id = ?1",
+            )?
+            .execute(params![id, visible_at, error])?;
+            Ok(RetryOutcome::Requeued)
+        })
+        .await
+    }
+
+    async fn dlq_list(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, queue, message_id, body, attempts, last_error, enqueued_at, failed_at
+                 FROM dead_letters WHERE queue = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![queue, after, limit], |r| {
+                let body: Vec<u8> = r.get(3)?;
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    queue: r.get(1)?,
+                    message_id: r.get(2)?,
+                    body: super::json_or_bytes(&body),
+                    attempts: r.get(4)?,
+                    last_error: r.get(5)?,
+                    enqueued_at: r.get(6)?,
+                    failed_at: r.get(7)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    async fn dlq_replay(&self, queue: &str, ids: Option<&[i64]>, now: UnixMs) -> Result<u64> {
+        let queue = queue.to_owned();
+        let ids = ids.map(<[i64]>::to_vec);
+        self.write(move |c| {
+            let selected: Vec<i64> = match ids {
+                Some(ids) => ids,
+                None => c
+                    .prepare_cached("SELECT id FROM dead_letters WHERE queue = ?1 ORDER BY id")?
+                    .query_map(params![queue], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+            };
+            let mut moved = 0;
+            for id in selected {
+                let n = c
+                    .prepare_cached(
+                        "INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
+                         SELECT queue, body, enqueued_at, ?3 FROM dead_letters WHERE id = ?1 AND queue = ?2",
+                    )?
+                    .execute(params![id, queue, now])?;
+                c.prepare_cached("DELETE FROM dead_letters WHERE id = ?1 AND queue = ?2")?
+                    .execute(params![id, queue])?;
+                moved += n as u64;
+            }
+            Ok(moved)
+        })
+        .await
+    }
+
+    async fn queue_stats(&self, now: UnixMs) -> Result<Vec<QueueStats>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT queue,
+                    SUM(CASE WHEN visible_at <= ?1 THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN visible_at > ?1 AND claimed_by IS NULL THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN visible_at > ?1 AND claimed_by IS NOT NULL THEN 1 ELSE 0 END),
+                    COALESCE(?1 - MIN(CASE WHEN visible_at <= ?1 THEN visible_at END), 0)
+                 FROM queue_messages GROUP BY queue",
+            )?;
+            let mut stats: std::collections::BTreeMap<String, QueueStats> = stmt
+                .query_map(params![now], |r| {
+                    Ok(QueueStats {
+                        queue: r.get(0)?,
+                        ready: r.get::<_, i64>(1)? as u64,
+                        delayed: r.get::<_, i64>(2)? as u64,
+                        in_flight: r.get::<_, i64>(3)? as u64,
+                        dead: 0,
+                        oldest_ready_age_ms: r.get(4)?,
+                    })
+                })?
+                .map(|s| s.map(|s| (s.queue.clone(), s)))
+                .collect::<Result<_, _>>()?;
+            let mut stmt =
+                c.prepare_cached("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")?;
+            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (queue, dead) = row?;
+                stats
+                    .entry(queue.clone())
+                    .or_insert_with(|| QueueStats {
+                        queue,
+                        ..Default::default()
+                    })
+                    .dead = dead as u64;
+            }
+            Ok(stats.into_values().collect())
+        })
+    }
+
+    async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT value FROM kv WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+            )?
+            .query_row(params![key, now], |r| r.get(0))
+            .optional()?)
+        })
+    }
+
+    async fn kv_put(&self, key: &str, value: Vec<u8>, expires_at: Option<UnixMs>) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO kv (key, value, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            )?
+            .execute(params![key, value, expires_at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn kv_delete(&self, key: &str) -> Result<bool> {
+        let key = key.to_owned();
+        self.write(move |c| {
+            Ok(c.prepare_cached("DELETE FROM kv WHERE key = ?1")?
+                .execute(params![key])?
+                == 1)
+        })
+        .await
+    }
+
+    async fn kv_list(&self, prefix: &str, now: UnixMs, limit: u32) -> Result<Vec<String>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key FROM kv WHERE key >= ?1 AND (expires_at IS NULL OR expires_at > ?2)
+                 ORDER BY key LIMIT ?3",
+            )?;
+            let mut out = Vec::new();
+            for key in stmt.query_map(params![prefix, now, limit], |r| r.get::<_, String>(0))? {
+                let key = key?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push(key);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn kv_sweep(&self, now: UnixMs) -> Result<u64> {
+        self.write(move |c| {
+            Ok(c.prepare_cached(
+                "DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+            )?
+            .execute(params![now])? as u64)
+        })
+        .await
+    }
+
+    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()> {
+        let node = node.to_owned();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES (?1, ?2, ?2)
+                 ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            )?
+            .execute(params![node, now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_dead_nodes(&self, dead_before: UnixMs, now: UnixMs) -> Result<Released> {
+        self.write(move |c| {
+            let dead: Vec<String> = c
+                .prepare_cached("SELECT node_id FROM nodes WHERE heartbeat_at < ?1")?
+                .query_map(params![dead_before], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut released = Released::default();
+            for node in dead {
+                let r = release_node(c, &node, now)?;
+                released.messages += r.messages;
+                released.alarms += r.alarms;
+            }
+            Ok(released)
+        })
+        .await
+    }
+
+    async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released> {
+        let node = node.to_owned();
+        self.write(move |c| release_node(c, &node, now)).await
+    }
+}
+
+fn release_node(c: &Connection, node: &str, now: UnixMs) -> Result<Released> {
+    let messages = c
+        .prepare_cached(
+            "UPDATE queue_messages SET claimed_by = NULL, visible_at = MIN(visible_at, ?2)
+             WHERE claimed_by = ?1",
+        )?
+        .execute(params![node, now])? as u64;
+    let alarms = c
+        .prepare_cached("UPDATE alarms SET claimed_by = NULL WHERE claimed_by = ?1")?
+        .execute(params![node])? as u64;
+    c.prepare_cached("DELETE FROM nodes WHERE node_id = ?1")?
+        .execute(params![node])?;
+    Ok(Released { messages, alarms })
+}

@@ -1,0 +1,94 @@
+//! Test support shared by every crate's tests.
+//!
+//! - [`postgres_url`]: the PostgreSQL server tests run against: `KILOCLOUD_TEST_DATABASE_URL`,
+//!   default `postgres://postgres@127.0.0.1:5432/test`. `scripts/test` starts a throwaway cluster
+//!   and sets the variable when no server answers there. Tests fail loudly, never skip, when it
+//!   is unreachable.
+//! - [`PgSchema`]: a fresh schema per test, dropped afterwards, so tests run in parallel on one
+//!   database.
+//!
+//! Fakes of external services (model providers, GitHub, Fly) will live here too; product code
+//! never depends on this crate.
+
+use std::time::Duration;
+
+use sqlx::Connection;
+
+/// Default URL of the test PostgreSQL server.
+pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// URL of the PostgreSQL server tests use.
+pub fn postgres_url() -> String {
+    std::env::var("KILOCLOUD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
+}
+
+/// A schema created for one test and dropped when this value is dropped.
+pub struct PgSchema {
+    /// Server URL.
+    pub url: String,
+    /// Schema name (`t_<uuid>`).
+    pub name: String,
+}
+
+impl PgSchema {
+    /// Creates a fresh schema on [`postgres_url`].
+    ///
+    /// Panics with instructions when the server is unreachable: PostgreSQL tests never skip.
+    pub async fn create() -> Self {
+        let url = postgres_url();
+        let mut conn = connect(&url).await;
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::raw_sql(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test schema");
+        let _ = conn.close().await;
+        Self { url, name }
+    }
+}
+
+async fn connect(url: &str) -> sqlx::PgConnection {
+    match tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "PostgreSQL test server unreachable at {url}: {e}\n\
+             Run the tests with scripts/test (it starts a throwaway cluster when needed) or set \
+             KILOCLOUD_TEST_DATABASE_URL."
+        ),
+        Err(_) => panic!("timed out connecting to the PostgreSQL test server at {url}"),
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop runs outside any runtime guarantee; use a private one on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(Ok(mut c)) =
+                    tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url))
+                        .await
+                {
+                    let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .execute(&mut c)
+                        .await;
+                    let _ = c.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A temporary directory for SQLite files and blobs, removed on drop.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("kilocloud-test-")
+        .tempdir()
+        .expect("temp dir")
+}
