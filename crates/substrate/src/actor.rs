@@ -187,11 +187,8 @@ impl ActorContext {
 
 /// Type-erased actor entry for the alarm scheduler, which knows actors only by type name.
 trait ErasedActor: Send + Sync {
-    fn alarm<'a>(
-        &'a self,
-        ctx: &'a mut ActorContext,
-        info: AlarmInfo,
-    ) -> BoxFuture<'a, Result<()>>;
+    fn alarm<'a>(&'a self, ctx: &'a mut ActorContext, info: AlarmInfo)
+    -> BoxFuture<'a, Result<()>>;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
@@ -375,11 +372,7 @@ impl ActorSystem {
     /// commits). Errors: [`Error::Overloaded`] when `max_backlog` calls already wait for this key;
     /// [`Error::ShuttingDown`]; the handler's own error (writes discarded); [`Error::Storage`] when
     /// the commit fails (writes discarded, reply dropped).
-    pub async fn call<A: Actor>(
-        self: &Arc<Self>,
-        key: &str,
-        call: A::Call,
-    ) -> Result<A::Reply> {
+    pub async fn call<A: Actor>(self: &Arc<Self>, key: &str, call: A::Call) -> Result<A::Reply> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
@@ -436,10 +429,7 @@ impl ActorSystem {
 
     /// Runs a claimed alarm on its actor. Returns `Ok(true)` when the handler ran and committed,
     /// `Ok(false)` when the alarm was replaced or deleted before it could run.
-    pub(crate) async fn run_alarm(
-        &self,
-        row: &crate::store::AlarmRow,
-    ) -> Result<bool> {
+    pub(crate) async fn run_alarm(&self, row: &crate::store::AlarmRow) -> Result<bool> {
         let (actor_type, actor) = self
             .actors
             .read()

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -73,7 +73,10 @@ impl Blobs {
         let store: Arc<dyn ObjectStore> = match config {
             BlobConfig::Local { path } => {
                 std::fs::create_dir_all(path).map_err(|e| {
-                    Error::Storage(format!("cannot create blob directory {}: {e}", path.display()))
+                    Error::Storage(format!(
+                        "cannot create blob directory {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(path)?)
             }

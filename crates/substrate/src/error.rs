@@ -62,7 +62,9 @@ pub enum Error {
         supported: i64,
     },
     /// The SQLite data directory is in use by another `kilocloud serve` process.
-    #[error("data directory {path} is locked by another kilocloud process (SQLite is single-node; use PostgreSQL for several nodes)")]
+    #[error(
+        "data directory {path} is locked by another kilocloud process (SQLite is single-node; use PostgreSQL for several nodes)"
+    )]
     DataDirLocked {
         /// Lock file path.
         path: String,

@@ -207,9 +207,7 @@ impl Substrate {
                 .truncate(false)
                 .write(true)
                 .open(&lock_path)
-                .map_err(|e| {
-                    Error::Storage(format!("cannot open {}: {e}", lock_path.display()))
-                })?;
+                .map_err(|e| Error::Storage(format!("cannot open {}: {e}", lock_path.display())))?;
             if file.try_lock().is_err() {
                 return Err(Error::DataDirLocked {
                     path: lock_path.display().to_string(),
@@ -217,18 +215,27 @@ impl Substrate {
             }
             *i.data_lock.lock().unwrap() = Some(file);
             // Single node: whatever an earlier process claimed is free now.
-            let r = i.backend.release_dead_nodes(i64::MAX, i.clock.now_ms()).await?;
+            let r = i
+                .backend
+                .release_dead_nodes(i64::MAX, i.clock.now_ms())
+                .await?;
             if r != Default::default() {
-                tracing::info!(messages = r.messages, alarms = r.alarms,
-                    "released claims left by an earlier process");
+                tracing::info!(
+                    messages = r.messages,
+                    alarms = r.alarms,
+                    "released claims left by an earlier process"
+                );
             }
         }
-        i.backend.node_heartbeat(&i.node_id, i.clock.now_ms()).await?;
+        i.backend
+            .node_heartbeat(&i.node_id, i.clock.now_ms())
+            .await?;
         let this = self.clone();
         i.tasks.spawn(async move { this.node_loop().await });
         let (alarms, shutdown) = (i.alarms.clone(), i.shutdown.clone());
         let poll = i.tuning.alarm_poll_ms;
-        i.tasks.spawn(async move { alarms.run(poll, shutdown).await });
+        i.tasks
+            .spawn(async move { alarms.run(poll, shutdown).await });
         let this = self.clone();
         i.tasks.spawn(async move { this.kv_sweep_loop().await });
         tracing::info!(node = %i.node_id, backend = ?i.backend.kind(), "substrate started");
@@ -243,24 +250,35 @@ impl Substrate {
             if let Err(e) = i.backend.node_heartbeat(&i.node_id, now).await {
                 tracing::error!(error = %e, "node heartbeat failed");
             }
-            match i
-                .backend
-                .release_dead_nodes(now - i.tuning.node_dead_after_ms as i64, now)
-                .await
-            {
-                Ok(r) if r != Default::default() => {
-                    tracing::warn!(messages = r.messages, alarms = r.alarms,
-                        "took over claims of dead nodes");
-                    i.alarms_wake();
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "dead-node takeover failed"),
+            if let Err(e) = self.reap_dead_nodes().await {
+                tracing::error!(error = %e, "dead-node takeover failed");
             }
             tokio::select! {
                 _ = i.clock.sleep_until(now + every as i64, every) => {}
                 _ = i.shutdown.cancelled() => {}
             }
         }
+    }
+
+    /// Releases the claims (queue messages, alarms) of nodes whose heartbeat is older than
+    /// `node_dead_after_ms`, so live nodes take them over. The node loop runs this every
+    /// heartbeat; tests call it after moving a manual clock.
+    pub async fn reap_dead_nodes(&self) -> Result<store::Released> {
+        let i = &self.inner;
+        let now = i.clock.now_ms();
+        let r = i
+            .backend
+            .release_dead_nodes(now - i.tuning.node_dead_after_ms as i64, now)
+            .await?;
+        if r != Default::default() {
+            tracing::warn!(
+                messages = r.messages,
+                alarms = r.alarms,
+                "took over claims of dead nodes"
+            );
+            i.actors.wake_alarms();
+        }
+        Ok(r)
     }
 
     async fn kv_sweep_loop(&self) {
@@ -281,7 +299,8 @@ impl Substrate {
     pub fn start_consumer(&self, queue: &str, consumer: Arc<dyn Consumer>) {
         let i = &self.inner;
         let (queues, tasks) = (i.queues.clone(), i.tasks.clone());
-        let (queue, poll, shutdown) = (queue.to_owned(), i.tuning.queue_poll_ms, i.shutdown.clone());
+        let (queue, poll, shutdown) =
+            (queue.to_owned(), i.tuning.queue_poll_ms, i.shutdown.clone());
         i.tasks.spawn(async move {
             queues
                 .run_consumer(queue, consumer, poll, shutdown, tasks)
@@ -372,11 +391,5 @@ impl Substrate {
     /// An actor's committed storage and alarm, read without locking it (operator view).
     pub async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
         self.inner.backend.actor_snapshot(actor_type, key).await
-    }
-}
-
-impl Inner {
-    fn alarms_wake(&self) {
-        self.actors.wake_alarms();
     }
 }

@@ -283,7 +283,12 @@ impl Queues {
     }
 
     /// Dead-lettered messages of `queue` with id above `after`, oldest first, at most `limit`.
-    pub async fn dead_letters(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>> {
+    pub async fn dead_letters(
+        &self,
+        queue: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>> {
         self.backend.dlq_list(queue, after, limit).await
     }
 
@@ -319,7 +324,11 @@ impl Queues {
     /// Receives one batch and handles it with `consumer`, acking or retrying each message.
     /// Returns how many messages were handled. The consumer loop is this in a loop; tests call
     /// it directly.
-    pub async fn process_batch<C: Consumer + ?Sized>(&self, queue: &str, consumer: &C) -> Result<usize> {
+    pub async fn process_batch<C: Consumer + ?Sized>(
+        &self,
+        queue: &str,
+        consumer: &C,
+    ) -> Result<usize> {
         let (config, _) = self.entry(queue)?;
         let batch = self.receive(queue, config.batch_size).await?;
         let n = batch.len();
@@ -388,7 +397,11 @@ impl Queues {
             for d in batch {
                 let permit = match first.take() {
                     Some(p) => p,
-                    None => permits.clone().acquire_owned().await.expect("semaphore never closed"),
+                    None => permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closed"),
                 };
                 let (this, consumer) = (self.clone(), consumer.clone());
                 tasks.spawn(async move {

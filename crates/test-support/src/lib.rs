@@ -39,7 +39,7 @@ impl PgSchema {
         let url = postgres_url();
         let mut conn = connect(&url).await;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        sqlx::raw_sql(&format!("CREATE SCHEMA {name}"))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
             .execute(&mut conn)
             .await
             .expect("create test schema");
@@ -74,9 +74,11 @@ impl Drop for PgSchema {
                     tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url))
                         .await
                 {
-                    let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .execute(&mut c)
-                        .await;
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP SCHEMA IF EXISTS {name} CASCADE"
+                    )))
+                    .execute(&mut c)
+                    .await;
                     let _ = c.close().await;
                 }
             });

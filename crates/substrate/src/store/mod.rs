@@ -280,7 +280,6 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Decodes stored JSON for operator views; bytes that are not JSON show as a size note.
 pub(crate) fn json_or_bytes(v: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(v).unwrap_or_else(|_| {
-        serde_json::Value::String(format!("<{} bytes, not JSON>", v.len()))
-    })
+    serde_json::from_slice(v)
+        .unwrap_or_else(|_| serde_json::Value::String(format!("<{} bytes, not JSON>", v.len())))
 }

@@ -90,17 +90,26 @@ impl PostgresBackend {
                 .fetch_one(&mut **conn)
                 .await?;
         migrations::check_not_newer(current)?;
-        for m in migrations::MIGRATIONS.iter().filter(|m| m.version > current) {
+        for m in migrations::MIGRATIONS
+            .iter()
+            .filter(|m| m.version > current)
+        {
             let mut tx = conn.begin().await?;
             sqlx::raw_sql(m.postgres).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO kilocloud_schema (version, name, applied_at) VALUES ($1, $2, $3)")
-                .bind(m.version)
-                .bind(m.name)
-                .bind(crate::clock::Clock::now_ms(&crate::SystemClock))
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO kilocloud_schema (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(m.version)
+            .bind(m.name)
+            .bind(crate::clock::Clock::now_ms(&crate::SystemClock))
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
-            tracing::info!(version = m.version, name = m.name, "applied postgres migration");
+            tracing::info!(
+                version = m.version,
+                name = m.name,
+                "applied postgres migration"
+            );
         }
         Ok(())
     }
@@ -143,16 +152,22 @@ impl PgSession {
         Ok(())
     }
 
-    async fn apply(&mut self, writes: &WriteSet, completion: Option<AlarmCompletion>) -> Result<()> {
+    async fn apply(
+        &mut self,
+        writes: &WriteSet,
+        completion: Option<AlarmCompletion>,
+    ) -> Result<()> {
         let (t, k) = (self.actor_type.clone(), self.key.clone());
         let mut tx = self.conn().begin().await?;
         if let Some(c) = completion {
-            sqlx::query("DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND generation = $3")
-                .bind(&t)
-                .bind(&k)
-                .bind(c.generation)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
+            )
+            .bind(&t)
+            .bind(&k)
+            .bind(c.generation)
+            .execute(&mut *tx)
+            .await?;
         }
         if writes.cleared {
             sqlx::query("DELETE FROM actor_storage WHERE actor_type = $1 AND actor_key = $2")
@@ -532,12 +547,14 @@ impl Backend for PostgresBackend {
     }
 
     async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM queue_messages WHERE id = $1 AND queue = $2 AND attempts = $3")
-            .bind(id)
-            .bind(queue)
-            .bind(attempts as i32)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "DELETE FROM queue_messages WHERE id = $1 AND queue = $2 AND attempts = $3",
+        )
+        .bind(id)
+        .bind(queue)
+        .bind(attempts as i32)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -10,9 +10,9 @@
 //! server off the same file, so process-local actor serialization is enough.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -213,7 +213,10 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     )?;
     let current = schema_version(conn)?;
     migrations::check_not_newer(current)?;
-    for m in migrations::MIGRATIONS.iter().filter(|m| m.version > current) {
+    for m in migrations::MIGRATIONS
+        .iter()
+        .filter(|m| m.version > current)
+    {
         let tx = conn.transaction()?;
         tx.execute_batch(m.sqlite)?;
         tx.execute(
@@ -225,7 +228,11 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             ],
         )?;
         tx.commit()?;
-        tracing::info!(version = m.version, name = m.name, "applied sqlite migration");
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "applied sqlite migration"
+        );
     }
     Ok(())
 }
@@ -377,9 +384,9 @@ fn move_to_dlq(c: &Connection, id: i64, error: &str, now: UnixMs) -> Result<()> 
 /// Error recorded when a message's visibility timeout expired on its last allowed delivery.
 pub(crate) fn timeout_error(attempts: u32, last_error: Option<&str>) -> String {
     match last_error {
-        Some(e) => format!(
-            "visibility timeout expired on delivery {attempts}; previous error: {e}"
-        ),
+        Some(e) => {
+            format!("visibility timeout expired on delivery {attempts}; previous error: {e}")
+        }
         None => format!("visibility timeout expired on delivery {attempts}"),
     }
 }
@@ -436,8 +443,10 @@ impl Backend for SqliteBackend {
 
     async fn next_alarm_at(&self, _now: UnixMs) -> Result<Option<UnixMs>> {
         self.read(|c| {
-            Ok(c.prepare_cached("SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL")?
-                .query_row([], |r| r.get(0))?)
+            Ok(
+                c.prepare_cached("SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL")?
+                    .query_row([], |r| r.get(0))?,
+            )
         })
     }
 
@@ -753,10 +762,12 @@ impl Backend for SqliteBackend {
 
     async fn kv_sweep(&self, now: UnixMs) -> Result<u64> {
         self.write(move |c| {
-            Ok(c.prepare_cached(
-                "DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?1",
-            )?
-            .execute(params![now])? as u64)
+            Ok(
+                c.prepare_cached(
+                    "DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+                )?
+                .execute(params![now])? as u64,
+            )
         })
         .await
     }

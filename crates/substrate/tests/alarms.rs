@@ -1,0 +1,309 @@
+//! Alarm contract: fires at or after its time, at least once, survives restarts, retries with
+//! exponential backoff (2 s base, 6 retries) and tells the handler its retry count; cron
+//! schedules re-arm as alarms. On SQLite and PostgreSQL, with a manual clock.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{Env, Kind, T0};
+use kilocloud_substrate::{
+    ALARM_MAX_RETRIES, Actor, ActorContext, AlarmInfo, CronSchedule, Error, FireReport, Result,
+    alarm_retry_delay_ms,
+};
+
+/// Records each alarm run; fails while `failures_left` > 0.
+#[derive(Clone, Default)]
+struct Recorder {
+    runs: Arc<Mutex<Vec<(String, AlarmInfo, i64)>>>,
+    failures_left: Arc<Mutex<u32>>,
+}
+
+enum Call {
+    SetAlarm(i64),
+    DeleteAlarm,
+    Cron(CronSchedule),
+}
+
+impl Actor for Recorder {
+    const TYPE: &'static str = "recorder";
+    type Call = Call;
+    type Reply = ();
+
+    async fn call(&self, ctx: &mut ActorContext, call: Call) -> Result<()> {
+        match call {
+            Call::SetAlarm(at) => ctx.set_alarm(at),
+            Call::DeleteAlarm => ctx.delete_alarm(),
+            Call::Cron(s) => {
+                ctx.put("cron", &(s.expr(), s.time_zone()))?;
+                ctx.schedule_cron(&s)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn alarm(&self, ctx: &mut ActorContext, info: AlarmInfo) -> Result<()> {
+        self.runs
+            .lock()
+            .unwrap()
+            .push((ctx.key().to_owned(), info, ctx.now_ms()));
+        let runs: i64 = ctx.get("runs").await?.unwrap_or(0);
+        ctx.put("runs", &(runs + 1))?;
+        {
+            let mut left = self.failures_left.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Err(Error::handler("alarm handler failed on purpose"));
+            }
+        }
+        if let Some((expr, tz)) = ctx.get::<(String, String)>("cron").await? {
+            ctx.schedule_cron(&CronSchedule::parse(&expr, &tz)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn fired(n: u32) -> FireReport {
+    FireReport {
+        fired: n,
+        ..Default::default()
+    }
+}
+
+async fn alarm_fires_at_or_after_its_time_once(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let rec = Recorder::default();
+    sub.actors().register(rec.clone());
+    sub.actors()
+        .call::<Recorder>("a", Call::SetAlarm(T0 + 1_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+    env.clock.advance(999);
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+    env.clock.advance(1);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+    let runs = rec.runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0].1,
+        AlarmInfo {
+            scheduled_at: T0 + 1_000,
+            retry_count: 0
+        }
+    );
+    assert!(!runs[0].1.is_retry());
+    let snap = sub.actor_snapshot("recorder", "a").await.unwrap();
+    assert!(snap.alarm.is_none(), "a successful run deletes the alarm");
+    assert_eq!(snap.storage["runs"], 1);
+}
+
+async fn setting_an_alarm_replaces_it(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let rec = Recorder::default();
+    sub.actors().register(rec.clone());
+    let actors = sub.actors();
+    actors
+        .call::<Recorder>("a", Call::SetAlarm(T0 + 1_000))
+        .await
+        .unwrap();
+    actors
+        .call::<Recorder>("a", Call::SetAlarm(T0 + 5_000))
+        .await
+        .unwrap();
+    env.clock.advance(2_000);
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+    env.clock.advance(3_000);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    // Deleting prevents the firing.
+    actors
+        .call::<Recorder>("b", Call::SetAlarm(T0 + 6_000))
+        .await
+        .unwrap();
+    actors
+        .call::<Recorder>("b", Call::DeleteAlarm)
+        .await
+        .unwrap();
+    env.clock.advance(10_000);
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+    assert_eq!(rec.runs.lock().unwrap().len(), 1);
+}
+
+async fn alarm_survives_restart(kind: Kind) {
+    let env = Env::new(kind).await;
+    let rec = Recorder::default();
+    {
+        let sub = env.open().await;
+        sub.start().await.unwrap();
+        sub.actors().register(rec.clone());
+        sub.actors()
+            .call::<Recorder>("a", Call::SetAlarm(T0 + 60_000))
+            .await
+            .unwrap();
+        assert!(sub.shutdown(std::time::Duration::from_secs(10)).await);
+    }
+    let sub = env.open().await;
+    sub.start().await.unwrap();
+    sub.actors().register(rec.clone());
+    env.clock.advance(60_000);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert_eq!(rec.runs.lock().unwrap()[0].1.scheduled_at, T0 + 60_000);
+    sub.shutdown(std::time::Duration::from_secs(10)).await;
+}
+
+async fn failing_alarm_retries_with_backoff_then_drops(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let rec = Recorder::default();
+    *rec.failures_left.lock().unwrap() = u32::MAX;
+    sub.actors().register(rec.clone());
+    sub.actors()
+        .call::<Recorder>("a", Call::SetAlarm(T0))
+        .await
+        .unwrap();
+    let mut expected_at = T0;
+    for retry in 0..=ALARM_MAX_RETRIES {
+        // Not a millisecond early.
+        env.clock.set(expected_at - 1);
+        assert_eq!(
+            sub.alarms().fire_due().await.unwrap(),
+            FireReport::default()
+        );
+        env.clock.set(expected_at);
+        let report = sub.alarms().fire_due().await.unwrap();
+        if retry < ALARM_MAX_RETRIES {
+            assert_eq!(
+                report,
+                FireReport {
+                    retried: 1,
+                    ..Default::default()
+                },
+                "retry {retry}"
+            );
+            let snap = sub.actor_snapshot("recorder", "a").await.unwrap();
+            let alarm = snap.alarm.expect("rescheduled");
+            assert_eq!(alarm.retry_count, retry + 1);
+            assert_eq!(alarm.fire_at, expected_at + alarm_retry_delay_ms(retry));
+            expected_at = alarm.fire_at;
+            // The failed run's writes were discarded.
+            assert!(!snap.storage.contains_key("runs"));
+        } else {
+            assert_eq!(
+                report,
+                FireReport {
+                    dropped: 1,
+                    ..Default::default()
+                }
+            );
+        }
+    }
+    let retry_counts: Vec<u32> = rec
+        .runs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.1.retry_count)
+        .collect();
+    assert_eq!(retry_counts, vec![0, 1, 2, 3, 4, 5, 6]);
+    let delays: Vec<i64> = (0..ALARM_MAX_RETRIES).map(alarm_retry_delay_ms).collect();
+    assert_eq!(delays, vec![2_000, 4_000, 8_000, 16_000, 32_000, 64_000]);
+    assert!(
+        sub.actor_snapshot("recorder", "a")
+            .await
+            .unwrap()
+            .alarm
+            .is_none()
+    );
+    env.clock.advance(1_000_000);
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+}
+
+async fn alarm_recovers_after_transient_failures(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let rec = Recorder::default();
+    *rec.failures_left.lock().unwrap() = 2;
+    sub.actors().register(rec.clone());
+    sub.actors()
+        .call::<Recorder>("a", Call::SetAlarm(T0))
+        .await
+        .unwrap();
+    sub.alarms().fire_due().await.unwrap();
+    env.clock.advance(2_000);
+    sub.alarms().fire_due().await.unwrap();
+    env.clock.advance(4_000);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    let runs = rec.runs.lock().unwrap().clone();
+    assert_eq!(
+        runs.iter().map(|r| r.1.retry_count).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert!(runs[2].1.is_retry());
+    let snap = sub.actor_snapshot("recorder", "a").await.unwrap();
+    assert_eq!(snap.storage["runs"], 1, "only the successful run committed");
+}
+
+async fn cron_schedule_rearms_as_alarms(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let rec = Recorder::default();
+    sub.actors().register(rec.clone());
+    // 09:30 every day in Paris (UTC+1 in January): 08:30 UTC.
+    let sched = CronSchedule::parse("30 9 * * *", "Europe/Paris").unwrap();
+    sub.actors()
+        .call::<Recorder>("daily", Call::Cron(sched))
+        .await
+        .unwrap();
+    let first = T0 + (8 * 60 + 30) * 60_000;
+    let snap = sub.actor_snapshot("recorder", "daily").await.unwrap();
+    assert_eq!(snap.alarm.unwrap().fire_at, first);
+    env.clock.set(first);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    let snap = sub.actor_snapshot("recorder", "daily").await.unwrap();
+    assert_eq!(
+        snap.alarm.unwrap().fire_at,
+        first + 24 * 3_600_000,
+        "re-armed for the next day"
+    );
+    env.clock.set(first + 24 * 3_600_000);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert_eq!(rec.runs.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn cron_parse_errors_name_the_input() {
+    let e = CronSchedule::parse("61 * * * *", "UTC").unwrap_err();
+    assert!(e.to_string().contains("61 * * * *"), "{e}");
+    let e = CronSchedule::parse("* * * * *", "Mars/Olympus").unwrap_err();
+    assert!(e.to_string().contains("Mars/Olympus"), "{e}");
+}
+
+on_every_backend!(
+    alarm_fires_at_or_after_its_time_once,
+    setting_an_alarm_replaces_it,
+    alarm_survives_restart,
+    failing_alarm_retries_with_backoff_then_drops,
+    alarm_recovers_after_transient_failures,
+    cron_schedule_rearms_as_alarms,
+);

@@ -1,0 +1,186 @@
+//! Node contract: schema versioning, the SQLite single-server lock, and on PostgreSQL several
+//! nodes sharing one database (cross-node actor serialization, dead-node takeover).
+//! Process-level crash and SIGKILL tests live in the `kilocloud` crate.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::{Env, Kind};
+use kilocloud_substrate::{Actor, ActorContext, Error, QueueConfig, Result, Substrate, Tuning};
+use serde_json::json;
+use sqlx::Connection;
+
+async fn schema_newer_than_binary_is_refused(kind: Kind) {
+    let env = Env::new(kind).await;
+    drop(env.open().await);
+    match &env.schema {
+        None => {
+            let c = rusqlite::Connection::open(env.sqlite_path()).unwrap();
+            c.execute(
+                "INSERT INTO kilocloud_schema (version, name, applied_at) VALUES (999, 'future', 0)",
+                [],
+            )
+            .unwrap();
+        }
+        Some(s) => {
+            let mut c = sqlx::PgConnection::connect(&s.url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {}.kilocloud_schema (version, name, applied_at) VALUES (999, 'future', 0)",
+                s.name
+            )))
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+    }
+    let e = Substrate::open(
+        &env.database(),
+        &env.blobs(),
+        Tuning::default(),
+        Arc::new(env.clock.clone()),
+    )
+    .await
+    .err()
+    .expect("must refuse a newer schema");
+    assert!(matches!(e, Error::SchemaTooNew { found: 999, .. }), "{e}");
+    assert!(
+        e.to_string().contains("newer than this binary supports"),
+        "{e}"
+    );
+}
+
+async fn open_is_idempotent_and_ready(kind: Kind) {
+    let env = Env::new(kind).await;
+    let a = env.open().await;
+    a.ready().await.unwrap();
+    let b = env.open().await;
+    assert_eq!(
+        b.schema_version().await.unwrap(),
+        Substrate::latest_schema_version()
+    );
+}
+
+on_every_backend!(
+    schema_newer_than_binary_is_refused,
+    open_is_idempotent_and_ready
+);
+
+#[tokio::test]
+async fn sqlite_refuses_a_second_server_on_one_file() {
+    let env = Env::new(Kind::Sqlite).await;
+    let first = env.open().await;
+    first.start().await.unwrap();
+    let second = env.open().await;
+    let e = second.start().await.unwrap_err();
+    assert!(matches!(e, Error::DataDirLocked { .. }), "{e}");
+    assert!(e.to_string().contains("use PostgreSQL for several nodes"));
+    first.shutdown(std::time::Duration::from_secs(10)).await;
+    second
+        .start()
+        .await
+        .expect("the lock is free after shutdown");
+    second.shutdown(std::time::Duration::from_secs(10)).await;
+}
+
+/// Counts overlapping calls per key across every node that registers the same instance.
+#[derive(Clone, Default)]
+struct Shared {
+    busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicBool>>>>,
+    overlaps: Arc<AtomicUsize>,
+}
+
+impl Actor for Shared {
+    const TYPE: &'static str = "shared";
+    type Call = ();
+    type Reply = i64;
+    async fn call(&self, ctx: &mut ActorContext, _: ()) -> Result<i64> {
+        let flag = self
+            .busy
+            .lock()
+            .unwrap()
+            .entry(ctx.key().into())
+            .or_default()
+            .clone();
+        if flag.swap(true, Ordering::SeqCst) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        let n: i64 = ctx.get("n").await?.unwrap_or(0);
+        tokio::task::yield_now().await;
+        ctx.put("n", &(n + 1))?;
+        flag.store(false, Ordering::SeqCst);
+        Ok(n + 1)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_nodes_never_run_one_key_concurrently() {
+    let env = Env::new(Kind::Postgres).await;
+    let (a, b) = (env.open().await, env.open().await);
+    let actor = Shared::default();
+    a.actors().register(actor.clone());
+    b.actors().register(actor.clone());
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let node = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            node.actors()
+                .call::<Shared>(&format!("k{}", i % 3), ())
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(actor.overlaps.load(Ordering::SeqCst), 0);
+    let mut total = 0;
+    for k in 0..3 {
+        let snap = a.actor_snapshot("shared", &format!("k{k}")).await.unwrap();
+        total += snap.storage["n"].as_i64().unwrap();
+    }
+    assert_eq!(total, 200, "no lost updates across nodes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dead_node_messages_are_taken_over() {
+    let env = Env::new(Kind::Postgres).await;
+    // Node A heartbeats once at start and then, as far as this test is concerned, dies.
+    let slow = Tuning {
+        node_heartbeat_ms: 3_600_000,
+        ..Tuning::default()
+    };
+    let a = env.open_with(slow.clone()).await;
+    a.start().await.unwrap();
+    let b = env.open_with(slow).await;
+    for node in [&a, &b] {
+        node.queues().declare(QueueConfig {
+            visibility_timeout_ms: 600_000,
+            ..QueueConfig::new("held")
+        });
+    }
+    a.queues()
+        .send_batch("held", &[json!(1), json!(2)], 0)
+        .await
+        .unwrap();
+    let held = a.queues().receive("held", 10).await.unwrap();
+    assert_eq!(held.len(), 2);
+    assert!(b.queues().receive("held", 10).await.unwrap().is_empty());
+    // Within the dead-node timeout nothing is taken over.
+    env.clock.advance(4_000);
+    assert_eq!(b.reap_dead_nodes().await.unwrap().messages, 0);
+    env.clock.advance(1_001);
+    assert_eq!(b.reap_dead_nodes().await.unwrap().messages, 2);
+    let taken = b.queues().receive("held", 10).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|d| d.attempts).collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    for d in &taken {
+        assert!(b.queues().ack(d).await.unwrap());
+    }
+    assert!(
+        !a.queues().ack(&held[0]).await.unwrap(),
+        "the dead node's receipts are stale"
+    );
+}
