@@ -48,6 +48,15 @@ impl PostgresBackend {
         if let Some(schema) = search_path {
             opts = opts.options([("search_path", schema)]);
         }
+        // One direct connection first: it reports the real cause (refused, auth, unknown
+        // database) where the pool would only report a timeout.
+        let probe = sqlx::PgConnection::connect_with(&opts).await.map_err(|e| {
+            Error::Storage(format!(
+                "cannot connect to PostgreSQL at {}: {e}",
+                redact_url(url)
+            ))
+        })?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))

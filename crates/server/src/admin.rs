@@ -1,0 +1,181 @@
+//! The substrate admin API under `/api/admin`, enabled by the `admin_token` setting and
+//! authenticated with `Authorization: Bearer <admin_token>` (compared in constant time).
+//! Documented in `docs/admin-api.md`.
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use kilocloud_substrate::{ActorSnapshot, DeadLetter, QueueStats};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+use crate::error::{ApiError, Json};
+use crate::probe::{ProbeActor, ProbeCall};
+
+/// Proof that the request carried the admin token. Handlers that take it cannot be reached
+/// without it.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.admin_token_sha256 else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_api_disabled",
+                "the admin API is disabled; set admin_token (KILOCLOUD_ADMIN_TOKEN) to enable it",
+            ));
+        };
+        let presented = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <admin token>"))?;
+        // Hash both sides so the comparison is constant-time regardless of length.
+        let presented = Sha256::digest(presented.as_bytes());
+        if bool::from(presented.as_slice().ct_eq(expected.as_slice())) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::unauthorized("invalid admin token"))
+        }
+    }
+}
+
+/// Routes of the admin API.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/queues", get(list_queues))
+        .route("/queues/{queue}/messages", post(send_message))
+        .route("/queues/{queue}/dlq", get(list_dead_letters))
+        .route("/queues/{queue}/replay", post(replay))
+        .route("/actors/{actor_type}/{key}", get(show_actor))
+        .route("/probe/{key}", post(probe_record))
+        .route("/probe/{key}/alarm", post(probe_alarm))
+}
+
+async fn list_queues(
+    _: Admin,
+    State(s): State<AppState>,
+) -> Result<Json<Vec<QueueStats>>, ApiError> {
+    Ok(Json(s.substrate.queues().stats().await?))
+}
+
+#[derive(Deserialize)]
+struct SendQuery {
+    #[serde(default)]
+    delay_ms: u64,
+}
+
+async fn send_message(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(queue): Path<String>,
+    Query(q): Query<SendQuery>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let id = s.substrate.queues().send(&queue, &body, q.delay_ms).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))))
+}
+
+#[derive(Deserialize)]
+struct DlqQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+async fn list_dead_letters(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(queue): Path<String>,
+    Query(q): Query<DlqQuery>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    if q.limit == 0 || q.limit > 1000 {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    Ok(Json(
+        s.substrate
+            .queues()
+            .dead_letters(&queue, q.after, q.limit)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize, Default)]
+struct ReplayBody {
+    ids: Option<Vec<i64>>,
+}
+
+async fn replay(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(queue): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    // An empty body replays everything; `{"ids": [...]}` replays those dead-letter ids.
+    let ids = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice::<ReplayBody>(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?
+            .ids
+    };
+    let n = s.substrate.queues().replay(&queue, ids.as_deref()).await?;
+    Ok(Json(serde_json::json!({ "replayed": n })))
+}
+
+async fn show_actor(
+    _: Admin,
+    State(s): State<AppState>,
+    Path((actor_type, key)): Path<(String, String)>,
+) -> Result<Json<ActorSnapshot>, ApiError> {
+    Ok(Json(s.substrate.actor_snapshot(&actor_type, &key).await?))
+}
+
+#[derive(Deserialize)]
+struct RecordBody {
+    token: String,
+}
+
+async fn probe_record(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(key): Path<String>,
+    Json(body): Json<RecordBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let count = s
+        .substrate
+        .actors()
+        .call::<ProbeActor>(&key, ProbeCall::Record(body.token))
+        .await?;
+    Ok(Json(serde_json::json!({ "count": count })))
+}
+
+#[derive(Deserialize)]
+struct AlarmBody {
+    at_ms: i64,
+}
+
+async fn probe_alarm(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(key): Path<String>,
+    Json(body): Json<AlarmBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.substrate
+        .actors()
+        .call::<ProbeActor>(&key, ProbeCall::SetAlarm(body.at_ms))
+        .await?;
+    Ok(Json(serde_json::json!({ "alarm_at_ms": body.at_ms })))
+}

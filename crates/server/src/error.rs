@@ -1,0 +1,138 @@
+//! The one error type of the HTTP API, rendered everywhere as
+//! `{"error":{"code":"...","message":"..."}}` with the matching status.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kilocloud_substrate::Error as SubstrateError;
+
+/// An API error: HTTP status, stable machine-readable `code`, human `message`, and for 503/429 an
+/// optional `Retry-After` in seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable snake_case code clients branch on (`not_found`, `overloaded`, ...).
+    pub code: &'static str,
+    /// Human-readable explanation; never contains secrets.
+    pub message: String,
+    /// Seconds for the `Retry-After` header.
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut res = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+impl From<SubstrateError> for ApiError {
+    fn from(e: SubstrateError) -> Self {
+        let message = e.to_string();
+        match e {
+            SubstrateError::Overloaded { retry_after, .. } => Self {
+                retry_after_secs: Some(retry_after.as_secs().max(1)),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+            },
+            SubstrateError::ShuttingDown => Self {
+                retry_after_secs: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            },
+            SubstrateError::MessageTooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", message)
+            }
+            SubstrateError::DelayTooLong { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "delay_too_long", message)
+            }
+            SubstrateError::NotFound { .. } => Self::not_found(message),
+            SubstrateError::Invalid { .. } => Self::bad_request(message),
+            SubstrateError::Serde(_) => Self::bad_request(message),
+            SubstrateError::Handler(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "handler_failed", message)
+            }
+            SubstrateError::Storage(_)
+            | SubstrateError::SchemaTooNew { .. }
+            | SubstrateError::DataDirLocked { .. } => {
+                tracing::error!(error = %message, "storage failure");
+                Self {
+                    retry_after_secs: Some(1),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "storage_unavailable",
+                        "the store is unavailable; retry later",
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "invalid_json",
+        };
+        Self::new(status, code, r.body_text())
+    }
+}
+
+/// `axum::Json` whose rejections render as [`ApiError`].
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}

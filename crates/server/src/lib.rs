@@ -1,0 +1,144 @@
+//! The HTTP face of a `kilocloud` node: one axum router for every service, the error type,
+//! request ids, metrics, health and readiness, and graceful shutdown.
+//!
+//! Services add their routes in [`router`]; each route's handler states what it requires through
+//! its extractors (for example [`admin::Admin`]).
+
+pub mod admin;
+pub mod error;
+pub mod observability;
+pub mod probe;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use kilocloud_substrate::Substrate;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sha2::{Digest, Sha256};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, Json};
+
+/// Largest request body accepted by default, bytes (256 KiB). Larger bodies get 413.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The node's substrate.
+    pub substrate: Substrate,
+    /// SHA-256 of the admin token; `None` disables the admin API.
+    pub admin_token_sha256: Option<Arc<[u8; 32]>>,
+    /// Prometheus exposition handle.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// State for `substrate`, with the admin API enabled when `admin_token` is non-empty.
+    pub fn new(substrate: Substrate, admin_token: Option<&str>) -> Self {
+        Self {
+            substrate,
+            admin_token_sha256: admin_token
+                .filter(|t| !t.is_empty())
+                .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),
+            metrics: observability::metrics_handle(),
+        }
+    }
+}
+
+/// The full router: health, readiness, metrics, and every service's API.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .nest("/api/admin", admin::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(observability::track_http))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// `GET /health`: the process is up. Always 200 `{"status":"ok"}`.
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /ready`: the store answers and its schema is current; 503 `not_ready` otherwise.
+async fn ready(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    s.substrate
+        .ready()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()))?;
+    Ok(Json(serde_json::json!({
+        "status": "ready",
+        "backend": s.substrate.backend_kind(),
+        "schema_version": Substrate::latest_schema_version(),
+        "node": s.substrate.node_id(),
+    })))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        observability::render(&s.metrics, &s.substrate).await,
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no route for this path")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed for this path",
+    )
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets
+/// in-flight requests finish for up to `grace`. Returns false if requests were cut off.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    });
+    let mut server = Box::pin(server.into_future());
+    tokio::select! {
+        res = &mut server => { res?; return Ok(true); }
+        _ = stopping_rx => {}
+    }
+    match tokio::time::timeout(grace, server).await {
+        Ok(res) => res.map(|_| true),
+        Err(_) => Ok(false),
+    }
+}
