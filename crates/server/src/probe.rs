@@ -2,12 +2,13 @@
 //! consumer → actor → alarm) so operators can check a deployment, and so the crash and
 //! multi-node tests drive a real `kilocloud serve` through its public admin API.
 //!
-//! - Queue `probe`: messages `{"key": "...", "token": "...", "fail": false}`. The consumer
-//!   records `token` on the probe actor `key` (idempotent), or fails when `fail` is true
-//!   (exercising retries and the dead-letter queue).
-//! - Actor `probe`: storage `count` (distinct tokens recorded), `t/<token>` (true), and for each
-//!   alarm run `alarm/<scheduled_at>` (successful runs of that firing; 1 unless the node died
-//!   mid-run).
+//! - Queue `probe`: messages `{"key": "...", "token": "...", "fail": false, "hold_ms": 0}`. The
+//!   consumer waits `hold_ms` (a slow handler), then records `token` on the probe actor `key`,
+//!   or fails when `fail` is true (exercising retries and the dead-letter queue).
+//! - Actor `probe`: storage `count` (distinct tokens recorded), `t/<token>` (true),
+//!   `deliveries/<token>` (how many times the consumer handled it; 1 unless a node died or a
+//!   visibility timeout expired mid-handling), and for each alarm run `alarm/<scheduled_at>`
+//!   (successful runs of that firing; 1 unless a node died mid-run).
 
 use std::sync::Arc;
 
@@ -30,6 +31,9 @@ pub struct ProbeMessage {
     /// Fail instead of recording (to exercise retries and dead-lettering).
     #[serde(default)]
     pub fail: bool,
+    /// Wait this long before recording, ms (simulates a slow handler). At most 60,000.
+    #[serde(default)]
+    pub hold_ms: u64,
 }
 
 /// A call on the probe actor.
@@ -37,6 +41,8 @@ pub struct ProbeMessage {
 pub enum ProbeCall {
     /// Record a token; returns the number of distinct tokens.
     Record(String),
+    /// Record a token delivered by the queue and count the delivery.
+    Deliver(String),
     /// Set the alarm to `at_ms`; returns the current count.
     SetAlarm(i64),
 }
@@ -52,14 +58,12 @@ impl Actor for ProbeActor {
     async fn call(&self, ctx: &mut ActorContext, call: ProbeCall) -> Result<i64> {
         let count: i64 = ctx.get("count").await?.unwrap_or(0);
         match call {
-            ProbeCall::Record(token) => {
-                let key = format!("t/{token}");
-                if ctx.get::<bool>(&key).await?.is_some() {
-                    return Ok(count);
-                }
-                ctx.put(&key, &true)?;
-                ctx.put("count", &(count + 1))?;
-                Ok(count + 1)
+            ProbeCall::Record(token) => record(ctx, count, &token).await,
+            ProbeCall::Deliver(token) => {
+                let key = format!("deliveries/{token}");
+                let n: i64 = ctx.get(&key).await?.unwrap_or(0);
+                ctx.put(&key, &(n + 1))?;
+                record(ctx, count, &token).await
             }
             ProbeCall::SetAlarm(at) => {
                 ctx.set_alarm(at);
@@ -73,6 +77,17 @@ impl Actor for ProbeActor {
         let runs: i64 = ctx.get(&key).await?.unwrap_or(0);
         ctx.put(&key, &(runs + 1))
     }
+}
+
+/// Records `token` once; returns the number of distinct tokens.
+async fn record(ctx: &mut ActorContext, count: i64, token: &str) -> Result<i64> {
+    let key = format!("t/{token}");
+    if ctx.get::<bool>(&key).await?.is_some() {
+        return Ok(count);
+    }
+    ctx.put(&key, &true)?;
+    ctx.put("count", &(count + 1))?;
+    Ok(count + 1)
 }
 
 /// Consumer of the probe queue.
@@ -90,9 +105,12 @@ impl Consumer for ProbeConsumer {
                 msg.token
             )));
         }
+        if msg.hold_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(msg.hold_ms.min(60_000))).await;
+        }
         self.substrate
             .actors()
-            .call::<ProbeActor>(&msg.key, ProbeCall::Record(msg.token))
+            .call::<ProbeActor>(&msg.key, ProbeCall::Deliver(msg.token))
             .await?;
         Ok(())
     }

@@ -94,3 +94,59 @@ pub fn temp_dir() -> tempfile::TempDir {
         .tempdir()
         .expect("temp dir")
 }
+
+/// A database created for one test (process-level tests give each server process a URL) and
+/// dropped, with its connections, when this value is dropped.
+pub struct PgDatabase {
+    /// URL of the new database.
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl PgDatabase {
+    /// Creates a fresh database on the server of [`postgres_url`].
+    pub async fn create() -> Self {
+        let admin_url = postgres_url();
+        let mut conn = connect(&admin_url).await;
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let _ = conn.close().await;
+        let mut url = url::Url::parse(&admin_url).expect("valid test database URL");
+        url.set_path(&format!("/{name}"));
+        Self {
+            url: url.to_string(),
+            name,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(Ok(mut c)) =
+                    tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url))
+                        .await
+                {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut c)
+                    .await;
+                    let _ = c.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}

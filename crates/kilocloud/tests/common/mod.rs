@@ -1,0 +1,235 @@
+//! Harness for tests that run real `kilocloud serve` processes.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Where a test's server processes keep their data.
+pub enum Store {
+    Sqlite(tempfile::TempDir),
+    Postgres(kilocloud_test_support::PgDatabase, tempfile::TempDir),
+}
+
+impl Store {
+    pub async fn sqlite() -> Self {
+        Store::Sqlite(kilocloud_test_support::temp_dir())
+    }
+
+    pub async fn postgres() -> Self {
+        Store::Postgres(
+            kilocloud_test_support::PgDatabase::create().await,
+            kilocloud_test_support::temp_dir(),
+        )
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Store::Sqlite(dir) => vec!["--data-dir".into(), dir.path().display().to_string()],
+            Store::Postgres(db, dir) => vec![
+                "--data-dir".into(),
+                dir.path().display().to_string(),
+                "--database-url".into(),
+                db.url.clone(),
+            ],
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        match self {
+            Store::Sqlite(d) | Store::Postgres(_, d) => d.path(),
+        }
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kilocloud"))
+}
+
+/// A running `kilocloud serve`.
+pub struct Node {
+    pub child: Child,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Node {
+    /// Starts `kilocloud serve --listen 127.0.0.1:0` and waits for its "listening" line.
+    pub fn start(store: &Store, log: &str) -> Node {
+        let log_file = std::fs::File::create(store.dir().join(log)).expect("log file");
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(store.args())
+            .env("KILOCLOUD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("KILOCLOUD_LOG_LEVEL", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn kilocloud");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read listening line");
+        let base = line
+            .trim()
+            .strip_prefix("kilocloud listening on ")
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; stdout: {line:?}; see {log} in {}",
+                    store.dir().display()
+                )
+            })
+            .to_owned();
+        Node {
+            child,
+            base,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// A client for `base` that does not own a process (for worker tasks).
+    pub fn detached(http: reqwest::Client, base: String) -> Client {
+        Client { http, base }
+    }
+
+    pub fn sigkill(&mut self) {
+        send_signal(self.child.id(), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        send_signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn actor(&self, key: &str) -> Value {
+        self.get_json(&format!("/api/admin/actors/probe/{key}"))
+            .await
+    }
+
+    pub async fn queue(&self, name: &str) -> Value {
+        let all = self.get_json("/api/admin/queues").await;
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["queue"] == name)
+            .cloned()
+            .unwrap_or(json!({"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}))
+    }
+
+    pub async fn dead_letters(&self, queue: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .get_json(&format!(
+                    "/api/admin/queues/{queue}/dlq?after={after}&limit=1000"
+                ))
+                .await;
+            let page = page.as_array().unwrap().clone();
+            if page.is_empty() {
+                return out;
+            }
+            after = page.last().unwrap()["id"].as_i64().unwrap();
+            out.extend(page);
+        }
+    }
+
+    /// Polls `check` until it returns true, failing after `limit` (a guard against hangs, not a
+    /// timing assertion).
+    pub async fn wait_until<F, Fut>(&self, what: &str, limit: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !check().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gave up waiting: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send_signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("kill");
+}
+
+/// Runs the CLI with `args` on `store`; returns (success, stdout, stderr).
+pub fn cli(store: &Store, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .args(store.args())
+        .output()
+        .expect("run kilocloud");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An HTTP client for a node, without the process.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+    }
+}
