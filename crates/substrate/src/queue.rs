@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, UnixMs};
 use crate::error::{Error, Result};
-use crate::store::{Backend, ClaimRequest, DeadLetter, QueueStats, RetryOutcome};
+use crate::store::{Backend, ClaimRequest, DeadLetter, QueueStats, RetryOutcome, RetryRequest};
 
 /// Largest message body, bytes of serialized JSON (128 KiB, as Cloudflare Queues).
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
@@ -97,12 +97,15 @@ pub trait Consumer: Send + Sync + 'static {
     async fn handle(&self, delivery: &Delivery) -> Result<()>;
 }
 
+/// A declared queue: its settings and the notifier that wakes its local consumer on send.
+type QueueEntry = (Arc<QueueConfig>, Arc<Notify>);
+
 /// All queues of this node.
 pub struct Queues {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
     node_id: String,
-    configs: std::sync::RwLock<HashMap<String, (Arc<QueueConfig>, Arc<Notify>)>>,
+    configs: std::sync::RwLock<HashMap<String, QueueEntry>>,
 }
 
 impl Queues {
@@ -137,7 +140,7 @@ impl Queues {
         n
     }
 
-    fn entry(&self, queue: &str) -> Result<(Arc<QueueConfig>, Arc<Notify>)> {
+    fn entry(&self, queue: &str) -> Result<QueueEntry> {
         self.configs
             .read()
             .unwrap()
@@ -263,15 +266,15 @@ impl Queues {
         let now = self.clock.now_ms();
         let outcome = self
             .backend
-            .queue_retry(
-                &delivery.queue,
-                delivery.id,
-                delivery.attempts,
-                now + delay as i64,
+            .queue_retry(RetryRequest {
+                queue: &delivery.queue,
+                id: delivery.id,
+                attempts: delivery.attempts,
+                visible_at: now + delay as i64,
                 error,
-                config.max_attempts,
+                max_attempts: config.max_attempts,
                 now,
-            )
+            })
             .await?;
         if outcome == RetryOutcome::DeadLettered {
             tracing::warn!(queue = %delivery.queue, id = delivery.id, attempts = delivery.attempts,

@@ -22,7 +22,7 @@ struct Recorder {
 enum Call {
     SetAlarm(i64),
     DeleteAlarm,
-    Cron(CronSchedule),
+    Cron(Box<CronSchedule>),
 }
 
 impl Actor for Recorder {
@@ -272,7 +272,7 @@ async fn cron_schedule_rearms_as_alarms(kind: Kind) {
     // 09:30 every day in Paris (UTC+1 in January): 08:30 UTC.
     let sched = CronSchedule::parse("30 9 * * *", "Europe/Paris").unwrap();
     sub.actors()
-        .call::<Recorder>("daily", Call::Cron(sched))
+        .call::<Recorder>("daily", Call::Cron(Box::new(sched)))
         .await
         .unwrap();
     let first = T0 + (8 * 60 + 30) * 60_000;

@@ -97,6 +97,25 @@ pub struct ClaimRequest<'a> {
     pub max_attempts: u32,
 }
 
+/// Parameters of [`Backend::queue_retry`].
+#[derive(Debug, Clone)]
+pub struct RetryRequest<'a> {
+    /// Queue name.
+    pub queue: &'a str,
+    /// Message id.
+    pub id: i64,
+    /// The delivery's attempt count (its receipt); a mismatch means the delivery is stale.
+    pub attempts: u32,
+    /// When to deliver it again, ms since epoch.
+    pub visible_at: UnixMs,
+    /// The handler's error, kept as the message's last error.
+    pub error: &'a str,
+    /// With this many deliveries the message goes to the dead-letter queue instead.
+    pub max_attempts: u32,
+    /// Now, ms since epoch.
+    pub now: UnixMs,
+}
+
 /// Result of [`Backend::queue_retry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryOutcome {
@@ -240,16 +259,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool>;
     /// Makes a delivered message visible again at `visible_at` with `error` noted, or moves it to
     /// the dead-letter queue when it had `max_attempts` deliveries.
-    async fn queue_retry(
-        &self,
-        queue: &str,
-        id: i64,
-        attempts: u32,
-        visible_at: UnixMs,
-        error: &str,
-        max_attempts: u32,
-        now: UnixMs,
-    ) -> Result<RetryOutcome>;
+    async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome>;
     /// Dead-lettered messages of `queue`, oldest first, with id greater than `after`.
     async fn dlq_list(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>>;
     /// Moves dead-lettered messages (all, or the given ids) back to `queue` as new messages with

@@ -16,8 +16,8 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
-    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, WriteSet,
-    migrations, sqlite::timeout_error,
+    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
+    WriteSet, migrations, sqlite::timeout_error,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -287,7 +287,7 @@ impl ActorSession for PgSession {
 
     async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let (t, k) = (self.actor_type.clone(), self.key.clone());
-        list_storage(&mut **self.conn(), &t, &k, prefix).await
+        list_storage(self.conn(), &t, &k, prefix).await
     }
 
     async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>> {
@@ -567,16 +567,16 @@ impl Backend for PostgresBackend {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn queue_retry(
-        &self,
-        queue: &str,
-        id: i64,
-        attempts: u32,
-        visible_at: UnixMs,
-        error: &str,
-        max_attempts: u32,
-        now: UnixMs,
-    ) -> Result<RetryOutcome> {
+    async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome> {
+        let RetryRequest {
+            queue,
+            id,
+            attempts,
+            visible_at,
+            error,
+            max_attempts,
+            now,
+        } = req;
         let mut tx = self.pool.begin().await?;
         let current: Option<i32> = sqlx::query_scalar(
             "SELECT attempts FROM queue_messages WHERE id = $1 AND queue = $2 FOR UPDATE",

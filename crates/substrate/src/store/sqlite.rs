@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::{
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
-    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, WriteSet,
-    migrations,
+    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
+    WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -587,16 +587,16 @@ impl Backend for SqliteBackend {
         .await
     }
 
-    async fn queue_retry(
-        &self,
-        queue: &str,
-        id: i64,
-        attempts: u32,
-        visible_at: UnixMs,
-        error: &str,
-        max_attempts: u32,
-        now: UnixMs,
-    ) -> Result<RetryOutcome> {
+    async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome> {
+        let RetryRequest {
+            queue,
+            id,
+            attempts,
+            visible_at,
+            error,
+            max_attempts,
+            now,
+        } = req;
         let (queue, error) = (queue.to_owned(), error.to_owned());
         self.write(move |c| {
             let current: Option<u32> = c
