@@ -1,0 +1,89 @@
+//! Actor calls: a read-modify-write call (get a counter, put it back incremented, commit) over
+//! 10,000 distinct keys and on one hot key; calls/s and p50/p99 call latency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kilocloud_substrate::{Actor, ActorContext, Result, Substrate};
+
+use crate::report::{histogram, p50_p99, rate};
+use crate::{Args, Backend};
+
+struct Counter;
+
+impl Actor for Counter {
+    const TYPE: &'static str = "bench_counter";
+    type Call = ();
+    type Reply = i64;
+    async fn call(&self, ctx: &mut ActorContext, _: ()) -> Result<i64> {
+        let n: i64 = ctx.get("n").await?.unwrap_or(0);
+        ctx.put("n", &(n + 1))?;
+        Ok(n + 1)
+    }
+}
+
+struct Outcome {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn calls(sub: &Substrate, keys: usize, total: usize, in_flight: usize) -> Outcome {
+    let hist = Arc::new(std::sync::Mutex::new(histogram()));
+    let start = Instant::now();
+    futures::stream::iter(0..total)
+        .map(|i| {
+            let (sub, hist) = (sub.clone(), hist.clone());
+            async move {
+                let t = Instant::now();
+                sub.actors()
+                    .call::<Counter>(&format!("key-{}", i % keys), ())
+                    .await
+                    .expect("call");
+                let _ = hist
+                    .lock()
+                    .unwrap()
+                    .record(t.elapsed().as_micros().max(1) as u64);
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect::<Vec<_>>()
+        .await;
+    let elapsed = start.elapsed();
+    let (p50_ms, p99_ms) = p50_p99(&hist.lock().unwrap());
+    Outcome {
+        rate: rate(total as u64, elapsed),
+        p50_ms,
+        p99_ms,
+    }
+}
+
+/// Runs the actor group and returns its Markdown section.
+pub async fn run(args: &Args) -> anyhow::Result<String> {
+    let (spread, hot) = if args.quick {
+        (20_000, 5_000)
+    } else {
+        (200_000, 50_000)
+    };
+    let mut s = String::from(
+        "### Actors: read-modify-write calls, each committed\n\n\
+         | backend | 10,000 keys calls/s | p50 / p99 ms | one hot key calls/s | p50 / p99 ms |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    for postgres in [false, true] {
+        let b = Backend::open(postgres).await?;
+        b.substrate.actors().register(Counter);
+        // Warm up (creates the rows), then measure.
+        calls(&b.substrate, 10_000, 10_000, 256).await;
+        let across = calls(&b.substrate, 10_000, spread, 256).await;
+        let one = calls(&b.substrate, 1, hot, 64).await;
+        b.substrate.shutdown(Duration::from_secs(10)).await;
+        s += &format!(
+            "| {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} |\n",
+            b.name, across.rate, across.p50_ms, across.p99_ms, one.rate, one.p50_ms, one.p99_ms
+        );
+    }
+    s += "\n";
+    Ok(s)
+}
