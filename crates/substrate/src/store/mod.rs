@@ -288,6 +288,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released>;
 }
 
+/// SQL expression (same on both backends) for the error recorded when a message's last allowed
+/// delivery timed out, over the `queue_messages` columns `attempts` and `last_error`.
+pub(crate) const TIMEOUT_ERROR_SQL: &str = "'visibility timeout expired on delivery ' || attempts \
+     || COALESCE('; previous error: ' || last_error, '')";
+
 /// Decodes stored JSON for operator views; bytes that are not JSON show as a size note.
 pub(crate) fn json_or_bytes(v: &[u8]) -> serde_json::Value {
     serde_json::from_slice(v)

@@ -17,7 +17,7 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 use super::{
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
     ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    WriteSet, migrations, sqlite::timeout_error,
+    TIMEOUT_ERROR_SQL, WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -60,6 +60,9 @@ impl PostgresBackend {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            // A broken connection fails its statement and is then discarded by the pool; a ping
+            // before every acquire would add a round trip to every actor call.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await
             .map_err(|e| {
@@ -161,6 +164,14 @@ impl PgSession {
         Ok(())
     }
 
+    /// Applies the common write set (no `delete_all`, no alarm completion) as one statement:
+    /// one round trip, atomic by itself.
+    async fn apply_simple(&mut self, writes: &WriteSet) -> Result<()> {
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        write_entries(self.conn(), &t, &k, writes).await
+    }
+
+    /// Applies a write set that clears the actor or completes an alarm, in a transaction.
     async fn apply(
         &mut self,
         writes: &WriteSet,
@@ -190,61 +201,7 @@ impl PgSession {
                 .execute(&mut *tx)
                 .await?;
         }
-        let (mut put_keys, mut put_values, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, value) in &writes.entries {
-            match value {
-                Some(v) => {
-                    put_keys.push(key.as_str());
-                    put_values.push(v.as_slice());
-                }
-                None => deleted.push(key.as_str()),
-            }
-        }
-        if !deleted.is_empty() {
-            sqlx::query("DELETE FROM actor_storage WHERE actor_type = $1 AND actor_key = $2 AND key = ANY($3)")
-                .bind(&t)
-                .bind(&k)
-                .bind(&deleted)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !put_keys.is_empty() {
-            sqlx::query(
-                "INSERT INTO actor_storage (actor_type, actor_key, key, value)
-                 SELECT $1, $2, k, v FROM UNNEST($3::text[], $4::bytea[]) AS u(k, v)
-                 ON CONFLICT (actor_type, actor_key, key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(&t)
-            .bind(&k)
-            .bind(&put_keys)
-            .bind(&put_values)
-            .execute(&mut *tx)
-            .await?;
-        }
-        match writes.alarm {
-            Some(Some(at)) => {
-                sqlx::query(
-                    "INSERT INTO alarms (actor_type, actor_key, fire_at, retry_count, generation, claimed_by)
-                     VALUES ($1, $2, $3, 0, $4, NULL)
-                     ON CONFLICT (actor_type, actor_key) DO UPDATE SET fire_at = excluded.fire_at,
-                       retry_count = 0, generation = excluded.generation, claimed_by = NULL",
-                )
-                .bind(&t)
-                .bind(&k)
-                .bind(at)
-                .bind(rand::random::<i64>())
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(None) => {
-                sqlx::query("DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2")
-                    .bind(&t)
-                    .bind(&k)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            None => {}
-        }
+        write_entries(&mut tx, &t, &k, writes).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -309,6 +266,8 @@ impl ActorSession for PgSession {
     ) -> Result<()> {
         let result = if writes.is_empty() && completion.is_none() {
             Ok(())
+        } else if !writes.cleared && completion.is_none() {
+            self.apply_simple(&writes).await
         } else {
             self.apply(&writes, completion).await
         };
@@ -319,6 +278,60 @@ impl ActorSession for PgSession {
     async fn release(mut self: Box<Self>) {
         self.finish().await;
     }
+}
+
+/// Applies a write set's puts, deletes and alarm set/delete in one statement. Its parts touch
+/// disjoint rows (a key is either put or deleted; the alarm is either set or deleted), which a
+/// single statement requires.
+async fn write_entries(
+    conn: &mut sqlx::PgConnection,
+    t: &str,
+    k: &str,
+    writes: &WriteSet,
+) -> Result<()> {
+    let (mut put_keys, mut put_values, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, value) in &writes.entries {
+        match value {
+            Some(v) => {
+                put_keys.push(key.as_str());
+                put_values.push(v.as_slice());
+            }
+            None => deleted.push(key.as_str()),
+        }
+    }
+    let (alarm_op, alarm_at) = match writes.alarm {
+        None => (0, 0),
+        Some(Some(at)) => (1, at),
+        Some(None) => (2, 0),
+    };
+    sqlx::query(
+        "WITH del AS (
+            DELETE FROM actor_storage
+            WHERE actor_type = $1 AND actor_key = $2 AND key = ANY($3::text[])),
+         ins AS (
+            INSERT INTO actor_storage (actor_type, actor_key, key, value)
+            SELECT $1, $2, k, v FROM UNNEST($4::text[], $5::bytea[]) AS u(k, v)
+            ON CONFLICT (actor_type, actor_key, key) DO UPDATE SET value = excluded.value),
+         alarm_set AS (
+            INSERT INTO alarms (actor_type, actor_key, fire_at, retry_count, generation, claimed_by)
+            SELECT $1, $2, $7, 0, $8, NULL WHERE $6 = 1
+            ON CONFLICT (actor_type, actor_key) DO UPDATE SET fire_at = excluded.fire_at,
+              retry_count = 0, generation = excluded.generation, claimed_by = NULL),
+         alarm_del AS (
+            DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND $6 = 2)
+         SELECT 1",
+    )
+    .bind(t)
+    .bind(k)
+    .bind(&deleted)
+    .bind(&put_keys)
+    .bind(&put_values)
+    .bind(alarm_op)
+    .bind(alarm_at)
+    .bind(rand::random::<i64>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn list_storage(
@@ -502,46 +515,34 @@ impl Backend for PostgresBackend {
     }
 
     async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>> {
-        let exhausted = sqlx::query(
-            "SELECT id, attempts, last_error FROM queue_messages
-             WHERE queue = $1 AND visible_at <= $2 AND attempts >= $3
-             ORDER BY visible_at, id LIMIT 100 FOR UPDATE SKIP LOCKED",
-        );
-        let mut tx = self.pool.begin().await?;
-        let rows = exhausted
-            .bind(req.queue)
-            .bind(req.now)
-            .bind(req.max_attempts as i32)
-            .fetch_all(&mut *tx)
-            .await?;
-        for r in rows {
-            let attempts = r.get::<i32, _>(1) as u32;
-            let last_error: Option<String> = r.get(2);
-            move_to_dlq(
-                &mut tx,
-                r.get(0),
-                &timeout_error(attempts, last_error.as_deref()),
-                req.now,
-            )
-            .await?;
-        }
-        let rows = sqlx::query(
-            "UPDATE queue_messages m SET attempts = m.attempts + 1, visible_at = $4, claimed_by = $5
+        // One statement, so one round trip and atomic: messages whose last allowed delivery timed
+        // out move to the dead-letter queue; deliverable ones are claimed. The two sets are
+        // disjoint (attempts >= max vs < max).
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH exhausted AS (
+                DELETE FROM queue_messages WHERE id IN (
+                    SELECT id FROM queue_messages
+                    WHERE queue = $1 AND visible_at <= $2 AND attempts >= $6
+                    ORDER BY visible_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
+                RETURNING queue, id, body, attempts, last_error, enqueued_at),
+             parked AS (
+                INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
+                SELECT queue, id, body, attempts, {TIMEOUT_ERROR_SQL}, enqueued_at, $2 FROM exhausted)
+             UPDATE queue_messages m SET attempts = m.attempts + 1, visible_at = $4, claimed_by = $5
              FROM (SELECT id FROM queue_messages
                    WHERE queue = $1 AND visible_at <= $2 AND attempts < $6
                    ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) c
              WHERE m.id = c.id
-             RETURNING m.id, m.body, m.attempts, m.enqueued_at",
-        )
+             RETURNING m.id, m.body, m.attempts, m.enqueued_at"
+        )))
         .bind(req.queue)
         .bind(req.now)
         .bind(i64::from(req.limit))
         .bind(req.now + req.visibility_timeout_ms)
         .bind(req.node)
         .bind(req.max_attempts as i32)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        tx.commit().await?;
         let mut out: Vec<ClaimedMessage> = rows
             .into_iter()
             .map(|r| ClaimedMessage {

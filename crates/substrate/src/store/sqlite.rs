@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use super::{
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
     ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    WriteSet, migrations,
+    TIMEOUT_ERROR_SQL, WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -381,16 +381,6 @@ fn move_to_dlq(c: &Connection, id: i64, error: &str, now: UnixMs) -> Result<()> 
     Ok(())
 }
 
-/// Error recorded when a message's visibility timeout expired on its last allowed delivery.
-pub(crate) fn timeout_error(attempts: u32, last_error: Option<&str>) -> String {
-    match last_error {
-        Some(e) => {
-            format!("visibility timeout expired on delivery {attempts}; previous error: {e}")
-        }
-        None => format!("visibility timeout expired on delivery {attempts}"),
-    }
-}
-
 #[async_trait]
 impl Backend for SqliteBackend {
     fn kind(&self) -> BackendKind {
@@ -540,18 +530,26 @@ impl Backend for SqliteBackend {
         );
         self.write(move |c| {
             // Messages whose last allowed delivery timed out go to the dead-letter queue.
-            let exhausted: Vec<(i64, u32, Option<String>)> = c
-                .prepare_cached(
-                    "SELECT id, attempts, last_error FROM queue_messages
-                     WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
-                     ORDER BY visible_at, id LIMIT 100",
-                )?
-                .query_map(params![queue, now, max], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
+            let exhausted = 
+
+                "SELECT id FROM queue_messages WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
+                 ORDER BY visible_at, id LIMIT 100"
+            ;
+            let ids: Vec<i64> = c
+                .prepare_cached(exhausted)?
+                .query_map(params![queue, now, max], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
-            for (id, attempts, last_error) in exhausted {
-                move_to_dlq(c, id, &timeout_error(attempts, last_error.as_deref()), now)?;
+            if !ids.is_empty() {
+                let park = format!(
+                    "INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
+                     SELECT queue, id, body, attempts, {TIMEOUT_ERROR_SQL}, enqueued_at, ?2
+                     FROM queue_messages WHERE id = ?1"
+                );
+                for id in ids {
+                    c.prepare_cached(&park)?.execute(params![id, now])?;
+                    c.prepare_cached("DELETE FROM queue_messages WHERE id = ?1")?
+                        .execute(params![id])?;
+                }
             }
             let mut stmt = c.prepare_cached(
                 "UPDATE queue_messages SET attempts = attempts + 1, visible_at = ?4, claimed_by = ?5
