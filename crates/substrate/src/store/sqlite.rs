@@ -530,7 +530,7 @@ impl Backend for SqliteBackend {
         );
         self.write(move |c| {
             // Messages whose last allowed delivery timed out go to the dead-letter queue.
-            let exhausted = 
+            let exhausted =
 
                 "SELECT id FROM queue_messages WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
                  ORDER BY visible_at, id LIMIT 100"
