@@ -530,13 +530,12 @@ impl Backend for SqliteBackend {
         );
         self.write(move |c| {
             // Messages whose last allowed delivery timed out go to the dead-letter queue.
-            let exhausted =
-
-                "SELECT id FROM queue_messages WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
-                 ORDER BY visible_at, id LIMIT 100"
-            ;
             let ids: Vec<i64> = c
-                .prepare_cached(exhausted)?
+                .prepare_cached(
+                    "SELECT id FROM queue_messages
+                     WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
+                     ORDER BY visible_at, id LIMIT 100",
+                )?
                 .query_map(params![queue, now, max], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             if !ids.is_empty() {
