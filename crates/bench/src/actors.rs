@@ -71,6 +71,7 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
          | backend | 10,000 keys calls/s | p50 / p99 ms | one hot key calls/s | p50 / p99 ms |\n\
          |---|---:|---:|---:|---:|\n",
     );
+    let mut reference = None;
     for postgres in [false, true] {
         let b = Backend::open(postgres).await?;
         b.substrate.actors().register(Counter);
@@ -83,7 +84,66 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
             "| {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} |\n",
             b.name, across.rate, across.p50_ms, across.p99_ms, one.rate, one.p50_ms, one.p99_ms
         );
+        if let Some(url) = b.postgres_url() {
+            reference = pgbench(url, if args.quick { 3 } else { 8 })
+                .map(|(across_tps, one_tps)| (across.rate, one.rate, across_tps, one_tps));
+        }
     }
-    s += "\n";
+    match reference {
+        Some((ours_across, ours_one, across_tps, one_tps)) => {
+            s += &format!(
+                "| PostgreSQL itself (pgbench, same statements, reference) | {across_tps:.0} | | {one_tps:.0} | |\n\n\
+                 Ratio to pgbench: {:.2}× across keys, {:.2}× on one key.\n\n",
+                ours_across / across_tps,
+                ours_one / one_tps
+            );
+        }
+        None => s += "\n(pgbench not found: no PostgreSQL reference in this run.)\n\n",
+    }
     Ok(s)
+}
+
+/// The same work as a PostgreSQL actor call, as a pgbench script: advisory lock, read, upsert,
+/// unlock. Returns (tps over 10,000 keys with 64 clients, tps on one key with 64 clients).
+fn pgbench(url: &str, secs: u32) -> Option<(f64, f64)> {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin/pgbench"))
+        .find(|p| p.exists())?;
+    let psql = bin.with_file_name("psql");
+    let setup = std::process::Command::new(&psql)
+        .args([url, "-qc", "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)"])
+        .status()
+        .ok()?;
+    if !setup.success() {
+        return None;
+    }
+    let dir = kilocloud_test_support::temp_dir();
+    let run = |keys: u32| -> Option<f64> {
+        let script = dir.path().join(format!("actor-{keys}.sql"));
+        std::fs::write(
+            &script,
+            format!(
+                "\\set id random(1, {keys})\n\
+                 SELECT pg_advisory_lock(:id);\n\
+                 SELECT v FROM pgbench_actor WHERE k = 'k' || :id;\n\
+                 INSERT INTO pgbench_actor VALUES ('k' || :id, 1) ON CONFLICT (k) DO UPDATE SET v = pgbench_actor.v + 1;\n\
+                 SELECT pg_advisory_unlock(:id);\n"
+            ),
+        )
+        .ok()?;
+        let out = std::process::Command::new(&bin)
+            .args(["-n", "-M", "prepared", "-c", "64", "-j", "2", "-T", &secs.to_string(), "-f"])
+            .arg(&script)
+            .arg(url)
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|t| t.parse().ok())
+    };
+    Some((run(10_000)?, run(1)?))
 }

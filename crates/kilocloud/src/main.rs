@@ -128,7 +128,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    if let Err(e) = init_logging(&config) {
+        eprintln!("error: invalid configuration: key `log_level`: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -142,9 +145,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(config: &Config) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)?;
     let json = match config.log_format {
         LogFormat::Json => true,
         LogFormat::Human => false,
@@ -158,6 +160,7 @@ fn init_logging(config: &Config) {
     } else {
         builder.init();
     }
+    Ok(())
 }
 
 async fn open(config: &Config) -> anyhow::Result<Substrate> {

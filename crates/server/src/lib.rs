@@ -22,7 +22,7 @@ use kilocloud_substrate::Substrate;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sha2::{Digest, Sha256};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub use error::{ApiError, Json};
 
@@ -50,6 +50,21 @@ impl AppState {
                 .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),
             metrics: observability::metrics_handle(),
         }
+        .with_zeroed_metrics()
+    }
+}
+
+impl AppState {
+    /// Registers the counters that may stay at zero for a long time, so dashboards and alerts
+    /// see them from the first scrape.
+    fn with_zeroed_metrics(self) -> Self {
+        for actor_type in self.substrate.actors().types() {
+            metrics::counter!("kilocloud_actor_overloaded_total", "actor_type" => actor_type)
+                .increment(0);
+        }
+        metrics::counter!("kilocloud_alarm_retries_total").increment(0);
+        metrics::counter!("kilocloud_alarm_dropped_total").increment(0);
+        self
     }
 }
 
@@ -66,14 +81,16 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(observability::track_http))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &http::Request<_>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))

@@ -308,16 +308,18 @@ impl Substrate {
         });
     }
 
-    /// Stops the node: refuses new actor calls, stops consumers and the scheduler, waits up to
-    /// `grace` for in-flight calls, alarms and messages, then releases this node's claims so
-    /// other nodes need not wait for the dead-node timeout. Returns false if work was still
+    /// Stops the node: stops consumers and the scheduler, waits up to `grace` for in-flight
+    /// calls, alarms and messages, refuses further actor calls, then releases this node's claims
+    /// so other nodes need not wait for the dead-node timeout. Returns false if work was still
     /// running when `grace` ran out (its claims expire by the usual rules).
     pub async fn shutdown(&self, grace: Duration) -> bool {
         let i = &self.inner;
-        i.actors.close();
+        // Stop taking new work; in-flight messages and alarms may still call actors while they
+        // finish, so actors refuse new calls only once everything tracked has ended.
         i.shutdown.cancel();
         i.tasks.close();
         let finished = tokio::time::timeout(grace, i.tasks.wait()).await.is_ok();
+        i.actors.close();
         if finished && let Err(e) = i.backend.node_leave(&i.node_id, i.clock.now_ms()).await {
             tracing::warn!(error = %e, "could not release this node's claims");
         }

@@ -160,7 +160,10 @@ impl Inner {
 
 fn in_savepoint<R>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
-    match f(conn) {
+    // A panicking job must not take the writer thread (and every later write) down with it.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn)))
+        .unwrap_or_else(|_| Err(Error::Storage("a write job panicked; it was rolled back".into())));
+    match outcome {
         Ok(r) => {
             conn.prepare_cached("RELEASE job")?.execute([])?;
             Ok(r)
