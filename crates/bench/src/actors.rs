@@ -113,7 +113,11 @@ fn pgbench(url: &str, secs: u32) -> Option<(f64, f64)> {
         .find(|p| p.exists())?;
     let psql = bin.with_file_name("psql");
     let setup = std::process::Command::new(&psql)
-        .args([url, "-qc", "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)"])
+        .args([
+            url,
+            "-qc",
+            "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)",
+        ])
         .status()
         .ok()?;
     if !setup.success() {
@@ -134,7 +138,18 @@ fn pgbench(url: &str, secs: u32) -> Option<(f64, f64)> {
         )
         .ok()?;
         let out = std::process::Command::new(&bin)
-            .args(["-n", "-M", "prepared", "-c", "64", "-j", "2", "-T", &secs.to_string(), "-f"])
+            .args([
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                "64",
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+                "-f",
+            ])
             .arg(&script)
             .arg(url)
             .output()

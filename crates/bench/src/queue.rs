@@ -141,7 +141,7 @@ async fn substrate_queue(sub: &Substrate, args: &Args) -> anyhow::Result<Vec<Out
         batch_size: 256,
         concurrency: 256,
         ..QueueConfig::new("bench")
-    });
+    })?;
     sub.start_consumer("bench", Arc::new(BenchConsumer(rec.clone())));
     let mut out = Vec::new();
     for (producers, n) in [

@@ -266,7 +266,7 @@ async fn queue_command(command: QueueCommand, sub: &Substrate) -> anyhow::Result
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let sub = open(&config).await?;
-    probe::register(&sub);
+    probe::register(&sub)?;
     sub.start().await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

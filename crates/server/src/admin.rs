@@ -1,6 +1,6 @@
 //! The substrate admin API under `/api/admin`, enabled by the `admin_token` setting and
 //! authenticated with `Authorization: Bearer <admin_token>` (compared in constant time).
-//! Documented in `docs/admin-api.md`.
+//! Documented in `docs/http-api.md`.
 
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -123,7 +123,8 @@ async fn replay(
     Path(queue): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    // An empty body replays everything; `{"ids": [...]}` replays those dead-letter ids.
+    // An empty body (or one without `ids`) replays everything; `{"ids": [...]}` replays those
+    // dead-letter ids.
     let ids = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {

@@ -93,7 +93,16 @@ impl From<SubstrateError> for ApiError {
             }
             SubstrateError::NotFound { .. } => Self::not_found(message),
             SubstrateError::Invalid { .. } => Self::bad_request(message),
-            SubstrateError::Serde(_) => Self::bad_request(message),
+            SubstrateError::Serde(_) => {
+                // Request bodies are decoded by extractors; a serde error here means stored data
+                // did not decode.
+                tracing::error!(error = %message, "stored data did not decode");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal error; see the server log",
+                )
+            }
             SubstrateError::Handler(_) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "handler_failed", message)
             }

@@ -104,10 +104,17 @@ async fn health() -> impl IntoResponse {
 
 /// `GET /ready`: the store answers and its schema is current; 503 `not_ready` otherwise.
 async fn ready(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    s.substrate
-        .ready()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()))?;
+    s.substrate.ready().await.map_err(|e| {
+        tracing::warn!(error = %e, "not ready");
+        ApiError {
+            retry_after_secs: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the store is unreachable or its schema is not current; see the server log",
+            )
+        }
+    })?;
     Ok(Json(serde_json::json!({
         "status": "ready",
         "backend": s.substrate.backend_kind(),

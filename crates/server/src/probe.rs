@@ -117,13 +117,13 @@ impl Consumer for ProbeConsumer {
 }
 
 /// Registers the probe actor and declares the probe queue.
-pub fn register(substrate: &Substrate) {
+pub fn register(substrate: &Substrate) -> Result<()> {
     substrate.actors().register(ProbeActor);
     substrate.queues().declare(QueueConfig {
         max_attempts: 3,
         retry_base_ms: 200,
         ..QueueConfig::new(PROBE_QUEUE)
-    });
+    })
 }
 
 /// Starts the probe queue's consumer on this node.

@@ -50,7 +50,7 @@ async fn env(postgres: bool, admin: Option<&str>) -> Env {
     )
     .await
     .unwrap();
-    probe::register(&sub);
+    probe::register(&sub).unwrap();
     let app = router(AppState::new(sub, admin));
     Env {
         _dir: dir,

@@ -48,6 +48,8 @@ impl AlarmInfo {
 /// An actor type: a stateless handler whose state lives in the [`ActorContext`]'s storage.
 ///
 /// One value of the type serves every key; it holds shared dependencies (HTTP clients, config).
+/// A handler must not call its own actor, directly or through a cycle of actors: the call would
+/// wait for the running one to finish, forever.
 pub trait Actor: Send + Sync + 'static {
     /// Type name, part of the address and of stored rows; must not contain `\u{1f}`.
     const TYPE: &'static str;
@@ -83,6 +85,8 @@ pub struct ActorContext {
     session: Box<dyn ActorSession>,
     writes: WriteSet,
     clock: Arc<dyn Clock>,
+    /// Generation of the alarm being run, during an alarm run.
+    firing: Option<i64>,
 }
 
 impl ActorContext {
@@ -156,12 +160,17 @@ impl ActorContext {
         };
     }
 
-    /// The alarm time as this call sees it, ms since epoch.
+    /// The alarm time as this call sees it, ms since epoch. During an alarm run the firing
+    /// alarm is already consumed: this returns `None` unless the run set a new one (as
+    /// Durable Objects' `getAlarm` does).
     pub async fn alarm(&mut self) -> Result<Option<UnixMs>> {
         match self.writes.alarm {
             Some(a) => Ok(a),
             None if self.writes.cleared => Ok(None),
-            None => Ok(self.session.alarm().await?.map(|(at, _)| at)),
+            None => Ok(match self.session.alarm().await? {
+                Some((_, generation)) if Some(generation) == self.firing => None,
+                other => other.map(|(at, _)| at),
+            }),
         }
     }
 
@@ -176,6 +185,10 @@ impl ActorContext {
     }
 
     /// Sets the alarm to the schedule's next occurrence after now and returns it.
+    ///
+    /// A cron actor calls this when created and at the end of every alarm run. A run that fails
+    /// discards this write like any other, and is retried; if it fails past the last retry the
+    /// schedule stops, with an error log, until something sets it again.
     ///
     /// Errors: [`Error::Invalid`] when the schedule has no future occurrence.
     pub fn schedule_cron(&mut self, schedule: &CronSchedule) -> Result<UnixMs> {
@@ -410,6 +423,7 @@ impl ActorSystem {
             session,
             writes: WriteSet::default(),
             clock: self.clock.clone(),
+            firing: None,
         };
         match f(&mut ctx).await {
             Ok((reply, completion)) => {
@@ -448,6 +462,7 @@ impl ActorSystem {
                 if ctx.session.alarm().await? != Some((fire_at, generation)) {
                     return Ok((false, None));
                 }
+                ctx.firing = Some(generation);
                 let lag_ms = (lag_clock.now_ms() - fire_at).max(0);
                 metrics::histogram!("kilocloud_alarm_lag_seconds").record(lag_ms as f64 / 1000.0);
                 let info = AlarmInfo {

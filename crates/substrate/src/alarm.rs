@@ -1,26 +1,30 @@
 //! The alarm scheduler: finds due alarms, runs them on their actors, retries failures.
 //!
-//! Each node claims due alarms (`claimed_by` = its node id) so one firing runs on one node; the
-//! run itself is an actor call, so it never overlaps the actor's other calls. A successful run
-//! deletes the alarm in the same commit as the handler's writes (unless the handler set a new
-//! one). A failed run is rescheduled `2 s × 2^retry_count` later, at most
-//! [`ALARM_MAX_RETRIES`] times, then dropped with an error log — as Durable Object alarms do.
+//! Each node claims due alarms of the actor types it has registered (`claimed_by` = its node id)
+//! so one firing runs on one node; each run is an actor call in its own task (so it never
+//! overlaps the actor's other calls, a panic is contained, and a slow handler delays no other
+//! alarm), at most `alarm_concurrency` at once. A successful run deletes the alarm in the same
+//! commit as the handler's writes (unless the handler set a new one). A failed or panicked run
+//! is rescheduled `2 s × 2^retry_count` later, at most [`ALARM_MAX_RETRIES`] times, then dropped
+//! with an error log — as Durable Object alarms are.
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::actor::ActorSystem;
 use crate::clock::Clock;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{AlarmRow, Backend};
 
 /// First retry delay of a failed alarm, ms; doubles with each retry.
 pub const ALARM_RETRY_BASE_MS: i64 = 2_000;
 /// Retries of a failed alarm before it is dropped.
 pub const ALARM_MAX_RETRIES: u32 = 6;
-const CLAIM_BATCH: u32 = 256;
+const CLAIM_BATCH: usize = 256;
 
 /// What one [`Alarms::fire_due`] pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,16 @@ pub struct Alarms {
     actors: Arc<ActorSystem>,
     node_id: String,
     wake: Arc<Notify>,
+    permits: Arc<Semaphore>,
+    tasks: TaskTracker,
+}
+
+#[derive(Clone, Copy)]
+enum Outcome {
+    Fired,
+    Retried,
+    Dropped,
+    Stale,
 }
 
 impl Alarms {
@@ -56,6 +70,8 @@ impl Alarms {
         actors: Arc<ActorSystem>,
         node_id: String,
         wake: Arc<Notify>,
+        concurrency: usize,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             backend,
@@ -63,75 +79,130 @@ impl Alarms {
             actors,
             node_id,
             wake,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            tasks,
         }
     }
 
-    /// Claims and runs every alarm due now (by the substrate clock); returns what happened.
-    /// The background loop calls this; tests call it directly after moving a manual clock.
-    pub async fn fire_due(&self) -> Result<FireReport> {
+    /// Claims and runs every alarm due now (by the substrate clock) and waits for the runs;
+    /// returns what happened. The background loop does the same without waiting; tests call
+    /// this directly after moving a manual clock.
+    pub async fn fire_due(self: &Arc<Self>) -> Result<FireReport> {
         let mut report = FireReport::default();
         loop {
-            let now = self.clock.now_ms();
-            let rows = self
-                .backend
-                .claim_due_alarms(&self.node_id, now, CLAIM_BATCH)
-                .await?;
-            let n = rows.len();
-            let outcomes =
-                futures::future::join_all(rows.iter().map(|row| self.fire_one(row))).await;
-            for outcome in outcomes {
-                match outcome? {
+            let runs = self.dispatch().await?;
+            if runs.is_empty() {
+                return Ok(report);
+            }
+            for run in runs {
+                match run
+                    .await
+                    .map_err(|e| Error::Storage(format!("alarm task: {e}")))?
+                {
                     Outcome::Fired => report.fired += 1,
                     Outcome::Retried => report.retried += 1,
                     Outcome::Dropped => report.dropped += 1,
                     Outcome::Stale => report.stale += 1,
                 }
             }
-            if n < CLAIM_BATCH as usize {
-                return Ok(report);
+        }
+    }
+
+    /// Claims due alarms while permits are free and starts a task for each.
+    async fn dispatch(self: &Arc<Self>) -> Result<Vec<JoinHandle<Outcome>>> {
+        let types = self.actors.types();
+        let mut runs = Vec::new();
+        loop {
+            let free = self.permits.available_permits().min(CLAIM_BATCH);
+            if free == 0 || types.is_empty() {
+                return Ok(runs);
+            }
+            let rows = self
+                .backend
+                .claim_due_alarms(&self.node_id, self.clock.now_ms(), free as u32, &types)
+                .await?;
+            let claimed = rows.len();
+            for row in rows {
+                let permit = self
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
+                let this = self.clone();
+                runs.push(self.tasks.spawn(async move { this.run(row, permit).await }));
+            }
+            if claimed < free {
+                return Ok(runs);
             }
         }
     }
 
-    async fn fire_one(&self, row: &AlarmRow) -> Result<Outcome> {
-        match self.actors.run_alarm(row).await {
-            Ok(true) => Ok(Outcome::Fired),
-            Ok(false) => Ok(Outcome::Stale),
-            Err(e) if row.retry_count < ALARM_MAX_RETRIES => {
-                let retry_at = self.clock.now_ms() + alarm_retry_delay_ms(row.retry_count);
-                tracing::warn!(
-                    actor_type = %row.actor_type, key = %row.actor_key, retry = row.retry_count + 1,
-                    retry_at, error = %e, "alarm handler failed; retrying"
-                );
-                self.backend.alarm_failed(row, Some(retry_at)).await?;
-                metrics::counter!("kilocloud_alarm_retries_total").increment(1);
-                Ok(Outcome::Retried)
-            }
-            Err(e) => {
-                tracing::error!(
-                    actor_type = %row.actor_type, key = %row.actor_key, retries = row.retry_count,
-                    error = %e, "alarm handler failed after the last retry; alarm dropped"
-                );
-                self.backend.alarm_failed(row, None).await?;
-                metrics::counter!("kilocloud_alarm_dropped_total").increment(1);
-                Ok(Outcome::Dropped)
-            }
-        }
+    /// Runs one claimed alarm and records its outcome. The handler runs in a task of its own so
+    /// that a panic is a failure like any other.
+    async fn run(self: Arc<Self>, row: AlarmRow, permit: OwnedSemaphorePermit) -> Outcome {
+        let actors = self.actors.clone();
+        let claimed = row.clone();
+        let result = match tokio::spawn(async move { actors.run_alarm(&claimed).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(Error::Handler(format!("alarm handler panicked: {e}"))),
+        };
+        let outcome = match result {
+            Ok(true) => Outcome::Fired,
+            Ok(false) => Outcome::Stale,
+            Err(e) => self.failed(&row, e).await,
+        };
+        drop(permit);
+        self.wake.notify_one();
+        outcome
     }
 
-    /// Background loop: fires due alarms, then sleeps until the next alarm, a local
-    /// `set_alarm`, `poll_ms` (alarms set by other nodes), or shutdown.
-    pub(crate) async fn run(self: Arc<Self>, poll_ms: u64, shutdown: CancellationToken) {
+    async fn failed(&self, row: &AlarmRow, error: Error) -> Outcome {
+        let (retry_at, outcome) = if row.retry_count < ALARM_MAX_RETRIES {
+            let retry_at = self.clock.now_ms() + alarm_retry_delay_ms(row.retry_count);
+            tracing::warn!(
+                actor_type = %row.actor_type, key = %row.actor_key, retry = row.retry_count + 1,
+                retry_at, %error, "alarm handler failed; retrying"
+            );
+            metrics::counter!("kilocloud_alarm_retries_total").increment(1);
+            (Some(retry_at), Outcome::Retried)
+        } else {
+            tracing::error!(
+                actor_type = %row.actor_type, key = %row.actor_key, retries = row.retry_count,
+                %error, "alarm handler failed after the last retry; alarm dropped"
+            );
+            metrics::counter!("kilocloud_alarm_dropped_total").increment(1);
+            (None, Outcome::Dropped)
+        };
+        if let Err(e) = self.backend.alarm_failed(row, retry_at).await {
+            // Could not record the failure: give the claim back so the alarm runs again.
+            tracing::error!(actor_type = %row.actor_type, key = %row.actor_key, error = %e,
+                "cannot reschedule failed alarm; releasing its claim");
+            if let Err(e) = self.backend.alarm_unclaim(row).await {
+                tracing::error!(error = %e,
+                    "cannot release alarm claim; it is retried when this node restarts or dies");
+            }
+        }
+        outcome
+    }
+
+    /// Background loop: dispatches due alarms, then sleeps until the next alarm, a local
+    /// `set_alarm` or finished run, `poll_ms` (alarms set by other nodes), or shutdown.
+    pub(crate) async fn run_loop(self: Arc<Self>, poll_ms: u64, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            if let Err(e) = self.fire_due().await {
+            if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "alarm pass failed");
             }
-            let now = self.clock.now_ms();
-            let next = match self.backend.next_alarm_at(now).await {
-                Ok(next) => next.unwrap_or(i64::MAX),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read next alarm time");
-                    i64::MAX
+            let next = if self.permits.available_permits() == 0 {
+                // Every permit is busy: only a finished run (which wakes us) frees one.
+                i64::MAX
+            } else {
+                match self.backend.next_alarm_at(&self.actors.types()).await {
+                    Ok(next) => next.unwrap_or(i64::MAX),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read next alarm time");
+                        i64::MAX
+                    }
                 }
             };
             tokio::select! {
@@ -141,11 +212,4 @@ impl Alarms {
             }
         }
     }
-}
-
-enum Outcome {
-    Fired,
-    Retried,
-    Dropped,
-    Stale,
 }

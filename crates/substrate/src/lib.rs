@@ -79,6 +79,9 @@ pub struct Tuning {
     pub queue_poll_ms: u64,
     /// The alarm scheduler looks for alarms set by other nodes this often, ms. Default 1,000.
     pub alarm_poll_ms: u64,
+    /// Alarm handlers a node runs at once. Default 16 (keep it below the PostgreSQL pool size:
+    /// each running alarm holds a connection).
+    pub alarm_concurrency: usize,
     /// Expired KV entries are deleted this often, ms. Default 60,000.
     pub kv_sweep_ms: u64,
 }
@@ -91,6 +94,7 @@ impl Default for Tuning {
             node_dead_after_ms: 5_000,
             queue_poll_ms: 250,
             alarm_poll_ms: 1_000,
+            alarm_concurrency: 16,
             kv_sweep_ms: 60_000,
         }
     }
@@ -112,7 +116,14 @@ struct Inner {
     queues: Arc<Queues>,
     kv: Kv,
     blobs: Blobs,
+    /// Cancelled when the node stops taking work (consumers, scheduler, KV sweeper).
     shutdown: CancellationToken,
+    /// Cancelled last, after in-flight work finished: the heartbeat keeps this node's claims
+    /// from being taken over while it drains.
+    heartbeat: CancellationToken,
+    started: std::sync::atomic::AtomicBool,
+    /// The heartbeat and takeover loop; outside `tasks` because it must outlive the drain.
+    node_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     tasks: TaskTracker,
     data_lock: std::sync::Mutex<Option<std::fs::File>>,
     sqlite_path: Option<PathBuf>,
@@ -172,6 +183,8 @@ impl Substrate {
             actors.clone(),
             node_id.clone(),
             alarm_wake,
+            tuning.alarm_concurrency,
+            tasks.clone(),
         ));
         let queues = Arc::new(Queues::new(backend.clone(), clock.clone(), node_id.clone()));
         Ok(Self {
@@ -186,6 +199,9 @@ impl Substrate {
                 queues,
                 blobs,
                 shutdown: CancellationToken::new(),
+                heartbeat: CancellationToken::new(),
+                started: false.into(),
+                node_loop: Default::default(),
                 tasks,
                 data_lock: Default::default(),
                 sqlite_path,
@@ -200,6 +216,12 @@ impl Substrate {
     /// Errors: [`Error::DataDirLocked`] when another process serves the same SQLite file.
     pub async fn start(&self) -> Result<()> {
         let i = &self.inner;
+        if i.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Invalid {
+                what: "start",
+                message: "this substrate was already started".into(),
+            });
+        }
         if let Some(path) = &i.sqlite_path {
             let lock_path = path.with_extension("lock");
             let file = std::fs::OpenOptions::new()
@@ -209,6 +231,7 @@ impl Substrate {
                 .open(&lock_path)
                 .map_err(|e| Error::Storage(format!("cannot open {}: {e}", lock_path.display())))?;
             if file.try_lock().is_err() {
+                i.started.store(false, std::sync::atomic::Ordering::SeqCst);
                 return Err(Error::DataDirLocked {
                     path: lock_path.display().to_string(),
                 });
@@ -217,7 +240,7 @@ impl Substrate {
             // Single node: whatever an earlier process claimed is free now.
             let r = i
                 .backend
-                .release_dead_nodes(i64::MAX, i.clock.now_ms())
+                .release_dead_nodes(&i.node_id, i64::MAX, i.clock.now_ms())
                 .await?;
             if r != Default::default() {
                 tracing::info!(
@@ -231,11 +254,11 @@ impl Substrate {
             .node_heartbeat(&i.node_id, i.clock.now_ms())
             .await?;
         let this = self.clone();
-        i.tasks.spawn(async move { this.node_loop().await });
+        *i.node_loop.lock().unwrap() = Some(tokio::spawn(async move { this.node_loop().await }));
         let (alarms, shutdown) = (i.alarms.clone(), i.shutdown.clone());
         let poll = i.tuning.alarm_poll_ms;
         i.tasks
-            .spawn(async move { alarms.run(poll, shutdown).await });
+            .spawn(async move { alarms.run_loop(poll, shutdown).await });
         let this = self.clone();
         i.tasks.spawn(async move { this.kv_sweep_loop().await });
         tracing::info!(node = %i.node_id, backend = ?i.backend.kind(), "substrate started");
@@ -245,17 +268,22 @@ impl Substrate {
     async fn node_loop(&self) {
         let i = &self.inner;
         let every = i.tuning.node_heartbeat_ms;
-        while !i.shutdown.is_cancelled() {
+        // SQLite has one node, which released every earlier claim at start: nothing to reap.
+        let reap = i.sqlite_path.is_none();
+        while !i.heartbeat.is_cancelled() {
             let now = i.clock.now_ms();
             if let Err(e) = i.backend.node_heartbeat(&i.node_id, now).await {
                 tracing::error!(error = %e, "node heartbeat failed");
             }
-            if let Err(e) = self.reap_dead_nodes().await {
+            if reap
+                && !i.shutdown.is_cancelled()
+                && let Err(e) = self.reap_dead_nodes().await
+            {
                 tracing::error!(error = %e, "dead-node takeover failed");
             }
             tokio::select! {
                 _ = i.clock.sleep_until(now + every as i64, every) => {}
-                _ = i.shutdown.cancelled() => {}
+                _ = i.heartbeat.cancelled() => {}
             }
         }
     }
@@ -268,7 +296,7 @@ impl Substrate {
         let now = i.clock.now_ms();
         let r = i
             .backend
-            .release_dead_nodes(now - i.tuning.node_dead_after_ms as i64, now)
+            .release_dead_nodes(&i.node_id, now - i.tuning.node_dead_after_ms as i64, now)
             .await?;
         if r != Default::default() {
             tracing::warn!(
@@ -308,18 +336,28 @@ impl Substrate {
         });
     }
 
-    /// Stops the node: stops consumers and the scheduler, waits up to `grace` for in-flight
-    /// calls, alarms and messages, refuses further actor calls, then releases this node's claims
-    /// so other nodes need not wait for the dead-node timeout. Returns false if work was still
-    /// running when `grace` ran out (its claims expire by the usual rules).
+    /// Stops taking new work: consumers stop claiming messages and the scheduler stops claiming
+    /// alarms. In-flight work continues. Called first on SIGTERM; idempotent.
+    pub fn stop_intake(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Stops the node: stops intake, waits up to `grace` for in-flight calls, alarms and
+    /// messages (heartbeating meanwhile, so no other node takes them over), then refuses
+    /// further actor calls, stops the heartbeat and releases this node's claims so other nodes
+    /// need not wait for the dead-node timeout. Returns false if work was still running when
+    /// `grace` ran out; that work's claims are then taken over by the usual rules.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         let i = &self.inner;
-        // Stop taking new work; in-flight messages and alarms may still call actors while they
-        // finish, so actors refuse new calls only once everything tracked has ended.
-        i.shutdown.cancel();
+        self.stop_intake();
         i.tasks.close();
         let finished = tokio::time::timeout(grace, i.tasks.wait()).await.is_ok();
         i.actors.close();
+        i.heartbeat.cancel();
+        let node_loop = i.node_loop.lock().unwrap().take();
+        if let Some(node_loop) = node_loop {
+            let _ = node_loop.await;
+        }
         if finished && let Err(e) = i.backend.node_leave(&i.node_id, i.clock.now_ms()).await {
             tracing::warn!(error = %e, "could not release this node's claims");
         }
@@ -333,7 +371,7 @@ impl Substrate {
     }
 
     /// The alarm scheduler.
-    pub fn alarms(&self) -> &Alarms {
+    pub fn alarms(&self) -> &Arc<Alarms> {
         &self.inner.alarms
     }
 

@@ -118,14 +118,35 @@ impl Queues {
         }
     }
 
-    /// Declares a queue (or replaces its settings). Sending to an undeclared queue fails.
-    pub fn declare(&self, config: QueueConfig) {
+    /// Declares a queue (or replaces its settings; a running consumer keeps the settings it
+    /// started with). Sending to an undeclared queue fails.
+    ///
+    /// Errors: [`Error::Invalid`] when a setting is out of range: `max_attempts`, `batch_size`
+    /// and `concurrency` must be at least 1, `visibility_timeout_ms` at least 1,000 and at most
+    /// 12 h (Cloudflare Queues' maximum).
+    pub fn declare(&self, config: QueueConfig) -> Result<()> {
+        let invalid = |message: String| Error::Invalid {
+            what: "queue settings",
+            message: format!("queue {:?}: {message}", config.name),
+        };
+        if config.max_attempts == 0 || config.batch_size == 0 || config.concurrency == 0 {
+            return Err(invalid(
+                "max_attempts, batch_size and concurrency must be at least 1".into(),
+            ));
+        }
+        if !(1_000..=12 * 3_600_000).contains(&config.visibility_timeout_ms) {
+            return Err(invalid(format!(
+                "visibility_timeout_ms must be between 1000 and 43200000, not {}",
+                config.visibility_timeout_ms
+            )));
+        }
         let mut configs = self.configs.write().unwrap();
         let wake = configs
             .get(&config.name)
             .map(|(_, w)| w.clone())
             .unwrap_or_default();
         configs.insert(config.name.clone(), (Arc::new(config), wake));
+        Ok(())
     }
 
     /// Settings of a declared queue. Errors: [`Error::NotFound`].
@@ -342,13 +363,16 @@ impl Queues {
     }
 
     async fn settle(&self, delivery: &Delivery, outcome: Result<()>) -> Result<()> {
-        match outcome {
-            Ok(()) => {
-                self.ack(delivery).await?;
-            }
-            Err(e) => {
-                self.retry(delivery, None, &e.to_string()).await?;
-            }
+        let current = match outcome {
+            Ok(()) => self.ack(delivery).await?,
+            Err(e) => self.retry(delivery, None, &e.to_string()).await? != RetryOutcome::Stale,
+        };
+        if !current {
+            // Handled after its visibility timeout: it was (or will be) delivered again.
+            tracing::warn!(queue = %delivery.queue, id = delivery.id, attempts = delivery.attempts,
+                "stale receipt: the message was handled after its visibility timeout expired");
+            metrics::counter!("kilocloud_queue_stale_receipts_total", "queue" => delivery.queue.clone())
+                .increment(1);
         }
         Ok(())
     }

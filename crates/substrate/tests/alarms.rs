@@ -160,13 +160,109 @@ async fn alarm_survives_restart(kind: Kind) {
             .unwrap();
         assert!(sub.shutdown(std::time::Duration::from_secs(10)).await);
     }
+    // The restarted node is driven by hand (not started) so that its background scheduler
+    // cannot race the explicit pass.
     let sub = env.open().await;
-    sub.start().await.unwrap();
     sub.actors().register(rec.clone());
     env.clock.advance(60_000);
     assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
     assert_eq!(rec.runs.lock().unwrap()[0].1.scheduled_at, T0 + 60_000);
-    sub.shutdown(std::time::Duration::from_secs(10)).await;
+}
+
+/// Panics in its first alarm run; re-arms itself when it finds no alarm set during a run.
+#[derive(Clone, Default)]
+struct Flaky {
+    panicked: Arc<std::sync::atomic::AtomicBool>,
+    seen_during_run: Arc<Mutex<Vec<Option<i64>>>>,
+}
+
+impl Actor for Flaky {
+    const TYPE: &'static str = "flaky";
+    type Call = i64;
+    type Reply = ();
+    async fn call(&self, ctx: &mut ActorContext, at: i64) -> Result<()> {
+        ctx.set_alarm(at);
+        Ok(())
+    }
+    async fn alarm(&self, ctx: &mut ActorContext, info: AlarmInfo) -> Result<()> {
+        if ctx.key() == "panics"
+            && !self
+                .panicked
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("alarm handler panics on purpose");
+        }
+        let current = ctx.alarm().await?;
+        self.seen_during_run.lock().unwrap().push(current);
+        if current.is_none() && ctx.key() == "periodic" {
+            ctx.set_alarm(info.scheduled_at + 60_000);
+        }
+        Ok(())
+    }
+}
+
+async fn panicking_alarm_is_retried_and_others_still_fire(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let flaky = Flaky::default();
+    sub.actors().register(flaky.clone());
+    sub.actors().call::<Flaky>("panics", T0).await.unwrap();
+    sub.actors().call::<Flaky>("calm", T0).await.unwrap();
+    let report = sub.alarms().fire_due().await.unwrap();
+    assert_eq!(
+        report,
+        FireReport {
+            fired: 1,
+            retried: 1,
+            ..Default::default()
+        }
+    );
+    let snap = sub.actor_snapshot("flaky", "panics").await.unwrap();
+    assert_eq!(snap.alarm.as_ref().unwrap().retry_count, 1);
+    env.clock.advance(2_000);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert!(
+        sub.actor_snapshot("flaky", "panics")
+            .await
+            .unwrap()
+            .alarm
+            .is_none()
+    );
+}
+
+async fn firing_alarm_reads_as_unset_so_handlers_can_rearm(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let flaky = Flaky::default();
+    sub.actors().register(flaky.clone());
+    sub.actors().call::<Flaky>("periodic", T0).await.unwrap();
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert_eq!(*flaky.seen_during_run.lock().unwrap(), vec![None]);
+    let snap = sub.actor_snapshot("flaky", "periodic").await.unwrap();
+    assert_eq!(
+        snap.alarm.unwrap().fire_at,
+        T0 + 60_000,
+        "the handler re-armed"
+    );
+}
+
+async fn alarms_of_unregistered_types_are_left_for_nodes_that_know_them(kind: Kind) {
+    let env = Env::new(kind).await;
+    let knows = env.open().await;
+    knows.actors().register(Flaky::default());
+    knows.actors().call::<Flaky>("elsewhere", T0).await.unwrap();
+    // A node (say, an older version during a rolling deploy) without the type.
+    let other = env.open().await;
+    other.actors().register(Recorder::default());
+    env.clock.advance(3_600_000);
+    assert_eq!(
+        other.alarms().fire_due().await.unwrap(),
+        FireReport::default()
+    );
+    let snap = other.actor_snapshot("flaky", "elsewhere").await.unwrap();
+    let alarm = snap.alarm.expect("the alarm is untouched");
+    assert_eq!((alarm.retry_count, alarm.claimed_by), (0, None));
+    assert_eq!(knows.alarms().fire_due().await.unwrap(), fired(1));
 }
 
 async fn failing_alarm_retries_with_backoff_then_drops(kind: Kind) {
@@ -306,4 +402,7 @@ on_every_backend!(
     failing_alarm_retries_with_backoff_then_drops,
     alarm_recovers_after_transient_failures,
     cron_schedule_rearms_as_alarms,
+    panicking_alarm_is_retried_and_others_still_fire,
+    firing_alarm_reads_as_unset_so_handlers_can_rearm,
+    alarms_of_unregistered_types_are_left_for_nodes_that_know_them,
 );

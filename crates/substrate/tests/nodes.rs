@@ -154,10 +154,12 @@ async fn postgres_dead_node_messages_are_taken_over() {
     a.start().await.unwrap();
     let b = env.open_with(slow).await;
     for node in [&a, &b] {
-        node.queues().declare(QueueConfig {
-            visibility_timeout_ms: 600_000,
-            ..QueueConfig::new("held")
-        });
+        node.queues()
+            .declare(QueueConfig {
+                visibility_timeout_ms: 600_000,
+                ..QueueConfig::new("held")
+            })
+            .unwrap();
     }
     a.queues()
         .send_batch("held", &[json!(1), json!(2)], 0)
@@ -170,6 +172,11 @@ async fn postgres_dead_node_messages_are_taken_over() {
     env.clock.advance(4_000);
     assert_eq!(b.reap_dead_nodes().await.unwrap().messages, 0);
     env.clock.advance(1_001);
+    assert_eq!(
+        a.reap_dead_nodes().await.unwrap().messages,
+        0,
+        "a node never reaps itself"
+    );
     assert_eq!(b.reap_dead_nodes().await.unwrap().messages, 2);
     let taken = b.queues().receive("held", 10).await.unwrap();
     assert_eq!(
@@ -183,4 +190,8 @@ async fn postgres_dead_node_messages_are_taken_over() {
         !a.queues().ack(&held[0]).await.unwrap(),
         "the dead node's receipts are stale"
     );
+    // Claims of a node that is not registered at all (its row is gone) are released too.
+    b.queues().send("held", &json!(3), 0).await.unwrap();
+    assert_eq!(b.queues().receive("held", 10).await.unwrap().len(), 1);
+    assert_eq!(a.reap_dead_nodes().await.unwrap().messages, 1);
 }

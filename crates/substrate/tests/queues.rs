@@ -37,7 +37,7 @@ async fn send_receive_ack_in_order(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
     let q = sub.queues();
-    q.declare(config("jobs"));
+    q.declare(config("jobs")).unwrap();
     let ids = q
         .send_batch(
             "jobs",
@@ -72,7 +72,7 @@ async fn delayed_send_is_invisible_until_due(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
     let q = sub.queues();
-    q.declare(config("later"));
+    q.declare(config("later")).unwrap();
     q.send("later", &json!("x"), 30_000).await.unwrap();
     assert!(q.receive("later", 10).await.unwrap().is_empty());
     assert_eq!(stats(&sub, "later").await.delayed, 1);
@@ -91,7 +91,7 @@ async fn visibility_timeout_redelivers(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
     let q = sub.queues();
-    q.declare(config("vt"));
+    q.declare(config("vt")).unwrap();
     q.send("vt", &json!({"job": 1}), 0).await.unwrap();
     let first = q.receive("vt", 1).await.unwrap().remove(0);
     env.clock.advance(9_999);
@@ -115,7 +115,7 @@ async fn retries_then_dead_letters_and_replays(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
     let q = sub.queues();
-    q.declare(config("work"));
+    q.declare(config("work")).unwrap();
     let id = q.send("work", &json!({"payload": "p"}), 0).await.unwrap();
     // Default backoff is exponential: 1 s after the first failure, 2 s after the second.
     for (attempt, backoff) in [(1u32, 1_000), (2, 2_000)] {
@@ -163,7 +163,8 @@ async fn last_visibility_timeout_dead_letters(kind: Kind) {
     q.declare(QueueConfig {
         max_attempts: 2,
         ..config("stuck")
-    });
+    })
+    .unwrap();
     q.send("stuck", &json!(1), 0).await.unwrap();
     for _ in 0..2 {
         assert_eq!(q.receive("stuck", 1).await.unwrap().len(), 1);
@@ -175,7 +176,7 @@ async fn last_visibility_timeout_dead_letters(kind: Kind) {
     assert!(
         dead[0]
             .last_error
-            .contains("visibility timeout expired on delivery 2"),
+            .contains("delivery 2 was not acknowledged"),
         "{}",
         dead[0].last_error
     );
@@ -191,7 +192,7 @@ async fn oversized_or_unknown_is_refused_and_nothing_enqueued(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
     let q = sub.queues();
-    q.declare(config("big"));
+    q.declare(config("big")).unwrap();
     let too_big = "x".repeat(MAX_MESSAGE_BYTES);
     let e = q
         .send_batch("big", &[json!("small"), json!(too_big)], 0)
@@ -238,7 +239,8 @@ async fn process_batch_acks_and_retries(kind: Kind) {
     q.declare(QueueConfig {
         max_attempts: 1,
         ..config("mixed")
-    });
+    })
+    .unwrap();
     q.send_batch("mixed", &[json!({"fail": false}), json!({"fail": true})], 0)
         .await
         .unwrap();
@@ -259,7 +261,7 @@ async fn consumer_finishes_in_flight_messages_on_shutdown(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
     sub.start().await.unwrap();
-    sub.queues().declare(config("graceful"));
+    sub.queues().declare(config("graceful")).unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let worker = Arc::new(Worker {
         handled: 0.into(),
@@ -372,7 +374,34 @@ async fn blobs_roundtrip(kind: Kind) {
     assert!(matches!(e, Error::NotFound { what: "blob", .. }), "{e}");
 }
 
+async fn queue_settings_are_validated(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    for bad in [
+        QueueConfig {
+            batch_size: 0,
+            ..config("bad")
+        },
+        QueueConfig {
+            max_attempts: 0,
+            ..config("bad")
+        },
+        QueueConfig {
+            visibility_timeout_ms: 10,
+            ..config("bad")
+        },
+    ] {
+        let e = sub.queues().declare(bad).unwrap_err();
+        assert!(
+            matches!(e, Error::Invalid { .. }) && e.to_string().contains("\"bad\""),
+            "{e}"
+        );
+    }
+    assert!(sub.queues().names().is_empty());
+}
+
 on_every_backend!(
+    queue_settings_are_validated,
     send_receive_ack_in_order,
     delayed_send_is_invisible_until_due,
     visibility_timeout_redelivers,

@@ -70,7 +70,7 @@ pub struct AlarmCompletion {
 /// One delivery of a queue message to a consumer.
 #[derive(Debug, Clone)]
 pub struct ClaimedMessage {
-    /// Message id (unique per queue database, increasing in send order).
+    /// Message id (unique per database; increasing in send order on one node).
     pub id: i64,
     /// JSON body.
     pub body: Vec<u8>,
@@ -234,14 +234,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Reads an actor's state without locking it (operator view).
     async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot>;
 
-    /// Earliest alarm time not held by a live claim, if any.
-    async fn next_alarm_at(&self, now: UnixMs) -> Result<Option<UnixMs>>;
-    /// Claims up to `limit` due alarms for `node`.
-    async fn claim_due_alarms(&self, node: &str, now: UnixMs, limit: u32) -> Result<Vec<AlarmRow>>;
+    /// Earliest unclaimed alarm time among actors of `types`, if any.
+    async fn next_alarm_at(&self, types: &[&str]) -> Result<Option<UnixMs>>;
+    /// Claims up to `limit` due, unclaimed alarms of actors of `types` for `node`.
+    async fn claim_due_alarms(
+        &self,
+        node: &str,
+        now: UnixMs,
+        limit: u32,
+        types: &[&str],
+    ) -> Result<Vec<AlarmRow>>;
     /// Records a failed alarm run: reschedules at `retry_at` with `retry_count + 1`, or deletes it
     /// when `retry_at` is `None`. Only touches the row if it still has `generation`.
     async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()>;
-    /// Drops this node's claim on an alarm it will not run (actor gone, shutting down).
+    /// Gives back this node's claim on an alarm whose failure could not be recorded.
     async fn alarm_unclaim(&self, row: &AlarmRow) -> Result<()>;
 
     /// Enqueues messages (JSON bodies) on `queue`, deliverable from `visible_at`. Returns their ids.
@@ -281,17 +287,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Records that `node` is alive at `now`.
     async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()>;
-    /// Releases every claim (messages, alarms) held by nodes whose last heartbeat is older than
-    /// `dead_before`, and forgets those nodes.
-    async fn release_dead_nodes(&self, dead_before: UnixMs, now: UnixMs) -> Result<Released>;
+    /// Releases every claim (messages, alarms) held by nodes other than `self_node` whose last
+    /// heartbeat is older than `dead_before` or that are not registered at all (a node whose
+    /// row was removed), and forgets the dead nodes.
+    async fn release_dead_nodes(
+        &self,
+        self_node: &str,
+        dead_before: UnixMs,
+        now: UnixMs,
+    ) -> Result<Released>;
     /// Removes `node` and releases its claims (clean shutdown).
     async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released>;
 }
 
 /// SQL expression (same on both backends) for the error recorded when a message's last allowed
 /// delivery timed out, over the `queue_messages` columns `attempts` and `last_error`.
-pub(crate) const TIMEOUT_ERROR_SQL: &str = "'visibility timeout expired on delivery ' || attempts \
-     || COALESCE('; previous error: ' || last_error, '')";
+pub(crate) const TIMEOUT_ERROR_SQL: &str = "'delivery ' || attempts || ' was not acknowledged \
+     (visibility timeout expired or its node died)' || COALESCE('; previous error: ' || last_error, '')";
 
 /// Decodes stored JSON for operator views; bytes that are not JSON show as a size note.
 pub(crate) fn json_or_bytes(v: &[u8]) -> serde_json::Value {

@@ -28,7 +28,11 @@ const MIGRATION_LOCK: i64 = 0x6b696c6f636c6f75;
 /// The PostgreSQL backend.
 #[derive(Clone)]
 pub struct PostgresBackend {
+    /// Actor sessions, queues, KV, alarms.
     pool: PgPool,
+    /// Heartbeats and takeover, on connections of their own so that a busy main pool cannot
+    /// delay a heartbeat until other nodes think this one is dead.
+    control: PgPool,
 }
 
 impl PostgresBackend {
@@ -63,7 +67,7 @@ impl PostgresBackend {
             // A broken connection fails its statement and is then discarded by the pool; a ping
             // before every acquire would add a round trip to every actor call.
             .test_before_acquire(false)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .map_err(|e| {
                 Error::Storage(format!(
@@ -71,7 +75,11 @@ impl PostgresBackend {
                     redact_url(url)
                 ))
             })?;
-        let backend = Self { pool };
+        let control = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(opts);
+        let backend = Self { pool, control };
         backend.migrate().await?;
         Ok(backend)
     }
@@ -127,16 +135,29 @@ impl PostgresBackend {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+/// `postgres://user:secret@host/db?password=x` → `postgres://user:***@host/db?password=***`.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable URL>".to_owned(),
+    let Ok(mut u) = url::Url::parse(url) else {
+        return "<unparseable URL>".to_owned();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
     }
+    if u.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 fn lock_name(actor_type: &str, key: &str) -> String {
@@ -386,16 +407,19 @@ impl Backend for PostgresBackend {
     }
 
     async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>> {
-        let mut conn = self.pool.acquire().await?;
-        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-            .bind(lock_name(actor_type, key))
-            .execute(&mut *conn)
-            .await?;
-        Ok(Box::new(PgSession {
-            conn: Some(conn),
+        // The session owns the connection before the lock is requested: if the request fails
+        // or is cancelled, dropping the session closes the connection, so a lock granted late
+        // can never end up on a pooled connection.
+        let mut session = PgSession {
+            conn: Some(self.pool.acquire().await?),
             actor_type: actor_type.to_owned(),
             key: key.to_owned(),
-        }))
+        };
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(lock_name(actor_type, key))
+            .execute(&mut **session.conn())
+            .await?;
+        Ok(Box::new(session))
     }
 
     async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
@@ -425,19 +449,26 @@ impl Backend for PostgresBackend {
         })
     }
 
-    async fn next_alarm_at(&self, _now: UnixMs) -> Result<Option<UnixMs>> {
-        Ok(
-            sqlx::query_scalar("SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
+    async fn next_alarm_at(&self, types: &[&str]) -> Result<Option<UnixMs>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL AND actor_type = ANY($1)",
         )
+        .bind(types)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
-    async fn claim_due_alarms(&self, node: &str, now: UnixMs, limit: u32) -> Result<Vec<AlarmRow>> {
+    async fn claim_due_alarms(
+        &self,
+        node: &str,
+        now: UnixMs,
+        limit: u32,
+        types: &[&str],
+    ) -> Result<Vec<AlarmRow>> {
         let rows = sqlx::query(
             "UPDATE alarms a SET claimed_by = $1
              FROM (SELECT actor_type, actor_key FROM alarms
-                   WHERE claimed_by IS NULL AND fire_at <= $2
+                   WHERE claimed_by IS NULL AND fire_at <= $2 AND actor_type = ANY($4)
                    ORDER BY fire_at LIMIT $3 FOR UPDATE SKIP LOCKED) d
              WHERE a.actor_type = d.actor_type AND a.actor_key = d.actor_key
              RETURNING a.actor_type, a.actor_key, a.fire_at, a.retry_count, a.generation",
@@ -445,6 +476,7 @@ impl Backend for PostgresBackend {
         .bind(node)
         .bind(now)
         .bind(i64::from(limit))
+        .bind(types)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -736,17 +768,30 @@ impl Backend for PostgresBackend {
         )
         .bind(node)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.control)
         .await?;
         Ok(())
     }
 
-    async fn release_dead_nodes(&self, dead_before: UnixMs, now: UnixMs) -> Result<Released> {
-        let dead: Vec<String> =
-            sqlx::query_scalar("SELECT node_id FROM nodes WHERE heartbeat_at < $1")
-                .bind(dead_before)
-                .fetch_all(&self.pool)
-                .await?;
+    async fn release_dead_nodes(
+        &self,
+        self_node: &str,
+        dead_before: UnixMs,
+        now: UnixMs,
+    ) -> Result<Released> {
+        let dead: Vec<String> = sqlx::query_scalar(
+            "SELECT node_id FROM nodes WHERE heartbeat_at < $1 AND node_id <> $2
+             UNION
+             SELECT claimed_by FROM queue_messages WHERE claimed_by IS NOT NULL
+               AND claimed_by <> $2 AND claimed_by NOT IN (SELECT node_id FROM nodes)
+             UNION
+             SELECT claimed_by FROM alarms WHERE claimed_by IS NOT NULL
+               AND claimed_by <> $2 AND claimed_by NOT IN (SELECT node_id FROM nodes)",
+        )
+        .bind(dead_before)
+        .bind(self_node)
+        .fetch_all(&self.control)
+        .await?;
         let mut released = Released::default();
         for node in dead {
             tracing::warn!(node = %node, "node missed its heartbeats; taking over its claims");
@@ -758,7 +803,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.control.begin().await?;
         let messages = sqlx::query(
             "UPDATE queue_messages SET claimed_by = NULL, visible_at = LEAST(visible_at, $2)
              WHERE claimed_by = $1",

@@ -31,7 +31,17 @@ pub const MAX_BATCH: usize = 512;
 const READERS: usize = 4;
 
 type Completer = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Completer + Send>;
+/// A write job. Given the writer it runs (in a savepoint) and returns what to do once the batch
+/// committed or failed; given `None` it is failed without running.
+type Job = Box<dyn FnOnce(Option<&Writer>) -> Completer + Send>;
+
+/// The write connection, owned by the writer thread.
+struct Writer {
+    conn: Connection,
+    /// Set when a savepoint could not be rolled back or released: the transaction can no longer
+    /// be trusted and the batch must be rolled back whole.
+    poisoned: std::cell::Cell<bool>,
+}
 
 /// `PRAGMA synchronous` setting for the write connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -115,6 +125,18 @@ impl SqliteBackend {
     fn read<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
         self.inner.read(f)
     }
+
+    /// Runs a read that may scan many rows (stats, listings) on the blocking thread pool, so
+    /// it cannot stall the async workers.
+    async fn read_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.read(f))
+            .await
+            .map_err(|e| Error::Storage(format!("sqlite read task: {e}")))?
+    }
 }
 
 impl Inner {
@@ -124,8 +146,11 @@ impl Inner {
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn: &Connection| -> Completer {
-            let res = in_savepoint(conn, f);
+        let job: Job = Box::new(move |writer: Option<&Writer>| -> Completer {
+            let res = match writer {
+                Some(w) => in_savepoint(w, f),
+                None => Err(Error::Storage("not run: its batch failed".into())),
+            };
             Box::new(move |commit: Result<(), String>| {
                 let out = match commit {
                     Ok(()) => res,
@@ -158,25 +183,42 @@ impl Inner {
     }
 }
 
-fn in_savepoint<R>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
-    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+fn in_savepoint<R>(w: &Writer, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+    let conn = &w.conn;
+    if let Err(e) = conn
+        .prepare_cached("SAVEPOINT job")
+        .and_then(|mut s| s.execute([]))
+    {
+        w.poisoned.set(true);
+        return Err(e.into());
+    }
     // A panicking job must not take the writer thread (and every later write) down with it.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn)))
-        .unwrap_or_else(|_| Err(Error::Storage("a write job panicked; it was rolled back".into())));
-    match outcome {
-        Ok(r) => {
-            conn.prepare_cached("RELEASE job")?.execute([])?;
-            Ok(r)
-        }
-        Err(e) => {
-            conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
-            conn.prepare_cached("RELEASE job")?.execute([])?;
-            Err(e)
-        }
+        .unwrap_or_else(|_| {
+            Err(Error::Storage(
+                "a write job panicked; it was rolled back".into(),
+            ))
+        });
+    let end = if outcome.is_ok() {
+        conn.prepare_cached("RELEASE job")
+            .and_then(|mut s| s.execute([]))
+    } else {
+        conn.prepare_cached("ROLLBACK TO job")
+            .and_then(|mut s| s.execute([]))
+            .and_then(|_| conn.prepare_cached("RELEASE job")?.execute([]))
+    };
+    if let Err(e) = end {
+        w.poisoned.set(true);
+        return Err(e.into());
     }
+    outcome
 }
 
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    let writer = Writer {
+        conn,
+        poisoned: std::cell::Cell::new(false),
+    };
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -186,27 +228,53 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let commit = run_batch(&conn, batch);
-        metrics::histogram!("kilocloud_sqlite_group_commit_jobs").record(commit.1 as f64);
-        for completer in commit.0 {
-            completer(commit.2.clone());
+        metrics::histogram!("kilocloud_sqlite_group_commit_jobs").record(batch.len() as f64);
+        let (completers, result) = run_batch(&writer, batch);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = completers.len(), "sqlite batch failed; nothing in it was committed");
+        }
+        for completer in completers {
+            completer(result.clone());
         }
     }
 }
 
-fn run_batch(conn: &Connection, batch: Vec<Job>) -> (Vec<Completer>, usize, Result<(), String>) {
-    let n = batch.len();
+/// Runs a batch in one transaction. Either every job that succeeded is committed, or nothing
+/// is and every job is told so: a job whose savepoint could not be cleaned up, or a statement
+/// error that made SQLite roll the transaction back, fails the whole batch and the jobs after
+/// it are not run (they would otherwise run outside any transaction).
+fn run_batch(w: &Writer, batch: Vec<Job>) -> (Vec<Completer>, Result<(), String>) {
+    let conn = &w.conn;
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let err = e.to_string();
-        let completers = batch.into_iter().map(|job| job(conn)).collect();
-        return (completers, n, Err(err));
+        return (
+            batch.into_iter().map(|job| job(None)).collect(),
+            Err(e.to_string()),
+        );
     }
-    let completers: Vec<Completer> = batch.into_iter().map(|job| job(conn)).collect();
-    let result = conn.execute_batch("COMMIT").map_err(|e| {
-        let _ = conn.execute_batch("ROLLBACK");
-        e.to_string()
-    });
-    (completers, n, result)
+    let mut broken: Option<String> = None;
+    let mut completers = Vec::with_capacity(batch.len());
+    for job in batch {
+        if broken.is_some() {
+            completers.push(job(None));
+            continue;
+        }
+        completers.push(job(Some(w)));
+        if w.poisoned.get() || conn.is_autocommit() {
+            broken = Some("the transaction was aborted by a failing write".into());
+        }
+    }
+    let result = match broken {
+        Some(reason) => Err(reason),
+        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+    };
+    if !conn.is_autocommit() {
+        // Whatever went wrong, leave the connection outside any transaction for the next batch.
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "sqlite writer cannot roll back");
+        }
+    }
+    w.poisoned.set(false);
+    (completers, result)
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -407,7 +475,9 @@ impl Backend for SqliteBackend {
     }
 
     async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
-        self.read(|c| {
+        let (actor_type, key) = (actor_type.to_owned(), key.to_owned());
+        self.read_blocking(move |c| {
+            let (actor_type, key) = (actor_type.as_str(), key.as_str());
             let storage = list_storage(c, actor_type, key, "")?
                 .into_iter()
                 .map(|(k, v)| (k, super::json_or_bytes(&v)))
@@ -432,28 +502,40 @@ impl Backend for SqliteBackend {
                 alarm,
             })
         })
+        .await
     }
 
-    async fn next_alarm_at(&self, _now: UnixMs) -> Result<Option<UnixMs>> {
+    async fn next_alarm_at(&self, types: &[&str]) -> Result<Option<UnixMs>> {
+        let types = serde_json::to_string(types)?;
         self.read(|c| {
-            Ok(
-                c.prepare_cached("SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL")?
-                    .query_row([], |r| r.get(0))?,
-            )
+            Ok(c.prepare_cached(
+                "SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL
+                 AND actor_type IN (SELECT value FROM json_each(?1))",
+            )?
+            .query_row(params![types], |r| r.get(0))?)
         })
     }
 
-    async fn claim_due_alarms(&self, node: &str, now: UnixMs, limit: u32) -> Result<Vec<AlarmRow>> {
+    async fn claim_due_alarms(
+        &self,
+        node: &str,
+        now: UnixMs,
+        limit: u32,
+        types: &[&str],
+    ) -> Result<Vec<AlarmRow>> {
         let node = node.to_owned();
+        let types = serde_json::to_string(types)?;
         self.write(move |c| {
             let mut stmt = c.prepare_cached(
                 "UPDATE alarms SET claimed_by = ?1
                  WHERE (actor_type, actor_key) IN (
                     SELECT actor_type, actor_key FROM alarms
-                    WHERE claimed_by IS NULL AND fire_at <= ?2 ORDER BY fire_at LIMIT ?3)
+                    WHERE claimed_by IS NULL AND fire_at <= ?2
+                      AND actor_type IN (SELECT value FROM json_each(?4))
+                    ORDER BY fire_at LIMIT ?3)
                  RETURNING actor_type, actor_key, fire_at, retry_count, generation",
             )?;
-            let rows = stmt.query_map(params![node, now, limit], |r| {
+            let rows = stmt.query_map(params![node, now, limit, types], |r| {
                 Ok(AlarmRow {
                     actor_type: r.get(0)?,
                     actor_key: r.get(1)?,
@@ -620,7 +702,8 @@ impl Backend for SqliteBackend {
     }
 
     async fn dlq_list(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>> {
-        self.read(|c| {
+        let queue = queue.to_owned();
+        self.read_blocking(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, queue, message_id, body, attempts, last_error, enqueued_at, failed_at
                  FROM dead_letters WHERE queue = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
@@ -640,6 +723,7 @@ impl Backend for SqliteBackend {
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
+        .await
     }
 
     async fn dlq_replay(&self, queue: &str, ids: Option<&[i64]>, now: UnixMs) -> Result<u64> {
@@ -671,7 +755,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn queue_stats(&self, now: UnixMs) -> Result<Vec<QueueStats>> {
-        self.read(|c| {
+        self.read_blocking(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT queue,
                     SUM(CASE WHEN visible_at <= ?1 THEN 1 ELSE 0 END),
@@ -707,6 +791,7 @@ impl Backend for SqliteBackend {
             }
             Ok(stats.into_values().collect())
         })
+        .await
     }
 
     async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>> {
@@ -785,11 +870,25 @@ impl Backend for SqliteBackend {
         .await
     }
 
-    async fn release_dead_nodes(&self, dead_before: UnixMs, now: UnixMs) -> Result<Released> {
+    async fn release_dead_nodes(
+        &self,
+        self_node: &str,
+        dead_before: UnixMs,
+        now: UnixMs,
+    ) -> Result<Released> {
+        let self_node = self_node.to_owned();
         self.write(move |c| {
             let dead: Vec<String> = c
-                .prepare_cached("SELECT node_id FROM nodes WHERE heartbeat_at < ?1")?
-                .query_map(params![dead_before], |r| r.get(0))?
+                .prepare_cached(
+                    "SELECT node_id FROM nodes WHERE heartbeat_at < ?1 AND node_id <> ?2
+                     UNION
+                     SELECT claimed_by FROM queue_messages WHERE claimed_by IS NOT NULL
+                       AND claimed_by <> ?2 AND claimed_by NOT IN (SELECT node_id FROM nodes)
+                     UNION
+                     SELECT claimed_by FROM alarms WHERE claimed_by IS NOT NULL
+                       AND claimed_by <> ?2 AND claimed_by NOT IN (SELECT node_id FROM nodes)",
+                )?
+                .query_map(params![dead_before, self_node], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             let mut released = Released::default();
             for node in dead {
