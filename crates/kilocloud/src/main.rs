@@ -282,21 +282,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let signalled = Arc::new(std::sync::OnceLock::<Instant>::new());
     let on_signal = signalled.clone();
+    let intake = sub.clone();
+    // One deadline for everything: on the signal, consumers and the scheduler stop claiming
+    // work at once while HTTP drains; the substrate gets what is left of the grace period.
     let drained = kilocloud_server::serve(
         listener,
         kilocloud_server::router(state),
         async move {
             shutdown_signal().await;
             let _ = on_signal.set(Instant::now());
-            tracing::info!("shutting down: no new connections; finishing in-flight work");
+            intake.stop_intake();
+            tracing::info!("shutting down: no new connections or work; finishing in-flight work");
         },
         grace,
     )
     .await?;
     let elapsed = signalled.get().map(Instant::elapsed).unwrap_or_default();
-    let finished = sub
-        .shutdown(grace.saturating_sub(elapsed).max(Duration::from_secs(1)))
-        .await;
+    let finished = sub.shutdown(grace.saturating_sub(elapsed)).await;
     if drained && finished {
         tracing::info!("shutdown complete");
     } else {

@@ -33,6 +33,8 @@ pub struct PostgresBackend {
     /// Heartbeats and takeover, on connections of their own so that a busy main pool cannot
     /// delay a heartbeat until other nodes think this one is dead.
     control: PgPool,
+    /// Actor sessions may hold at most three quarters of `pool`.
+    sessions: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl PostgresBackend {
@@ -46,6 +48,12 @@ impl PostgresBackend {
         max_connections: u32,
         search_path: Option<&str>,
     ) -> Result<Self> {
+        if max_connections < 4 {
+            return Err(Error::Invalid {
+                what: "postgres.max_connections",
+                message: format!("{max_connections} is too small; use at least 4"),
+            });
+        }
         let mut opts: PgConnectOptions = url.parse().map_err(|e| {
             Error::Storage(format!("invalid database URL {}: {e}", redact_url(url)))
         })?;
@@ -79,7 +87,14 @@ impl PostgresBackend {
             .max_connections(2)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_lazy_with(opts);
-        let backend = Self { pool, control };
+        let sessions = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            (max_connections as usize * 3 / 4).max(1),
+        ));
+        let backend = Self {
+            pool,
+            control,
+            sessions,
+        };
         backend.migrate().await?;
         Ok(backend)
     }
@@ -166,6 +181,9 @@ fn lock_name(actor_type: &str, key: &str) -> String {
 
 struct PgSession {
     conn: Option<PoolConnection<Postgres>>,
+    /// Keeps running actor sessions below the pool size, so that handlers, queues, alarms and
+    /// KV always find a connection.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     actor_type: String,
     key: String,
 }
@@ -410,7 +428,14 @@ impl Backend for PostgresBackend {
         // The session owns the connection before the lock is requested: if the request fails
         // or is cancelled, dropping the session closes the connection, so a lock granted late
         // can never end up on a pooled connection.
+        let permit = self
+            .sessions
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let mut session = PgSession {
+            _permit: permit,
             conn: Some(self.pool.acquire().await?),
             actor_type: actor_type.to_owned(),
             key: key.to_owned(),
