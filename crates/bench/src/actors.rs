@@ -71,7 +71,7 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
          | backend | 10,000 keys calls/s | p50 / p99 ms | one hot key calls/s | p50 / p99 ms |\n\
          |---|---:|---:|---:|---:|\n",
     );
-    let mut reference = None;
+    let (mut reference, mut ours) = (None, None);
     for postgres in [false, true] {
         let b = Backend::open(postgres).await?;
         b.substrate.actors().register(Counter);
@@ -84,13 +84,20 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
             "| {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} |\n",
             b.name, across.rate, across.p50_ms, across.p99_ms, one.rate, one.p50_ms, one.p99_ms
         );
-        if let Some(url) = b.postgres_url() {
-            reference = pgbench(url, if args.quick { 3 } else { 8 })
-                .map(|(across_tps, one_tps)| (across.rate, one.rate, across_tps, one_tps));
+        if postgres {
+            ours = Some((across.rate, one.rate));
         }
     }
+    // After the backend (and its pool) is gone, so pgbench has the server's connections.
+    if let Some((ours_across, ours_one)) = ours {
+        let url = kilocloud_test_support::postgres_url();
+        reference = Some(
+            pgbench(&url, if args.quick { 3 } else { 8 })
+                .map(|(across_tps, one_tps)| (ours_across, ours_one, across_tps, one_tps)),
+        );
+    }
     match reference {
-        Some((ours_across, ours_one, across_tps, one_tps)) => {
+        Some(Ok((ours_across, ours_one, across_tps, one_tps))) => {
             s += &format!(
                 "| PostgreSQL itself (pgbench, same statements, reference) | {across_tps:.0} | | {one_tps:.0} | |\n\n\
                  Ratio to pgbench: {:.2}× across keys, {:.2}× on one key.\n\n",
@@ -98,33 +105,31 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
                 ours_one / one_tps
             );
         }
-        None => s += "\n(pgbench not found: no PostgreSQL reference in this run.)\n\n",
+        Some(Err(e)) => s += &format!("\n(No PostgreSQL reference in this run: {e}.)\n\n"),
+        None => s += "\n",
     }
     Ok(s)
 }
 
 /// The same work as a PostgreSQL actor call, as a pgbench script: advisory lock, read, upsert,
 /// unlock. Returns (tps over 10,000 keys with 64 clients, tps on one key with 64 clients).
-fn pgbench(url: &str, secs: u32) -> Option<(f64, f64)> {
+fn pgbench(url: &str, secs: u32) -> Result<(f64, f64), String> {
     let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
+        .map_err(|e| format!("no /usr/lib/postgresql: {e}"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("bin/pgbench"))
-        .find(|p| p.exists())?;
+        .find(|p| p.exists())
+        .ok_or("pgbench not found")?;
     let psql = bin.with_file_name("psql");
     let setup = std::process::Command::new(&psql)
-        .args([
-            url,
-            "-qc",
-            "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)",
-        ])
-        .status()
-        .ok()?;
-    if !setup.success() {
-        return None;
+        .args([url, "-qc", "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)"])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if !setup.status.success() {
+        return Err(format!("psql: {}", String::from_utf8_lossy(&setup.stderr)));
     }
     let dir = kilocloud_test_support::temp_dir();
-    let run = |keys: u32| -> Option<f64> {
+    let run = |keys: u32| -> Result<f64, String> {
         let script = dir.path().join(format!("actor-{keys}.sql"));
         std::fs::write(
             &script,
@@ -136,29 +141,24 @@ fn pgbench(url: &str, secs: u32) -> Option<(f64, f64)> {
                  SELECT pg_advisory_unlock(:id);\n"
             ),
         )
-        .ok()?;
+        .map_err(|e| e.to_string())?;
         let out = std::process::Command::new(&bin)
-            .args([
-                "-n",
-                "-M",
-                "prepared",
-                "-c",
-                "64",
-                "-j",
-                "2",
-                "-T",
-                &secs.to_string(),
-                "-f",
-            ])
+            .args(["-n", "-M", "prepared", "-c", "64", "-j", "2", "-T", &secs.to_string(), "-f"])
             .arg(&script)
             .arg(url)
             .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
+            .map_err(|e| format!("pgbench: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
             .lines()
             .find_map(|l| l.strip_prefix("tps = "))
             .and_then(|l| l.split_whitespace().next())
             .and_then(|t| t.parse().ok())
+            .ok_or_else(|| format!("pgbench printed no tps: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
     };
-    Some((run(10_000)?, run(1)?))
+    let result = (run(10_000), run(1));
+    let _ = std::process::Command::new(&psql)
+        .args([url, "-qc", "DROP TABLE pgbench_actor"])
+        .output();
+    Ok((result.0?, result.1?))
 }

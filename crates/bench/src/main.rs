@@ -48,11 +48,6 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The PostgreSQL database URL, when this is the PostgreSQL backend.
-    pub fn postgres_url(&self) -> Option<&str> {
-        self._db.as_ref().map(|d| d.url.as_str())
-    }
-
     async fn open(postgres: bool) -> anyhow::Result<Self> {
         let dir = temp_dir();
         let db = if postgres {
