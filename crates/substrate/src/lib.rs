@@ -79,8 +79,8 @@ pub struct Tuning {
     pub queue_poll_ms: u64,
     /// The alarm scheduler looks for alarms set by other nodes this often, ms. Default 1,000.
     pub alarm_poll_ms: u64,
-    /// Alarm handlers a node runs at once. Default 16 (keep it below the PostgreSQL pool size:
-    /// each running alarm holds a connection).
+    /// Alarm handlers a node runs at once. Default 32 (on PostgreSQL, running handlers share the
+    /// actor sessions, three quarters of the pool).
     pub alarm_concurrency: usize,
     /// Expired KV entries are deleted this often, ms. Default 60,000.
     pub kv_sweep_ms: u64,
@@ -94,7 +94,7 @@ impl Default for Tuning {
             node_dead_after_ms: 5_000,
             queue_poll_ms: 250,
             alarm_poll_ms: 1_000,
-            alarm_concurrency: 16,
+            alarm_concurrency: 32,
             kv_sweep_ms: 60_000,
         }
     }
