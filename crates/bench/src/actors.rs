@@ -122,7 +122,11 @@ fn pgbench(url: &str, secs: u32) -> Result<(f64, f64), String> {
         .ok_or("pgbench not found")?;
     let psql = bin.with_file_name("psql");
     let setup = std::process::Command::new(&psql)
-        .args([url, "-qc", "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)"])
+        .args([
+            url,
+            "-qc",
+            "CREATE TABLE IF NOT EXISTS pgbench_actor (k text PRIMARY KEY, v bigint)",
+        ])
         .output()
         .map_err(|e| format!("psql: {e}"))?;
     if !setup.status.success() {
@@ -143,7 +147,18 @@ fn pgbench(url: &str, secs: u32) -> Result<(f64, f64), String> {
         )
         .map_err(|e| e.to_string())?;
         let out = std::process::Command::new(&bin)
-            .args(["-n", "-M", "prepared", "-c", "64", "-j", "2", "-T", &secs.to_string(), "-f"])
+            .args([
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                "64",
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+                "-f",
+            ])
             .arg(&script)
             .arg(url)
             .output()
@@ -154,7 +169,12 @@ fn pgbench(url: &str, secs: u32) -> Result<(f64, f64), String> {
             .find_map(|l| l.strip_prefix("tps = "))
             .and_then(|l| l.split_whitespace().next())
             .and_then(|t| t.parse().ok())
-            .ok_or_else(|| format!("pgbench printed no tps: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
+            .ok_or_else(|| {
+                format!(
+                    "pgbench printed no tps: {stdout} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
     };
     let result = (run(10_000), run(1));
     let _ = std::process::Command::new(&psql)
