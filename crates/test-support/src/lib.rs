@@ -5,7 +5,8 @@
 //!   and sets the variable when no server answers there. Tests fail loudly, never skip, when it
 //!   is unreachable.
 //! - [`PgSchema`]: a fresh schema per test, dropped afterwards, so tests run in parallel on one
-//!   database.
+//!   database; [`PgDatabase`]: a fresh database, for tests that start server processes.
+//! - [`temp_dir`]: a directory for SQLite files and blobs.
 //!
 //! Fakes of external services (model providers, GitHub, Fly) will live here too; product code
 //! never depends on this crate.
@@ -37,13 +38,8 @@ impl PgSchema {
     /// Panics with instructions when the server is unreachable: PostgreSQL tests never skip.
     pub async fn create() -> Self {
         let url = postgres_url();
-        let mut conn = connect(&url).await;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test schema");
-        let _ = conn.close().await;
+        execute(&url, format!("CREATE SCHEMA {name}")).await;
         Self { url, name }
     }
 }
@@ -60,30 +56,45 @@ async fn connect(url: &str) -> sqlx::PgConnection {
     }
 }
 
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        // Drop runs outside any runtime guarantee; use a private one on a plain thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(Ok(mut c)) =
-                    tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url))
-                        .await
-                {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP SCHEMA IF EXISTS {name} CASCADE"
-                    )))
+/// Runs one administrative statement; panics (the test cannot go on) when it fails.
+async fn execute(url: &str, sql: String) {
+    let mut conn = connect(url).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let _ = conn.close().await;
+}
+
+/// Best-effort clean-up from a `Drop`: runs `sql` on a private runtime on a plain thread, since
+/// a destructor may run inside or outside a runtime.
+fn clean_up(url: String, sql: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            if let Ok(Ok(mut c)) =
+                tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url))
+                    .await
+            {
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&mut c)
                     .await;
-                    let _ = c.close().await;
-                }
-            });
-        })
-        .join();
+                let _ = c.close().await;
+            }
+        });
+    })
+    .join();
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        clean_up(
+            self.url.clone(),
+            format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
     }
 }
 
@@ -108,13 +119,8 @@ impl PgDatabase {
     /// Creates a fresh database on the server of [`postgres_url`].
     pub async fn create() -> Self {
         let admin_url = postgres_url();
-        let mut conn = connect(&admin_url).await;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
-        let _ = conn.close().await;
+        execute(&admin_url, format!("CREATE DATABASE {name}")).await;
         let mut url = url::Url::parse(&admin_url).expect("valid test database URL");
         url.set_path(&format!("/{name}"));
         Self {
@@ -127,26 +133,9 @@ impl PgDatabase {
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(Ok(mut c)) =
-                    tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url))
-                        .await
-                {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut c)
-                    .await;
-                    let _ = c.close().await;
-                }
-            });
-        })
-        .join();
+        clean_up(
+            self.admin_url.clone(),
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
 }
