@@ -93,10 +93,10 @@ impl From<SubstrateError> for ApiError {
             }
             SubstrateError::NotFound { .. } => Self::not_found(message),
             SubstrateError::Invalid { .. } => Self::bad_request(message),
-            SubstrateError::Serde(_) => {
+            SubstrateError::Serde(_) | SubstrateError::Internal(_) => {
                 // Request bodies are decoded by extractors; a serde error here means stored data
                 // did not decode.
-                tracing::error!(error = %message, "stored data did not decode");
+                tracing::error!(error = %message, "internal error");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal_error",

@@ -335,6 +335,12 @@ fn substrate_errors_map_to_statuses() {
             None,
         ),
         (
+            Error::Internal("call panicked".into()),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            None,
+        ),
+        (
             Error::Storage("db down at postgres://u:pw@h".into()),
             StatusCode::SERVICE_UNAVAILABLE,
             "storage_unavailable",

@@ -400,7 +400,7 @@ impl ActorSystem {
             .await
         });
         task.await
-            .map_err(|e| Error::Handler(format!("actor call panicked: {e}")))?
+            .map_err(|e| Error::Internal(format!("actor call {}:{key} panicked: {e}", A::TYPE)))?
     }
 
     /// Runs `f` as a call on `(actor_type, key)`: admission, local and cross-node lock, session,

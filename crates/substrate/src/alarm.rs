@@ -145,7 +145,7 @@ impl Alarms {
         let claimed = row.clone();
         let result = match tokio::spawn(async move { actors.run_alarm(&claimed).await }).await {
             Ok(result) => result,
-            Err(e) => Err(Error::Handler(format!("alarm handler panicked: {e}"))),
+            Err(e) => Err(Error::Internal(format!("alarm handler panicked: {e}"))),
         };
         let outcome = match result {
             Ok(true) => Outcome::Fired,

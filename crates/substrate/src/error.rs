@@ -72,6 +72,10 @@ pub enum Error {
     /// The handler of an actor call or alarm failed; its writes were discarded.
     #[error("{0}")]
     Handler(String),
+    /// A bug: a handler panicked, or stored data did not decode. HTTP 500; details are logged,
+    /// not shown to clients.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The substrate is shutting down and refuses new work. HTTP 503.
     #[error("shutting down")]
     ShuttingDown,

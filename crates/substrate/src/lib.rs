@@ -36,7 +36,8 @@ pub use cron::CronSchedule;
 pub use error::{Error, Result};
 pub use kv::{KV_LIST_LIMIT, Kv};
 pub use queue::{
-    Consumer, Delivery, MAX_DELAY_MS, MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS, QueueConfig, Queues,
+    Consumer, Delivery, MAX_BATCH_MESSAGES, MAX_DELAY_MS, MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS,
+    QueueConfig, Queues,
 };
 pub use store::sqlite::Synchronous;
 pub use store::{ActorSnapshot, BackendKind, DeadLetter, QueueStats, RetryOutcome};

@@ -28,6 +28,8 @@ use crate::store::{Backend, ClaimRequest, DeadLetter, QueueStats, RetryOutcome, 
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
 /// Longest delivery delay, ms (24 h).
 pub const MAX_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most messages in one [`Queues::send_batch`] (as Cloudflare Queues' `sendBatch`).
+pub const MAX_BATCH_MESSAGES: usize = 100;
 /// Longest default retry backoff, ms (10 min).
 pub const MAX_RETRY_BACKOFF_MS: u64 = 10 * 60 * 1000;
 
@@ -186,7 +188,8 @@ impl Queues {
         Ok(self.send_batch(queue, &[body], delay_ms).await?[0])
     }
 
-    /// Sends several messages atomically (all or none), in order. Same errors as [`Self::send`].
+    /// Sends up to [`MAX_BATCH_MESSAGES`] messages atomically (all or none), in order. Same
+    /// errors as [`Self::send`], and [`Error::Invalid`] for a larger batch.
     pub async fn send_batch<T: Serialize>(
         &self,
         queue: &str,
@@ -194,6 +197,15 @@ impl Queues {
         delay_ms: u64,
     ) -> Result<Vec<i64>> {
         let (_, wake) = self.entry(queue)?;
+        if bodies.len() > MAX_BATCH_MESSAGES {
+            return Err(Error::Invalid {
+                what: "batch",
+                message: format!(
+                    "{} messages; at most {MAX_BATCH_MESSAGES} per batch",
+                    bodies.len()
+                ),
+            });
+        }
         if delay_ms > MAX_DELAY_MS {
             return Err(Error::DelayTooLong {
                 delay_ms,

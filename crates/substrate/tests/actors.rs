@@ -78,6 +78,7 @@ enum ScratchCall {
         release: tokio::sync::oneshot::Receiver<()>,
     },
     Meet(Arc<tokio::sync::Barrier>),
+    PutThenPanic,
 }
 
 #[derive(Debug, PartialEq)]
@@ -125,6 +126,10 @@ impl Actor for Scratch {
                 let _ = entered.send(());
                 let _ = release.await;
                 ScratchReply::None
+            }
+            ScratchCall::PutThenPanic => {
+                ctx.put("x", &"from a panicking call")?;
+                panic!("handler panics on purpose");
             }
             ScratchCall::Meet(barrier) => {
                 barrier.wait().await;
@@ -260,6 +265,23 @@ async fn failed_call_is_rolled_back(kind: Kind) {
     let snap = sub.actor_snapshot("scratch", "k").await.unwrap();
     assert_eq!(snap.storage.len(), 1);
     assert!(snap.alarm.is_none());
+    // A panic is contained: nothing is written, and the key (and, on PostgreSQL, its lock) is
+    // free for the next call.
+    let err = actors
+        .call::<Scratch>("k", ScratchCall::PutThenPanic)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Internal(ref m) if m.contains("panicked")),
+        "{err}"
+    );
+    assert_eq!(
+        actors
+            .call::<Scratch>("k", ScratchCall::Get("x".into()))
+            .await
+            .unwrap(),
+        ScratchReply::Value(Some("old".into()))
+    );
 }
 
 async fn storage_list_delete_and_delete_all(kind: Kind) {

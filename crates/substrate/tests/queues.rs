@@ -208,6 +208,11 @@ async fn oversized_or_unknown_is_refused_and_nothing_enqueued(kind: Kind) {
         .unwrap();
     let s = stats(&sub, "big").await;
     assert_eq!(s.ready, 1, "the refused batch left nothing behind");
+    let e = q
+        .send_batch("big", &vec![json!(1); 101], 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid { what: "batch", .. }), "{e}");
     let e = q.send("nope", &json!(1), 0).await.unwrap_err();
     assert!(matches!(e, Error::NotFound { what: "queue", .. }), "{e}");
 }
