@@ -1,7 +1,8 @@
 //! Several `kilocloud serve` processes on one database (DESIGN.md §3 "Node loss"):
 //! on PostgreSQL calls for one actor key never overlap across processes, each alarm firing runs
 //! once, each queue message is handled by one consumer at a time, and a SIGKILLed node's work is
-//! taken over. On SQLite a second server on the same data directory is refused.
+//! taken over, while a node that drains after SIGTERM keeps its work. On SQLite a second server
+//! on the same data directory is refused.
 
 mod common;
 
@@ -213,4 +214,44 @@ async fn postgres_sigkilled_node_is_taken_over() {
     }
     assert_eq!(b.queue("probe").await["dead"], 0);
     eprintln!("takeover: survivor finished the dead node's messages {drained:?} after SIGKILL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_draining_node_keeps_its_work() {
+    let store = Store::postgres().await;
+    let mut a = Node::start(&store, "a.log");
+    // Messages that take longer than the dead-node timeout (5 s): while A drains them after
+    // SIGTERM it must keep heartbeating, or B would take them over and handle them twice.
+    for i in 0..4 {
+        let r = a
+            .post(
+                "/api/admin/queues/probe/messages",
+                json!({"key": "drain", "token": format!("long{i}"), "hold_ms": 7_000}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    a.wait_until("A holds all four", Duration::from_secs(30), || async {
+        a.queue("probe").await["in_flight"] == 4
+    })
+    .await;
+    let b = Node::start(&store, "b.log");
+    let status = a.sigterm();
+    assert!(status.success(), "graceful shutdown exits 0");
+    // Had B taken any over, it would still be handling it now (7 s more); wait for the queue
+    // to be empty before counting deliveries.
+    b.wait_until("queue empty", Duration::from_secs(60), || async {
+        let q = b.queue("probe").await;
+        q["ready"] == 0 && q["in_flight"] == 0 && q["delayed"] == 0
+    })
+    .await;
+    let storage = b.actor("drain").await["storage"].clone();
+    for i in 0..4 {
+        assert_eq!(
+            storage[format!("deliveries/long{i}")],
+            1,
+            "long{i}: {storage}"
+        );
+    }
 }
