@@ -262,6 +262,8 @@ impl Substrate {
             .spawn(async move { alarms.run_loop(poll, shutdown).await });
         let this = self.clone();
         i.tasks.spawn(async move { this.kv_sweep_loop().await });
+        let this = self.clone();
+        i.tasks.spawn(async move { this.signal_loop().await });
         tracing::info!(node = %i.node_id, backend = ?i.backend.kind(), "substrate started");
         Ok(())
     }
@@ -308,6 +310,36 @@ impl Substrate {
             i.actors.wake_alarms();
         }
         Ok(r)
+    }
+
+    /// Wakes local consumers and the scheduler when other nodes send messages or set alarms,
+    /// so cross-node latency does not wait for the pollers (which remain the fallback).
+    async fn signal_loop(&self) {
+        let i = &self.inner;
+        while !i.shutdown.is_cancelled() {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            let backend = i.backend.clone();
+            let forward = async move { backend.forward_signals(tx).await };
+            let dispatch = async {
+                while let Some(signal) = rx.recv().await {
+                    match signal {
+                        store::Signal::Queue(queue) => i.queues.wake(&queue),
+                        store::Signal::Alarm => i.actors.wake_alarms(),
+                    }
+                }
+            };
+            tokio::select! {
+                (result, ()) = async { tokio::join!(forward, dispatch) } => match result {
+                    Ok(()) => return, // no cross-node signals on this backend
+                    Err(e) => tracing::warn!(error = %e, "lost the signal connection; retrying"),
+                },
+                _ = i.shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = i.shutdown.cancelled() => {}
+            }
+        }
     }
 
     async fn kv_sweep_loop(&self) {

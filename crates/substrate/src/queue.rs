@@ -175,6 +175,13 @@ impl Queues {
             })
     }
 
+    /// Wakes this node's consumer of `queue`, if any (a signal from another node).
+    pub(crate) fn wake(&self, queue: &str) {
+        if let Ok((_, wake)) = self.entry(queue) {
+            wake.notify_one();
+        }
+    }
+
     /// Sends one message, deliverable after `delay_ms`. Returns its id once it is committed.
     ///
     /// Errors: [`Error::MessageTooLarge`], [`Error::DelayTooLong`], [`Error::NotFound`] for an

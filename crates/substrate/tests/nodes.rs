@@ -195,3 +195,95 @@ async fn postgres_dead_node_messages_are_taken_over() {
     assert_eq!(b.queues().receive("held", 10).await.unwrap().len(), 1);
     assert_eq!(a.reap_dead_nodes().await.unwrap().messages, 1);
 }
+
+/// Reports every message and alarm it handles on a channel.
+#[derive(Clone)]
+struct Reporter(tokio::sync::mpsc::UnboundedSender<String>);
+
+#[async_trait::async_trait]
+impl kilocloud_substrate::Consumer for Reporter {
+    async fn handle(&self, d: &kilocloud_substrate::Delivery) -> Result<()> {
+        let _ = self.0.send(format!("message {}", d.body::<i64>()?));
+        Ok(())
+    }
+}
+
+impl Actor for Reporter {
+    const TYPE: &'static str = "reporter";
+    type Call = i64;
+    type Reply = ();
+    async fn call(&self, ctx: &mut ActorContext, at: i64) -> Result<()> {
+        ctx.set_alarm(at);
+        Ok(())
+    }
+    async fn alarm(&self, ctx: &mut ActorContext, _: kilocloud_substrate::AlarmInfo) -> Result<()> {
+        let _ = self.0.send(format!("alarm {}", ctx.key()));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_nodes_wake_each_other_without_polling() {
+    let env = Env::new(Kind::Postgres).await;
+    // Pollers effectively off: only a notification from the other node can wake B.
+    let no_polling = Tuning {
+        queue_poll_ms: 3_600_000,
+        alarm_poll_ms: 3_600_000,
+        ..Tuning::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let a = env.open_with(no_polling.clone()).await;
+    let b = env.open_with(no_polling).await;
+    for node in [&a, &b] {
+        node.queues().declare(QueueConfig::new("wake")).unwrap();
+        node.actors().register(Reporter(tx.clone()));
+    }
+    b.start().await.unwrap();
+    b.start_consumer("wake", Arc::new(Reporter(tx.clone())));
+    // B's consumer is running and idle: it handled a message sent through B and acked it, so
+    // its next receive came up empty and it now waits for a wake-up.
+    b.queues().send("wake", &-1, 0).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap(), "message -1");
+    loop {
+        let stats = b.queues().stats().await.unwrap();
+        if stats.iter().all(|s| s.ready == 0 && s.in_flight == 0) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // B starts listening asynchronously; A repeats until B reacts, which it does at once once
+    // it listens. Without notifications B would wait an hour.
+    let mut woke = None;
+    for i in 0..100 {
+        a.queues().send("wake", &i, 0).await.unwrap();
+        if let Ok(Some(m)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await
+        {
+            woke = Some(m);
+            break;
+        }
+    }
+    assert!(
+        woke.is_some_and(|m| m.starts_with("message")),
+        "B's consumer was never woken"
+    );
+    let mut fired = false;
+    for i in 0..100 {
+        a.actors()
+            .call::<Reporter>(&format!("r{i}"), common::T0)
+            .await
+            .unwrap();
+        while let Ok(Some(m)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await
+        {
+            if m.starts_with("alarm") {
+                fired = true;
+            }
+        }
+        if fired {
+            break;
+        }
+    }
+    assert!(fired, "B's scheduler was never woken by an alarm set on A");
+    b.shutdown(std::time::Duration::from_secs(10)).await;
+}

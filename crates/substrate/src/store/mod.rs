@@ -218,11 +218,24 @@ pub trait ActorSession: Send {
     async fn release(self: Box<Self>);
 }
 
+/// A change another node made that this node should react to at once rather than at its next
+/// poll (PostgreSQL `LISTEN`/`NOTIFY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// Messages became deliverable on this queue.
+    Queue(String),
+    /// An alarm was set.
+    Alarm,
+}
+
 /// The storage contract every backend keeps. See ARCHITECTURE.md "Substrate invariants".
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Which database this is.
     fn kind(&self) -> BackendKind;
+    /// Streams [`Signal`]s from other nodes into `tx` until it is closed. Backends without
+    /// cross-node signalling (SQLite: one node) return at once.
+    async fn forward_signals(&self, tx: tokio::sync::mpsc::Sender<Signal>) -> Result<()>;
     /// Schema version the database is at.
     async fn schema_version(&self) -> Result<i64>;
     /// Round trip to the database (for `/ready`).

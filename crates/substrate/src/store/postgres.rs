@@ -7,6 +7,8 @@
 //! - **Alarms and queue messages** are claimed with `FOR UPDATE SKIP LOCKED`, recording the claiming
 //!   node. Nodes heartbeat into `nodes`; any node releases the claims of a node whose heartbeat is
 //!   older than the configured dead-node timeout.
+//! - Sends and alarm sets `NOTIFY` the other nodes, which `LISTEN` and wake their consumers and
+//!   schedulers at once; polling stays as the fallback.
 //! - Migrations run under a fixed advisory lock so nodes starting together apply them once.
 
 use async_trait::async_trait;
@@ -17,10 +19,15 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 use super::{
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
     ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    TIMEOUT_ERROR_SQL, WriteSet, migrations,
+    Signal, TIMEOUT_ERROR_SQL, WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
+
+/// `NOTIFY` channel for queues that got deliverable messages (payload: the queue name).
+const QUEUE_CHANNEL: &str = "kilocloud_queue";
+/// `NOTIFY` channel for alarms being set (no payload).
+const ALARM_CHANNEL: &str = "kilocloud_alarm";
 
 /// Advisory lock id held while migrating ("kilocloud" in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x6b696c6f636c6f75;
@@ -30,8 +37,8 @@ const MIGRATION_LOCK: i64 = 0x6b696c6f636c6f75;
 pub struct PostgresBackend {
     /// Actor sessions, queues, KV, alarms.
     pool: PgPool,
-    /// Heartbeats and takeover, on connections of their own so that a busy main pool cannot
-    /// delay a heartbeat until other nodes think this one is dead.
+    /// Heartbeats, takeover and the `LISTEN` connection, on connections of their own so that a
+    /// busy main pool cannot delay a heartbeat until other nodes think this one is dead.
     control: PgPool,
     /// Actor sessions may hold at most three quarters of `pool`.
     sessions: std::sync::Arc<tokio::sync::Semaphore>,
@@ -84,7 +91,7 @@ impl PostgresBackend {
                 ))
             })?;
         let control = PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(3)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_lazy_with(opts);
         let sessions = std::sync::Arc::new(tokio::sync::Semaphore::new(
@@ -357,8 +364,9 @@ async fn write_entries(
             ON CONFLICT (actor_type, actor_key) DO UPDATE SET fire_at = excluded.fire_at,
               retry_count = 0, generation = excluded.generation, claimed_by = NULL),
          alarm_del AS (
-            DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND $6 = 2)
-         SELECT 1",
+            DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND $6 = 2),
+         alarm_notify AS (SELECT pg_notify('kilocloud_alarm', '') WHERE $6 = 1)
+         SELECT count(*) FROM alarm_notify",
     )
     .bind(t)
     .bind(k)
@@ -409,6 +417,27 @@ fn dead_letter(r: sqlx::postgres::PgRow) -> DeadLetter {
 impl Backend for PostgresBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Postgres
+    }
+
+    async fn forward_signals(&self, tx: tokio::sync::mpsc::Sender<Signal>) -> Result<()> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.control).await?;
+        listener.listen_all([QUEUE_CHANNEL, ALARM_CHANNEL]).await?;
+        loop {
+            // `recv` reconnects by itself after a lost connection; notifications sent meanwhile
+            // are caught by the pollers.
+            let n = tokio::select! {
+                n = listener.recv() => n?,
+                _ = tx.closed() => return Ok(()),
+            };
+            let signal = if n.channel() == QUEUE_CHANNEL {
+                Signal::Queue(n.payload().to_owned())
+            } else {
+                Signal::Alarm
+            };
+            if tx.send(signal).await.is_err() {
+                return Ok(());
+            }
+        }
     }
 
     async fn schema_version(&self) -> Result<i64> {
@@ -557,10 +586,16 @@ impl Backend for PostgresBackend {
         now: UnixMs,
         visible_at: UnixMs,
     ) -> Result<Vec<i64>> {
+        // Deliverable now: tell other nodes' consumers (PostgreSQL sends one notification per
+        // channel and payload per transaction).
         let ids = sqlx::query_scalar(
-            "INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
-             SELECT $1, b, $3, $4 FROM UNNEST($2::bytea[]) WITH ORDINALITY AS u(b, n) ORDER BY n
-             RETURNING id",
+            "WITH ins AS (
+                INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
+                SELECT $1, b, $3, $4 FROM UNNEST($2::bytea[]) WITH ORDINALITY AS u(b, n) ORDER BY n
+                RETURNING id)
+             SELECT id FROM ins
+             LEFT JOIN (SELECT pg_notify('kilocloud_queue', $1) WHERE $4 <= $3) n ON true
+             ORDER BY id",
         )
         .bind(queue)
         .bind(&bodies)
@@ -683,7 +718,9 @@ impl Backend for PostgresBackend {
                 DELETE FROM dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))
                 RETURNING id, queue, body, enqueued_at)
              INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
-             SELECT queue, body, enqueued_at, $3 FROM moved ORDER BY id",
+             SELECT queue, body, enqueued_at, $3 FROM moved
+             LEFT JOIN (SELECT pg_notify('kilocloud_queue', $1)) n ON true
+             ORDER BY id",
         )
         .bind(queue)
         .bind(ids)

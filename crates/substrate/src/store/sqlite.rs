@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use super::{
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
     ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    TIMEOUT_ERROR_SQL, WriteSet, migrations,
+    Signal, TIMEOUT_ERROR_SQL, WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -456,6 +456,10 @@ fn move_to_dlq(c: &Connection, id: i64, error: &str, now: UnixMs) -> Result<()> 
 impl Backend for SqliteBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Sqlite
+    }
+
+    async fn forward_signals(&self, _tx: tokio::sync::mpsc::Sender<Signal>) -> Result<()> {
+        Ok(())
     }
 
     async fn schema_version(&self) -> Result<i64> {
