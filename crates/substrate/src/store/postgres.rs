@@ -42,6 +42,8 @@ pub struct PostgresBackend {
     control: PgPool,
     /// Actor sessions may hold at most three quarters of `pool`.
     sessions: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Signals for other nodes, sent by [`notify_loop`] after the commits that caused them.
+    notify: tokio::sync::mpsc::UnboundedSender<Signal>,
 }
 
 impl PostgresBackend {
@@ -97,10 +99,13 @@ impl PostgresBackend {
         let sessions = std::sync::Arc::new(tokio::sync::Semaphore::new(
             (max_connections as usize * 3 / 4).max(1),
         ));
+        let (notify, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(notify_loop(control.clone(), pending));
         let backend = Self {
             pool,
             control,
             sessions,
+            notify,
         };
         backend.migrate().await?;
         Ok(backend)
@@ -157,6 +162,42 @@ impl PostgresBackend {
     }
 }
 
+/// Sends the `NOTIFY`s other nodes listen for, outside the data transactions that caused them:
+/// a `NOTIFY` in a transaction takes a database-wide lock until its commit has been flushed,
+/// which would serialize every such commit. Signals that pile up while one round trip is in
+/// flight are coalesced (one per queue). Payloads carry the schema, so deployments and tests
+/// sharing a database do not wake each other. Ends when the backend is dropped.
+async fn notify_loop(control: PgPool, mut pending: tokio::sync::mpsc::UnboundedReceiver<Signal>) {
+    while let Some(first) = pending.recv().await {
+        let (mut queues, mut alarm) = (std::collections::BTreeSet::new(), false);
+        let mut add = |s: Signal| match s {
+            Signal::Queue(q) => {
+                queues.insert(q);
+            }
+            Signal::Alarm => alarm = true,
+        };
+        add(first);
+        while let Ok(s) = pending.try_recv() {
+            add(s);
+        }
+        let queues: Vec<String> = queues.into_iter().collect();
+        let sent = sqlx::query(
+            "SELECT count(pg_notify('kilocloud_queue', current_schema() || '.' || q))
+             FROM UNNEST($1::text[]) AS u(q)
+             UNION ALL
+             SELECT count(pg_notify('kilocloud_alarm', current_schema())) WHERE $2",
+        )
+        .bind(&queues)
+        .bind(alarm)
+        .execute(&control)
+        .await;
+        if let Err(e) = sent {
+            // Other nodes still find the work by polling.
+            tracing::debug!(error = %e, "cannot notify other nodes");
+        }
+    }
+}
+
 /// `postgres://user:secret@host/db?password=x` → `postgres://user:***@host/db?password=***`.
 pub fn redact_url(url: &str) -> String {
     let Ok(mut u) = url::Url::parse(url) else {
@@ -188,6 +229,7 @@ fn lock_name(actor_type: &str, key: &str) -> String {
 
 struct PgSession {
     conn: Option<PoolConnection<Postgres>>,
+    notify: tokio::sync::mpsc::UnboundedSender<Signal>,
     /// Keeps running actor sessions below the pool size, so that handlers, queues, alarms and
     /// KV always find a connection.
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -318,6 +360,9 @@ impl ActorSession for PgSession {
             self.apply(&writes, completion).await
         };
         self.finish().await;
+        if result.is_ok() && matches!(writes.alarm, Some(Some(_))) {
+            let _ = self.notify.send(Signal::Alarm);
+        }
         result
     }
 
@@ -364,9 +409,8 @@ async fn write_entries(
             ON CONFLICT (actor_type, actor_key) DO UPDATE SET fire_at = excluded.fire_at,
               retry_count = 0, generation = excluded.generation, claimed_by = NULL),
          alarm_del AS (
-            DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND $6 = 2),
-         alarm_notify AS (SELECT pg_notify('kilocloud_alarm', '') WHERE $6 = 1)
-         SELECT count(*) FROM alarm_notify",
+            DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND $6 = 2)
+         SELECT 1",
     )
     .bind(t)
     .bind(k)
@@ -420,6 +464,10 @@ impl Backend for PostgresBackend {
     }
 
     async fn forward_signals(&self, tx: tokio::sync::mpsc::Sender<Signal>) -> Result<()> {
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&self.control)
+            .await?;
+        let queue_prefix = format!("{schema}.");
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.control).await?;
         listener.listen_all([QUEUE_CHANNEL, ALARM_CHANNEL]).await?;
         loop {
@@ -429,10 +477,13 @@ impl Backend for PostgresBackend {
                 n = listener.recv() => n?,
                 _ = tx.closed() => return Ok(()),
             };
-            let signal = if n.channel() == QUEUE_CHANNEL {
-                Signal::Queue(n.payload().to_owned())
-            } else {
-                Signal::Alarm
+            let signal = match n.channel() {
+                QUEUE_CHANNEL => match n.payload().strip_prefix(&queue_prefix) {
+                    Some(queue) => Signal::Queue(queue.to_owned()),
+                    None => continue, // another schema's
+                },
+                _ if n.payload() == schema => Signal::Alarm,
+                _ => continue,
             };
             if tx.send(signal).await.is_err() {
                 return Ok(());
@@ -464,6 +515,7 @@ impl Backend for PostgresBackend {
             .await
             .expect("semaphore never closed");
         let mut session = PgSession {
+            notify: self.notify.clone(),
             _permit: permit,
             conn: Some(self.pool.acquire().await?),
             actor_type: actor_type.to_owned(),
@@ -586,16 +638,10 @@ impl Backend for PostgresBackend {
         now: UnixMs,
         visible_at: UnixMs,
     ) -> Result<Vec<i64>> {
-        // Deliverable now: tell other nodes' consumers (PostgreSQL sends one notification per
-        // channel and payload per transaction).
         let ids = sqlx::query_scalar(
-            "WITH ins AS (
-                INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
-                SELECT $1, b, $3, $4 FROM UNNEST($2::bytea[]) WITH ORDINALITY AS u(b, n) ORDER BY n
-                RETURNING id)
-             SELECT id FROM ins
-             LEFT JOIN (SELECT pg_notify('kilocloud_queue', $1) WHERE $4 <= $3) n ON true
-             ORDER BY id",
+            "INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
+             SELECT $1, b, $3, $4 FROM UNNEST($2::bytea[]) WITH ORDINALITY AS u(b, n) ORDER BY n
+             RETURNING id",
         )
         .bind(queue)
         .bind(&bodies)
@@ -603,6 +649,9 @@ impl Backend for PostgresBackend {
         .bind(visible_at)
         .fetch_all(&self.pool)
         .await?;
+        if visible_at <= now {
+            let _ = self.notify.send(Signal::Queue(queue.to_owned()));
+        }
         Ok(ids)
     }
 
@@ -718,15 +767,16 @@ impl Backend for PostgresBackend {
                 DELETE FROM dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))
                 RETURNING id, queue, body, enqueued_at)
              INSERT INTO queue_messages (queue, body, enqueued_at, visible_at)
-             SELECT queue, body, enqueued_at, $3 FROM moved
-             LEFT JOIN (SELECT pg_notify('kilocloud_queue', $1)) n ON true
-             ORDER BY id",
+             SELECT queue, body, enqueued_at, $3 FROM moved ORDER BY id",
         )
         .bind(queue)
         .bind(ids)
         .bind(now)
         .execute(&self.pool)
         .await?;
+        if moved.rows_affected() > 0 {
+            let _ = self.notify.send(Signal::Queue(queue.to_owned()));
+        }
         Ok(moved.rows_affected())
     }
 
