@@ -320,6 +320,11 @@ impl ActorSystem {
         t
     }
 
+    /// The notifier that wakes the alarm scheduler (set by calls that set an alarm).
+    pub(crate) fn alarm_wake(&self) -> Arc<Notify> {
+        self.alarm_set.clone()
+    }
+
     pub(crate) fn wake_alarms(&self) {
         self.alarm_set.notify_one();
     }

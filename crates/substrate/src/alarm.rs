@@ -53,6 +53,8 @@ pub struct Alarms {
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// This node may claim only while `now <= lease`.
+    lease: Arc<std::sync::atomic::AtomicI64>,
 }
 
 #[derive(Clone, Copy)]
@@ -69,18 +71,19 @@ impl Alarms {
         clock: Arc<dyn Clock>,
         actors: Arc<ActorSystem>,
         node_id: String,
-        wake: Arc<Notify>,
         concurrency: usize,
         tasks: TaskTracker,
+        lease: Arc<std::sync::atomic::AtomicI64>,
     ) -> Self {
         Self {
             backend,
             clock,
+            wake: actors.alarm_wake(),
             actors,
             node_id,
-            wake,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks,
+            lease,
         }
     }
 
@@ -90,10 +93,9 @@ impl Alarms {
     pub async fn fire_due(self: &Arc<Self>) -> Result<FireReport> {
         let mut report = FireReport::default();
         loop {
-            let runs = self.dispatch().await?;
-            if runs.is_empty() {
-                return Ok(report);
-            }
+            // One pass; another only if this one was cut short by the batch or permit limit.
+            // Alarms that handlers re-arm for "now" wait for the next call, so this returns.
+            let (runs, more) = self.dispatch().await?;
             for run in runs {
                 match run
                     .await
@@ -105,17 +107,25 @@ impl Alarms {
                     Outcome::Stale => report.stale += 1,
                 }
             }
+            if !more {
+                return Ok(report);
+            }
         }
     }
 
-    /// Claims due alarms while permits are free and starts a task for each.
-    async fn dispatch(self: &Arc<Self>) -> Result<Vec<JoinHandle<Outcome>>> {
+    /// Claims due alarms while permits are free and starts a task for each. Also says whether
+    /// more may be due (a claim filled its batch, or permits ran out).
+    async fn dispatch(self: &Arc<Self>) -> Result<(Vec<JoinHandle<Outcome>>, bool)> {
         let types = self.actors.types();
         let mut runs = Vec::new();
         loop {
             let free = self.permits.available_permits().min(CLAIM_BATCH);
-            if free == 0 || types.is_empty() {
-                return Ok(runs);
+            let fenced = self.clock.now_ms() > self.lease.load(std::sync::atomic::Ordering::SeqCst);
+            if types.is_empty() || fenced {
+                return Ok((runs, false));
+            }
+            if free == 0 {
+                return Ok((runs, true));
             }
             let rows = self
                 .backend
@@ -133,7 +143,7 @@ impl Alarms {
                 runs.push(self.tasks.spawn(async move { this.run(row, permit).await }));
             }
             if claimed < free {
-                return Ok(runs);
+                return Ok((runs, false));
             }
         }
     }
@@ -190,11 +200,16 @@ impl Alarms {
     /// `set_alarm` or finished run, `poll_ms` (alarms set by other nodes), or shutdown.
     pub(crate) async fn run_loop(self: Arc<Self>, poll_ms: u64, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            if let Err(e) = self.dispatch().await {
-                tracing::error!(error = %e, "alarm pass failed");
-            }
-            let next = if self.permits.available_permits() == 0 {
-                // Every permit is busy: only a finished run (which wakes us) frees one.
+            let failed = match self.dispatch().await {
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::error!(error = %e, "alarm pass failed");
+                    true
+                }
+            };
+            let next = if failed || self.permits.available_permits() == 0 {
+                // After a failure wait for the poll interval rather than retry at once; when
+                // every permit is busy, a finished run wakes us (or the poll does).
                 i64::MAX
             } else {
                 match self.backend.next_alarm_at(&self.actors.types()).await {

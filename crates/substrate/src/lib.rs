@@ -80,8 +80,8 @@ pub struct Tuning {
     pub queue_poll_ms: u64,
     /// The alarm scheduler looks for alarms set by other nodes this often, ms. Default 1,000.
     pub alarm_poll_ms: u64,
-    /// Alarm handlers a node runs at once. Default 32 (on PostgreSQL, running handlers share the
-    /// actor sessions, three quarters of the pool).
+    /// Alarm handlers a node runs at once. Default 16 (on PostgreSQL, running handlers share the
+    /// actor sessions, three quarters of the pool; keep room for the calls they make).
     pub alarm_concurrency: usize,
     /// Expired KV entries are deleted this often, ms. Default 60,000.
     pub kv_sweep_ms: u64,
@@ -95,7 +95,7 @@ impl Default for Tuning {
             node_dead_after_ms: 5_000,
             queue_poll_ms: 250,
             alarm_poll_ms: 1_000,
-            alarm_concurrency: 32,
+            alarm_concurrency: 16,
             kv_sweep_ms: 60_000,
         }
     }
@@ -123,6 +123,10 @@ struct Inner {
     /// from being taken over while it drains.
     heartbeat: CancellationToken,
     started: std::sync::atomic::AtomicBool,
+    /// Claims are allowed while `now <= claim_lease`: `i64::MAX` until `start`, then half the
+    /// dead-node timeout past the last successful heartbeat, so a node that cannot heartbeat
+    /// stops claiming before other nodes take its work over.
+    claim_lease: Arc<std::sync::atomic::AtomicI64>,
     /// The heartbeat and takeover loop; outside `tasks` because it must outlive the drain.
     node_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     tasks: TaskTracker,
@@ -170,24 +174,29 @@ impl Substrate {
         let blobs = Blobs::open(blobs)?;
         let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
         let tasks = TaskTracker::new();
-        let alarm_wake = Arc::new(Notify::new());
+        let claim_lease = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
         let actors = Arc::new(ActorSystem::new(
             backend.clone(),
             clock.clone(),
             tuning.actor_max_backlog,
             tasks.clone(),
-            alarm_wake.clone(),
+            Arc::new(Notify::new()),
         ));
         let alarms = Arc::new(Alarms::new(
             backend.clone(),
             clock.clone(),
             actors.clone(),
             node_id.clone(),
-            alarm_wake,
             tuning.alarm_concurrency,
             tasks.clone(),
+            claim_lease.clone(),
         ));
-        let queues = Arc::new(Queues::new(backend.clone(), clock.clone(), node_id.clone()));
+        let queues = Arc::new(Queues::new(
+            backend.clone(),
+            clock.clone(),
+            node_id.clone(),
+            claim_lease.clone(),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 kv: Kv::new(backend.clone(), clock.clone()),
@@ -202,6 +211,7 @@ impl Substrate {
                 shutdown: CancellationToken::new(),
                 heartbeat: CancellationToken::new(),
                 started: false.into(),
+                claim_lease,
                 node_loop: Default::default(),
                 tasks,
                 data_lock: Default::default(),
@@ -251,9 +261,9 @@ impl Substrate {
                 );
             }
         }
-        i.backend
-            .node_heartbeat(&i.node_id, i.clock.now_ms())
-            .await?;
+        let now = i.clock.now_ms();
+        i.backend.node_heartbeat(&i.node_id, now).await?;
+        i.renew_claim_lease(now);
         let this = self.clone();
         *i.node_loop.lock().unwrap() = Some(tokio::spawn(async move { this.node_loop().await }));
         let (alarms, shutdown) = (i.alarms.clone(), i.shutdown.clone());
@@ -275,8 +285,10 @@ impl Substrate {
         let reap = i.sqlite_path.is_none();
         while !i.heartbeat.is_cancelled() {
             let now = i.clock.now_ms();
-            if let Err(e) = i.backend.node_heartbeat(&i.node_id, now).await {
-                tracing::error!(error = %e, "node heartbeat failed");
+            match i.backend.node_heartbeat(&i.node_id, now).await {
+                Ok(()) => i.renew_claim_lease(now),
+                Err(e) => tracing::error!(error = %e,
+                    "node heartbeat failed; this node stops claiming work if it goes on failing"),
             }
             if reap
                 && !i.shutdown.is_cancelled()
@@ -382,17 +394,31 @@ impl Substrate {
     /// `grace` ran out; that work's claims are then taken over by the usual rules.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         let i = &self.inner;
+        let deadline = tokio::time::Instant::now() + grace;
         self.stop_intake();
         i.tasks.close();
-        let finished = tokio::time::timeout(grace, i.tasks.wait()).await.is_ok();
+        let finished = tokio::time::timeout_at(deadline, i.tasks.wait())
+            .await
+            .is_ok();
         i.actors.close();
         i.heartbeat.cancel();
+        // The last heartbeat and the release are bounded too: a database that stopped answering
+        // must not keep the process past its deadline (plus a moment for the release).
         let node_loop = i.node_loop.lock().unwrap().take();
-        if let Some(node_loop) = node_loop {
-            let _ = node_loop.await;
+        if let Some(mut node_loop) = node_loop
+            && tokio::time::timeout_at(deadline, &mut node_loop)
+                .await
+                .is_err()
+        {
+            node_loop.abort();
         }
-        if finished && let Err(e) = i.backend.node_leave(&i.node_id, i.clock.now_ms()).await {
-            tracing::warn!(error = %e, "could not release this node's claims");
+        if finished {
+            let leave = i.backend.node_leave(&i.node_id, i.clock.now_ms());
+            match tokio::time::timeout(Duration::from_secs(2), leave).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not release this node's claims"),
+                Err(_) => tracing::warn!("timed out releasing this node's claims"),
+            }
         }
         i.data_lock.lock().unwrap().take();
         finished
@@ -464,5 +490,15 @@ impl Substrate {
     /// An actor's committed storage and alarm, read without locking it (operator view).
     pub async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
         self.inner.backend.actor_snapshot(actor_type, key).await
+    }
+}
+
+impl Inner {
+    /// After a successful heartbeat at `now`: claims are allowed until half the dead-node
+    /// timeout later.
+    fn renew_claim_lease(&self, now: UnixMs) {
+        let lease = now + self.tuning.node_dead_after_ms as i64 / 2;
+        self.claim_lease
+            .store(lease, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -107,15 +107,23 @@ pub struct Queues {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
     node_id: String,
+    /// This node may claim only while `now <= lease` (see `Substrate` node liveness).
+    lease: Arc<std::sync::atomic::AtomicI64>,
     configs: std::sync::RwLock<HashMap<String, QueueEntry>>,
 }
 
 impl Queues {
-    pub(crate) fn new(backend: Arc<dyn Backend>, clock: Arc<dyn Clock>, node_id: String) -> Self {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        clock: Arc<dyn Clock>,
+        node_id: String,
+        lease: Arc<std::sync::atomic::AtomicI64>,
+    ) -> Self {
         Self {
             backend,
             clock,
             node_id,
+            lease,
             configs: Default::default(),
         }
     }
@@ -246,9 +254,14 @@ impl Queues {
     }
 
     /// Claims up to `max` deliverable messages for this node, hiding them for the queue's
-    /// visibility timeout.
+    /// visibility timeout. Returns nothing while this node's heartbeats are failing.
     pub async fn receive(&self, queue: &str, max: u32) -> Result<Vec<Delivery>> {
         let (config, _) = self.entry(queue)?;
+        if self.clock.now_ms() > self.lease.load(std::sync::atomic::Ordering::SeqCst) {
+            // Heartbeats are failing: other nodes may soon take this node's work over, so it
+            // takes no more.
+            return Ok(Vec::new());
+        }
         let claimed = self
             .backend
             .queue_claim(ClaimRequest {

@@ -508,12 +508,21 @@ impl Backend for PostgresBackend {
         // The session owns the connection before the lock is requested: if the request fails
         // or is cancelled, dropping the session closes the connection, so a lock granted late
         // can never end up on a pooled connection.
-        let permit = self
-            .sessions
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        // Bounded like the pool's own acquire: a node whose sessions are all taken (for example
+        // by handlers that each wait for a call on another actor) answers Overloaded instead of
+        // hanging.
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.sessions.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| Error::Overloaded {
+            actor_type: actor_type.to_owned(),
+            key: key.to_owned(),
+            backlog: self.sessions.available_permits(),
+            retry_after: std::time::Duration::from_secs(1),
+        })?
+        .expect("semaphore never closed");
         let mut session = PgSession {
             notify: self.notify.clone(),
             _permit: permit,
@@ -907,7 +916,7 @@ impl Backend for PostgresBackend {
         let mut released = Released::default();
         for node in dead {
             tracing::warn!(node = %node, "node missed its heartbeats; taking over its claims");
-            let r = self.node_leave(&node, now).await?;
+            let r = self.release_claims(&node, now, Some(dead_before)).await?;
             released.messages += r.messages;
             released.alarms += r.alarms;
         }
@@ -915,7 +924,31 @@ impl Backend for PostgresBackend {
     }
 
     async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released> {
+        self.release_claims(node, now, None).await
+    }
+}
+
+impl PostgresBackend {
+    /// Releases `node`'s claims and forgets it, in one transaction. With `dead_before`, first
+    /// re-checks under a row lock that the node is still silent (or unregistered), so a node
+    /// that heartbeated since the caller looked keeps its work.
+    async fn release_claims(
+        &self,
+        node: &str,
+        now: UnixMs,
+        dead_before: Option<UnixMs>,
+    ) -> Result<Released> {
         let mut tx = self.control.begin().await?;
+        if let Some(dead_before) = dead_before {
+            let heartbeat: Option<i64> =
+                sqlx::query_scalar("SELECT heartbeat_at FROM nodes WHERE node_id = $1 FOR UPDATE")
+                    .bind(node)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if heartbeat.is_some_and(|at| at >= dead_before) {
+                return Ok(Released::default());
+            }
+        }
         let messages = sqlx::query(
             "UPDATE queue_messages SET claimed_by = NULL, visible_at = LEAST(visible_at, $2)
              WHERE claimed_by = $1",

@@ -64,6 +64,9 @@ pub struct SqliteBackend {
 struct Inner {
     writer: mpsc::Sender<Job>,
     readers: Vec<Mutex<Connection>>,
+    /// Scans (stats, listings, snapshots) use their own connection on the blocking pool, so
+    /// they can never take the readers the hot path needs.
+    scan: Mutex<Connection>,
     next_reader: AtomicUsize,
 }
 
@@ -101,6 +104,7 @@ impl SqliteBackend {
         let readers = (0..READERS)
             .map(|_| open_conn(path, true, sync).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
+        let scan = Mutex::new(open_conn(path, true, sync)?);
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("kilocloud-sqlite-writer".into())
@@ -110,6 +114,7 @@ impl SqliteBackend {
             inner: Arc::new(Inner {
                 writer: tx,
                 readers,
+                scan,
                 next_reader: AtomicUsize::new(0),
             }),
         })
@@ -133,9 +138,15 @@ impl SqliteBackend {
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.read(f))
-            .await
-            .map_err(|e| Error::Storage(format!("sqlite read task: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let conn = inner
+                .scan
+                .lock()
+                .map_err(|_| Error::Storage("sqlite scan connection poisoned".into()))?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("sqlite read task: {e}")))?
     }
 }
 
