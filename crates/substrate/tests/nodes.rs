@@ -62,9 +62,37 @@ async fn open_is_idempotent_and_ready(kind: Kind) {
     );
 }
 
+async fn node_without_heartbeats_stops_claiming(kind: Kind) {
+    let env = Env::new(kind).await;
+    // One heartbeat at start, then none for an hour: the node's claim lease (half the dead-node
+    // timeout, 2.5 s) runs out.
+    let sub = env
+        .open_with(Tuning {
+            node_heartbeat_ms: 3_600_000,
+            ..Tuning::default()
+        })
+        .await;
+    sub.start().await.unwrap();
+    sub.queues().declare(QueueConfig::new("fenced")).unwrap();
+    sub.queues().send("fenced", &json!(1), 0).await.unwrap();
+    env.clock.advance(2_501);
+    assert!(
+        sub.queues().receive("fenced", 10).await.unwrap().is_empty(),
+        "a node that cannot heartbeat must not claim"
+    );
+    sub.shutdown(std::time::Duration::from_secs(10)).await;
+    // A healthy node (here: the same database reopened and started) delivers it.
+    let next = env.open().await;
+    next.start().await.unwrap();
+    next.queues().declare(QueueConfig::new("fenced")).unwrap();
+    assert_eq!(next.queues().receive("fenced", 10).await.unwrap().len(), 1);
+    next.shutdown(std::time::Duration::from_secs(10)).await;
+}
+
 on_every_backend!(
     schema_newer_than_binary_is_refused,
-    open_is_idempotent_and_ready
+    open_is_idempotent_and_ready,
+    node_without_heartbeats_stops_claiming,
 );
 
 #[tokio::test]
