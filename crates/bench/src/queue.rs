@@ -135,6 +135,23 @@ where
     }
 }
 
+/// The three scenarios, in order: 1 producer, 8 producers, paced 1,000 msg/s.
+async fn run_all<F, Fut>(rec: &Arc<Recorder>, args: &Args, send: F) -> Vec<Outcome>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut out = Vec::new();
+    for (producers, n) in [
+        (1, if args.quick { 2_000 } else { 20_000 }),
+        (8, if args.quick { 8_000 } else { 80_000 }),
+    ] {
+        out.push(run_scenario(rec, producers, n, send.clone()).await);
+    }
+    out.push(run_paced(rec, 1_000, if args.quick { 2 } else { 10 }, send).await);
+    out
+}
+
 async fn substrate_queue(sub: &Substrate, args: &Args) -> anyhow::Result<Vec<Outcome>> {
     let rec = Recorder::new();
     sub.queues().declare(QueueConfig {
@@ -143,38 +160,17 @@ async fn substrate_queue(sub: &Substrate, args: &Args) -> anyhow::Result<Vec<Out
         ..QueueConfig::new("bench")
     })?;
     sub.start_consumer("bench", Arc::new(BenchConsumer(rec.clone())));
-    let mut out = Vec::new();
-    for (producers, n) in [
-        (1, if args.quick { 2_000 } else { 20_000 }),
-        (8, if args.quick { 8_000 } else { 80_000 }),
-    ] {
-        let s = sub.clone();
-        out.push(
-            run_scenario(&rec, producers, n, move || {
-                let s = s.clone();
-                async move {
-                    s.queues()
-                        .send("bench", &Msg { sent_us: now_us() }, 0)
-                        .await
-                        .unwrap();
-                }
-            })
-            .await,
-        );
-    }
     let s = sub.clone();
-    out.push(
-        run_paced(&rec, 1_000, if args.quick { 2 } else { 10 }, || {
-            let s = s.clone();
-            async move {
-                s.queues()
-                    .send("bench", &Msg { sent_us: now_us() }, 0)
-                    .await
-                    .unwrap();
-            }
-        })
-        .await,
-    );
+    let out = run_all(&rec, args, move || {
+        let s = s.clone();
+        async move {
+            s.queues()
+                .send("bench", &Msg { sent_us: now_us() }, 0)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
     Ok(out)
 }
 
@@ -210,42 +206,19 @@ async fn nats_queue(args: &Args) -> anyhow::Result<Vec<Outcome>> {
             m.ack().await.expect("ack");
         }
     });
-    let mut out = Vec::new();
-    for (producers, n) in [
-        (1, if args.quick { 2_000 } else { 20_000 }),
-        (8, if args.quick { 8_000 } else { 80_000 }),
-    ] {
-        let js = js.clone();
-        out.push(
-            run_scenario(&rec, producers, n, move || {
-                let js = js.clone();
-                async move {
-                    let body = serde_json::to_vec(&Msg { sent_us: now_us() }).unwrap();
-                    js.publish("kcbench", body.into())
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                }
-            })
-            .await,
-        );
-    }
-    let js2 = js.clone();
-    out.push(
-        run_paced(&rec, 1_000, if args.quick { 2 } else { 10 }, || {
-            let js = js2.clone();
-            async move {
-                let body = serde_json::to_vec(&Msg { sent_us: now_us() }).unwrap();
-                js.publish("kcbench", body.into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        })
-        .await,
-    );
+    let publisher = js.clone();
+    let out = run_all(&rec, args, move || {
+        let js = publisher.clone();
+        async move {
+            let body = serde_json::to_vec(&Msg { sent_us: now_us() }).unwrap();
+            js.publish("kcbench", body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    })
+    .await;
     consuming.abort();
     let _ = js.delete_stream("KCBENCH").await;
     Ok(out)
