@@ -233,6 +233,17 @@ impl Substrate {
                 message: "this substrate was already started".into(),
             });
         }
+        let started = self.start_node().await;
+        if started.is_err() {
+            // Nothing was spawned; a later `start` may try again.
+            i.data_lock.lock().unwrap().take();
+            i.started.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        started
+    }
+
+    async fn start_node(&self) -> Result<()> {
+        let i = &self.inner;
         if let Some(path) = &i.sqlite_path {
             let lock_path = path.with_extension("lock");
             let file = std::fs::OpenOptions::new()
@@ -242,7 +253,6 @@ impl Substrate {
                 .open(&lock_path)
                 .map_err(|e| Error::Storage(format!("cannot open {}: {e}", lock_path.display())))?;
             if file.try_lock().is_err() {
-                i.started.store(false, std::sync::atomic::Ordering::SeqCst);
                 return Err(Error::DataDirLocked {
                     path: lock_path.display().to_string(),
                 });
