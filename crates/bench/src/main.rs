@@ -3,7 +3,7 @@
 //! BENCHMARKS.md.
 //!
 //! ```text
-//! cargo run --release -p kilocloud-bench            # everything (≈ 2 minutes)
+//! cargo run --release -p kilocloud-bench            # everything (≈ 3–5 minutes)
 //! cargo run --release -p kilocloud-bench -- --quick # smaller counts, for a smoke run
 //! ```
 //!

@@ -7,7 +7,9 @@
 //! - `alarm_lag_seconds` (histogram: scheduled time → handler start), `alarm_retries_total`,
 //!   `alarm_dropped_total`
 //! - `actor_overloaded_total{actor_type}`
-//! - `queue_sent_total`, `queue_acked_total`, `queue_dead_lettered_total` (per queue)
+//! - `queue_sent_total`, `queue_acked_total`, `queue_dead_lettered_total`,
+//!   `queue_stale_receipts_total` (per queue)
+//! - `sqlite_group_commit_jobs` (summary: writes per SQLite transaction)
 
 use std::sync::OnceLock;
 use std::time::Instant;

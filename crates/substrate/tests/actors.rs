@@ -3,57 +3,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use common::{Env, Kind};
+use common::{CounterCall, Env, Kind, OverlapCounter};
 use kilocloud_substrate::{Actor, ActorContext, Error, Result, Tuning};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-
-/// A counter that detects overlapping calls on one key.
-#[derive(Default)]
-struct Counter {
-    active: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
-    overlaps: AtomicUsize,
-}
-
-enum CounterCall {
-    Incr,
-    Get,
-}
-
-impl Actor for Counter {
-    const TYPE: &'static str = "counter";
-    type Call = CounterCall;
-    type Reply = i64;
-
-    async fn call(&self, ctx: &mut ActorContext, call: CounterCall) -> Result<i64> {
-        let flag = self
-            .active
-            .lock()
-            .unwrap()
-            .entry(ctx.key().to_owned())
-            .or_default()
-            .clone();
-        if flag.swap(true, Ordering::SeqCst) {
-            self.overlaps.fetch_add(1, Ordering::SeqCst);
-        }
-        let n: i64 = ctx.get("n").await?.unwrap_or(0);
-        // Yield between read and write so an interleaving call would lose an update.
-        tokio::task::yield_now().await;
-        let out = match call {
-            CounterCall::Incr => {
-                ctx.put("n", &(n + 1))?;
-                n + 1
-            }
-            CounterCall::Get => n,
-        };
-        flag.store(false, Ordering::SeqCst);
-        Ok(out)
-    }
-}
 
 /// Writes, reads its own writes, then optionally fails.
 struct Scratch;
@@ -149,8 +105,8 @@ fn put(key: &str, value: &str) -> ScratchCall {
 async fn calls_on_one_key_never_interleave(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
-    let counter = Arc::new(Counter::default());
-    sub.actors().register(ArcCounter(counter.clone()));
+    let counter = OverlapCounter::default();
+    sub.actors().register(counter.clone());
     // Property: for any mix of keys and callers, every increment lands exactly once and no two
     // calls on one key overlap.
     let cases: Vec<(usize, usize)> = {
@@ -174,7 +130,7 @@ async fn calls_on_one_key_never_interleave(kind: Kind) {
             let key = format!("r{round}-k{}", c % keys);
             tasks.push(tokio::spawn(async move {
                 sub.actors()
-                    .call::<ArcCounter>(&key, CounterCall::Incr)
+                    .call::<OverlapCounter>(&key, CounterCall::Incr)
                     .await
             }));
         }
@@ -185,25 +141,13 @@ async fn calls_on_one_key_never_interleave(kind: Kind) {
             let expected = (0..callers).filter(|c| c % keys == k).count() as i64;
             let got = sub
                 .actors()
-                .call::<ArcCounter>(&format!("r{round}-k{k}"), CounterCall::Get)
+                .call::<OverlapCounter>(&format!("r{round}-k{k}"), CounterCall::Get)
                 .await
                 .unwrap();
             assert_eq!(got, expected, "round {round} key {k}");
         }
     }
     assert_eq!(counter.overlaps.load(Ordering::SeqCst), 0);
-}
-
-/// Registers a shared [`Counter`] so the test can inspect it.
-struct ArcCounter(Arc<Counter>);
-
-impl Actor for ArcCounter {
-    const TYPE: &'static str = "counter";
-    type Call = CounterCall;
-    type Reply = i64;
-    async fn call(&self, ctx: &mut ActorContext, call: CounterCall) -> Result<i64> {
-        self.0.call(ctx, call).await
-    }
 }
 
 async fn calls_on_different_keys_run_concurrently(kind: Kind) {

@@ -4,9 +4,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use kilocloud_substrate::{
-    BlobConfig, DatabaseConfig, ManualClock, Substrate, Synchronous, Tuning,
+    Actor, ActorContext, BlobConfig, DatabaseConfig, ManualClock, Result, Substrate, Synchronous,
+    Tuning,
 };
 use kilocloud_test_support::{PgSchema, temp_dir};
 
@@ -111,5 +113,53 @@ impl Env {
     pub fn clock_now(&self) -> i64 {
         use kilocloud_substrate::Clock;
         self.clock.now_ms()
+    }
+}
+
+/// A counter actor that counts overlapping calls on one key. Clones share the count, so one
+/// instance registered on several nodes detects overlaps across them.
+#[derive(Clone, Default)]
+pub struct OverlapCounter {
+    busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicBool>>>>,
+    /// Calls that started while another call on the same key was running.
+    pub overlaps: Arc<AtomicUsize>,
+}
+
+/// A call on [`OverlapCounter`].
+pub enum CounterCall {
+    /// Add one; returns the new value.
+    Incr,
+    /// Return the value.
+    Get,
+}
+
+impl Actor for OverlapCounter {
+    const TYPE: &'static str = "counter";
+    type Call = CounterCall;
+    type Reply = i64;
+
+    async fn call(&self, ctx: &mut ActorContext, call: CounterCall) -> Result<i64> {
+        let flag = self
+            .busy
+            .lock()
+            .unwrap()
+            .entry(ctx.key().to_owned())
+            .or_default()
+            .clone();
+        if flag.swap(true, Ordering::SeqCst) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        let n: i64 = ctx.get("n").await?.unwrap_or(0);
+        // Yield between read and write so an interleaving call would lose an update.
+        tokio::task::yield_now().await;
+        let out = match call {
+            CounterCall::Incr => {
+                ctx.put("n", &(n + 1))?;
+                n + 1
+            }
+            CounterCall::Get => n,
+        };
+        flag.store(false, Ordering::SeqCst);
+        Ok(out)
     }
 }

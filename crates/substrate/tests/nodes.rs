@@ -5,9 +5,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use common::{Env, Kind};
+use common::{CounterCall, Env, Kind, OverlapCounter};
 use kilocloud_substrate::{Actor, ActorContext, Error, QueueConfig, Result, Substrate, Tuning};
 use serde_json::json;
 use sqlx::Connection;
@@ -112,41 +112,11 @@ async fn sqlite_refuses_a_second_server_on_one_file() {
     second.shutdown(std::time::Duration::from_secs(10)).await;
 }
 
-/// Counts overlapping calls per key across every node that registers the same instance.
-#[derive(Clone, Default)]
-struct Shared {
-    busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicBool>>>>,
-    overlaps: Arc<AtomicUsize>,
-}
-
-impl Actor for Shared {
-    const TYPE: &'static str = "shared";
-    type Call = ();
-    type Reply = i64;
-    async fn call(&self, ctx: &mut ActorContext, _: ()) -> Result<i64> {
-        let flag = self
-            .busy
-            .lock()
-            .unwrap()
-            .entry(ctx.key().into())
-            .or_default()
-            .clone();
-        if flag.swap(true, Ordering::SeqCst) {
-            self.overlaps.fetch_add(1, Ordering::SeqCst);
-        }
-        let n: i64 = ctx.get("n").await?.unwrap_or(0);
-        tokio::task::yield_now().await;
-        ctx.put("n", &(n + 1))?;
-        flag.store(false, Ordering::SeqCst);
-        Ok(n + 1)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_nodes_never_run_one_key_concurrently() {
     let env = Env::new(Kind::Postgres).await;
     let (a, b) = (env.open().await, env.open().await);
-    let actor = Shared::default();
+    let actor = OverlapCounter::default();
     a.actors().register(actor.clone());
     b.actors().register(actor.clone());
     let mut tasks = Vec::new();
@@ -154,7 +124,7 @@ async fn postgres_nodes_never_run_one_key_concurrently() {
         let node = if i % 2 == 0 { a.clone() } else { b.clone() };
         tasks.push(tokio::spawn(async move {
             node.actors()
-                .call::<Shared>(&format!("k{}", i % 3), ())
+                .call::<OverlapCounter>(&format!("k{}", i % 3), CounterCall::Incr)
                 .await
         }));
     }
@@ -164,7 +134,7 @@ async fn postgres_nodes_never_run_one_key_concurrently() {
     assert_eq!(actor.overlaps.load(Ordering::SeqCst), 0);
     let mut total = 0;
     for k in 0..3 {
-        let snap = a.actor_snapshot("shared", &format!("k{k}")).await.unwrap();
+        let snap = a.actor_snapshot("counter", &format!("k{k}")).await.unwrap();
         total += snap.storage["n"].as_i64().unwrap();
     }
     assert_eq!(total, 200, "no lost updates across nodes");

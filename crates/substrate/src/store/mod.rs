@@ -318,6 +318,26 @@ pub trait Backend: Send + Sync + 'static {
 pub(crate) const TIMEOUT_ERROR_SQL: &str = "'delivery ' || attempts || ' was not acknowledged \
      (visibility timeout expired or its node died)' || COALESCE('; previous error: ' || last_error, '')";
 
+/// Combines per-queue message counts with per-queue dead-letter counts into one sorted list
+/// (a queue may appear in either or both).
+pub(crate) fn merge_queue_stats(
+    messages: Vec<QueueStats>,
+    dead: impl IntoIterator<Item = (String, u64)>,
+) -> Vec<QueueStats> {
+    let mut stats: BTreeMap<String, QueueStats> =
+        messages.into_iter().map(|s| (s.queue.clone(), s)).collect();
+    for (queue, n) in dead {
+        stats
+            .entry(queue.clone())
+            .or_insert_with(|| QueueStats {
+                queue,
+                ..Default::default()
+            })
+            .dead = n;
+    }
+    stats.into_values().collect()
+}
+
 /// Decodes stored JSON for operator views; bytes that are not JSON show as a size note.
 pub(crate) fn json_or_bytes(v: &[u8]) -> serde_json::Value {
     serde_json::from_slice(v)

@@ -801,34 +801,23 @@ impl Backend for PostgresBackend {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        let mut stats: std::collections::BTreeMap<String, QueueStats> = rows
+        let messages = rows
             .into_iter()
-            .map(|r| {
-                let s = QueueStats {
-                    queue: r.get(0),
-                    ready: r.get::<i64, _>(1) as u64,
-                    delayed: r.get::<i64, _>(2) as u64,
-                    in_flight: r.get::<i64, _>(3) as u64,
-                    dead: 0,
-                    oldest_ready_age_ms: r.get(4),
-                };
-                (s.queue.clone(), s)
+            .map(|r| QueueStats {
+                queue: r.get(0),
+                ready: r.get::<i64, _>(1) as u64,
+                delayed: r.get::<i64, _>(2) as u64,
+                in_flight: r.get::<i64, _>(3) as u64,
+                dead: 0,
+                oldest_ready_age_ms: r.get(4),
             })
             .collect();
-        let rows = sqlx::query("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")
+        let dead = sqlx::query("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")
             .fetch_all(&self.pool)
-            .await?;
-        for r in rows {
-            let queue: String = r.get(0);
-            stats
-                .entry(queue.clone())
-                .or_insert_with(|| QueueStats {
-                    queue,
-                    ..Default::default()
-                })
-                .dead = r.get::<i64, _>(1) as u64;
-        }
-        Ok(stats.into_values().collect())
+            .await?
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64));
+        Ok(super::merge_queue_stats(messages, dead))
     }
 
     async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>> {

@@ -779,7 +779,7 @@ impl Backend for SqliteBackend {
                     COALESCE(?1 - MIN(CASE WHEN visible_at <= ?1 THEN visible_at END), 0)
                  FROM queue_messages GROUP BY queue",
             )?;
-            let mut stats: std::collections::BTreeMap<String, QueueStats> = stmt
+            let messages = stmt
                 .query_map(params![now], |r| {
                     Ok(QueueStats {
                         queue: r.get(0)?,
@@ -790,21 +790,14 @@ impl Backend for SqliteBackend {
                         oldest_ready_age_ms: r.get(4)?,
                     })
                 })?
-                .map(|s| s.map(|s| (s.queue.clone(), s)))
-                .collect::<Result<_, _>>()?;
-            let mut stmt =
-                c.prepare_cached("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")?;
-            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-                let (queue, dead) = row?;
-                stats
-                    .entry(queue.clone())
-                    .or_insert_with(|| QueueStats {
-                        queue,
-                        ..Default::default()
-                    })
-                    .dead = dead as u64;
-            }
-            Ok(stats.into_values().collect())
+                .collect::<Result<Vec<_>, _>>()?;
+            let dead = c
+                .prepare_cached("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")?
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(super::merge_queue_stats(messages, dead))
         })
         .await
     }
