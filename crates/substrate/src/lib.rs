@@ -497,6 +497,39 @@ impl Substrate {
         store::migrations::LATEST
     }
 
+    /// The committed value of one storage key of an actor, read without a call and without
+    /// locking the actor: it may miss a call in progress, never sees uncommitted writes. For hot
+    /// read paths (credential checks) that must not queue behind the actor's calls.
+    ///
+    /// Errors: [`Error::Serde`] when the stored JSON does not fit `T`; [`Error::Storage`].
+    pub async fn actor_read<T: serde::de::DeserializeOwned>(
+        &self,
+        actor_type: &str,
+        key: &str,
+        storage_key: &str,
+    ) -> Result<Option<T>> {
+        self.inner
+            .backend
+            .actor_read(actor_type, key, storage_key)
+            .await?
+            .map(|v| serde_json::from_slice(&v).map_err(Error::from))
+            .transpose()
+    }
+
+    /// Keys of the actors of `actor_type` that have storage, above `after`, in byte order, at
+    /// most `limit` (for maintenance passes that visit every actor of a type).
+    pub async fn actor_keys(
+        &self,
+        actor_type: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        self.inner
+            .backend
+            .actor_keys(actor_type, after, limit)
+            .await
+    }
+
     /// An actor's committed storage and alarm, read without locking it (operator view).
     pub async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
         self.inner.backend.actor_snapshot(actor_type, key).await

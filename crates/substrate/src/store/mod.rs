@@ -246,6 +246,16 @@ pub trait Backend: Send + Sync + 'static {
     async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>>;
     /// Reads an actor's state without locking it (operator view).
     async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot>;
+    /// Committed value of one storage key of an actor, read without locking it.
+    async fn actor_read(
+        &self,
+        actor_type: &str,
+        key: &str,
+        storage_key: &str,
+    ) -> Result<Option<Vec<u8>>>;
+    /// Keys of actors of `actor_type` that have storage, above `after`, in byte order, at most
+    /// `limit`.
+    async fn actor_keys(&self, actor_type: &str, after: &str, limit: u32) -> Result<Vec<String>>;
 
     /// Earliest unclaimed alarm time among actors of `types`, if any.
     async fn next_alarm_at(&self, types: &[&str]) -> Result<Option<UnixMs>>;

@@ -820,6 +820,34 @@ impl Backend for PostgresBackend {
         Ok(super::merge_queue_stats(messages, dead))
     }
 
+    async fn actor_read(
+        &self,
+        actor_type: &str,
+        key: &str,
+        storage_key: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT value FROM actor_storage WHERE actor_type = $1 AND actor_key = $2 AND key = $3",
+        )
+        .bind(actor_type)
+        .bind(key)
+        .bind(storage_key)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn actor_keys(&self, actor_type: &str, after: &str, limit: u32) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT actor_key FROM actor_storage WHERE actor_type = $1 AND actor_key > $2
+             ORDER BY actor_key LIMIT $3",
+        )
+        .bind(actor_type)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>> {
         Ok(sqlx::query_scalar(
             "SELECT value FROM kv WHERE key = $1 AND (expires_at IS NULL OR expires_at > $2)",

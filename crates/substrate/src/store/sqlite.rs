@@ -802,6 +802,34 @@ impl Backend for SqliteBackend {
         .await
     }
 
+    async fn actor_read(
+        &self,
+        actor_type: &str,
+        key: &str,
+        storage_key: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2 AND key = ?3",
+            )?
+            .query_row(params![actor_type, key, storage_key], |r| r.get(0))
+            .optional()?)
+        })
+    }
+
+    async fn actor_keys(&self, actor_type: &str, after: &str, limit: u32) -> Result<Vec<String>> {
+        let (actor_type, after) = (actor_type.to_owned(), after.to_owned());
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT actor_key FROM actor_storage WHERE actor_type = ?1 AND actor_key > ?2
+                 ORDER BY actor_key LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![actor_type, after, limit], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+        })
+        .await
+    }
+
     async fn kv_get(&self, key: &str, now: UnixMs) -> Result<Option<Vec<u8>>> {
         self.read(|c| {
             Ok(c.prepare_cached(
