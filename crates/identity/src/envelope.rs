@@ -64,8 +64,7 @@ impl MasterKey {
         Ok(Self::from_bytes(&key))
     }
 
-    /// A new random key and its text form (base64), for `kilocloud admin generate-master-key`
-    /// and for the embedded default when none is configured.
+    /// A new random key and its text form (base64).
     pub fn generate() -> (Self, String) {
         let key = Aes256Gcm::generate_key(OsRng);
         let text = STANDARD.encode(key.as_slice());
@@ -91,6 +90,12 @@ impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MasterKey({})", self.id)
     }
+}
+
+/// 32 random bytes from the OS in base64: a new master key or JWT secret
+/// (`kilocloud admin generate-key`, and the embedded default when none is configured).
+pub fn generate_secret_text() -> String {
+    MasterKey::generate().1
 }
 
 /// An encrypted value as stored: `{v, kid, dek, data}`, where `dek` and `data` are

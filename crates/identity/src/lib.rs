@@ -867,6 +867,11 @@ impl Identity {
         Ok(report)
     }
 
+    /// Id of the master key new secrets are wrapped with.
+    pub fn master_key_id(&self) -> &str {
+        self.inner.keys.current_id()
+    }
+
     // ----- bots -----
 
     /// Creates a bot for `owner`.

@@ -48,6 +48,29 @@ impl Default for PostgresConfig {
     }
 }
 
+/// A secret setting: `Debug` prints `***`, so a logged configuration never shows it.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretString(pub String);
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+impl SecretString {
+    /// The value.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when not set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -62,8 +85,24 @@ pub struct Config {
     pub log_format: LogFormat,
     /// tracing filter directive, e.g. `info` or `kilocloud=debug`. Default `info`.
     pub log_level: String,
-    /// Bearer token enabling the admin API (`/api/admin`). Default empty (disabled).
-    pub admin_token: String,
+    /// Static bearer token for the admin API (`/api/admin`), besides site administrators'
+    /// credentials. Default empty (only administrators).
+    pub admin_token: SecretString,
+    /// HS256 secret signing user JWTs. Default empty: on SQLite generated once into
+    /// `<data_dir>/secrets.toml`; required on PostgreSQL (every node must share it).
+    pub jwt_secret: SecretString,
+    /// Master key wrapping secrets' data keys: 32 bytes as 64 hex digits or base64. Default
+    /// empty: generated like `jwt_secret` on SQLite, required on PostgreSQL.
+    pub master_key: SecretString,
+    /// Earlier master keys, comma-separated, still accepted for decryption during a rotation.
+    pub previous_master_keys: SecretString,
+    /// Secret of the `x-internal-api-key` header for platform-to-platform routes. Default
+    /// empty: those routes refuse every call.
+    pub internal_api_secret: SecretString,
+    /// Failed authentications allowed per client IP per minute before 429. Default 30.
+    pub auth_failures_per_minute: u32,
+    /// Email of the administrator created on an empty store. Default `admin@localhost`.
+    pub bootstrap_admin_email: String,
     /// Longest graceful shutdown, ms. Default 30,000.
     pub shutdown_grace_ms: u64,
     /// SQLite settings.
@@ -84,7 +123,13 @@ impl Default for Config {
             database_url: String::new(),
             log_format: LogFormat::Auto,
             log_level: "info".into(),
-            admin_token: String::new(),
+            admin_token: SecretString::default(),
+            jwt_secret: SecretString::default(),
+            master_key: SecretString::default(),
+            previous_master_keys: SecretString::default(),
+            internal_api_secret: SecretString::default(),
+            auth_failures_per_minute: 30,
+            bootstrap_admin_email: "admin@localhost".into(),
             shutdown_grace_ms: 30_000,
             sqlite: SqliteConfig::default(),
             postgres: PostgresConfig::default(),
@@ -118,6 +163,12 @@ fn is_config_key(key: &str) -> bool {
             | "log_format"
             | "log_level"
             | "admin_token"
+            | "jwt_secret"
+            | "master_key"
+            | "previous_master_keys"
+            | "internal_api_secret"
+            | "auth_failures_per_minute"
+            | "bootstrap_admin_email"
             | "shutdown_grace_ms"
             | "sqlite"
             | "postgres"
@@ -180,8 +231,16 @@ impl Config {
     /// The configuration as TOML with secrets redacted (`config show`).
     pub fn to_redacted_toml(&self) -> anyhow::Result<String> {
         let mut shown = self.clone();
-        if !shown.admin_token.is_empty() {
-            shown.admin_token = "***".into();
+        for secret in [
+            &mut shown.admin_token,
+            &mut shown.jwt_secret,
+            &mut shown.master_key,
+            &mut shown.previous_master_keys,
+            &mut shown.internal_api_secret,
+        ] {
+            if !secret.is_empty() {
+                *secret = SecretString("***".into());
+            }
         }
         if !shown.database_url.is_empty() {
             shown.database_url =
@@ -212,4 +271,89 @@ fn describe(e: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Secrets generated for the embedded default (`<data_dir>/secrets.toml`, mode 0600).
+#[derive(Debug, Serialize, Deserialize)]
+struct GeneratedSecrets {
+    jwt_secret: SecretString,
+    master_key: SecretString,
+}
+
+impl Config {
+    /// The identity service's settings. Unset `jwt_secret` and `master_key` are read from, or
+    /// generated once into, `<data_dir>/secrets.toml` on SQLite; on PostgreSQL they must be
+    /// configured, since every node must share them.
+    ///
+    /// Errors: a missing secret on PostgreSQL, an unparseable master key, an unreadable file.
+    pub fn identity(&self) -> anyhow::Result<kilocloud_identity::IdentityConfig> {
+        use kilocloud_identity::envelope::{MasterKey, MasterKeys};
+        let (mut jwt, mut master) = (self.jwt_secret.clone(), self.master_key.clone());
+        if jwt.is_empty() || master.is_empty() {
+            anyhow::ensure!(
+                self.database_url.is_empty(),
+                "jwt_secret and master_key must be set (KILOCLOUD_JWT_SECRET, KILOCLOUD_MASTER_KEY) \
+                 when using PostgreSQL: every node must share them; \
+                 `kilocloud admin generate-key` prints a new one"
+            );
+            let generated = self.generated_secrets()?;
+            if jwt.is_empty() {
+                jwt = generated.jwt_secret;
+            }
+            if master.is_empty() {
+                master = generated.master_key;
+            }
+        }
+        let current = MasterKey::parse(master.expose()).context("invalid master_key")?;
+        let previous = self
+            .previous_master_keys
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(MasterKey::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .context("invalid previous_master_keys")?;
+        Ok(kilocloud_identity::IdentityConfig {
+            jwt_secret: jwt.0.into_bytes(),
+            master_keys: MasterKeys::new(current, previous),
+            internal_api_secret: Some(self.internal_api_secret.0.clone()),
+        })
+    }
+
+    fn generated_secrets(&self) -> anyhow::Result<GeneratedSecrets> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.data_dir.join("secrets.toml");
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        let generated = GeneratedSecrets {
+            jwt_secret: SecretString(kilocloud_identity::envelope::generate_secret_text()),
+            master_key: SecretString(kilocloud_identity::envelope::generate_secret_text()),
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                let text = format!(
+                    "# Generated by kilocloud for the embedded default. Back this file up with the\n\
+                     # database: without master_key the stored secrets cannot be decrypted.\n{}",
+                    toml::to_string(&generated)?
+                );
+                f.write_all(text.as_bytes())?;
+                f.sync_all()?;
+                tracing::warn!(path = %path.display(), "generated jwt_secret and master_key; back this file up");
+                Ok(generated)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! `kilocloud`: the single binary. `serve` runs a node; the other commands operate on the same
 //! configuration and database (see `docs/cli.md`).
 
+mod account;
+mod client;
 mod config;
 
 use std::io::{IsTerminal, Write};
@@ -11,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use config::{Config, LogFormat, Overrides};
-use kilocloud_server::{AppState, probe};
+use kilocloud_identity::Identity;
+use kilocloud_server::{AppState, ServerOptions, probe};
 use kilocloud_substrate::{Substrate, SystemClock};
 
 /// Kilo Cloud: runs AI coding agents and assistant runtimes for people and organizations.
@@ -51,6 +54,46 @@ enum Command {
     /// Inspect actors.
     #[command(subcommand)]
     Actor(ActorCommand),
+    /// Administration of the store: first administrator, master-key rotation.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Store a server URL and a credential (JWT or API key) for the account commands.
+    Login(account::LoginArgs),
+    /// Show the user behind the stored credential and their organizations.
+    Whoami {
+        #[command(flatten)]
+        common: account::Common,
+    },
+    /// Organizations and their members.
+    #[command(subcommand)]
+    Org(account::OrgCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Token(account::TokenCommand),
+    /// Secrets (encrypted at rest; values are never shown).
+    #[command(subcommand)]
+    Secret(account::SecretCommand),
+    /// Users (site administrators).
+    #[command(subcommand)]
+    User(account::UserCommand),
+    /// Your audit log, or an organization's with --org.
+    Audit(account::AuditArgs),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// On an empty store, create the administrator and print a one-time API key to stderr.
+    /// The server must be stopped (SQLite) or may run (PostgreSQL).
+    Init {
+        /// The administrator's email. Default: bootstrap_admin_email.
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// Re-wrap every secret's data key with the current master_key; previous_master_keys
+    /// must hold the keys they were wrapped with.
+    RotateMasterKey,
+    /// Print 32 random bytes in base64: a new master_key or jwt_secret.
+    GenerateKey,
 }
 
 #[derive(Args)]
@@ -198,6 +241,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Queue(q) => queue_command(q, &open(&config).await?).await,
+        Command::Admin(a) => admin_command(a, &config).await,
+        Command::Login(a) => account::login(a).await,
+        Command::Whoami { common } => account::whoami(common).await,
+        Command::Org(c) => account::org(c).await,
+        Command::Token(c) => account::token(c).await,
+        Command::Secret(c) => account::secret(c).await,
+        Command::User(c) => account::user(c).await,
+        Command::Audit(a) => account::audit(a).await,
         Command::Actor(ActorCommand::Show { actor_type, key }) => {
             let sub = open(&config).await?;
             let snap = sub.actor_snapshot(&actor_type, &key).await?;
@@ -264,16 +315,100 @@ async fn queue_command(command: QueueCommand, sub: &Substrate) -> anyhow::Result
     Ok(())
 }
 
+/// Opens the store with identity's actors registered and starts it (taking the SQLite lock, so
+/// a command that changes actor state cannot race a running server on the same file).
+async fn start_identity(config: &Config) -> anyhow::Result<(Substrate, Identity)> {
+    let sub = open(config).await?;
+    let identity = Identity::new(&sub, config.identity()?);
+    sub.start().await.map_err(|e| match e {
+        kilocloud_substrate::Error::DataDirLocked { .. } => {
+            anyhow::anyhow!("{e}; stop the server first, or run this against PostgreSQL")
+        }
+        e => e.into(),
+    })?;
+    Ok((sub, identity))
+}
+
+/// Creates the first administrator when the store has none; prints their API key to stderr
+/// directly (not through the log, which may be shipped elsewhere). Returns whether it did.
+async fn bootstrap(identity: &Identity, email: &str) -> anyhow::Result<bool> {
+    let Some((user, key)) = identity.bootstrap(email).await? else {
+        return Ok(false);
+    };
+    eprintln!(
+        "\nCreated the administrator {} ({}). Its API key, shown only this once:\n\n    {key}\n\n\
+         Log in with: kilocloud login --url <server URL> --token <the key>\n",
+        user.email, user.id
+    );
+    tracing::info!(user = %user.id, "created the first administrator; API key printed to stderr");
+    Ok(true)
+}
+
+async fn admin_command(command: AdminCommand, config: &Config) -> anyhow::Result<()> {
+    if let AdminCommand::GenerateKey = command {
+        println!("{}", kilocloud_identity::envelope::generate_secret_text());
+        return Ok(());
+    }
+    let (sub, identity) = start_identity(config).await?;
+    let result = match command {
+        AdminCommand::Init { email } => {
+            let email = email.unwrap_or_else(|| config.bootstrap_admin_email.clone());
+            match bootstrap(&identity, &email).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!(
+                    "the store is already initialized (administrator {}); \
+                     create more users with `kilocloud user create`",
+                    identity.bootstrap_admin().await?.map(|u| u.to_string()).unwrap_or_default()
+                )),
+                Err(e) => Err(e),
+            }
+        }
+        AdminCommand::RotateMasterKey => identity
+            .rotate_master_key(|r| {
+                eprintln!(
+                    "… {} owners visited, {} secrets re-wrapped, {} already current",
+                    r.owners, r.rewrapped, r.already_current
+                )
+            })
+            .await
+            .map(|r| {
+                println!(
+                    "re-wrapped {} secret(s) of {} owner(s) with master key {}; {} were already current",
+                    r.rewrapped,
+                    r.owners,
+                    identity.master_key_id(),
+                    r.already_current
+                )
+            })
+            .map_err(Into::into),
+        AdminCommand::GenerateKey => unreachable!("handled above"),
+    };
+    sub.shutdown(Duration::from_secs(5)).await;
+    result
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let sub = open(&config).await?;
-    probe::register(&sub)?;
-    sub.start().await?;
+    let (sub, identity) = {
+        let sub = open(&config).await?;
+        probe::register(&sub)?;
+        let identity = Identity::new(&sub, config.identity()?);
+        sub.start().await?;
+        (sub, identity)
+    };
+    bootstrap(&identity, &config.bootstrap_admin_email).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     probe::start(&sub);
-    let state = AppState::new(sub.clone(), Some(&config.admin_token));
+    let state = AppState::new(
+        sub.clone(),
+        identity,
+        &ServerOptions {
+            admin_token: config.admin_token.expose().to_owned(),
+            auth_failures_per_minute: config.auth_failures_per_minute,
+        },
+    );
     // Tests and scripts read this line to find the port (`--listen 127.0.0.1:0`).
     println!("kilocloud listening on http://{addr}");
     std::io::stdout().flush()?;

@@ -1,6 +1,6 @@
-//! The substrate admin API under `/api/admin`, enabled by the `admin_token` setting and
-//! authenticated with `Authorization: Bearer <admin_token>` (compared in constant time).
-//! Documented in `docs/http-api.md`.
+//! The substrate admin API under `/api/admin`, for site administrators: a site administrator's
+//! JWT or API key, or the static `admin_token` setting (break-glass, compared in constant
+//! time). Documented in `docs/http-api.md`.
 
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -13,37 +13,38 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::AppState;
+use crate::auth::SiteAdmin;
 use crate::error::{ApiError, Json};
 use crate::probe::{ProbeActor, ProbeCall};
 
-/// Proof that the request carried the admin token. Handlers that take it cannot be reached
-/// without it.
+/// Proof that the caller is a site administrator or carried the static admin token. Handlers
+/// that take it cannot be reached otherwise.
 pub struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(expected) = &state.admin_token_sha256 else {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "admin_api_disabled",
-                "the admin API is disabled; set admin_token (KILOCLOUD_ADMIN_TOKEN) to enable it",
-            ));
-        };
-        let presented = parts
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <admin token>"))?;
-        // Hash both sides so the comparison is constant-time regardless of length.
-        let presented = Sha256::digest(presented.as_bytes());
-        if bool::from(presented.as_slice().ct_eq(expected.as_slice())) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::unauthorized("invalid admin token"))
+        if let Some(expected) = &state.admin_token_sha256 {
+            let presented = parts
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            // Hash both sides so the comparison is constant-time regardless of length.
+            if let Some(p) = presented
+                && bool::from(
+                    Sha256::digest(p.as_bytes())
+                        .as_slice()
+                        .ct_eq(expected.as_slice()),
+                )
+            {
+                return Ok(Admin);
+            }
         }
+        SiteAdmin::from_request_parts(parts, state)
+            .await
+            .map(|_| Admin)
     }
 }
 

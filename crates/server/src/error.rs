@@ -123,6 +123,29 @@ impl From<SubstrateError> for ApiError {
     }
 }
 
+impl From<kilocloud_identity::Error> for ApiError {
+    fn from(e: kilocloud_identity::Error) -> Self {
+        use kilocloud_identity::Error as E;
+        let message = e.to_string();
+        match e {
+            E::Auth(a) => Self::new(StatusCode::UNAUTHORIZED, a.code(), message),
+            E::Forbidden { code, .. } => Self::new(StatusCode::FORBIDDEN, code, message),
+            E::NotFound { .. } => Self::not_found(message),
+            E::Conflict { code, .. } => Self::new(StatusCode::CONFLICT, code, message),
+            E::Invalid(_) => Self::bad_request(message),
+            E::Crypto(_) => {
+                tracing::error!(error = %message, "secret decryption failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal error; see the server log",
+                )
+            }
+            E::Substrate(e) => e.into(),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();

@@ -5,6 +5,8 @@
 //! its extractors (for example [`admin::Admin`]).
 
 pub mod admin;
+pub mod api;
+pub mod auth;
 pub mod error;
 pub mod observability;
 pub mod probe;
@@ -18,6 +20,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use kilocloud_identity::Identity;
 use kilocloud_substrate::Substrate;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sha2::{Digest, Sha256};
@@ -34,20 +37,46 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 pub struct AppState {
     /// The node's substrate.
     pub substrate: Substrate,
-    /// SHA-256 of the admin token; `None` disables the admin API.
+    /// Users, organizations, credentials and secrets.
+    pub identity: Identity,
+    /// SHA-256 of the static admin token; `None` when not configured (admin users still work).
     pub admin_token_sha256: Option<Arc<[u8; 32]>>,
+    /// Per-IP budget of failed authentications.
+    pub auth_limiter: Arc<auth::AuthFailureLimiter>,
     /// Prometheus exposition handle.
     pub metrics: PrometheusHandle,
 }
 
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Static admin token for `/api/admin` (break-glass); empty disables it.
+    pub admin_token: String,
+    /// Failed authentications allowed per client IP per minute (burst of the same size).
+    pub auth_failures_per_minute: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            admin_token: String::new(),
+            auth_failures_per_minute: 30,
+        }
+    }
+}
+
 impl AppState {
-    /// State for `substrate`, with the admin API enabled when `admin_token` is non-empty.
-    pub fn new(substrate: Substrate, admin_token: Option<&str>) -> Self {
+    /// State for `substrate` and `identity` (whose actors must already be registered).
+    pub fn new(substrate: Substrate, identity: Identity, options: &ServerOptions) -> Self {
         Self {
             substrate,
-            admin_token_sha256: admin_token
+            identity,
+            admin_token_sha256: Some(options.admin_token.as_str())
                 .filter(|t| !t.is_empty())
                 .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),
+            auth_limiter: Arc::new(auth::AuthFailureLimiter::new(
+                options.auth_failures_per_minute,
+            )),
             metrics: observability::metrics_handle(),
         }
         .with_zeroed_metrics()
@@ -64,6 +93,8 @@ impl AppState {
         }
         metrics::counter!("kilocloud_alarm_retries_total").increment(0);
         metrics::counter!("kilocloud_alarm_dropped_total").increment(0);
+        metrics::counter!("kilocloud_auth_failures_total", "code" => "unauthenticated")
+            .increment(0);
         self
     }
 }
@@ -71,7 +102,17 @@ impl AppState {
 /// The full router: health, readiness, metrics, and every service's API.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
+    let (api, openapi) = api::routes();
+    let openapi = Arc::new(openapi);
     Router::new()
+        .merge(api)
+        .route(
+            "/api/openapi.json",
+            get(move || {
+                let doc = openapi.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -152,7 +193,8 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<bool> {
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(());
     });

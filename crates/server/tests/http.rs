@@ -6,7 +6,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use kilocloud_server::{ApiError, AppState, probe, router};
+use kilocloud_identity::envelope::{MasterKey, MasterKeys};
+use kilocloud_identity::{Identity, IdentityConfig};
+use kilocloud_server::{ApiError, AppState, ServerOptions, probe, router};
 use kilocloud_substrate::{
     BlobConfig, DatabaseConfig, Error, Substrate, Synchronous, SystemClock, Tuning,
 };
@@ -20,6 +22,14 @@ struct Env {
     _dir: tempfile::TempDir,
     _schema: Option<PgSchema>,
     app: axum::Router,
+}
+
+fn identity_config() -> IdentityConfig {
+    IdentityConfig {
+        jwt_secret: b"http-test-jwt-secret".to_vec(),
+        master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
+        internal_api_secret: None,
+    }
 }
 
 async fn env(postgres: bool, admin: Option<&str>) -> Env {
@@ -51,7 +61,12 @@ async fn env(postgres: bool, admin: Option<&str>) -> Env {
     .await
     .unwrap();
     probe::register(&sub).unwrap();
-    let app = router(AppState::new(sub, admin));
+    let identity = Identity::new(&sub, identity_config());
+    let options = ServerOptions {
+        admin_token: admin.unwrap_or_default().to_owned(),
+        ..ServerOptions::default()
+    };
+    let app = router(AppState::new(sub, identity, &options));
     Env {
         _dir: dir,
         _schema: schema,
@@ -131,7 +146,7 @@ async fn surface(postgres: bool) {
             .unwrap(),
     )
     .await;
-    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthenticated");
     let (s, _, b) = send(
         &e.app,
         Request::get("/api/admin/queues")
@@ -140,7 +155,7 @@ async fn surface(postgres: bool) {
             .unwrap(),
     )
     .await;
-    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "credential_malformed");
 
     // Bad input.
     let (s, _, b) = send(
@@ -268,10 +283,10 @@ async fn postgres_http_surface() {
 }
 
 #[tokio::test]
-async fn admin_api_is_disabled_without_a_token() {
+async fn without_a_static_token_the_admin_api_needs_an_administrator() {
     let e = env(false, Some("")).await;
     let (s, _, b) = send(&e.app, admin("GET", "/api/admin/queues", None)).await;
-    assert_error(s, &b, StatusCode::FORBIDDEN, "admin_api_disabled");
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "credential_malformed");
 }
 
 #[test]

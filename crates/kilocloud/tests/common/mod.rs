@@ -41,6 +41,24 @@ impl Store {
         }
     }
 
+    /// Environment every process on this store needs: PostgreSQL nodes must share the JWT
+    /// secret and master key (SQLite generates them into the data directory).
+    pub fn env(&self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Store::Sqlite(_) => vec![],
+            Store::Postgres(..) => vec![
+                (
+                    "KILOCLOUD_JWT_SECRET",
+                    "test-jwt-secret-shared-by-all-nodes",
+                ),
+                (
+                    "KILOCLOUD_MASTER_KEY",
+                    "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+                ),
+            ],
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         match self {
             Store::Sqlite(d) | Store::Postgres(_, d) => d.path(),
@@ -67,6 +85,7 @@ impl Node {
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(store.args())
+            .envs(store.env())
             .env("KILOCLOUD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("KILOCLOUD_LOG_LEVEL", "info")
             .stdout(Stdio::piped())

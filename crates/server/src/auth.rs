@@ -1,0 +1,356 @@
+//! Authentication and authorization as extractors: a handler's signature states what it
+//! requires, and a route cannot forget the check (STYLE.md, "axum: cross-cutting concerns as
+//! types").
+//!
+//! | extractor | requires | fails with |
+//! |---|---|---|
+//! | [`AuthUser`] | a valid JWT or API key in `Authorization: Bearer` | 401 (429 when rate limited) |
+//! | [`OwnerScope`] | `AuthUser`, and membership of the org in `X-KiloCode-OrganizationId` | 400 not a UUID, 403 not a member |
+//! | [`RequireRole<R>`] | `OwnerScope` with at least role `R` (a user over their own things is `owner`) | 403 `insufficient_role` |
+//! | [`OrgAccess<R>`] | `AuthUser` who is a member of the org in the path `{id}`, with at least `R` | 404 if not a member, 403 if the role is too low |
+//! | [`SiteAdmin`] | `AuthUser` who is a site administrator | 403 `admin_required` |
+//! | [`Internal`] | `x-internal-api-key` equal (constant time) to `internal_api_secret` | 401 |
+//!
+//! Failed authentications are counted per client IP with a GCRA limiter (governor); once an IP
+//! exhausts its budget every authentication attempt from it answers 429 with `Retry-After`
+//! until the budget refills, so guessing stays slow even when a guess would be right.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, FromRequestParts, Path};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use kilocloud_identity::model::Initiator;
+use kilocloud_identity::owner::{parse_org_header, parse_uuid};
+use kilocloud_identity::{Owner, Principal, Role, Scope};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Header naming the organization a request acts for (reference §0.1; any case).
+pub const ORG_HEADER: &str = "x-kilocode-organizationid";
+/// Header carrying the internal service secret (reference §0.2).
+pub const INTERNAL_KEY_HEADER: &str = "x-internal-api-key";
+
+/// Per-IP budget of failed authentications: a burst of `per_minute`, refilled at `per_minute`
+/// per minute. Blocked IPs are remembered until their budget refills.
+pub struct AuthFailureLimiter {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl AuthFailureLimiter {
+    /// A limiter allowing `per_minute` failures per minute per IP (at least 1).
+    pub fn new(per_minute: u32) -> Self {
+        let n = NonZeroU32::new(per_minute.max(1)).expect("at least 1");
+        Self {
+            limiter: RateLimiter::keyed(Quota::per_minute(n)),
+            blocked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds until `ip` may try again, if it is blocked now.
+    fn blocked_for(&self, ip: IpAddr) -> Option<u64> {
+        let mut blocked = self.blocked.lock().expect("limiter lock");
+        let until = *blocked.get(&ip)?;
+        let now = Instant::now();
+        if until <= now {
+            blocked.remove(&ip);
+            return None;
+        }
+        Some((until - now).as_secs().max(1))
+    }
+
+    /// Counts a failure from `ip`; returns the seconds to wait when this failure exhausted the
+    /// budget.
+    fn record_failure(&self, ip: IpAddr) -> Option<u64> {
+        let not_until = self.limiter.check_key(&ip).err()?;
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        let wait = wait.max(Duration::from_secs(1));
+        let mut blocked = self.blocked.lock().expect("limiter lock");
+        let now = Instant::now();
+        if blocked.len() > 10_000 {
+            blocked.retain(|_, until| *until > now);
+            self.limiter.retain_recent();
+        }
+        blocked.insert(ip, now + wait);
+        Some(wait.as_secs().max(1))
+    }
+}
+
+fn too_many(secs: u64) -> ApiError {
+    ApiError {
+        retry_after_secs: Some(secs),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_auth_failures",
+            "too many failed authentications from this address; retry later",
+        )
+    }
+}
+
+/// The client's IP: the TCP peer (a reverse proxy's address when behind one).
+fn client_ip(parts: &Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
+fn request_id(parts: &Parts) -> Option<String> {
+    parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Runs an authentication check under the failure limiter.
+async fn limited<T, F>(parts: &Parts, state: &AppState, check: F) -> Result<T, ApiError>
+where
+    F: Future<Output = Result<T, kilocloud_identity::Error>>,
+{
+    let ip = client_ip(parts);
+    if let Some(secs) = state.auth_limiter.blocked_for(ip) {
+        return Err(too_many(secs));
+    }
+    match check.await {
+        Ok(v) => Ok(v),
+        Err(kilocloud_identity::Error::Auth(e)) => {
+            metrics::counter!("kilocloud_auth_failures_total", "code" => e.code()).increment(1);
+            match state.auth_limiter.record_failure(ip) {
+                Some(secs) => Err(too_many(secs)),
+                None => Err(ApiError::from(kilocloud_identity::Error::Auth(e))),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An authenticated caller (user JWT or API key, `Authorization: Bearer …`).
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    /// Who is calling.
+    pub principal: Principal,
+    /// The request id, for the audit log.
+    pub request_id: Option<String>,
+}
+
+impl AuthUser {
+    /// The caller as the initiator of a change (audit log).
+    pub fn initiator(&self) -> Initiator {
+        Initiator {
+            user: self.principal.user,
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let bearer = parts.headers.get(http::header::AUTHORIZATION).map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .unwrap_or("")
+        });
+        let principal = limited(parts, state, async {
+            match bearer {
+                None => Err(kilocloud_identity::credential::AuthError::Missing.into()),
+                Some(token) => state.identity.authenticate(token).await,
+            }
+        })
+        .await?;
+        Ok(AuthUser {
+            principal,
+            request_id: request_id(parts),
+        })
+    }
+}
+
+/// The owner a request acts for: the organization named by `X-KiloCode-OrganizationId` (or
+/// pinned by the credential), else the caller; with the caller's role over it.
+#[derive(Debug, Clone)]
+pub struct OwnerScope {
+    /// The caller.
+    pub auth: AuthUser,
+    /// The owner and the caller's role.
+    pub scope: Scope,
+}
+
+impl OwnerScope {
+    /// The owner acted for.
+    pub fn owner(&self) -> Owner {
+        self.scope.owner
+    }
+}
+
+impl FromRequestParts<AppState> for OwnerScope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = AuthUser::from_request_parts(parts, state).await?;
+        let header = match parts.headers.get(ORG_HEADER) {
+            None => None,
+            Some(v) => parse_org_header(v.as_bytes()).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_organization_id",
+                    e.to_string(),
+                )
+            })?,
+        };
+        let scope = state.identity.scope(&auth.principal, header).await?;
+        Ok(OwnerScope { auth, scope })
+    }
+}
+
+/// A minimum role, as a type: [`Member`], [`Admin`], [`OwnerRole`].
+pub trait MinRole: Send + Sync + 'static {
+    /// The role.
+    const ROLE: Role;
+}
+
+/// At least `member`.
+pub struct Member;
+/// At least `admin`.
+pub struct Admin;
+/// `owner`.
+pub struct OwnerRole;
+
+impl MinRole for Member {
+    const ROLE: Role = Role::Member;
+}
+impl MinRole for Admin {
+    const ROLE: Role = Role::Admin;
+}
+impl MinRole for OwnerRole {
+    const ROLE: Role = Role::Owner;
+}
+
+fn check_role(have: Role, need: Role) -> Result<(), ApiError> {
+    if have >= need {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_role",
+            format!("this needs the {need} role in the organization; you are {have}"),
+        ))
+    }
+}
+
+/// [`OwnerScope`] with at least role `R`.
+pub struct RequireRole<R: MinRole>(pub OwnerScope, pub PhantomData<R>);
+
+impl<R: MinRole> RequireRole<R> {
+    /// The scope.
+    pub fn scope(&self) -> &OwnerScope {
+        &self.0
+    }
+}
+
+impl<R: MinRole> FromRequestParts<AppState> for RequireRole<R> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let scope = OwnerScope::from_request_parts(parts, state).await?;
+        check_role(scope.scope.role, R::ROLE)?;
+        Ok(RequireRole(scope, PhantomData))
+    }
+}
+
+/// A member of the organization in the path parameter `{id}` with at least role `R`. A caller
+/// who is not a member gets 404, as for an organization that does not exist.
+pub struct OrgAccess<R: MinRole> {
+    /// The caller.
+    pub auth: AuthUser,
+    /// The organization.
+    pub org: Uuid,
+    /// The caller's role in it.
+    pub role: Role,
+    _min: PhantomData<R>,
+}
+
+impl<R: MinRole> FromRequestParts<AppState> for OrgAccess<R> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = AuthUser::from_request_parts(parts, state).await?;
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found("organization not found"))?;
+        let org = params
+            .get("id")
+            .and_then(|id| parse_uuid(id))
+            .ok_or_else(|| ApiError::not_found("organization not found"))?;
+        if auth.principal.pinned_org.is_some_and(|p| p != org) {
+            return Err(ApiError::not_found("organization not found"));
+        }
+        let role = state
+            .identity
+            .org_role(org, auth.principal.user)
+            .await?
+            .ok_or_else(|| ApiError::not_found("organization not found"))?;
+        check_role(role, R::ROLE)?;
+        Ok(OrgAccess {
+            auth,
+            org,
+            role,
+            _min: PhantomData,
+        })
+    }
+}
+
+/// An authenticated site administrator.
+pub struct SiteAdmin(pub AuthUser);
+
+impl FromRequestParts<AppState> for SiteAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = AuthUser::from_request_parts(parts, state).await?;
+        if !auth.principal.is_admin {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_required",
+                "this needs a site administrator",
+            ));
+        }
+        Ok(SiteAdmin(auth))
+    }
+}
+
+/// A platform-to-platform call carrying the internal service secret.
+pub struct Internal;
+
+impl FromRequestParts<AppState> for Internal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(INTERNAL_KEY_HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        limited(parts, state, async {
+            state.identity.verify_internal_key(presented.as_deref())
+        })
+        .await?;
+        Ok(Internal)
+    }
+}
