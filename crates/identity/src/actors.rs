@@ -61,7 +61,11 @@ pub(crate) struct MemberRecord {
 /// Calls on an owner actor. Each checks before it writes; a refusal is returned as `Err` and
 /// discards nothing because nothing was written.
 pub(crate) enum OwnerCall {
-    CreateUser(UserRecord),
+    CreateUser {
+        user: UserRecord,
+        key: ApiKeyRecord,
+        by: Initiator,
+    },
     RotatePepper {
         pepper: String,
         by: Initiator,
@@ -226,16 +230,15 @@ impl Handler<'_> {
 
     async fn handle(&mut self, call: OwnerCall) -> Result<OwnerReply> {
         match call {
-            OwnerCall::CreateUser(user) => {
+            OwnerCall::CreateUser { user, key, by } => {
                 if self.get::<UserRecord>(keys::PROFILE).await?.is_some() {
                     return Err(Error::conflict("user_exists", "user already exists"));
                 }
                 self.put(keys::PROFILE, &user)?;
-                let by = Initiator {
-                    user: user.id,
-                    request_id: None,
-                };
+                self.put(&format!("{}{}", keys::APIKEY, key.id), &key)?;
                 self.audit(&by, "user.created", user.id.to_string()).await?;
+                self.audit(&by, "token.created", format!("{} ({})", key.id, key.name))
+                    .await?;
             }
             OwnerCall::RotatePepper { pepper, by } => {
                 let mut user: UserRecord = self.require_profile().await?;

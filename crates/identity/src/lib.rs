@@ -343,27 +343,49 @@ impl Identity {
 
     // ----- users -----
 
-    /// Creates a user with a fresh pepper. Emails are unique, compared in lowercase.
+    /// Creates a user with a fresh pepper and a first API key (returned once, with its view);
+    /// `by` (a site administrator) is recorded in the new user's audit log. Emails are unique,
+    /// compared in lowercase.
     ///
     /// Errors: [`Error::Invalid`] for a bad email or name; [`Error::Conflict`] `email_taken`.
-    pub async fn create_user(&self, email: &str, name: &str, is_admin: bool) -> Result<UserRecord> {
+    pub async fn create_user(
+        &self,
+        email: &str,
+        name: &str,
+        is_admin: bool,
+        by: &Initiator,
+    ) -> Result<(UserRecord, String, ApiKeyView)> {
+        self.insert_user(Uuid::new_v4(), email, name, is_admin, Some(by))
+            .await
+    }
+
+    /// Creates user `id` and its first API key in one transaction of the user's actor, after
+    /// claiming the email (a claim left by a crash before the user existed is taken over).
+    ///
+    /// Errors: as [`Identity::create_user`]; [`Error::Conflict`] `user_exists` when `id` exists.
+    async fn insert_user(
+        &self,
+        id: Uuid,
+        email: &str,
+        name: &str,
+        is_admin: bool,
+        by: Option<&Initiator>,
+    ) -> Result<(UserRecord, String, ApiKeyView)> {
         let email = normalize_email(email)?;
-        let name = validate_name("name", name, 100)?;
         let user = UserRecord {
-            id: Uuid::new_v4(),
+            id,
             email: email.clone(),
-            name,
+            name: validate_name("name", name, 100)?,
             is_admin,
             created_at_ms: self.now_ms(),
             api_token_pepper: Some(new_pepper()),
         };
         let index = format!("email:{email}");
-        let target = user.id.to_string();
+        let target = id.to_string();
         if !self.claim_index(&index, &target, None).await? {
-            // Taken, unless the holder was never created (a crash between claim and create).
             let holder = self.read_index(&index).await?;
             let dangling = match holder.as_deref().and_then(owner::parse_uuid) {
-                Some(id) => self.user(id).await?.is_none(),
+                Some(holder) => self.user(holder).await?.is_none(),
                 None => true,
             };
             if !dangling || !self.claim_index(&index, &target, holder).await? {
@@ -373,9 +395,20 @@ impl Identity {
                 ));
             }
         }
-        self.call(Owner::User(user.id), OwnerCall::CreateUser(user.clone()))
+        let (key, record) = self
+            .new_api_key(Owner::User(id), "initial", None, id)
             .await?;
-        Ok(user)
+        let view = ApiKeyView::from(&record);
+        let call = OwnerCall::CreateUser {
+            user: user.clone(),
+            key: record,
+            by: by.cloned().unwrap_or(Initiator {
+                user: id,
+                request_id: None,
+            }),
+        };
+        self.call(Owner::User(id), call).await?;
+        Ok((user, key, view))
     }
 
     /// A user by id.
@@ -650,10 +683,31 @@ impl Identity {
         expires_at_ms: Option<i64>,
         by: &Initiator,
     ) -> Result<(String, ApiKeyView)> {
+        let (key, record) = self
+            .new_api_key(owner, name, expires_at_ms, by.user)
+            .await?;
+        let view = ApiKeyView::from(&record);
+        let call = OwnerCall::CreateApiKey {
+            record,
+            by: by.clone(),
+        };
+        self.call(owner, call).await?;
+        Ok((key, view))
+    }
+
+    /// Generates a key and points the index at its future record. The index is written first:
+    /// it only points, and a pointer to a record that never committed is treated as unknown.
+    async fn new_api_key(
+        &self,
+        owner: Owner,
+        name: &str,
+        expires_at_ms: Option<i64>,
+        created_by: Uuid,
+    ) -> Result<(String, ApiKeyRecord)> {
         let name = validate_name("name", name, 100)?;
         let now = self.now_ms();
         if expires_at_ms.is_some_and(|e| e <= now) {
-            return Err(Error::Invalid("expiresAt must be in the future".into()));
+            return Err(Error::Invalid("expiresAtMs must be in the future".into()));
         }
         let key = credential::generate_api_key();
         let record = ApiKeyRecord {
@@ -662,14 +716,12 @@ impl Identity {
             name,
             hint: key[key.len() - 4..].to_owned(),
             hash: credential::credential_hash(&key),
-            created_by: by.user,
+            created_by,
             created_at_ms: now,
             expires_at_ms,
             last_used_at_ms: None,
             revoked_at_ms: None,
         };
-        // The index is written first: it only points, and a pointer to a record that never
-        // committed is treated as unknown.
         let target = format!("{owner}/{}", record.id);
         if !self
             .claim_index(&format!("apikey:{}", record.hash), &target, None)
@@ -680,16 +732,7 @@ impl Identity {
                 "generated key collided; retry",
             ));
         }
-        let view = ApiKeyView::from(&record);
-        self.call(
-            owner,
-            OwnerCall::CreateApiKey {
-                record,
-                by: by.clone(),
-            },
-        )
-        .await?;
-        Ok((key, view))
+        Ok((key, record))
     }
 
     /// API keys of `owner`, revoked ones included, newest first.
@@ -925,10 +968,10 @@ impl Identity {
 
     // ----- bootstrap -----
 
-    /// On a store without an administrator, creates one (`email`) and an API key for them;
-    /// returns both, or `None` when the store was already initialized. Safe against
-    /// concurrent nodes (one index entry decides) and against a crash half-way (re-running
-    /// finishes the job).
+    /// On a store without an administrator, creates one (`email`) with an API key; returns
+    /// both, or `None` when the store was already initialized. One index entry picks the
+    /// administrator's id, and the user and key commit together, so concurrent nodes create
+    /// exactly one, and re-running after a crash half-way finishes the job.
     pub async fn bootstrap(&self, email: &str) -> Result<Option<(UserRecord, String)>> {
         let claimed = Uuid::new_v4().to_string();
         let holder = if self.claim_index(BOOTSTRAP_INDEX, &claimed, None).await? {
@@ -941,34 +984,17 @@ impl Identity {
         if self.user(admin_id).await?.is_some() {
             return Ok(None);
         }
-        let email = normalize_email(email)?;
-        let user = UserRecord {
-            id: admin_id,
-            email: email.clone(),
-            name: "Administrator".into(),
-            is_admin: true,
-            created_at_ms: self.now_ms(),
-            api_token_pepper: Some(new_pepper()),
-        };
-        let target = admin_id.to_string();
-        let index = format!("email:{email}");
-        let holder = self.read_index(&index).await?;
-        if !self.claim_index(&index, &target, holder).await? {
-            return Err(Error::conflict(
-                "email_taken",
-                format!("a user with email {email} exists"),
-            ));
+        match self
+            .insert_user(admin_id, email, "Administrator", true, None)
+            .await
+        {
+            Ok((user, key, _)) => Ok(Some((user, key))),
+            Err(Error::Conflict {
+                code: "user_exists",
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
         }
-        self.call(Owner::User(admin_id), OwnerCall::CreateUser(user.clone()))
-            .await?;
-        let by = Initiator {
-            user: admin_id,
-            request_id: None,
-        };
-        let (key, _) = self
-            .create_api_key(Owner::User(admin_id), "bootstrap", None, &by)
-            .await?;
-        Ok(Some((user, key)))
     }
 
     /// The bootstrap administrator's id, once initialized.

@@ -105,17 +105,9 @@ pub async fn create_user(
         .name
         .clone()
         .unwrap_or_else(|| body.email.split('@').next().unwrap_or_default().to_owned());
-    let user = s
+    let (user, api_key, info) = s
         .identity
-        .create_user(&body.email, &name, body.is_admin)
-        .await?;
-    let by = kilocloud_identity::model::Initiator {
-        user: user.id,
-        request_id: admin.request_id.clone(),
-    };
-    let (api_key, info) = s
-        .identity
-        .create_api_key(Owner::User(user.id), "initial", None, &by)
+        .create_user(&body.email, &name, body.is_admin, &admin.initiator())
         .await?;
     Ok((
         StatusCode::CREATED,
