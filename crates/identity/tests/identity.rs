@@ -220,7 +220,11 @@ async fn api_keys(pg: bool) {
     let listed = e.id.list_api_keys(Owner::User(alice)).await.unwrap();
     let mut names: Vec<&str> = listed.iter().map(|k| k.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["initial", "laptop"], "the first key comes with the user");
+    assert_eq!(
+        names,
+        ["initial", "laptop"],
+        "the first key comes with the user"
+    );
     assert!(!serde_json::to_string(&listed).unwrap().contains(&key[3..]));
 
     e.id.revoke_api_key(Owner::User(alice), view.id, &by(alice))

@@ -1,0 +1,1062 @@
+//! The identity HTTP API on SQLite and PostgreSQL: the access matrix over every route in the
+//! OpenAPI document, credential failures with their codes, tickets, the org header, the
+//! authentication rate limit, and a scan of every log line the tests produced for secrets.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use kilocloud_identity::credential::{TokenClaims, TokenSigner};
+use kilocloud_identity::envelope::{MasterKey, MasterKeys};
+use kilocloud_identity::model::Initiator;
+use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
+use kilocloud_server::{AppState, ServerOptions, router};
+use kilocloud_substrate::{
+    BlobConfig, DatabaseConfig, ManualClock, Substrate, Synchronous, Tuning,
+};
+use kilocloud_test_support::{PgSchema, temp_dir};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use uuid::Uuid;
+
+/// 2027-01-01T00:00:00Z.
+const T0: i64 = 1_798_761_600_000;
+const JWT_SECRET: &[u8] = b"access-test-jwt-secret-0123456789";
+const INTERNAL: &str = "internal-test-secret-value";
+const SECRET_VALUE: &str = "sk-live-do-not-log-4242";
+
+// ----- log capture -----
+
+/// Everything any test in this binary logged, at every level.
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || Capture(writer.clone()))
+            .try_init()
+            .expect("first subscriber");
+        buf
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Asserts that no captured log line contains any of `secrets`.
+fn assert_not_logged(secrets: &[String]) {
+    let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    assert!(!text.is_empty(), "logs are being captured");
+    for s in secrets {
+        assert!(
+            !text.contains(s.as_str()),
+            "a secret appeared in the logs: {}…",
+            &s[..6.min(s.len())]
+        );
+    }
+}
+
+// ----- environment -----
+
+struct Env {
+    _dir: tempfile::TempDir,
+    _schema: Option<PgSchema>,
+    clock: Arc<ManualClock>,
+    id: Identity,
+    app: axum::Router,
+    master_key_text: String,
+}
+
+async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
+    logs();
+    let dir = temp_dir();
+    let schema = if postgres {
+        Some(PgSchema::create().await)
+    } else {
+        None
+    };
+    let database = match &schema {
+        None => DatabaseConfig::Sqlite {
+            path: dir.path().join("db"),
+            synchronous: Synchronous::Normal,
+        },
+        Some(s) => DatabaseConfig::Postgres {
+            url: s.url.clone(),
+            max_connections: 8,
+            schema: Some(s.name.clone()),
+        },
+    };
+    let clock = Arc::new(ManualClock::new(T0));
+    let blobs = BlobConfig::Local {
+        path: dir.path().join("blobs"),
+    };
+    let sub = Substrate::open(&database, &blobs, Tuning::default(), clock.clone())
+        .await
+        .unwrap();
+    let (key, master_key_text) = MasterKey::generate();
+    let id = Identity::new(
+        &sub,
+        IdentityConfig {
+            jwt_secret: JWT_SECRET.to_vec(),
+            master_keys: MasterKeys::new(key, vec![]),
+            internal_api_secret: Some(INTERNAL.into()),
+        },
+    );
+    let options = ServerOptions {
+        admin_token: String::new(),
+        auth_failures_per_minute,
+    };
+    let app = router(AppState::new(sub, id.clone(), &options));
+    Env {
+        _dir: dir,
+        _schema: schema,
+        clock,
+        id,
+        app,
+        master_key_text,
+    }
+}
+
+struct Response {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Value,
+}
+
+impl Response {
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+async fn send(app: &axum::Router, req: Request<Body>) -> Response {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    Response {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+fn request(
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    org: Option<&str>,
+    body: Option<&Value>,
+) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(o) = org {
+        b = b.header("X-KiloCode-OrganizationId", o);
+    }
+    match body {
+        Some(v) => b
+            .header("content-type", "application/json")
+            .body(Body::from(v.to_string()))
+            .unwrap(),
+        None => b.body(Body::empty()).unwrap(),
+    }
+}
+
+fn by(user: Uuid) -> Initiator {
+    Initiator {
+        user,
+        request_id: None,
+    }
+}
+
+/// Users with their keys, an organization with an owner, an admin and a member, and one of
+/// each owned resource for the organization.
+struct Fixture {
+    owner: String,
+    admin: String,
+    member: String,
+    stranger: String,
+    site_admin: String,
+    owner_id: Uuid,
+    admin_id: Uuid,
+    member_id: Uuid,
+    org: Uuid,
+    org_key: Uuid,
+    org_bot: Uuid,
+    org_secret: &'static str,
+}
+
+impl Fixture {
+    async fn new(e: &Env) -> Self {
+        let n = Uuid::new_v4().simple().to_string();
+        let user = |name: &'static str, admin: bool| {
+            let email = format!("{name}-{n}@example.com");
+            let id = e.id.clone();
+            async move {
+                let (u, key, _) = id
+                    .create_user(&email, name, admin, &by(Uuid::nil()))
+                    .await
+                    .unwrap();
+                (u.id, key)
+            }
+        };
+        let (owner_id, owner) = user("owner", false).await;
+        let (admin_id, admin) = user("admin", false).await;
+        let (member_id, member) = user("member", false).await;
+        let (_, stranger) = user("stranger", false).await;
+        let (_, site_admin) = user("root", true).await;
+        let org = e.id.create_org("Acme", &by(owner_id)).await.unwrap().id;
+        e.id.put_member(org, admin_id, Role::Admin, Role::Owner, &by(owner_id))
+            .await
+            .unwrap();
+        e.id.put_member(org, member_id, Role::Member, Role::Owner, &by(owner_id))
+            .await
+            .unwrap();
+        let o = Owner::Org(org);
+        let (_, key) =
+            e.id.create_api_key(o, "org-ci", None, &by(owner_id))
+                .await
+                .unwrap();
+        let bot = e.id.create_bot(o, "org-bot", &by(owner_id)).await.unwrap();
+        e.id.put_secret(o, "ORG_SECRET", SECRET_VALUE.as_bytes(), &by(owner_id))
+            .await
+            .unwrap();
+        Fixture {
+            owner,
+            admin,
+            member,
+            stranger,
+            site_admin,
+            owner_id,
+            admin_id,
+            member_id,
+            org,
+            org_key: key.id,
+            org_bot: bot.id,
+            org_secret: "ORG_SECRET",
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        vec![
+            self.owner.clone(),
+            self.admin.clone(),
+            self.member.clone(),
+            self.stranger.clone(),
+            self.site_admin.clone(),
+        ]
+    }
+}
+
+// ----- the access matrix -----
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug)]
+enum Access {
+    /// Any signed-in user, for themself.
+    SignedIn,
+    /// A site administrator.
+    SiteAdmin,
+    /// The internal service secret.
+    Internal,
+    /// A member of the organization in the path with at least this role.
+    OrgPath(Role),
+    /// The owner acted for (org header) with at least this role; `addressed` routes name one
+    /// resource of it, so another user acting for themself gets 404.
+    OrgHeader { min: Role, addressed: bool },
+}
+
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    access: Access,
+    uri: fn(&Fixture) -> String,
+    body: fn(&Fixture) -> Option<Value>,
+}
+
+fn routes() -> Vec<Route> {
+    use Access::*;
+    fn none(_: &Fixture) -> Option<Value> {
+        None
+    }
+    vec![
+        Route {
+            method: "GET",
+            path: "/api/users/me",
+            access: SignedIn,
+            uri: |_| "/api/users/me".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/users/me/rotate-pepper",
+            access: SignedIn,
+            uri: |_| "/api/users/me/rotate-pepper".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/users/me/audit",
+            access: SignedIn,
+            uri: |_| "/api/users/me/audit".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/users",
+            access: SiteAdmin,
+            uri: |_| "/api/users".into(),
+            body: |_| Some(json!({"email": format!("new-{}@example.com", Uuid::new_v4())})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/orgs",
+            access: SignedIn,
+            uri: |_| "/api/orgs".into(),
+            body: |_| Some(json!({"name": "Other"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/orgs",
+            access: SignedIn,
+            uri: |_| "/api/orgs".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/orgs/{id}",
+            access: OrgPath(Role::Member),
+            uri: |f| format!("/api/orgs/{}", f.org),
+            body: none,
+        },
+        Route {
+            method: "PATCH",
+            path: "/api/orgs/{id}",
+            access: OrgPath(Role::Admin),
+            uri: |f| format!("/api/orgs/{}", f.org),
+            body: |_| Some(json!({"name": "Renamed"})),
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/orgs/{id}",
+            access: OrgPath(Role::Owner),
+            uri: |f| format!("/api/orgs/{}", f.org),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/orgs/{id}/members",
+            access: OrgPath(Role::Member),
+            uri: |f| format!("/api/orgs/{}/members", f.org),
+            body: none,
+        },
+        Route {
+            method: "PUT",
+            path: "/api/orgs/{id}/members/{user}",
+            access: OrgPath(Role::Admin),
+            uri: |f| format!("/api/orgs/{}/members/{}", f.org, f.member_id),
+            body: |_| Some(json!({"role": "admin"})),
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/orgs/{id}/members/{user}",
+            access: OrgPath(Role::Admin),
+            uri: |f| format!("/api/orgs/{}/members/{}", f.org, f.admin_id),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/orgs/{id}/audit",
+            access: OrgPath(Role::Admin),
+            uri: |f| format!("/api/orgs/{}/audit", f.org),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/tokens",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: false,
+            },
+            uri: |_| "/api/tokens".into(),
+            body: |_| Some(json!({"name": "new"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/tokens",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: false,
+            },
+            uri: |_| "/api/tokens".into(),
+            body: none,
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/tokens/{id}",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: true,
+            },
+            uri: |f| format!("/api/tokens/{}", f.org_key),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/tokens/jwt",
+            access: OrgHeader {
+                min: Role::Member,
+                addressed: false,
+            },
+            uri: |_| "/api/tokens/jwt".into(),
+            body: |_| Some(json!({})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/tickets",
+            access: SignedIn,
+            uri: |_| "/api/tickets".into(),
+            body: |_| Some(json!({"resource": "session:x"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/internal/tickets/redeem",
+            access: Internal,
+            uri: |_| "/api/internal/tickets/redeem".into(),
+            body: |_| Some(json!({"ticket": "kt_x", "resource": "r"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/secrets",
+            access: OrgHeader {
+                min: Role::Member,
+                addressed: false,
+            },
+            uri: |_| "/api/secrets".into(),
+            body: none,
+        },
+        Route {
+            method: "PUT",
+            path: "/api/secrets/{name}",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: false,
+            },
+            uri: |f| format!("/api/secrets/{}", f.org_secret),
+            body: |_| Some(json!({"value": SECRET_VALUE})),
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/secrets/{name}",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: true,
+            },
+            uri: |f| format!("/api/secrets/{}", f.org_secret),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/bots",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: false,
+            },
+            uri: |_| "/api/bots".into(),
+            body: |_| Some(json!({"name": "b"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/bots",
+            access: OrgHeader {
+                min: Role::Member,
+                addressed: false,
+            },
+            uri: |_| "/api/bots".into(),
+            body: none,
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/bots/{id}",
+            access: OrgHeader {
+                min: Role::Admin,
+                addressed: true,
+            },
+            uri: |f| format!("/api/bots/{}", f.org_bot),
+            body: none,
+        },
+    ]
+}
+
+/// Every operation in the OpenAPI document is in the matrix and vice versa, so a new route
+/// cannot escape it.
+async fn matrix_covers_every_route(e: &Env) -> Vec<Route> {
+    let doc = send(
+        &e.app,
+        request("GET", "/api/openapi.json", None, None, None),
+    )
+    .await;
+    assert_eq!(doc.status, StatusCode::OK);
+    let mut documented = Vec::new();
+    for (path, item) in doc.body["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(
+                op["security"].as_array().is_some_and(|s| !s.is_empty()),
+                "{method} {path} declares no security requirement"
+            );
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    documented.sort();
+    let table = routes();
+    let mut listed: Vec<(String, String)> = table
+        .iter()
+        .map(|r| (r.method.to_owned(), r.path.to_owned()))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        documented, listed,
+        "the access matrix must list exactly the documented routes"
+    );
+    table
+}
+
+async fn access_matrix(pg: bool) {
+    let e = env(pg, 1_000_000).await;
+    let mut secrets = vec![
+        SECRET_VALUE.to_owned(),
+        e.master_key_text.clone(),
+        INTERNAL.to_owned(),
+    ];
+    for route in matrix_covers_every_route(&e).await {
+        let label = format!("{} {}", route.method, route.path);
+        let f = Fixture::new(&e).await;
+        secrets.extend(f.keys());
+        let uri = (route.uri)(&f);
+        let body = (route.body)(&f);
+        let org = f.org.to_string();
+        let call = |token: Option<&str>, org_header: Option<&str>| {
+            send(
+                &e.app,
+                request(route.method, &uri, token, org_header, body.as_ref()),
+            )
+        };
+
+        // 1. No credentials.
+        let r = call(None, None).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{label} without credentials: {}",
+            r.body
+        );
+        let want = if matches!(route.access, Access::Internal) {
+            "internal_key_invalid"
+        } else {
+            "unauthenticated"
+        };
+        assert_eq!(r.code(), want, "{label}");
+
+        match route.access {
+            Access::SignedIn => {
+                // Acts for the caller only: a stranger gets their own view.
+                let r = call(Some(&f.stranger), None).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as stranger: {} {}",
+                    r.status,
+                    r.body
+                );
+                assert!(
+                    !r.body.to_string().contains(&org),
+                    "{label} leaks the organization"
+                );
+                let r = call(Some(&f.owner), None).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as owner: {} {}",
+                    r.status,
+                    r.body
+                );
+            }
+            Access::SiteAdmin => {
+                let r = call(Some(&f.owner), None).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::FORBIDDEN, "admin_required"),
+                    "{label}"
+                );
+                let r = call(Some(&f.site_admin), None).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as site admin: {} {}",
+                    r.status,
+                    r.body
+                );
+            }
+            Access::Internal => {
+                let r = send(&e.app, {
+                    let mut req = request(route.method, &uri, Some(&f.owner), None, body.as_ref());
+                    req.headers_mut()
+                        .insert("x-internal-api-key", "wrong".parse().unwrap());
+                    req
+                })
+                .await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::UNAUTHORIZED, "internal_key_invalid"),
+                    "{label}"
+                );
+                let (ticket, _) = e.id.issue_ticket(f.owner_id, "r").await.unwrap();
+                let mut req = request(
+                    route.method,
+                    &uri,
+                    None,
+                    None,
+                    Some(&json!({"ticket": ticket, "resource": "r"})),
+                );
+                req.headers_mut()
+                    .insert("x-internal-api-key", INTERNAL.parse().unwrap());
+                let r = send(&e.app, req).await;
+                assert_eq!(r.status, StatusCode::OK, "{label}: {}", r.body);
+                assert_eq!(r.body["userId"], f.owner_id.to_string());
+                secrets.push(ticket);
+            }
+            Access::OrgPath(min) => {
+                let r = call(Some(&f.stranger), None).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::NOT_FOUND, "not_found"),
+                    "{label} as stranger: {}",
+                    r.body
+                );
+                if let Some((token, role)) = below(&f, min) {
+                    let r = call(Some(token), None).await;
+                    assert_eq!(
+                        (r.status, r.code()),
+                        (StatusCode::FORBIDDEN, "insufficient_role"),
+                        "{label} as {role}: {}",
+                        r.body
+                    );
+                }
+                let r = call(Some(&f.owner), None).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as owner: {} {}",
+                    r.status,
+                    r.body
+                );
+            }
+            Access::OrgHeader { min, addressed } => {
+                let r = call(Some(&f.stranger), Some(&org)).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::FORBIDDEN, "not_a_member"),
+                    "{label} as stranger: {}",
+                    r.body
+                );
+                let r = call(Some(&f.stranger), None).await;
+                if addressed {
+                    assert_eq!(
+                        (r.status, r.code()),
+                        (StatusCode::NOT_FOUND, "not_found"),
+                        "{label} as stranger for themself: {}",
+                        r.body
+                    );
+                } else {
+                    assert!(
+                        r.status.is_success(),
+                        "{label} as stranger for themself: {}",
+                        r.body
+                    );
+                    let text = r.body.to_string();
+                    // (A stranger writing a secret of their own names it in the request.)
+                    let name = (route.method == "GET").then(|| f.org_secret.to_owned());
+                    let ids = [org.clone(), f.org_key.to_string(), f.org_bot.to_string()];
+                    for leaked in ids.into_iter().chain(name) {
+                        assert!(
+                            !text.contains(&leaked),
+                            "{label} shows the organization's resources to a stranger"
+                        );
+                    }
+                }
+                if let Some((token, role)) = below(&f, min) {
+                    let r = call(Some(token), Some(&org)).await;
+                    assert_eq!(
+                        (r.status, r.code()),
+                        (StatusCode::FORBIDDEN, "insufficient_role"),
+                        "{label} as {role}: {}",
+                        r.body
+                    );
+                }
+                let r = call(Some(&f.owner), Some(&org)).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as owner: {} {}",
+                    r.status,
+                    r.body
+                );
+                if let Some(key) = r.body["key"].as_str() {
+                    secrets.push(key.to_owned());
+                }
+                if let Some(token) = r.body["token"].as_str() {
+                    secrets.push(token.to_owned());
+                }
+            }
+        }
+    }
+    assert_not_logged(&secrets);
+}
+
+/// A member whose role is just below `min`, if `min` is above `member`.
+fn below(f: &Fixture, min: Role) -> Option<(&str, Role)> {
+    match min {
+        Role::Member => None,
+        Role::Admin => Some((&f.member, Role::Member)),
+        Role::Owner => Some((&f.admin, Role::Admin)),
+    }
+}
+
+// ----- credential failures -----
+
+async fn credential_failures(pg: bool) {
+    let e = env(pg, 1_000_000).await;
+    let f = Fixture::new(&e).await;
+    let me = |token: &str| {
+        send(
+            &e.app,
+            request("GET", "/api/users/me", Some(token), None, None),
+        )
+    };
+    let jwt = |body: Value| {
+        let app = e.app.clone();
+        let key = f.owner.clone();
+        async move {
+            let r = send(
+                &app,
+                request("POST", "/api/tokens/jwt", Some(&key), None, Some(&body)),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+            r.body["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let mut secrets = f.keys();
+    secrets.push(SECRET_VALUE.into());
+
+    // A good JWT works, then expires.
+    let short = jwt(json!({"expiresInSeconds": 30})).await;
+    assert_eq!(me(&short).await.status, StatusCode::OK);
+    assert_eq!(me(&short).await.body["credential"], "jwt");
+    e.clock.advance(30_000);
+    let r = me(&short).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_expired")
+    );
+
+    // Tampered signature; wrong version; malformed.
+    let token = jwt(json!({})).await;
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let r = me(&tampered).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_invalid_signature")
+    );
+    let v2 = TokenSigner::new(JWT_SECRET).sign(&TokenClaims {
+        kilo_user_id: f.owner_id.to_string(),
+        api_token_pepper: None,
+        version: 2,
+        exp: T0 / 1000 + 3600,
+        iat: T0 / 1000,
+        organization_id: None,
+        bot_id: None,
+    });
+    let r = me(&v2).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_version_unsupported")
+    );
+    for bad in ["", "x", "a.b.c", "kc_tooshort", &token[..token.len() / 2]] {
+        let r = me(bad).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{bad:?}");
+        assert!(
+            [
+                "credential_malformed",
+                "unauthenticated",
+                "token_invalid_signature"
+            ]
+            .contains(&r.code()),
+            "{bad:?}: {}",
+            r.body
+        );
+    }
+    let r = send(
+        &e.app,
+        Request::get("/api/users/me")
+            .header("authorization", "Basic abc")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "credential_malformed")
+    );
+
+    // Rotating the pepper revokes earlier JWTs, not API keys.
+    assert_eq!(me(&token).await.status, StatusCode::OK);
+    let r = send(
+        &e.app,
+        request(
+            "POST",
+            "/api/users/me/rotate-pepper",
+            Some(&token),
+            None,
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = me(&token).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_revoked")
+    );
+    assert_eq!(me(&f.owner).await.status, StatusCode::OK);
+    let fresh = jwt(json!({})).await;
+    assert_eq!(me(&fresh).await.status, StatusCode::OK);
+    secrets.extend([short, token, fresh]);
+
+    // A revoked API key.
+    let org = f.org.to_string();
+    let created = send(
+        &e.app,
+        request(
+            "POST",
+            "/api/tokens",
+            Some(&f.owner),
+            Some(&org),
+            Some(&json!({"name": "temp"})),
+        ),
+    )
+    .await;
+    let key = created.body["key"].as_str().unwrap().to_owned();
+    let r = me(&key).await;
+    assert_eq!(
+        (r.status, r.body["pinnedOrganizationId"].as_str()),
+        (StatusCode::OK, Some(org.as_str()))
+    );
+    let id = created.body["apiKey"]["id"].as_str().unwrap();
+    let r = send(
+        &e.app,
+        request(
+            "DELETE",
+            &format!("/api/tokens/{id}"),
+            Some(&f.owner),
+            Some(&org),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = me(&key).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "api_key_revoked")
+    );
+    secrets.push(key);
+
+    // The org header: not a UUID → 400; not a member → 403; a pinned JWT for another org → 403.
+    let r = send(
+        &e.app,
+        request("GET", "/api/secrets", Some(&f.owner), Some("acme"), None),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_organization_id")
+    );
+    let r = send(
+        &e.app,
+        request(
+            "GET",
+            "/api/secrets",
+            Some(&f.owner),
+            Some(&Uuid::new_v4().to_string()),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "not_a_member")
+    );
+    let r = send(
+        &e.app,
+        request("GET", "/api/secrets", Some(&f.member), Some(&org), None),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body["count"].as_u64()),
+        (StatusCode::OK, Some(1))
+    );
+    assert!(!r.body.to_string().contains(SECRET_VALUE));
+
+    // Tickets: single use, 60 s.
+    let redeem = |ticket: &str, resource: &str| {
+        let mut req = request(
+            "POST",
+            "/api/internal/tickets/redeem",
+            None,
+            None,
+            Some(&json!({"ticket": ticket, "resource": resource})),
+        );
+        req.headers_mut()
+            .insert("x-internal-api-key", INTERNAL.parse().unwrap());
+        send(&e.app, req)
+    };
+    let issue = || {
+        send(
+            &e.app,
+            request(
+                "POST",
+                "/api/tickets",
+                Some(&f.member),
+                None,
+                Some(&json!({"resource": "session:a"})),
+            ),
+        )
+    };
+    let t = issue().await.body["ticket"].as_str().unwrap().to_owned();
+    assert_eq!(
+        redeem(&t, "session:a").await.body["userId"],
+        f.member_id.to_string()
+    );
+    let r = redeem(&t, "session:a").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "ticket_invalid")
+    );
+    let late = issue().await.body["ticket"].as_str().unwrap().to_owned();
+    e.clock.advance(60_000);
+    let r = redeem(&late, "session:a").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "ticket_expired")
+    );
+    secrets.extend([t, late]);
+
+    // The audit log saw it, with request ids.
+    let r = send(
+        &e.app,
+        request(
+            "GET",
+            &format!("/api/orgs/{org}/audit?limit=3"),
+            Some(&f.owner),
+            None,
+            None,
+        ),
+    )
+    .await;
+    let actions: Vec<&str> = r.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["token.revoked", "token.created", "secret.written"]
+    );
+    assert!(
+        r.body["entries"][0]["requestId"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    let r = send(
+        &e.app,
+        request(
+            "GET",
+            &format!("/api/orgs/{org}/audit?limit=0"),
+            Some(&f.owner),
+            None,
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    assert_not_logged(&secrets);
+}
+
+async fn auth_failures_are_rate_limited(pg: bool) {
+    let e = env(pg, 3).await;
+    let f = Fixture::new(&e).await;
+    for _ in 0..3 {
+        let r = send(
+            &e.app,
+            request("GET", "/api/users/me", Some("kc_wrong"), None, None),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = send(
+        &e.app,
+        request("GET", "/api/users/me", Some("kc_wrong"), None, None),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures")
+    );
+    assert!(r.headers.get("retry-after").is_some());
+    // While blocked, even a valid credential is not checked.
+    let r = send(
+        &e.app,
+        request("GET", "/api/users/me", Some(&f.owner), None, None),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // Unauthenticated routes are unaffected.
+    let r = send(&e.app, request("GET", "/health", None, None, None)).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(false).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    access_matrix,
+    credential_failures,
+    auth_failures_are_rate_limited
+);
