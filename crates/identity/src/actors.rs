@@ -58,8 +58,8 @@ pub(crate) struct MemberRecord {
     pub added_at_ms: i64,
 }
 
-/// Calls on an owner actor. Each checks before it writes; a refusal is returned as `Err` and
-/// discards nothing because nothing was written.
+/// Calls on an owner actor. A refusal is returned as the reply's `Err`, after the call's
+/// buffered writes are rolled back, so it never commits part of a change.
 pub(crate) enum OwnerCall {
     CreateUser {
         user: UserRecord,
@@ -174,8 +174,11 @@ impl kilocloud_substrate::Actor for OwnerActor {
         match h.handle(call).await {
             Ok(reply) => Ok(Ok(reply)),
             Err(Error::Substrate(e)) => Err(e),
-            // A refusal: nothing was written before it, and the caller gets the reason.
-            Err(e) => Ok(Err(e)),
+            // A refusal: whatever the handler buffered is dropped; the caller gets the reason.
+            Err(e) => {
+                ctx.rollback();
+                Ok(Err(e))
+            }
         }
     }
 }

@@ -125,6 +125,13 @@ impl ActorContext {
         Ok(())
     }
 
+    /// Discards every write and alarm change this call has buffered, as if it had made none;
+    /// later writes in the same call are kept. For handlers that refuse a call with a reply
+    /// (`Ok`) rather than an error, so a refusal never commits half a change.
+    pub fn rollback(&mut self) {
+        self.writes = WriteSet::default();
+    }
+
     /// Buffers a delete of `key`.
     pub fn delete(&mut self, key: &str) {
         self.writes.entries.insert(key.to_owned(), None);

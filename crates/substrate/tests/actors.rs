@@ -35,6 +35,11 @@ enum ScratchCall {
     },
     Meet(Arc<tokio::sync::Barrier>),
     PutThenPanic,
+    /// Writes `discarded` and an alarm, rolls back, then writes `kept`.
+    PutRollbackPut {
+        discarded: String,
+        kept: String,
+    },
 }
 
 #[derive(Debug, PartialEq)]
@@ -57,6 +62,14 @@ impl Actor for Scratch {
                 ctx.set_alarm(ctx.now_ms() + 1_000);
                 assert_eq!(ctx.get::<String>(&key).await?, Some(value));
                 return Err(Error::handler("deliberate failure"));
+            }
+            ScratchCall::PutRollbackPut { discarded, kept } => {
+                ctx.put(&discarded, "x")?;
+                ctx.set_alarm(ctx.now_ms() + 1_000);
+                ctx.rollback();
+                assert_eq!(ctx.get::<String>(&discarded).await?, None);
+                ctx.put(&kept, "y")?;
+                ScratchReply::None
             }
             ScratchCall::Put { key, value } => {
                 ctx.put(&key, &value)?;
@@ -169,6 +182,57 @@ async fn calls_on_different_keys_run_concurrently(kind: Kind) {
     .expect("calls on different keys deadlocked: they were serialized");
     a.unwrap();
     b.unwrap();
+}
+
+async fn point_reads_and_key_listing(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    sub.actors().register(Scratch);
+    for key in ["k3", "k1", "k2"] {
+        sub.actors()
+            .call::<Scratch>(key, put("x", key))
+            .await
+            .unwrap();
+    }
+    let read: Option<String> = sub.actor_read("scratch", "k2", "x").await.unwrap();
+    assert_eq!(read.as_deref(), Some("k2"));
+    let missing: Option<String> = sub.actor_read("scratch", "k2", "y").await.unwrap();
+    assert_eq!(missing, None);
+    let failed = ScratchCall::PutThenFail {
+        key: "z".into(),
+        value: "v".into(),
+    };
+    sub.actors()
+        .call::<Scratch>("k1", failed)
+        .await
+        .unwrap_err();
+    let uncommitted: Option<String> = sub.actor_read("scratch", "k1", "z").await.unwrap();
+    assert_eq!(uncommitted, None, "a failed call's write is never visible");
+    assert_eq!(
+        sub.actor_keys("scratch", "", 2).await.unwrap(),
+        ["k1", "k2"]
+    );
+    assert_eq!(sub.actor_keys("scratch", "k2", 10).await.unwrap(), ["k3"]);
+    assert!(sub.actor_keys("other", "", 10).await.unwrap().is_empty());
+}
+
+async fn rollback_discards_only_earlier_writes(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    sub.actors().register(Scratch);
+    let actors = sub.actors();
+    let call = ScratchCall::PutRollbackPut {
+        discarded: "a".into(),
+        kept: "b".into(),
+    };
+    actors.call::<Scratch>("k", call).await.unwrap();
+    let listed = actors
+        .call::<Scratch>("k", ScratchCall::List(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(listed, ScratchReply::List(vec![("b".into(), "y".into())]));
+    let alarm = actors.call::<Scratch>("k", ScratchCall::Alarm).await;
+    assert_eq!(alarm.unwrap(), ScratchReply::Alarm(None));
 }
 
 async fn failed_call_is_rolled_back(kind: Kind) {
@@ -326,6 +390,8 @@ on_every_backend!(
     calls_on_one_key_never_interleave,
     calls_on_different_keys_run_concurrently,
     failed_call_is_rolled_back,
+    rollback_discards_only_earlier_writes,
+    point_reads_and_key_listing,
     storage_list_delete_and_delete_all,
     backlog_beyond_limit_is_overloaded,
 );

@@ -224,11 +224,34 @@ fn send_signal(pid: u32, sig: nix::sys::signal::Signal) {
 
 /// Runs the CLI with `args` on `store`; returns (success, stdout, stderr).
 pub fn cli(store: &Store, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin())
+    cli_with(store, args, &[], None)
+}
+
+/// Runs the CLI with `args` on `store`, extra environment `env` and `stdin`; returns
+/// (success, stdout, stderr).
+pub fn cli_with(
+    store: &Store,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(bin())
         .args(args)
         .args(store.args())
-        .output()
+        .envs(store.env())
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run kilocloud");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().expect("run kilocloud");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
