@@ -3,7 +3,7 @@
 //! time). Documented in `docs/http-api.md`.
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 
 use crate::AppState;
 use crate::auth::SiteAdmin;
-use crate::error::{ApiError, Json};
+use crate::error::{ApiError, Json, Query};
 use crate::probe::{ProbeActor, ProbeCall};
 
 /// Proof that the caller is a site administrator or carried the static admin token. Handlers

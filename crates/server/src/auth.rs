@@ -5,6 +5,7 @@
 //! | extractor | requires | fails with |
 //! |---|---|---|
 //! | [`AuthUser`] | a valid JWT or API key in `Authorization: Bearer` | 401 (429 when rate limited) |
+//! | [`PersonalAuth`] | `AuthUser` with a credential not pinned to an organization | 403 `personal_credential_required` |
 //! | [`OwnerScope`] | `AuthUser`, and membership of the org in `X-KiloCode-OrganizationId` | 400 not a UUID, 403 not a member |
 //! | [`RequireRole<R>`] | `OwnerScope` with at least role `R` (a user over their own things is `owner`) | 403 `insufficient_role` |
 //! | [`OrgAccess<R>`] | `AuthUser` who is a member of the org in the path `{id}`, with at least `R` | 404 if not a member, 403 if the role is too low |
@@ -180,6 +181,28 @@ impl FromRequestParts<AppState> for AuthUser {
             principal,
             request_id: request_id(parts),
         })
+    }
+}
+
+/// An [`AuthUser`] whose credential is personal, not pinned to an organization: for routes that
+/// change the user's own account (rotate the pepper, create organizations), which an
+/// organization's API key or an org-pinned JWT must not reach.
+pub struct PersonalAuth(pub AuthUser);
+
+impl FromRequestParts<AppState> for PersonalAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = AuthUser::from_request_parts(parts, state).await?;
+        if auth.principal.pinned_org.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "personal_credential_required",
+                "this route changes a user's own account; use a personal API key or token, \
+                 not one of an organization",
+            ));
+        }
+        Ok(PersonalAuth(auth))
     }
 }
 

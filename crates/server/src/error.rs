@@ -1,7 +1,7 @@
 //! The one error type of the HTTP API, rendered everywhere as
 //! `{"error":{"code":"...","message":"..."}}` with the matching status.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kilocloud_substrate::Error as SubstrateError;
@@ -157,6 +157,17 @@ impl From<JsonRejection> for ApiError {
         Self::new(status, code, r.body_text())
     }
 }
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_query", r.body_text())
+    }
+}
+
+/// `axum::extract::Query` whose rejections render as [`ApiError`] (`400 invalid_query`).
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
 
 /// `axum::Json` whose rejections render as [`ApiError`].
 #[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]

@@ -864,6 +864,17 @@ async fn credential_failures(pg: bool) {
         (r.status, r.body["pinnedOrganizationId"].as_str()),
         (StatusCode::OK, Some(org.as_str()))
     );
+    // An organization's key cannot act on its creator's own account.
+    let org_body = json!({"name": "Side"});
+    let r = send(
+        &e.app,
+        request("POST", "/api/orgs", Some(&key), None, Some(&org_body)),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "personal_credential_required")
+    );
     let id = created.body["apiKey"]["id"].as_str().unwrap();
     let r = send(
         &e.app,

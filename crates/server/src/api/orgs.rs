@@ -1,7 +1,7 @@
 //! `/api/orgs`: organizations, their members and their audit log. Routes with `{id}` answer
 //! 404 to callers who are not members ([`OrgAccess`]).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use kilocloud_identity::Role;
 use kilocloud_identity::model::{MemberView, OrgMembershipView, OrgView};
@@ -11,7 +11,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{AuditPage, AuditQuery, ErrorBody};
-use crate::auth::{Admin, AuthUser, Member, OrgAccess, OwnerRole};
+use crate::auth::{Admin, AuthUser, Member, OrgAccess, OwnerRole, PersonalAuth};
+use crate::error::Query;
 use crate::{ApiError, AppState, Json};
 
 /// Body of `POST /api/orgs` and `PATCH /api/orgs/{id}`.
@@ -28,7 +29,7 @@ pub struct OrgName {
     security(("bearer" = [])))]
 pub async fn create_org(
     State(s): State<AppState>,
-    auth: AuthUser,
+    PersonalAuth(auth): PersonalAuth,
     Json(body): Json<OrgName>,
 ) -> Result<(StatusCode, Json<OrgView>), ApiError> {
     let org = s.identity.create_org(&body.name, &auth.initiator()).await?;

@@ -1,7 +1,7 @@
 //! `/api/users`: the caller, pepper rotation, user creation by a site administrator, and the
 //! caller's own audit log.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use kilocloud_identity::Owner;
 use kilocloud_identity::model::{ApiKeyView, OrgMembershipView, UserView};
@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{AuditPage, AuditQuery, ErrorBody};
-use crate::auth::{AuthUser, SiteAdmin};
+use crate::auth::{AuthUser, PersonalAuth, SiteAdmin};
+use crate::error::Query;
 use crate::{ApiError, AppState, Json};
 
 /// The caller: who they are, how they authenticated, and their organizations.
@@ -58,7 +59,7 @@ pub async fn me(State(s): State<AppState>, auth: AuthUser) -> Result<Json<Me>, A
     security(("bearer" = [])))]
 pub async fn rotate_pepper(
     State(s): State<AppState>,
-    auth: AuthUser,
+    PersonalAuth(auth): PersonalAuth,
 ) -> Result<StatusCode, ApiError> {
     s.identity
         .rotate_pepper(auth.principal.user, &auth.initiator())
