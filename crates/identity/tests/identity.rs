@@ -8,10 +8,8 @@ use kilocloud_identity::credential::{AuthError, TokenClaims, TokenSigner};
 use kilocloud_identity::envelope::{CryptoError, MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Credential, Error, Identity, IdentityConfig, Owner, Role, TICKET_TTL_MS};
-use kilocloud_substrate::{
-    BlobConfig, DatabaseConfig, ManualClock, Substrate, Synchronous, Tuning,
-};
-use kilocloud_test_support::{PgSchema, temp_dir};
+use kilocloud_substrate::{ManualClock, Substrate};
+use kilocloud_test_support::TestStore;
 use uuid::Uuid;
 
 /// 2027-01-01T00:00:00Z.
@@ -19,8 +17,7 @@ const T0: i64 = 1_798_761_600_000;
 const JWT_SECRET: &[u8] = b"identity-test-jwt-secret";
 
 struct Env {
-    _dir: tempfile::TempDir,
-    _schema: Option<PgSchema>,
+    _store: TestStore,
     sub: Substrate,
     clock: Arc<ManualClock>,
     id: Identity,
@@ -32,34 +29,12 @@ impl Env {
     }
 
     async fn with_key(postgres: bool, key: MasterKey) -> Self {
-        let dir = temp_dir();
-        let schema = if postgres {
-            Some(PgSchema::create().await)
-        } else {
-            None
-        };
-        let database = match &schema {
-            None => DatabaseConfig::Sqlite {
-                path: dir.path().join("db"),
-                synchronous: Synchronous::Normal,
-            },
-            Some(s) => DatabaseConfig::Postgres {
-                url: s.url.clone(),
-                max_connections: 8,
-                schema: Some(s.name.clone()),
-            },
-        };
+        let store = TestStore::new(postgres).await;
         let clock = Arc::new(ManualClock::new(T0));
-        let blobs = BlobConfig::Local {
-            path: dir.path().join("blobs"),
-        };
-        let sub = Substrate::open(&database, &blobs, Tuning::default(), clock.clone())
-            .await
-            .unwrap();
+        let sub = store.open(clock.clone()).await;
         let id = identity(&sub, MasterKeys::new(key, vec![]));
         Env {
-            _dir: dir,
-            _schema: schema,
+            _store: store,
             sub,
             clock,
             id,

@@ -12,10 +12,8 @@ use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
 use kilocloud_server::{AppState, ServerOptions, router};
-use kilocloud_substrate::{
-    BlobConfig, DatabaseConfig, ManualClock, Substrate, Synchronous, Tuning,
-};
-use kilocloud_test_support::{PgSchema, temp_dir};
+use kilocloud_substrate::ManualClock;
+use kilocloud_test_support::TestStore;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -71,8 +69,7 @@ fn assert_not_logged(secrets: &[String]) {
 // ----- environment -----
 
 struct Env {
-    _dir: tempfile::TempDir,
-    _schema: Option<PgSchema>,
+    _store: TestStore,
     clock: Arc<ManualClock>,
     id: Identity,
     app: axum::Router,
@@ -81,30 +78,9 @@ struct Env {
 
 async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
     logs();
-    let dir = temp_dir();
-    let schema = if postgres {
-        Some(PgSchema::create().await)
-    } else {
-        None
-    };
-    let database = match &schema {
-        None => DatabaseConfig::Sqlite {
-            path: dir.path().join("db"),
-            synchronous: Synchronous::Normal,
-        },
-        Some(s) => DatabaseConfig::Postgres {
-            url: s.url.clone(),
-            max_connections: 8,
-            schema: Some(s.name.clone()),
-        },
-    };
+    let store = TestStore::new(postgres).await;
     let clock = Arc::new(ManualClock::new(T0));
-    let blobs = BlobConfig::Local {
-        path: dir.path().join("blobs"),
-    };
-    let sub = Substrate::open(&database, &blobs, Tuning::default(), clock.clone())
-        .await
-        .unwrap();
+    let sub = store.open(clock.clone()).await;
     let (key, master_key_text) = MasterKey::generate();
     let id = Identity::new(
         &sub,
@@ -120,8 +96,7 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
     };
     let app = router(AppState::new(sub, id.clone(), &options));
     Env {
-        _dir: dir,
-        _schema: schema,
+        _store: store,
         clock,
         id,
         app,

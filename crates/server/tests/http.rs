@@ -9,18 +9,15 @@ use http_body_util::BodyExt;
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::{Identity, IdentityConfig};
 use kilocloud_server::{ApiError, AppState, ServerOptions, probe, router};
-use kilocloud_substrate::{
-    BlobConfig, DatabaseConfig, Error, Substrate, Synchronous, SystemClock, Tuning,
-};
-use kilocloud_test_support::{PgSchema, temp_dir};
+use kilocloud_substrate::{Error, SystemClock};
+use kilocloud_test_support::TestStore;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 const TOKEN: &str = "admin-secret";
 
 struct Env {
-    _dir: tempfile::TempDir,
-    _schema: Option<PgSchema>,
+    _store: TestStore,
     app: axum::Router,
 }
 
@@ -33,33 +30,8 @@ fn identity_config() -> IdentityConfig {
 }
 
 async fn env(postgres: bool, admin: Option<&str>) -> Env {
-    let dir = temp_dir();
-    let schema = if postgres {
-        Some(PgSchema::create().await)
-    } else {
-        None
-    };
-    let database = match &schema {
-        None => DatabaseConfig::Sqlite {
-            path: dir.path().join("db"),
-            synchronous: Synchronous::Normal,
-        },
-        Some(s) => DatabaseConfig::Postgres {
-            url: s.url.clone(),
-            max_connections: 8,
-            schema: Some(s.name.clone()),
-        },
-    };
-    let sub = Substrate::open(
-        &database,
-        &BlobConfig::Local {
-            path: dir.path().join("blobs"),
-        },
-        Tuning::default(),
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let store = TestStore::new(postgres).await;
+    let sub = store.open(Arc::new(SystemClock)).await;
     probe::register(&sub).unwrap();
     let identity = Identity::new(&sub, identity_config());
     let options = ServerOptions {
@@ -67,11 +39,7 @@ async fn env(postgres: bool, admin: Option<&str>) -> Env {
         ..ServerOptions::default()
     };
     let app = router(AppState::new(sub, identity, &options));
-    Env {
-        _dir: dir,
-        _schema: schema,
-        app,
-    }
+    Env { _store: store, app }
 }
 
 async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, Value) {

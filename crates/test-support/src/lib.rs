@@ -7,13 +7,65 @@
 //! - [`PgSchema`]: a fresh schema per test, dropped afterwards, so tests run in parallel on one
 //!   database; [`PgDatabase`]: a fresh database, for tests that start server processes.
 //! - [`temp_dir`]: a directory for SQLite files and blobs.
+//! - [`TestStore`]: both together: a substrate on a fresh SQLite file or PostgreSQL schema.
 //!
 //! Fakes of external services (model providers, GitHub, Fly) will live here too; product code
 //! never depends on this crate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use kilocloud_substrate::{BlobConfig, Clock, DatabaseConfig, Substrate, Synchronous, Tuning};
 use sqlx::Connection;
+
+/// One test's store: a temp directory (SQLite file, blobs) and, on PostgreSQL, a fresh schema;
+/// both removed when this value is dropped. Keep it alive as long as the substrate.
+pub struct TestStore {
+    /// SQLite file and blobs.
+    pub dir: tempfile::TempDir,
+    /// The schema, on PostgreSQL.
+    pub schema: Option<PgSchema>,
+}
+
+impl TestStore {
+    /// A fresh store on PostgreSQL when `postgres`, else on SQLite.
+    pub async fn new(postgres: bool) -> Self {
+        let schema = if postgres {
+            Some(PgSchema::create().await)
+        } else {
+            None
+        };
+        Self {
+            dir: temp_dir(),
+            schema,
+        }
+    }
+
+    /// The database: `db` in the directory, or the schema with a pool of 8.
+    pub fn database(&self) -> DatabaseConfig {
+        match &self.schema {
+            None => DatabaseConfig::Sqlite {
+                path: self.dir.path().join("db"),
+                synchronous: Synchronous::Normal,
+            },
+            Some(s) => DatabaseConfig::Postgres {
+                url: s.url.clone(),
+                max_connections: 8,
+                schema: Some(s.name.clone()),
+            },
+        }
+    }
+
+    /// Opens a substrate (not started) on this store with default tuning and `clock`.
+    pub async fn open(&self, clock: Arc<dyn Clock>) -> Substrate {
+        let blobs = BlobConfig::Local {
+            path: self.dir.path().join("blobs"),
+        };
+        Substrate::open(&self.database(), &blobs, Tuning::default(), clock)
+            .await
+            .expect("open the test substrate")
+    }
+}
 
 /// Default URL of the test PostgreSQL server.
 pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
