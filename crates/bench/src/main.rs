@@ -1,6 +1,6 @@
 //! `kilocloud-bench`: measures the substrate against its targets (DESIGN.md §6) with NATS
-//! JetStream measured in the same run as the queue reference, and prints a Markdown report for
-//! BENCHMARKS.md.
+//! JetStream measured in the same run as the queue reference, and the cost of authentication
+//! beside signature-only JWT verification, and prints a Markdown report for BENCHMARKS.md.
 //!
 //! ```text
 //! cargo run --release -p kilocloud-bench            # everything (≈ 3–5 minutes)
@@ -12,6 +12,7 @@
 
 mod actors;
 mod alarms;
+mod auth;
 mod queue;
 mod report;
 
@@ -29,7 +30,7 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, actors, alarms). Default: all.
+    /// Run only these groups (queue, actors, alarms, auth). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
@@ -101,6 +102,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("alarms") {
         out += &alarms::run(&args).await?;
+    }
+    if wants("auth") {
+        out += &auth::run(&args).await?;
     }
     println!("{out}");
     Ok(())
