@@ -70,7 +70,8 @@ pub enum Credential {
 pub struct Principal {
     /// The user the caller acts as (an org API key acts as its creator).
     pub user: Uuid,
-    /// Site administrator.
+    /// Site administrator acting with a personal credential: a credential pinned to an
+    /// organization or acting as a bot never carries site-administrator rights.
     pub is_admin: bool,
     /// How they authenticated.
     pub credential: Credential,
@@ -155,19 +156,36 @@ impl Identity {
             .await?)
     }
 
-    async fn list<T: serde::de::DeserializeOwned>(
+    /// The owner's storage entries under `prefix`, in key order, with the key's suffix.
+    async fn entries<T: serde::de::DeserializeOwned>(
         &self,
         owner: Owner,
         prefix: &'static str,
-    ) -> Result<Vec<T>> {
+    ) -> Result<Vec<(String, T)>> {
         let OwnerReply::Entries(entries) = self.call(owner, OwnerCall::List { prefix }).await?
         else {
             unreachable!("List replies with entries")
         };
         entries
             .into_iter()
-            .map(|(_, v)| serde_json::from_value(v).map_err(|e| Error::Substrate(e.into())))
+            .map(|(k, v)| {
+                let value = serde_json::from_value(v).map_err(|e| Error::Substrate(e.into()))?;
+                Ok((k[prefix.len()..].to_owned(), value))
+            })
             .collect()
+    }
+
+    async fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        owner: Owner,
+        prefix: &'static str,
+    ) -> Result<Vec<T>> {
+        Ok(self
+            .entries(owner, prefix)
+            .await?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     async fn claim_index(
@@ -233,7 +251,7 @@ impl Identity {
         }
         Ok(Principal {
             user: user.id,
-            is_admin: user.is_admin,
+            is_admin: user.is_admin && t.org_id.is_none() && t.bot_id.is_none(),
             credential: Credential::Jwt,
             pinned_org: t.org_id,
             bot: t.bot_id,
@@ -281,7 +299,7 @@ impl Identity {
         }
         Ok(Principal {
             user: user.id,
-            is_admin: user.is_admin,
+            is_admin: user.is_admin && owner == Owner::User(user.id),
             credential: Credential::ApiKey(id),
             pinned_org: match owner {
                 Owner::Org(org) => Some(org),
@@ -521,20 +539,11 @@ impl Identity {
     /// The user's membership index is checked against each organization (the authority), so a
     /// stale entry left by a crash is not shown.
     pub async fn orgs_of(&self, user: Uuid) -> Result<Vec<OrgMembershipView>> {
-        let OwnerReply::Entries(entries) = self
-            .call(
-                Owner::User(user),
-                OwnerCall::List {
-                    prefix: keys::MEMBERSHIP,
-                },
-            )
-            .await?
-        else {
-            unreachable!("List replies with entries")
-        };
+        let memberships: Vec<(String, Role)> =
+            self.entries(Owner::User(user), keys::MEMBERSHIP).await?;
         let mut out = Vec::new();
-        for (key, _) in entries {
-            let Some(org_id) = owner::parse_uuid(&key[keys::MEMBERSHIP.len()..]) else {
+        for (org_id, _) in memberships {
+            let Some(org_id) = owner::parse_uuid(&org_id) else {
                 continue;
             };
             if let (Some(org), Some(role)) =
@@ -583,24 +592,13 @@ impl Identity {
 
     /// Members of an organization with their emails, in user-id order.
     pub async fn members(&self, org: Uuid) -> Result<Vec<MemberView>> {
-        let OwnerReply::Entries(entries) = self
-            .call(
-                Owner::Org(org),
-                OwnerCall::List {
-                    prefix: keys::MEMBER,
-                },
-            )
-            .await?
-        else {
-            unreachable!("List replies with entries")
-        };
+        let members: Vec<(String, actors::MemberRecord)> =
+            self.entries(Owner::Org(org), keys::MEMBER).await?;
         let mut out = Vec::new();
-        for (key, value) in entries {
-            let Some(user_id) = owner::parse_uuid(&key[keys::MEMBER.len()..]) else {
+        for (user_id, m) in members {
+            let Some(user_id) = owner::parse_uuid(&user_id) else {
                 continue;
             };
-            let m: actors::MemberRecord =
-                serde_json::from_value(value).map_err(|e| Error::Substrate(e.into()))?;
             let email = self.user(user_id).await?.map(|u| u.email);
             out.push(MemberView {
                 user_id,

@@ -563,7 +563,20 @@ async fn bootstrap_and_unique_emails(pg: bool) {
     assert_eq!(created.len(), 1, "exactly one node bootstraps");
     let (admin, key) = &created[0];
     assert!(admin.is_admin);
-    assert_eq!(e.id.authenticate(key).await.unwrap().user, admin.id);
+    let p = e.id.authenticate(key).await.unwrap();
+    assert_eq!((p.user, p.is_admin), (admin.id, true));
+    // Credentials pinned to an organization never carry site-administrator rights.
+    let org = e.id.create_org("Ops", &by(admin.id)).await.unwrap();
+    let (org_key, _) =
+        e.id.create_api_key(Owner::Org(org.id), "ops", None, &by(admin.id))
+            .await
+            .unwrap();
+    assert!(!e.id.authenticate(&org_key).await.unwrap().is_admin);
+    let (pinned, _) =
+        e.id.issue_jwt(admin.id, Some(org.id), None, 60)
+            .await
+            .unwrap();
+    assert!(!e.id.authenticate(&pinned).await.unwrap().is_admin);
     assert!(e.id.bootstrap("root@example.com").await.unwrap().is_none());
     assert_eq!(e.id.bootstrap_admin().await.unwrap(), Some(admin.id));
 

@@ -214,15 +214,9 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         url: args.url.trim_end_matches('/').to_owned(),
         token: args.token,
     };
-    let me = Client::new(
-        Credentials {
-            url: creds.url.clone(),
-            token: creds.token.clone(),
-        },
-        None,
-    )?
-    .call(Method::GET, "/api/users/me", None)
-    .await?;
+    let me = Client::new(creds.clone(), None)?
+        .call(Method::GET, "/api/users/me", None)
+        .await?;
     let path = creds.save()?;
     println!(
         "logged in to {} as {} (credentials in {})",

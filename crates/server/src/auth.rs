@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{ConnectInfo, FromRequestParts, Path};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::owner::{parse_org_header, parse_uuid};
@@ -73,9 +74,7 @@ impl AuthFailureLimiter {
     /// budget.
     fn record_failure(&self, ip: IpAddr) -> Option<u64> {
         let not_until = self.limiter.check_key(&ip).err()?;
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
+        let wait = not_until.wait_time_from(self.limiter.clock().now());
         let wait = wait.max(Duration::from_secs(1));
         let mut blocked = self.blocked.lock().expect("limiter lock");
         let now = Instant::now();
@@ -107,12 +106,14 @@ fn client_ip(parts: &Parts) -> IpAddr {
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
 }
 
+/// The request id (the caller's `x-request-id` or a generated UUID), at most 128 characters, as
+/// recorded in the audit log.
 fn request_id(parts: &Parts) -> Option<String> {
     parts
         .headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+        .map(|id| id.chars().take(128).collect())
 }
 
 /// Runs an authentication check under the failure limiter.
