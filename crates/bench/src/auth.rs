@@ -104,7 +104,7 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
         let (org_key, _) = id
             .create_api_key(Owner::Org(org.id), "bench", None, &by)
             .await?;
-        let (jwt, _) = id.issue_jwt(user.id, None, None, 3600).await?;
+        let (jwt, _) = id.issue_jwt(user.id, None, None, 3600, &by).await?;
         if !postgres {
             let signer = Arc::new(TokenSigner::new(SECRET));
             let now = std::time::SystemTime::now()

@@ -1,15 +1,18 @@
 //! The two actor types identity keeps its state in.
 //!
 //! - `owner`, keyed by the [`Owner`] string (`user:<id>`, `org:<id>`): the profile, the
-//!   organization's members (authority) or the user's membership index, API keys, tickets,
-//!   secrets, bots and the audit log. One actor per owner means every change and its audit
-//!   entry commit together, and calls on one owner are serialized.
+//!   organization's members (the authority) or the user's membership index, API keys,
+//!   tickets, secrets, bots and the audit log. One actor per owner means every change and its
+//!   audit entry commit together, and calls on one owner are serialized.
 //! - `index`, keyed by `<namespace>:<value>` (`email:<address>`, `apikey:<sha256>`): unique
 //!   pointers from a lookup value to an owner. An index entry is never the authority: a
 //!   pointer whose target is gone is treated as absent.
 //!
-//! Call direction is `owner(org) → owner(user)` and `service → index`, never back, so no cycle
-//! of calls can deadlock (see [`kilocloud_substrate::Actor`]).
+//! A user's membership index is a superset of their memberships: an entry is added before the
+//! organization commits the membership and is not removed when the member leaves (readers
+//! check each entry against the organization), so no interleaving of calls or crash can hide
+//! a membership. Only the service calls actors; actors never call each other, so no cycle of
+//! calls can deadlock (see [`kilocloud_substrate::Actor`]).
 
 use std::sync::Arc;
 
@@ -87,17 +90,15 @@ pub(crate) enum OwnerCall {
     PutMember {
         user: Uuid,
         role: Role,
-        caller_role: Role,
         by: Initiator,
     },
     RemoveMember {
         user: Uuid,
-        caller_role: Role,
         by: Initiator,
     },
     SetMembershipIndex {
         org: Uuid,
-        role: Option<Role>,
+        present: bool,
     },
     CreateApiKey {
         record: ApiKeyRecord,
@@ -280,13 +281,15 @@ impl Handler<'_> {
                 self.ctx.delete_all();
                 return Ok(OwnerReply::Members(members));
             }
-            OwnerCall::PutMember {
-                user,
-                role,
-                caller_role,
-                by,
-            } => {
+            OwnerCall::PutMember { user, role, by } => {
                 let _: OrgView = self.require_profile().await?;
+                let caller_role = self.caller_role(by.user).await?;
+                if caller_role < Role::Admin {
+                    return Err(Error::forbidden(
+                        "insufficient_role",
+                        "managing members needs the admin role",
+                    ));
+                }
                 let key = format!("{}{user}", keys::MEMBER);
                 let existing: Option<MemberRecord> = self.get(&key).await?;
                 let touches_owner =
@@ -317,12 +320,19 @@ impl Handler<'_> {
                     email: None,
                 }));
             }
-            OwnerCall::RemoveMember {
-                user,
-                caller_role,
-                by,
-            } => {
+            OwnerCall::RemoveMember { user, by } => {
                 let _: OrgView = self.require_profile().await?;
+                // Anyone may leave; removing others needs admin, and owner for owners.
+                let caller_role = match by.user == user {
+                    true => Role::Owner,
+                    false => self.caller_role(by.user).await?,
+                };
+                if caller_role < Role::Admin {
+                    return Err(Error::forbidden(
+                        "insufficient_role",
+                        "removing members needs the admin role",
+                    ));
+                }
                 let key = format!("{}{user}", keys::MEMBER);
                 let existing: MemberRecord = self
                     .get(&key)
@@ -340,11 +350,11 @@ impl Handler<'_> {
                 self.ctx.delete(&key);
                 self.audit(&by, "member.removed", user.to_string()).await?;
             }
-            OwnerCall::SetMembershipIndex { org, role } => {
+            OwnerCall::SetMembershipIndex { org, present } => {
                 let key = format!("{}{org}", keys::MEMBERSHIP);
-                match role {
-                    Some(role) => self.put(&key, &role)?,
-                    None => self.ctx.delete(&key),
+                match present {
+                    true => self.put(&key, &true)?,
+                    false => self.ctx.delete(&key),
                 }
             }
             OwnerCall::CreateApiKey { record, by } => {
@@ -482,6 +492,15 @@ impl Handler<'_> {
         }
     }
 
+    /// The caller's current role in this organization, read in the same transaction as the
+    /// change it authorizes (a role checked earlier may have changed since).
+    async fn caller_role(&mut self, caller: Uuid) -> Result<Role> {
+        let member: Option<MemberRecord> = self.get(&format!("{}{caller}", keys::MEMBER)).await?;
+        member.map(|m| m.role).ok_or(Error::NotFound {
+            what: "organization",
+        })
+    }
+
     async fn member_ids(&mut self) -> Result<Vec<Uuid>> {
         let members: Vec<(String, MemberRecord)> = self.ctx.list(keys::MEMBER).await?;
         Ok(members
@@ -511,10 +530,15 @@ fn audit_key(seq: u64) -> String {
     format!("{}{seq:020}", keys::AUDIT)
 }
 
+/// How long a claim is protected from takeover, ms: a claim whose record has not appeared
+/// this long after it was made is abandoned (its claimer crashed), never one in progress.
+pub(crate) const CLAIM_GRACE_MS: i64 = 60_000;
+
 /// Calls on an index actor.
 pub(crate) enum IndexCall {
-    /// Points the entry at `target` unless it points elsewhere; `steal_from` replaces a pointer
-    /// the caller has found dangling. Replies whether the entry now points at `target`.
+    /// Points the entry at `target` unless it points elsewhere. `steal_from` takes over a
+    /// pointer the caller has found dangling, if it is older than [`CLAIM_GRACE_MS`]. Replies
+    /// whether the entry now points at `target`.
     Claim {
         target: String,
         steal_from: Option<String>,
@@ -526,6 +550,8 @@ pub(crate) struct IndexActor;
 
 /// Storage key of an index entry's pointer.
 pub(crate) const INDEX_TARGET: &str = "target";
+/// Storage key of when the pointer was set, ms.
+const INDEX_CLAIMED_AT: &str = "claimed_at_ms";
 
 impl kilocloud_substrate::Actor for IndexActor {
     const TYPE: &'static str = "index";
@@ -535,10 +561,21 @@ impl kilocloud_substrate::Actor for IndexActor {
     async fn call(&self, ctx: &mut ActorContext, call: IndexCall) -> SubResult<bool> {
         let current: Option<String> = ctx.get(INDEX_TARGET).await?;
         let IndexCall::Claim { target, steal_from } = call;
-        let free = current.is_none() || current == steal_from || current.as_ref() == Some(&target);
-        if free {
-            ctx.put(INDEX_TARGET, &target)?;
+        let abandoned = match (&current, &steal_from) {
+            (Some(c), Some(s)) if c == s => {
+                let at: i64 = ctx.get(INDEX_CLAIMED_AT).await?.unwrap_or(0);
+                ctx.now_ms() - at >= CLAIM_GRACE_MS
+            }
+            _ => false,
+        };
+        if current.as_ref() == Some(&target) {
+            return Ok(true);
         }
-        Ok(free)
+        if current.is_some() && !abandoned {
+            return Ok(false);
+        }
+        ctx.put(INDEX_TARGET, &target)?;
+        ctx.put(INDEX_CLAIMED_AT, &ctx.now_ms())?;
+        Ok(true)
     }
 }

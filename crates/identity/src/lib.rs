@@ -34,6 +34,9 @@ use model::{
 };
 pub use owner::{Owner, Role};
 
+/// The actor types identity stores its state in (credential hashes, peppers, envelopes): never
+/// to be shown over an API.
+pub const ACTOR_TYPES: [&str; 2] = [OwnerActor::TYPE, IndexActor::TYPE];
 /// How long a ticket lives, ms.
 pub const TICKET_TTL_MS: i64 = 60_000;
 /// Default lifetime of an issued user JWT, s (30 days).
@@ -79,6 +82,16 @@ pub struct Principal {
     pub pinned_org: Option<Uuid>,
     /// The bot the caller acts as (JWT `botId`).
     pub bot: Option<Uuid>,
+    /// When the credential expires, ms since epoch (JWT `exp`, API key expiry).
+    pub expires_at_ms: Option<i64>,
+}
+
+impl Principal {
+    /// A personal credential: the user's own, not pinned to an organization and not a bot's.
+    /// Only these change the user's account or mint further credentials.
+    pub fn is_personal(&self) -> bool {
+        self.pinned_org.is_none() && self.bot.is_none()
+    }
 }
 
 /// The owner a request acts for and the caller's role over it.
@@ -255,6 +268,7 @@ impl Identity {
             credential: Credential::Jwt,
             pinned_org: t.org_id,
             bot: t.bot_id,
+            expires_at_ms: Some(t.exp.saturating_mul(1000)),
         })
     }
 
@@ -306,6 +320,7 @@ impl Identity {
                 Owner::User(_) => None,
             },
             bot: None,
+            expires_at_ms: record.expires_at_ms,
         })
     }
 
@@ -460,15 +475,19 @@ impl Identity {
     }
 
     /// Issues a user JWT valid for `ttl_s` seconds (1 s to 5 years), pinned to `org` and acting
-    /// as `bot` when given. The caller has checked membership and the bot's owner.
+    /// as `bot` when given, and records `token.issued` in the log of the owner it acts for. The
+    /// caller has checked membership.
     ///
     /// Returns the token and its expiry, s since epoch.
+    /// Errors: [`Error::Invalid`] for a lifetime out of range; [`Error::NotFound`] for an
+    /// unknown user or a bot not of that owner.
     pub async fn issue_jwt(
         &self,
         user: Uuid,
         org: Option<Uuid>,
         bot: Option<Uuid>,
         ttl_s: i64,
+        by: &Initiator,
     ) -> Result<(String, i64)> {
         if !(1..=MAX_TOKEN_TTL_S).contains(&ttl_s) {
             return Err(Error::Invalid(format!(
@@ -494,7 +513,19 @@ impl Identity {
             organization_id: org.map(|o| o.to_string()),
             bot_id: bot.map(|b| b.to_string()),
         };
-        Ok((self.inner.signer.sign(&claims), claims.exp))
+        let token = self.inner.signer.sign(&claims);
+        let target = match bot {
+            Some(bot) => format!("JWT for bot {bot}, expires {}", claims.exp),
+            None => format!("JWT for {user}, expires {}", claims.exp),
+        };
+        let record = OwnerCall::Record {
+            action: "token.issued",
+            target,
+            by: by.clone(),
+        };
+        self.call(org.map_or(Owner::User(user), Owner::Org), record)
+            .await?;
+        Ok((token, claims.exp))
     }
 
     // ----- organizations -----
@@ -507,26 +538,19 @@ impl Identity {
             created_at_ms: self.now_ms(),
             created_by: by.user,
         };
-        self.call(
-            Owner::Org(org.id),
-            OwnerCall::CreateOrg {
-                org: org.clone(),
-                by: by.clone(),
-            },
-        )
-        .await?;
-        self.set_membership_index(by.user, org.id, Some(Role::Owner))
-            .await?;
+        // The index entry first: it may outlive a failed create, never the reverse.
+        self.set_membership_index(by.user, org.id, true).await?;
+        let call = OwnerCall::CreateOrg {
+            org: org.clone(),
+            by: by.clone(),
+        };
+        self.call(Owner::Org(org.id), call).await?;
         Ok(org)
     }
 
-    async fn set_membership_index(&self, user: Uuid, org: Uuid, role: Option<Role>) -> Result<()> {
-        self.call(
-            Owner::User(user),
-            OwnerCall::SetMembershipIndex { org, role },
-        )
-        .await
-        .map(drop)
+    async fn set_membership_index(&self, user: Uuid, org: Uuid, present: bool) -> Result<()> {
+        let call = OwnerCall::SetMembershipIndex { org, present };
+        self.call(Owner::User(user), call).await.map(drop)
     }
 
     /// An organization by id.
@@ -539,7 +563,7 @@ impl Identity {
     /// The user's membership index is checked against each organization (the authority), so a
     /// stale entry left by a crash is not shown.
     pub async fn orgs_of(&self, user: Uuid) -> Result<Vec<OrgMembershipView>> {
-        let memberships: Vec<(String, Role)> =
+        let memberships: Vec<(String, serde::de::IgnoredAny)> =
             self.entries(Owner::User(user), keys::MEMBERSHIP).await?;
         let mut out = Vec::new();
         for (org_id, _) in memberships {
@@ -579,7 +603,7 @@ impl Identity {
             unreachable!("DeleteOrg replies with members")
         };
         for user in members {
-            self.set_membership_index(user, org, None).await?;
+            self.set_membership_index(user, org, false).await?;
         }
         // The organization's own log is gone with it; the deleter's log keeps the event.
         let record = OwnerCall::Record {
@@ -610,64 +634,43 @@ impl Identity {
         Ok(out)
     }
 
-    /// Adds a member or changes their role. Admins manage members and admins; only owners
-    /// add, promote to, or demote owners; the last owner cannot be demoted.
+    /// Adds a member or changes their role, as `by.user`, whose role is checked inside the
+    /// organization's transaction: admins manage members and admins; only owners add, promote
+    /// to, or demote owners; the last owner cannot be demoted.
     pub async fn put_member(
         &self,
         org: Uuid,
         user: Uuid,
         role: Role,
-        caller_role: Role,
         by: &Initiator,
     ) -> Result<MemberView> {
-        if caller_role < Role::Admin {
-            return Err(Error::forbidden(
-                "insufficient_role",
-                "managing members needs the admin role",
-            ));
-        }
         let record = self
             .user(user)
             .await?
             .ok_or(Error::NotFound { what: "user" })?;
+        // The index entry first: it may outlive a refused change, never miss an accepted one.
+        self.set_membership_index(user, org, true).await?;
         let call = OwnerCall::PutMember {
             user,
             role,
-            caller_role,
             by: by.clone(),
         };
         let OwnerReply::Member(mut view) = self.call(Owner::Org(org), call).await? else {
             unreachable!("PutMember replies with the member")
         };
-        self.set_membership_index(user, org, Some(role)).await?;
         view.email = Some(record.email);
         Ok(view)
     }
 
-    /// Removes a member. Anyone may leave; removing others needs admin, and owner for owners.
-    pub async fn remove_member(
-        &self,
-        org: Uuid,
-        user: Uuid,
-        caller_role: Role,
-        by: &Initiator,
-    ) -> Result<()> {
-        let leaving = user == by.user;
-        if !leaving && caller_role < Role::Admin {
-            return Err(Error::forbidden(
-                "insufficient_role",
-                "removing members needs the admin role",
-            ));
-        }
-        // Anyone may leave; an owner leaving still needs another owner to remain.
-        let caller_role = if leaving { Role::Owner } else { caller_role };
+    /// Removes a member. Anyone may leave; removing others needs admin, and owner for owners;
+    /// the last owner cannot leave. The caller's role is checked inside the organization's
+    /// transaction. The member's index entry stays (it is checked on every read).
+    pub async fn remove_member(&self, org: Uuid, user: Uuid, by: &Initiator) -> Result<()> {
         let call = OwnerCall::RemoveMember {
             user,
-            caller_role,
             by: by.clone(),
         };
-        self.call(Owner::Org(org), call).await?;
-        self.set_membership_index(user, org, None).await
+        self.call(Owner::Org(org), call).await.map(drop)
     }
 
     // ----- API keys -----

@@ -112,7 +112,10 @@ on_both_backends!(
 async fn jwt_expiry_pepper_and_bots(pg: bool) {
     let e = Env::new(pg).await;
     let alice = e.user("alice@example.com").await;
-    let (token, exp) = e.id.issue_jwt(alice, None, None, 60).await.unwrap();
+    let (token, exp) =
+        e.id.issue_jwt(alice, None, None, 60, &by(alice))
+            .await
+            .unwrap();
     assert_eq!(exp, T0 / 1000 + 60);
     let p = e.id.authenticate(&token).await.unwrap();
     assert_eq!(
@@ -126,37 +129,50 @@ async fn jwt_expiry_pepper_and_bots(pg: bool) {
         AuthError::Expired
     );
 
-    let (token, _) = e.id.issue_jwt(alice, None, None, 3600).await.unwrap();
+    let (token, _) =
+        e.id.issue_jwt(alice, None, None, 3600, &by(alice))
+            .await
+            .unwrap();
     e.id.rotate_pepper(alice, &by(alice)).await.unwrap();
     assert_eq!(
         auth_err(e.id.authenticate(&token).await),
         AuthError::Revoked
     );
-    let (fresh, _) = e.id.issue_jwt(alice, None, None, 3600).await.unwrap();
+    let (fresh, _) =
+        e.id.issue_jwt(alice, None, None, 3600, &by(alice))
+            .await
+            .unwrap();
     assert_eq!(e.id.authenticate(&fresh).await.unwrap().user, alice);
 
     // Strict: a token without a pepper does not match a user who has one.
-    let signer = TokenSigner::new(JWT_SECRET);
-    let no_pepper = signer.sign(&TokenClaims {
-        kilo_user_id: alice.to_string(),
-        api_token_pepper: None,
-        version: 3,
-        exp: T0 / 1000 + 3600,
-        iat: T0 / 1000,
-        organization_id: None,
-        bot_id: None,
-    });
+    let pepperless = |user: Uuid| {
+        TokenSigner::new(JWT_SECRET).sign(&TokenClaims {
+            kilo_user_id: user.to_string(),
+            api_token_pepper: None,
+            version: 3,
+            exp: T0 / 1000 + 3600,
+            iat: T0 / 1000,
+            organization_id: None,
+            bot_id: None,
+        })
+    };
+    let no_pepper = pepperless(alice);
     assert_eq!(
         auth_err(e.id.authenticate(&no_pepper).await),
         AuthError::Revoked
     );
-    // A well-signed token for a user who does not exist.
-    let (ghost, _) =
-        e.id.issue_jwt(Uuid::new_v4(), None, None, 60)
-            .await
-            .map_err(drop)
-            .map_or((String::new(), 0), |t| t);
-    assert!(ghost.is_empty(), "no token is issued for an unknown user");
+    // A well-signed token for a user who does not exist is revoked; none is issued for one.
+    let ghost = pepperless(Uuid::new_v4());
+    assert_eq!(
+        auth_err(e.id.authenticate(&ghost).await),
+        AuthError::Revoked
+    );
+    let unknown =
+        e.id.issue_jwt(Uuid::new_v4(), None, None, 60, &by(alice))
+            .await;
+    assert!(matches!(unknown, Err(Error::NotFound { .. })));
+    let audit = e.id.audit(Owner::User(alice), None, 1).await.unwrap();
+    assert_eq!(audit[0].action, "token.issued");
 
     // Bot tokens act for the bot's owner and die with the bot.
     let bot =
@@ -164,7 +180,7 @@ async fn jwt_expiry_pepper_and_bots(pg: bool) {
             .await
             .unwrap();
     let (bot_token, _) =
-        e.id.issue_jwt(alice, None, Some(bot.id), 3600)
+        e.id.issue_jwt(alice, None, Some(bot.id), 3600, &by(alice))
             .await
             .unwrap();
     assert_eq!(
@@ -245,7 +261,7 @@ async fn api_keys(pg: bool) {
 
     // An organization's key acts as its creator in that organization, while they are a member.
     let org = e.id.create_org("Acme", &by(alice)).await.unwrap();
-    e.id.put_member(org.id, bob, Role::Admin, Role::Owner, &by(alice))
+    e.id.put_member(org.id, bob, Role::Admin, &by(alice))
         .await
         .unwrap();
     let (org_key, _) =
@@ -260,9 +276,7 @@ async fn api_keys(pg: bool) {
         code(e.id.scope(&p, Some(Uuid::new_v4())).await),
         "organization_mismatch"
     );
-    e.id.remove_member(org.id, bob, Role::Owner, &by(alice))
-        .await
-        .unwrap();
+    e.id.remove_member(org.id, bob, &by(alice)).await.unwrap();
     assert_eq!(code(e.id.scope(&p, None).await), "not_a_member");
 }
 
@@ -424,10 +438,10 @@ async fn membership_rules(pg: bool) {
         e.user("member@example.com").await,
     );
     let org = e.id.create_org("Acme", &by(owner)).await.unwrap();
-    e.id.put_member(org.id, admin, Role::Admin, Role::Owner, &by(owner))
+    e.id.put_member(org.id, admin, Role::Admin, &by(owner))
         .await
         .unwrap();
-    e.id.put_member(org.id, member, Role::Member, Role::Admin, &by(admin))
+    e.id.put_member(org.id, member, Role::Member, &by(admin))
         .await
         .unwrap();
     assert_eq!(
@@ -437,42 +451,33 @@ async fn membership_rules(pg: bool) {
 
     assert_eq!(
         code(
-            e.id.put_member(org.id, member, Role::Owner, Role::Admin, &by(admin))
+            e.id.put_member(org.id, member, Role::Owner, &by(admin))
                 .await
         ),
         "insufficient_role"
     );
     assert_eq!(
+        code(e.id.remove_member(org.id, owner, &by(admin)).await),
+        "insufficient_role"
+    );
+    assert_eq!(
+        code(e.id.remove_member(org.id, admin, &by(member)).await),
+        "insufficient_role"
+    );
+    assert_eq!(
         code(
-            e.id.remove_member(org.id, owner, Role::Admin, &by(admin))
+            e.id.put_member(org.id, admin, Role::Admin, &by(member))
                 .await
         ),
         "insufficient_role"
     );
     assert_eq!(
-        code(
-            e.id.remove_member(org.id, admin, Role::Member, &by(member))
-                .await
-        ),
-        "insufficient_role"
-    );
-    assert_eq!(
-        code(
-            e.id.put_member(org.id, admin, Role::Admin, Role::Member, &by(member))
-                .await
-        ),
-        "insufficient_role"
-    );
-    assert_eq!(
-        code(
-            e.id.remove_member(org.id, owner, Role::Owner, &by(owner))
-                .await
-        ),
+        code(e.id.remove_member(org.id, owner, &by(owner)).await),
         "last_owner"
     );
     assert_eq!(
         code(
-            e.id.put_member(org.id, owner, Role::Admin, Role::Owner, &by(owner))
+            e.id.put_member(org.id, owner, Role::Admin, &by(owner))
                 .await
         ),
         "last_owner"
@@ -480,19 +485,17 @@ async fn membership_rules(pg: bool) {
 
     let orgs = e.id.orgs_of(member).await.unwrap();
     assert_eq!((orgs.len(), orgs[0].role), (1, Role::Member));
-    e.id.remove_member(org.id, member, Role::Member, &by(member))
+    e.id.remove_member(org.id, member, &by(member))
         .await
         .unwrap();
     assert!(e.id.orgs_of(member).await.unwrap().is_empty());
     assert_eq!(e.id.org_role(org.id, member).await.unwrap(), None);
 
     // Promote the admin to owner; now the first owner may leave.
-    e.id.put_member(org.id, admin, Role::Owner, Role::Owner, &by(owner))
+    e.id.put_member(org.id, admin, Role::Owner, &by(owner))
         .await
         .unwrap();
-    e.id.remove_member(org.id, owner, Role::Owner, &by(owner))
-        .await
-        .unwrap();
+    e.id.remove_member(org.id, owner, &by(owner)).await.unwrap();
     assert_eq!(e.id.members(org.id).await.unwrap().len(), 1);
 
     e.id.delete_org(org.id, &by(admin)).await.unwrap();
@@ -508,7 +511,7 @@ async fn audit_log(pg: bool) {
     let bob = e.user("bob@example.com").await;
     let org = e.id.create_org("Acme", &by(alice)).await.unwrap();
     let o = Owner::Org(org.id);
-    e.id.put_member(org.id, bob, Role::Member, Role::Owner, &by(alice))
+    e.id.put_member(org.id, bob, Role::Member, &by(alice))
         .await
         .unwrap();
     let (_, key) =
@@ -518,9 +521,7 @@ async fn audit_log(pg: bool) {
     e.id.revoke_api_key(o, key.id, &by(alice)).await.unwrap();
     e.id.put_secret(o, "S", b"v", &by(alice)).await.unwrap();
     e.id.delete_secret(o, "S", &by(alice)).await.unwrap();
-    e.id.remove_member(org.id, bob, Role::Owner, &by(alice))
-        .await
-        .unwrap();
+    e.id.remove_member(org.id, bob, &by(alice)).await.unwrap();
 
     let log = e.id.audit(o, None, 100).await.unwrap();
     let actions: Vec<&str> = log.iter().rev().map(|a| a.action.as_str()).collect();
@@ -573,7 +574,7 @@ async fn bootstrap_and_unique_emails(pg: bool) {
             .unwrap();
     assert!(!e.id.authenticate(&org_key).await.unwrap().is_admin);
     let (pinned, _) =
-        e.id.issue_jwt(admin.id, Some(org.id), None, 60)
+        e.id.issue_jwt(admin.id, Some(org.id), None, 60, &by(admin.id))
             .await
             .unwrap();
     assert!(!e.id.authenticate(&pinned).await.unwrap().is_admin);
@@ -592,6 +593,18 @@ async fn bootstrap_and_unique_emails(pg: bool) {
             .await,
         Err(Error::Invalid(_))
     ));
+    // Racing creations of one email: exactly one wins, whatever the interleaving.
+    for round in 0..5 {
+        let (email, creator) = (format!("race{round}@example.com"), by(admin.id));
+        let (a, b) = tokio::join!(
+            e.id.create_user(&email, "a", false, &creator),
+            e.id.create_user(&email, "b", false, &creator)
+        );
+        let won = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "{a:?} {b:?}");
+        let lost = if a.is_ok() { b } else { a };
+        assert_eq!(code(lost), "email_taken");
+    }
     let found =
         e.id.user_by_email("Root@Example.com")
             .await

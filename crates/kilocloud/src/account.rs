@@ -25,7 +25,7 @@ pub struct LoginArgs {
     /// Server URL, e.g. http://127.0.0.1:8787
     #[arg(long)]
     url: String,
-    /// A JWT or API key (`kc_…`).
+    /// A JWT or API key (`kc_…`); `-` reads it from stdin (keeps it out of the process list).
     #[arg(long)]
     token: String,
 }
@@ -210,9 +210,17 @@ fn print_json(v: &Value) -> anyhow::Result<()> {
 
 /// `kilocloud login`: checks the credential against the server, then stores it.
 pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    let token = match args.token.as_str() {
+        "-" => {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+            t.trim().to_owned()
+        }
+        t => t.to_owned(),
+    };
     let creds = Credentials {
         url: args.url.trim_end_matches('/').to_owned(),
-        token: args.token,
+        token,
     };
     let me = Client::new(creds.clone(), None)?
         .call(Method::GET, "/api/users/me", None)

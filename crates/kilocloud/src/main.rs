@@ -94,6 +94,13 @@ enum AdminCommand {
     RotateMasterKey,
     /// Print 32 random bytes in base64: a new master_key or jwt_secret.
     GenerateKey,
+    /// Create a new API key for a user (default: the first administrator) and print it to
+    /// stderr, for when a key is lost. Needs the database, like `init`.
+    IssueKey {
+        /// The user's email. Default: the first administrator.
+        #[arg(long)]
+        email: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -381,10 +388,43 @@ async fn admin_command(command: AdminCommand, config: &Config) -> anyhow::Result
                 )
             })
             .map_err(Into::into),
+        AdminCommand::IssueKey { email } => issue_key(&identity, email).await,
         AdminCommand::GenerateKey => unreachable!("handled above"),
     };
     sub.shutdown(Duration::from_secs(5)).await;
     result
+}
+
+/// `admin issue-key`: a new personal API key for `email`, or for the first administrator.
+async fn issue_key(identity: &Identity, email: Option<String>) -> anyhow::Result<()> {
+    let user = match &email {
+        Some(email) => identity.user_by_email(email).await?,
+        None => match identity.bootstrap_admin().await? {
+            Some(id) => identity.user(id).await?,
+            None => None,
+        },
+    };
+    let user = user.with_context(|| match &email {
+        Some(email) => format!("no user with email {email}"),
+        None => "the store has no administrator yet; run `kilocloud admin init`".into(),
+    })?;
+    let by = kilocloud_identity::model::Initiator {
+        user: user.id,
+        request_id: None,
+    };
+    let (key, view) = identity
+        .create_api_key(
+            kilocloud_identity::Owner::User(user.id),
+            "recovery",
+            None,
+            &by,
+        )
+        .await?;
+    eprintln!(
+        "Created API key {} for {} ({}), shown only this once:\n\n    {key}\n",
+        view.id, user.email, user.id
+    );
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

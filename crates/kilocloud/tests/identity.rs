@@ -140,8 +140,8 @@ async fn done_when(store: Store) {
     let out = account(
         &store,
         &bob_creds,
-        &["login", "--url", &node.url(""), "--token", &bob_key],
-        None,
+        &["login", "--url", &node.url(""), "--token", "-"],
+        Some(&bob_key),
     );
     assert!(out.contains("bob@example.com"), "{out}");
     let orgs = json(&account(
@@ -175,6 +175,12 @@ async fn done_when(store: Store) {
             assert!(!line.contains(secret), "secret in the log: {line}");
         }
     }
+
+    // A lost administrator key is replaced from the database side.
+    let (ok, _, err) = cli_with(&store, &["admin", "issue-key"], &[], None);
+    assert!(ok, "{err}");
+    let recovered = bootstrap_key(&err);
+    assert!(recovered.starts_with("kc_") && recovered != admin_key);
 
     // Rotate the master key: the new key wraps every data key; the old one must be given.
     let new_key = cli_with(&store, &["admin", "generate-key"], &[], None)

@@ -137,11 +137,21 @@ async fn replay(
     Ok(Json(serde_json::json!({ "replayed": n })))
 }
 
+/// `GET /api/admin/actors/{type}/{key}`. Identity's actor types are refused: their storage holds
+/// credential hashes, peppers and encrypted secrets, which no API shows (operators with database
+/// access have `kilocloud actor show`).
 async fn show_actor(
     _: Admin,
     State(s): State<AppState>,
     Path((actor_type, key)): Path<(String, String)>,
 ) -> Result<Json<ActorSnapshot>, ApiError> {
+    if kilocloud_identity::ACTOR_TYPES.contains(&actor_type.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "sensitive_actor_type",
+            format!("actors of type `{actor_type}` hold credentials and are not shown over HTTP"),
+        ));
+    }
     Ok(Json(s.substrate.actor_snapshot(&actor_type, &key).await?))
 }
 

@@ -5,16 +5,18 @@
 //! | extractor | requires | fails with |
 //! |---|---|---|
 //! | [`AuthUser`] | a valid JWT or API key in `Authorization: Bearer` | 401 (429 when rate limited) |
-//! | [`PersonalAuth`] | `AuthUser` with a credential not pinned to an organization | 403 `personal_credential_required` |
+//! | [`PersonalAuth`] | `AuthUser` with a personal credential (not an org's key, not org-pinned, not a bot's) | 403 `personal_credential_required` |
+//! | [`PersonalRole<R>`] | `RequireRole<R>` with a personal credential (minting keys and JWTs) | 403 |
 //! | [`OwnerScope`] | `AuthUser`, and membership of the org in `X-KiloCode-OrganizationId` | 400 not a UUID, 403 not a member |
 //! | [`RequireRole<R>`] | `OwnerScope` with at least role `R` (a user over their own things is `owner`) | 403 `insufficient_role` |
 //! | [`OrgAccess<R>`] | `AuthUser` who is a member of the org in the path `{id}`, with at least `R` | 404 if not a member, 403 if the role is too low |
 //! | [`SiteAdmin`] | `AuthUser` who is a site administrator | 403 `admin_required` |
 //! | [`Internal`] | `x-internal-api-key` equal (constant time) to `internal_api_secret` | 401 |
 //!
-//! Failed authentications are counted per client IP with a GCRA limiter (governor); once an IP
-//! exhausts its budget every authentication attempt from it answers 429 with `Retry-After`
-//! until the budget refills, so guessing stays slow even when a guess would be right.
+//! Failed authentications are counted per client address (IPv4, or IPv6 /64) with a GCRA
+//! limiter (governor); once an address has used its burst, every authentication attempt from
+//! it answers 429 with `Retry-After` until its next failure is allowed (one per 60/N s), so
+//! guessing stays slow even when a guess would be right.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -78,9 +80,10 @@ impl AuthFailureLimiter {
         let wait = wait.max(Duration::from_secs(1));
         let mut blocked = self.blocked.lock().expect("limiter lock");
         let now = Instant::now();
-        if blocked.len() > 10_000 {
+        if blocked.len() > 10_000 || self.limiter.len() > 100_000 {
             blocked.retain(|_, until| *until > now);
             self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
         }
         blocked.insert(ip, now + wait);
         Some(wait.as_secs().max(1))
@@ -98,12 +101,20 @@ fn too_many(secs: u64) -> ApiError {
     }
 }
 
-/// The client's IP: the TCP peer (a reverse proxy's address when behind one).
+/// Whom failures are counted against: the TCP peer's IPv4 address, or its IPv6 /64 (one host
+/// usually holds a whole /64). Behind a reverse proxy this is the proxy.
 fn client_ip(parts: &Parts) -> IpAddr {
-    parts
+    let ip = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+        },
+        v4 => v4,
+    }
 }
 
 /// The request id (the caller's `x-request-id` or a generated UUID), at most 128 characters, as
@@ -185,9 +196,9 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
-/// An [`AuthUser`] whose credential is personal, not pinned to an organization: for routes that
-/// change the user's own account (rotate the pepper, create organizations), which an
-/// organization's API key or an org-pinned JWT must not reach.
+/// An [`AuthUser`] whose credential is personal ([`Principal::is_personal`]): for routes on the
+/// user's own account (pepper, organizations, tickets, audit log), which an organization's API
+/// key, an org-pinned JWT or a bot's JWT must not reach.
 pub struct PersonalAuth(pub AuthUser);
 
 impl FromRequestParts<AppState> for PersonalAuth {
@@ -195,15 +206,35 @@ impl FromRequestParts<AppState> for PersonalAuth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = AuthUser::from_request_parts(parts, state).await?;
-        if auth.principal.pinned_org.is_some() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "personal_credential_required",
-                "this route changes a user's own account; use a personal API key or token, \
-                 not one of an organization",
-            ));
-        }
+        require_personal(&auth)?;
         Ok(PersonalAuth(auth))
+    }
+}
+
+fn require_personal(auth: &AuthUser) -> Result<(), ApiError> {
+    if auth.principal.is_personal() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "personal_credential_required",
+        "this route acts on a user's own account or mints credentials; use the user's own API \
+         key or token, not one of an organization or a bot",
+    ))
+}
+
+/// [`RequireRole<R>`] with a personal credential ([`PersonalAuth`]): for minting credentials
+/// for the owner acted for, which a pinned or bot credential must not do (it would outlive or
+/// out-reach itself).
+pub struct PersonalRole<R: MinRole>(pub OwnerScope, pub PhantomData<R>);
+
+impl<R: MinRole> FromRequestParts<AppState> for PersonalRole<R> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let RequireRole(scope, _) = RequireRole::<R>::from_request_parts(parts, state).await?;
+        require_personal(&scope.auth)?;
+        Ok(PersonalRole(scope, PhantomData))
     }
 }
 
@@ -376,5 +407,29 @@ impl FromRequestParts<AppState> for Internal {
         })
         .await?;
         Ok(Internal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts_from(peer: &str) -> Parts {
+        let mut req = http::Request::new(());
+        let addr: SocketAddr = peer.parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(addr));
+        req.into_parts().0
+    }
+
+    #[test]
+    fn failures_count_per_ipv4_address_and_ipv6_prefix() {
+        let ip = |peer| client_ip(&parts_from(peer));
+        assert_eq!(ip("192.0.2.7:1"), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ip("[2001:db8:1:2:aaaa::1]:1"),
+            ip("[2001:db8:1:2:bbbb::9]:2")
+        );
+        assert_ne!(ip("[2001:db8:1:2::1]:1"), ip("[2001:db8:1:3::1]:1"));
+        assert_eq!(ip("[::ffff:192.0.2.7]:1"), ip("192.0.2.7:5"));
     }
 }

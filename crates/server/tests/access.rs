@@ -104,6 +104,14 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
     }
 }
 
+impl Env {
+    /// How far the manual clock has moved from `T0`, ms.
+    fn clock_offset(&self) -> i64 {
+        use kilocloud_substrate::Clock;
+        self.clock.now_ms() - T0
+    }
+}
+
 struct Response {
     status: StatusCode,
     headers: http::HeaderMap,
@@ -196,10 +204,10 @@ impl Fixture {
         let (_, stranger) = user("stranger", false).await;
         let (_, site_admin) = user("root", true).await;
         let org = e.id.create_org("Acme", &by(owner_id)).await.unwrap().id;
-        e.id.put_member(org, admin_id, Role::Admin, Role::Owner, &by(owner_id))
+        e.id.put_member(org, admin_id, Role::Admin, &by(owner_id))
             .await
             .unwrap();
-        e.id.put_member(org, member_id, Role::Member, Role::Owner, &by(owner_id))
+        e.id.put_member(org, member_id, Role::Member, &by(owner_id))
             .await
             .unwrap();
         let o = Owner::Org(org);
@@ -839,17 +847,39 @@ async fn credential_failures(pg: bool) {
         (r.status, r.body["pinnedOrganizationId"].as_str()),
         (StatusCode::OK, Some(org.as_str()))
     );
-    // An organization's key cannot act on its creator's own account.
-    let org_body = json!({"name": "Side"});
-    let r = send(
-        &e.app,
-        request("POST", "/api/orgs", Some(&key), None, Some(&org_body)),
-    )
-    .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::FORBIDDEN, "personal_credential_required")
-    );
+    // An organization's key cannot act on its creator's own account, mint credentials, or see
+    // the creator's other organizations.
+    let personal_only = [
+        ("POST", "/api/orgs", Some(json!({"name": "Side"}))),
+        ("GET", "/api/orgs", None),
+        (
+            "POST",
+            "/api/tickets",
+            Some(json!({"resource": "session:x"})),
+        ),
+        ("POST", "/api/tokens", Some(json!({"name": "minted"}))),
+        ("POST", "/api/tokens/jwt", Some(json!({}))),
+        ("POST", "/api/users/me/rotate-pepper", None),
+        ("GET", "/api/users/me/audit", None),
+    ];
+    for (method, path, body) in &personal_only {
+        let r = send(
+            &e.app,
+            request(method, path, Some(&key), None, body.as_ref()),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::FORBIDDEN, "personal_credential_required"),
+            "{method} {path} with an organization's key"
+        );
+    }
+    let side = e.id.create_org("Side", &by(f.owner_id)).await.unwrap();
+    let r = me(&key).await;
+    let orgs = r.body["organizations"].as_array().unwrap();
+    assert_eq!(orgs.len(), 1, "only the pinned organization: {}", r.body);
+    assert_eq!(orgs[0]["id"], org);
+    assert!(!r.body.to_string().contains(&side.id.to_string()));
     let id = created.body["apiKey"]["id"].as_str().unwrap();
     let r = send(
         &e.app,
@@ -869,6 +899,91 @@ async fn credential_failures(pg: bool) {
         (StatusCode::UNAUTHORIZED, "api_key_revoked")
     );
     secrets.push(key);
+
+    // A bot's token acts for its owner but mints nothing.
+    let bot = send(
+        &e.app,
+        request(
+            "POST",
+            "/api/bots",
+            Some(&f.owner),
+            None,
+            Some(&json!({"name": "ci"})),
+        ),
+    )
+    .await;
+    let bot_id = bot.body["id"].as_str().unwrap().to_owned();
+    let bot_jwt = jwt(json!({"botId": bot_id})).await;
+    let r = me(&bot_jwt).await;
+    assert_eq!(
+        (r.status, r.body["botId"].as_str()),
+        (StatusCode::OK, Some(bot_id.as_str()))
+    );
+    for (method, path, body) in &personal_only {
+        let r = send(
+            &e.app,
+            request(method, path, Some(&bot_jwt), None, body.as_ref()),
+        )
+        .await;
+        assert_eq!(
+            r.code(),
+            "personal_credential_required",
+            "{method} {path} with a bot's token"
+        );
+    }
+    let r = send(
+        &e.app,
+        request("GET", "/api/secrets", Some(&bot_jwt), None, None),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "a bot uses its owner's resources");
+    secrets.push(bot_jwt);
+
+    // Minted credentials never outlive the credential that minted them.
+    let parent = jwt(json!({"expiresInSeconds": 600})).await;
+    let parent_exp_ms = T0 + e.clock_offset() + 600_000;
+    let child = send(
+        &e.app,
+        request(
+            "POST",
+            "/api/tokens/jwt",
+            Some(&parent),
+            None,
+            Some(&json!({"expiresInSeconds": 86_400})),
+        ),
+    )
+    .await;
+    assert_eq!(
+        child.body["expiresAt"].as_i64().unwrap() * 1000,
+        parent_exp_ms
+    );
+    let k = send(
+        &e.app,
+        request(
+            "POST",
+            "/api/tokens",
+            Some(&parent),
+            None,
+            Some(&json!({"name": "from-jwt"})),
+        ),
+    )
+    .await;
+    assert_eq!(
+        k.body["apiKey"]["expiresAtMs"].as_i64(),
+        Some(parent_exp_ms)
+    );
+    let late = json!({"name": "late", "expiresAtMs": parent_exp_ms + 1});
+    let r = send(
+        &e.app,
+        request("POST", "/api/tokens", Some(&parent), None, Some(&late)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    secrets.extend([
+        parent,
+        child.body["token"].as_str().unwrap().to_owned(),
+        k.body["key"].as_str().unwrap().to_owned(),
+    ]);
 
     // The org header: not a UUID → 400; not a member → 403; a pinned JWT for another org → 403.
     let r = send(

@@ -215,6 +215,14 @@ async fn surface(postgres: bool) {
     let (s, _, b) = send(&e.app, admin("GET", "/api/admin/actors/probe/k", None)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(b["storage"]["t/x"], true);
+    for sensitive in [
+        "owner/user:00000000-0000-0000-0000-000000000000",
+        "index/email:a@b",
+    ] {
+        let uri = format!("/api/admin/actors/{sensitive}");
+        let (s, _, b) = send(&e.app, admin("GET", &uri, None)).await;
+        assert_error(s, &b, StatusCode::FORBIDDEN, "sensitive_actor_type");
+    }
 
     let (s, h, text) = send(
         &e.app,

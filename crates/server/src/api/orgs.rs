@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{AuditPage, AuditQuery, ErrorBody};
-use crate::auth::{Admin, AuthUser, Member, OrgAccess, OwnerRole, PersonalAuth};
+use crate::auth::{Admin, Member, OrgAccess, OwnerRole, PersonalAuth};
 use crate::error::Query;
 use crate::{ApiError, AppState, Json};
 
@@ -49,7 +49,7 @@ pub struct OrgList {
     security(("bearer" = [])))]
 pub async fn list_orgs(
     State(s): State<AppState>,
-    auth: AuthUser,
+    PersonalAuth(auth): PersonalAuth,
 ) -> Result<Json<OrgList>, ApiError> {
     Ok(Json(OrgList {
         organizations: s.identity.orgs_of(auth.principal.user).await?,
@@ -163,13 +163,7 @@ pub async fn put_member(
     let user = resolve_user(&s, &user).await?;
     Ok(Json(
         s.identity
-            .put_member(
-                access.org,
-                user,
-                body.role,
-                access.role,
-                &access.auth.initiator(),
-            )
+            .put_member(access.org, user, body.role, &access.auth.initiator())
             .await?,
     ))
 }
@@ -188,7 +182,7 @@ pub async fn remove_member(
 ) -> Result<StatusCode, ApiError> {
     let user = resolve_user(&s, &user).await?;
     s.identity
-        .remove_member(access.org, user, access.role, &access.auth.initiator())
+        .remove_member(access.org, user, &access.auth.initiator())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

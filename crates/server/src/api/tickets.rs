@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::ErrorBody;
-use crate::auth::{AuthUser, Internal};
+use crate::auth::{Internal, PersonalAuth};
 use crate::{ApiError, AppState, Json};
 
 /// Body of `POST /api/tickets`.
@@ -30,13 +30,13 @@ pub struct Ticket {
     pub expires_at_ms: i64,
 }
 
-/// `POST /api/tickets`: a ticket for the caller and one resource.
+/// `POST /api/tickets`: a ticket for the caller and one resource (personal credentials only).
 #[utoipa::path(post, path = "/api/tickets", tag = "tickets", request_body = TicketRequest,
     responses((status = 201, body = Ticket), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn issue_ticket(
     State(s): State<AppState>,
-    auth: AuthUser,
+    PersonalAuth(auth): PersonalAuth,
     Json(body): Json<TicketRequest>,
 ) -> Result<(StatusCode, Json<Ticket>), ApiError> {
     let (ticket, expires_at_ms) = s

@@ -25,7 +25,8 @@ pub struct Me {
     pub pinned_organization_id: Option<uuid::Uuid>,
     /// The bot the credential acts as, if any.
     pub bot_id: Option<uuid::Uuid>,
-    /// Organizations the user belongs to, with roles.
+    /// Organizations the user belongs to, with roles; for a credential pinned to an
+    /// organization or a bot's, only the pinned one.
     pub organizations: Vec<OrgMembershipView>,
 }
 
@@ -48,7 +49,15 @@ pub async fn me(State(s): State<AppState>, auth: AuthUser) -> Result<Json<Me>, A
         },
         pinned_organization_id: p.pinned_org,
         bot_id: p.bot,
-        organizations: s.identity.orgs_of(p.user).await?,
+        // A pinned or bot credential sees only what it may act for, not all of the user's.
+        organizations: match p.is_personal() {
+            true => s.identity.orgs_of(p.user).await?,
+            false => {
+                let mut orgs = s.identity.orgs_of(p.user).await?;
+                orgs.retain(|o| Some(o.org.id) == p.pinned_org);
+                orgs
+            }
+        },
     }))
 }
 
@@ -126,7 +135,7 @@ pub async fn create_user(
     security(("bearer" = [])))]
 pub async fn my_audit(
     State(s): State<AppState>,
-    auth: AuthUser,
+    PersonalAuth(auth): PersonalAuth,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let entries = s
