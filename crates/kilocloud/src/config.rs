@@ -72,7 +72,7 @@ impl SecretString {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// HTTP listen address. Default `127.0.0.1:8787`.
@@ -113,6 +113,8 @@ pub struct Config {
     pub blobs: Option<BlobConfig>,
     /// Substrate tuning.
     pub substrate: Tuning,
+    /// The model gateway: providers, models, prices (see `docs/gateway.md`).
+    pub gateway: kilocloud_gateway::GatewayConfig,
 }
 
 impl Default for Config {
@@ -135,6 +137,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             blobs: None,
             substrate: Tuning::default(),
+            gateway: kilocloud_gateway::GatewayConfig::default(),
         }
     }
 }
@@ -169,6 +172,7 @@ fn is_config_key(key: &str) -> bool {
             | "internal_api_secret"
             | "auth_failures_per_minute"
             | "bootstrap_admin_email"
+            | "gateway"
             | "shutdown_grace_ms"
             | "sqlite"
             | "postgres"
@@ -240,6 +244,11 @@ impl Config {
         ] {
             if !secret.is_empty() {
                 *secret = SecretString("***".into());
+            }
+        }
+        for provider in &mut shown.gateway.providers {
+            if !provider.api_key.is_empty() {
+                provider.api_key = "***".into();
             }
         }
         if !shown.database_url.is_empty() {

@@ -428,12 +428,21 @@ async fn issue_key(identity: &Identity, email: Option<String>) -> anyhow::Result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let (sub, identity) = {
+    let (sub, identity, gateway) = {
         let sub = open(&config).await?;
         probe::register(&sub)?;
         let identity = Identity::new(&sub, config.identity()?);
+        let catalog =
+            kilocloud_gateway::Catalog::new(&config.gateway, |name| std::env::var(name).ok())
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let ledger = kilocloud_gateway::Ledger::new(&sub);
+        let gateway = kilocloud_server::api::gateway::state(
+            catalog,
+            ledger,
+            Duration::from_millis(config.gateway.upstream_timeout_ms),
+        );
         sub.start().await?;
-        (sub, identity)
+        (sub, identity, gateway)
     };
     bootstrap(&identity, &config.bootstrap_admin_email).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -444,6 +453,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state = AppState::new(
         sub.clone(),
         identity,
+        gateway,
         &ServerOptions {
             admin_token: config.admin_token.expose().to_owned(),
             auth_failures_per_minute: config.auth_failures_per_minute,

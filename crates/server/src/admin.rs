@@ -56,6 +56,7 @@ pub fn routes() -> Router<AppState> {
         .route("/queues/{queue}/dlq", get(list_dead_letters))
         .route("/queues/{queue}/replay", post(replay))
         .route("/actors/{actor_type}/{key}", get(show_actor))
+        .route("/credits", post(crate::api::gateway::grant))
         .route("/probe/{key}", post(probe_record))
         .route("/probe/{key}/alarm", post(probe_alarm))
 }

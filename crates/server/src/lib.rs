@@ -41,6 +41,8 @@ pub struct AppState {
     pub identity: Identity,
     /// SHA-256 of the static admin token; `None` when not configured (admin users still work).
     pub admin_token_sha256: Option<Arc<[u8; 32]>>,
+    /// The model gateway.
+    pub gateway: Arc<api::gateway::GatewayState>,
     /// Per-IP budget of failed authentications.
     pub auth_limiter: Arc<auth::AuthFailureLimiter>,
     /// Prometheus exposition handle.
@@ -66,11 +68,18 @@ impl Default for ServerOptions {
 }
 
 impl AppState {
-    /// State for `substrate` and `identity` (whose actors must already be registered).
-    pub fn new(substrate: Substrate, identity: Identity, options: &ServerOptions) -> Self {
+    /// State for `substrate`, `identity` and the gateway (whose actors must already be
+    /// registered).
+    pub fn new(
+        substrate: Substrate,
+        identity: Identity,
+        gateway: Arc<api::gateway::GatewayState>,
+        options: &ServerOptions,
+    ) -> Self {
         Self {
             substrate,
             identity,
+            gateway,
             admin_token_sha256: Some(options.admin_token.as_str())
                 .filter(|t| !t.is_empty())
                 .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),

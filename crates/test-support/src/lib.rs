@@ -9,8 +9,11 @@
 //! - [`temp_dir`]: a directory for SQLite files and blobs.
 //! - [`TestStore`]: both together: a substrate on a fresh SQLite file or PostgreSQL schema.
 //!
-//! Fakes of external services (model providers, GitHub, Fly) will live here too; product code
-//! never depends on this crate.
+//! - [`fake_openai`]: a fake OpenAI-compatible model provider with scripted replies.
+//!
+//! Fakes of external services live here; product code never depends on this crate.
+
+pub mod fake_openai;
 
 use std::sync::Arc;
 use std::time::Duration;

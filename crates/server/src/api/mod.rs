@@ -1,10 +1,12 @@
-//! The identity HTTP API (users, organizations, members, API keys, JWTs, tickets, secrets,
-//! bots, audit) and its OpenAPI document, served at `GET /api/openapi.json`.
+//! The product HTTP API (identity: users, organizations, members, API keys, JWTs, tickets,
+//! secrets, bots, audit; the model gateway) and its OpenAPI document, served at
+//! `GET /api/openapi.json`.
 //!
 //! Routes are registered through `utoipa_axum`'s `OpenApiRouter`, so every route is in the
 //! document; the access-matrix test walks the document to check every owner-scoped route.
 
 mod bots;
+pub mod gateway;
 mod orgs;
 mod secrets;
 mod tickets;
@@ -47,7 +49,7 @@ pub struct ErrorDetail {
     modifiers(&Security),
     tags(
         (name = "users"), (name = "organizations"), (name = "tokens"),
-        (name = "tickets"), (name = "secrets"), (name = "bots")
+        (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway")
     )
 )]
 struct ApiDoc;
@@ -94,6 +96,14 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(secrets::put_secret, secrets::delete_secret))
         .routes(routes!(bots::create_bot, bots::list_bots))
         .routes(routes!(bots::delete_bot))
+        .routes(routes!(gateway::chat_completions))
+        .routes(routes!(gateway::openrouter_chat_completions))
+        .routes(routes!(gateway::v1_chat_completions))
+        .routes(routes!(gateway::models))
+        .routes(routes!(gateway::v1_models))
+        .routes(routes!(gateway::providers))
+        .routes(routes!(gateway::balance))
+        .routes(routes!(gateway::usage))
         .split_for_parts()
 }
 

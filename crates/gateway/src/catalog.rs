@@ -1,0 +1,385 @@
+//! The catalog: providers and models from configuration, and routing a requested model to the
+//! provider that serves it (reference §1.7; this tree has no BYOK or org custom models yet, so
+//! the order is: the model's own provider, else the default provider).
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::config::{GatewayConfig, ModelConfig, ProviderKind};
+
+/// A provider ready to call.
+#[derive(Clone)]
+pub struct Provider {
+    /// Id.
+    pub id: String,
+    /// Protocol.
+    pub kind: ProviderKind,
+    /// Base URL without a trailing `/`.
+    pub base_url: String,
+    /// API key (resolved from the config or its environment variable). Never logged.
+    pub api_key: String,
+    /// Its models.
+    pub models: Vec<ModelConfig>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("models", &self.models.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a request goes.
+#[derive(Clone, Copy)]
+pub struct Route<'a> {
+    /// The provider.
+    pub provider: &'a Provider,
+    /// The model's catalog entry; `None` when passed through to the default provider.
+    pub model: Option<&'a ModelConfig>,
+    /// The model id after `kilo/auto` resolution.
+    pub resolved: &'a str,
+}
+
+impl Route<'_> {
+    /// The id to send upstream.
+    pub fn upstream_model(&self) -> &str {
+        match self.model {
+            Some(m) if !m.upstream_id.is_empty() => &m.upstream_id,
+            _ => self.resolved,
+        }
+    }
+
+    /// Free to the caller: a catalog model marked free, or an id ending in `:free`.
+    pub fn is_free(&self) -> bool {
+        self.model.is_some_and(|m| m.free) || self.resolved.ends_with(":free")
+    }
+}
+
+/// A model as `GET /api/gateway/models` lists it (OpenAI's list format plus pricing).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelView {
+    /// Model id.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Provider id.
+    pub owned_by: String,
+    /// Context window, tokens.
+    pub context_length: u64,
+    /// USD per million tokens.
+    pub pricing: Pricing,
+    /// Free to callers.
+    pub free: bool,
+}
+
+/// Prices, USD per million tokens.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Pricing {
+    /// Input tokens.
+    pub input: f64,
+    /// Output tokens.
+    pub output: f64,
+    /// Input tokens read from cache.
+    pub cache_read: f64,
+    /// Input tokens written to cache.
+    pub cache_write: f64,
+}
+
+/// A provider as `GET /api/gateway/providers` lists it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProviderView {
+    /// Provider id.
+    pub id: String,
+    /// `openai-compatible` or `openrouter`.
+    pub kind: String,
+    /// Number of catalog models.
+    pub models: usize,
+}
+
+/// Providers and models, indexed for routing.
+#[derive(Debug)]
+pub struct Catalog {
+    providers: Vec<Provider>,
+    by_model: HashMap<String, (usize, usize)>,
+    default: Option<usize>,
+    auto: std::collections::BTreeMap<String, String>,
+}
+
+impl Catalog {
+    /// Builds the catalog. `env` reads environment variables (for `api_key_env`).
+    ///
+    /// Errors (one message naming the provider or model): duplicate ids, an unknown
+    /// `default_provider`, a missing key variable, a negative or non-finite price, an auto
+    /// entry naming a model no provider serves.
+    pub fn new(
+        config: &GatewayConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let mut providers = Vec::new();
+        let mut by_model = HashMap::new();
+        for (pi, p) in config.providers.iter().enumerate() {
+            if providers.iter().any(|q: &Provider| q.id == p.id) || p.id.is_empty() {
+                return Err(format!(
+                    "gateway provider id `{}` is empty or repeated",
+                    p.id
+                ));
+            }
+            let api_key = match (p.api_key.is_empty(), p.api_key_env.is_empty()) {
+                (false, _) => p.api_key.clone(),
+                (true, false) => env(&p.api_key_env).ok_or_else(|| {
+                    format!(
+                        "gateway provider `{}`: environment variable {} is not set",
+                        p.id, p.api_key_env
+                    )
+                })?,
+                (true, true) => String::new(),
+            };
+            for (mi, m) in p.models.iter().enumerate() {
+                let prices = [
+                    m.input_price,
+                    m.output_price,
+                    m.cache_read_price,
+                    m.cache_write_price,
+                ];
+                if prices.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                    return Err(format!(
+                        "gateway model `{}`: prices must be finite and ≥ 0",
+                        m.id
+                    ));
+                }
+                if by_model.insert(m.id.clone(), (pi, mi)).is_some() {
+                    return Err(format!("gateway model `{}` is listed twice", m.id));
+                }
+            }
+            providers.push(Provider {
+                id: p.id.clone(),
+                kind: p.kind,
+                base_url: p.base_url.trim_end_matches('/').to_owned(),
+                api_key,
+                models: p.models.clone(),
+            });
+        }
+        let default = match config.default_provider.as_str() {
+            "" => None,
+            id => Some(
+                providers
+                    .iter()
+                    .position(|p| p.id == id)
+                    .ok_or_else(|| format!("gateway default_provider `{id}` is not a provider"))?,
+            ),
+        };
+        let catalog = Self {
+            providers,
+            by_model,
+            default,
+            auto: config.auto_models.clone(),
+        };
+        for (mode, model) in &catalog.auto {
+            if catalog.route(model, None).is_none() {
+                return Err(format!(
+                    "gateway auto_models.{mode} = `{model}`: no provider serves it"
+                ));
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Resolves `kilo/auto` (any case) by `mode` (the `x-kilocode-mode` header; missing counts
+    /// as `build`, unknown takes the `default` entry) and `kilo-auto/<tier>` by tier; other ids
+    /// are returned as they are. `None` when the table has no answer.
+    pub fn resolve_auto<'a>(&'a self, requested: &'a str, mode: Option<&str>) -> Option<&'a str> {
+        let lower = requested.to_ascii_lowercase();
+        let key = if lower == "kilo/auto" {
+            mode.unwrap_or("build").to_ascii_lowercase()
+        } else if let Some(tier) = lower.strip_prefix("kilo-auto/") {
+            tier.to_owned()
+        } else {
+            return Some(requested);
+        };
+        self.auto
+            .get(&key)
+            .or_else(|| self.auto.get("default"))
+            .map(String::as_str)
+    }
+
+    /// The provider for `model` (already resolved), first match wins: the model's own provider,
+    /// else the default provider. `mode` is unused unless `model` is an auto id.
+    pub fn route<'a>(&'a self, model: &'a str, mode: Option<&str>) -> Option<Route<'a>> {
+        let resolved = self.resolve_auto(model, mode)?;
+        if let Some(&(p, m)) = self.by_model.get(resolved) {
+            let provider = &self.providers[p];
+            return Some(Route {
+                provider,
+                model: Some(&provider.models[m]),
+                resolved,
+            });
+        }
+        self.default.map(|d| Route {
+            provider: &self.providers[d],
+            model: None,
+            resolved,
+        })
+    }
+
+    /// Every catalog model.
+    pub fn models(&self) -> Vec<ModelView> {
+        self.providers
+            .iter()
+            .flat_map(|p| {
+                p.models.iter().map(|m| ModelView {
+                    id: m.id.clone(),
+                    object: "model",
+                    owned_by: p.id.clone(),
+                    context_length: m.context_length,
+                    pricing: Pricing {
+                        input: m.input_price,
+                        output: m.output_price,
+                        cache_read: m.cache_read_price,
+                        cache_write: m.cache_write_price,
+                    },
+                    free: m.free,
+                })
+            })
+            .collect()
+    }
+
+    /// Every provider.
+    pub fn providers(&self) -> Vec<ProviderView> {
+        self.providers
+            .iter()
+            .map(|p| ProviderView {
+                id: p.id.clone(),
+                kind: match p.kind {
+                    ProviderKind::OpenaiCompatible => "openai-compatible".into(),
+                    ProviderKind::Openrouter => "openrouter".into(),
+                },
+                models: p.models.len(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProviderConfig;
+
+    fn model(id: &str, free: bool) -> ModelConfig {
+        ModelConfig {
+            id: id.into(),
+            upstream_id: String::new(),
+            context_length: 1000,
+            input_price: 3.0,
+            output_price: 15.0,
+            cache_read_price: 0.3,
+            cache_write_price: 3.75,
+            free,
+        }
+    }
+
+    fn config() -> GatewayConfig {
+        let provider = |id: &str, models| ProviderConfig {
+            id: id.into(),
+            kind: ProviderKind::OpenaiCompatible,
+            base_url: format!("http://{id}/v1/"),
+            api_key: String::new(),
+            api_key_env: format!("{}_KEY", id.to_uppercase()),
+            models,
+        };
+        GatewayConfig {
+            providers: vec![
+                provider(
+                    "a",
+                    vec![
+                        model("anthropic/sonnet", false),
+                        model("anthropic/opus", false),
+                    ],
+                ),
+                provider("b", vec![model("free/small", true)]),
+            ],
+            default_provider: "a".into(),
+            auto_models: [
+                ("build", "anthropic/sonnet"),
+                ("plan", "anthropic/opus"),
+                ("default", "anthropic/sonnet"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            upstream_timeout_ms: 1000,
+        }
+    }
+
+    fn env(name: &str) -> Option<String> {
+        Some(format!("key-of-{name}"))
+    }
+
+    #[test]
+    fn routes_by_model_then_default_and_resolves_auto() {
+        let c = Catalog::new(&config(), env).unwrap();
+        let r = c.route("free/small", None).unwrap();
+        assert_eq!((r.provider.id.as_str(), r.is_free()), ("b", true));
+        assert_eq!(r.provider.api_key, "key-of-B_KEY");
+        assert_eq!(r.provider.base_url, "http://b/v1");
+        let r = c.route("vendor/unknown", None).unwrap();
+        assert_eq!((r.provider.id.as_str(), r.model.is_none()), ("a", true));
+        assert!(c.route("vendor/x:free", None).unwrap().is_free());
+        for (mode, want) in [
+            (None, "anthropic/sonnet"),
+            (Some("PLAN"), "anthropic/opus"),
+            (Some("nonsense"), "anthropic/sonnet"),
+        ] {
+            assert_eq!(
+                c.route("Kilo/Auto", mode).unwrap().resolved,
+                want,
+                "{mode:?}"
+            );
+        }
+        assert_eq!(
+            c.route("kilo-auto/plan", None).unwrap().resolved,
+            "anthropic/opus"
+        );
+        assert_eq!(c.models().len(), 3);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_the_culprit_named() {
+        let mut dup = config();
+        dup.providers[1]
+            .models
+            .push(model("anthropic/sonnet", false));
+        assert!(
+            Catalog::new(&dup, env)
+                .unwrap_err()
+                .contains("anthropic/sonnet")
+        );
+        let mut no_default = config();
+        no_default.default_provider = "zz".into();
+        assert!(Catalog::new(&no_default, env).unwrap_err().contains("zz"));
+        assert!(
+            Catalog::new(&config(), |_| None)
+                .unwrap_err()
+                .contains("A_KEY")
+        );
+        let mut price = config();
+        price.providers[0].models[0].input_price = -1.0;
+        assert!(Catalog::new(&price, env).is_err());
+        let mut no_default_no_auto = config();
+        no_default_no_auto.default_provider.clear();
+        no_default_no_auto
+            .auto_models
+            .insert("x".into(), "missing/model".into());
+        assert!(
+            Catalog::new(&no_default_no_auto, env)
+                .unwrap_err()
+                .contains("missing/model")
+        );
+        assert!(Catalog::new(&no_default_no_auto, env).is_err());
+    }
+}

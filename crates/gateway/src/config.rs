@@ -1,0 +1,108 @@
+//! Gateway configuration: providers, their models and prices, and the `kilo/auto` table.
+//! Documented in `docs/configuration.md` (`[gateway]`) and `docs/gateway.md`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[gateway]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Upstream providers, in the order the catalog lists them.
+    pub providers: Vec<ProviderConfig>,
+    /// Provider for models no provider lists (passed through by id). Empty: unknown models
+    /// answer 404.
+    pub default_provider: String,
+    /// `kilo/auto`: `x-kilocode-mode` value → model id. The `default` entry serves a missing or
+    /// unknown mode (reference §1.2: plan/architect/ask… → Opus, build/code… → Sonnet).
+    pub auto_models: BTreeMap<String, String>,
+    /// Longest upstream request, ms. Default 600,000 (10 min, the reference's timeout).
+    pub upstream_timeout_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            providers: Vec::new(),
+            default_provider: String::new(),
+            auto_models: BTreeMap::new(),
+            upstream_timeout_ms: 600_000,
+        }
+    }
+}
+
+/// The wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    /// OpenAI Chat Completions (`{base_url}/chat/completions`).
+    OpenaiCompatible,
+    /// OpenRouter: OpenAI Chat Completions that also reports `usage.cost`.
+    Openrouter,
+}
+
+/// One upstream provider.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Id, shown in the catalog and the `x-kilocode-provider` response header.
+    pub id: String,
+    /// Protocol.
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://openrouter.ai/api/v1`.
+    pub base_url: String,
+    /// API key. Secret; prefer `api_key_env`.
+    #[serde(default)]
+    pub api_key: String,
+    /// Name of an environment variable holding the API key.
+    #[serde(default)]
+    pub api_key_env: String,
+    /// Models this provider serves.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+impl fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key", &if self.api_key.is_empty() { "" } else { "***" })
+            .field("api_key_env", &self.api_key_env)
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+/// One model of a provider. Prices are USD per million tokens, which is also microdollars per
+/// token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Public id clients ask for, e.g. `anthropic/claude-sonnet-4.6`.
+    pub id: String,
+    /// Id sent upstream; default: `id`.
+    #[serde(default)]
+    pub upstream_id: String,
+    /// Context window, tokens.
+    #[serde(default)]
+    pub context_length: u64,
+    /// USD per million input tokens (not cached).
+    #[serde(default)]
+    pub input_price: f64,
+    /// USD per million output tokens.
+    #[serde(default)]
+    pub output_price: f64,
+    /// USD per million input tokens read from the provider's cache.
+    #[serde(default)]
+    pub cache_read_price: f64,
+    /// USD per million input tokens written to the provider's cache.
+    #[serde(default)]
+    pub cache_write_price: f64,
+    /// Free to callers: never charged, allowed at zero balance.
+    #[serde(default)]
+    pub free: bool,
+}

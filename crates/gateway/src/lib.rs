@@ -1,0 +1,14 @@
+//! The model gateway's domain: the provider catalog and routing ([`catalog`]), usage parsing
+//! and pricing ([`usage`]), and balances with the usage ledger ([`ledger`]). The HTTP proxy
+//! that uses them lives in `kilocloud-server` (`api/gateway.rs`). Behaviour follows the
+//! reference system §1 unless a doc comment says otherwise.
+
+pub mod catalog;
+pub mod config;
+pub mod ledger;
+pub mod usage;
+
+pub use catalog::{Catalog, Route};
+pub use config::GatewayConfig;
+pub use ledger::{Ledger, UsageRow};
+pub use usage::{SseUsageScanner, Usage};

@@ -1,0 +1,551 @@
+//! The model gateway's HTTP surface: OpenAI Chat Completions proxied to the provider that
+//! serves the model, streamed chunk by chunk, metered and charged to the owner acted for; the
+//! catalog; the caller's balance and usage. Reference system §1.
+//!
+//! A request: parse → resolve `kilo/auto` and route → (paid model) balance must be > 0, else
+//! 402 → forward with `stream_options.include_usage` forced on → relay the response as it
+//! arrives, watching it for usage → when it ends, or the client goes away (which drops, and so
+//! cancels, the upstream request), record the usage row and charge its cost in one
+//! transaction. The balance is checked before and charged after, so concurrent requests
+//! overspend by at most what the requests in flight cost.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use kilocloud_gateway::catalog::{ModelView, ProviderView};
+use kilocloud_gateway::config::ModelConfig;
+use kilocloud_gateway::{Catalog, Ledger, SseUsageScanner, Usage, UsageRow};
+use kilocloud_identity::{Credential, Owner};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use super::{AuditQuery, ErrorBody};
+use crate::auth::{Admin, Member, OwnerScope, RequireRole, SiteAdmin};
+use crate::error::Query;
+use crate::{ApiError, AppState, Json};
+
+/// Header naming the provider that served a request.
+pub const PROVIDER_HEADER: &str = "x-kilocode-provider";
+
+/// What the gateway needs at run time.
+pub struct GatewayState {
+    /// Providers and models.
+    pub catalog: Catalog,
+    /// Balances and usage.
+    pub ledger: Ledger,
+    /// Client for upstream calls.
+    pub http: reqwest::Client,
+    /// Longest upstream request.
+    pub upstream_timeout: Duration,
+}
+
+/// `POST /api/gateway/chat/completions`
+#[utoipa::path(post, path = "/api/gateway/chat/completions", tag = "gateway",
+    request_body(content = Object, description = "OpenAI Chat Completions request"),
+    responses((status = 200, description = "OpenAI Chat Completions response, or an SSE stream"),
+        (status = 401, body = ErrorBody), (status = 402, description = "balance depleted"),
+        (status = 404, body = ErrorBody), (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn chat_completions(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(s, scope, headers, body).await
+}
+
+/// `POST /api/openrouter/chat/completions`: the reference's path, same handler.
+#[utoipa::path(post, path = "/api/openrouter/chat/completions", tag = "gateway",
+    request_body(content = Object, description = "OpenAI Chat Completions request"),
+    responses((status = 200, description = "as /api/gateway/chat/completions")),
+    security(("bearer" = [])))]
+pub async fn openrouter_chat_completions(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(s, scope, headers, body).await
+}
+
+/// `POST /api/gateway/v1/chat/completions`: for OpenAI SDKs with `base_url=…/api/gateway/v1`.
+#[utoipa::path(post, path = "/api/gateway/v1/chat/completions", tag = "gateway",
+    request_body(content = Object, description = "OpenAI Chat Completions request"),
+    responses((status = 200, description = "as /api/gateway/chat/completions")),
+    security(("bearer" = [])))]
+pub async fn v1_chat_completions(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(s, scope, headers, body).await
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(500).collect())
+}
+
+async fn proxy(s: AppState, scope: OwnerScope, headers: HeaderMap, body: Bytes) -> Response {
+    match forward(s, scope, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward(
+    s: AppState,
+    scope: OwnerScope,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let at_ms = s.substrate.clock().now_ms();
+    let g = &s.gateway;
+    let mut request: Value = serde_json::from_slice(&body)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            )
+        })?;
+    let requested = request["model"].as_str().unwrap_or("").to_owned();
+    let mode = header_str(&headers, "x-kilocode-mode");
+    let model_missing = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{requested}` does not exist"),
+        )
+    };
+    if requested.is_empty() {
+        return Err(model_missing());
+    }
+    let route = g
+        .catalog
+        .route(&requested, mode.as_deref())
+        .ok_or_else(model_missing)?;
+    let owner = scope.owner();
+    let free = route.is_free();
+    if !free {
+        let balance = g.ledger.balance(owner).await?;
+        if balance <= 0 {
+            return Ok(payment_required(balance));
+        }
+    }
+    let streaming = request["stream"].as_bool().unwrap_or(false);
+    request["model"] = Value::String(route.upstream_model().to_owned());
+    if let Some(obj) = request.as_object_mut() {
+        obj.remove("models");
+    }
+    if streaming {
+        request["stream_options"]["include_usage"] = Value::Bool(true);
+    }
+    let provider = route.provider;
+    let mut row = UsageRow {
+        seq: 0,
+        at_ms,
+        owner,
+        user: scope.auth.principal.user,
+        api_key: match scope.auth.principal.credential {
+            Credential::ApiKey(id) => Some(id),
+            Credential::Jwt => None,
+        },
+        requested_model: requested.clone(),
+        model: route.resolved.to_owned(),
+        provider: provider.id.clone(),
+        status: 0,
+        streaming,
+        ttfb_ms: 0,
+        total_ms: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_microdollars: 0,
+        true_cost_microdollars: 0,
+        project_id: header_str(&headers, "x-kilocode-projectid"),
+        task_id: header_str(&headers, "x-kilocode-taskid"),
+        mode,
+        feature: header_str(&headers, "x-kilocode-feature"),
+    };
+    let mut upstream = g
+        .http
+        .post(format!("{}/chat/completions", provider.base_url))
+        .timeout(g.upstream_timeout)
+        .header("HTTP-Referer", "https://kilocode.ai")
+        .header("X-Title", "Kilo Code")
+        .json(&request);
+    if !provider.api_key.is_empty() {
+        upstream = upstream.bearer_auth(&provider.api_key);
+    }
+    metrics::histogram!("kilocloud_gateway_overhead_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let sent = upstream.send().await;
+    row.ttfb_ms = started.elapsed().as_millis() as u64;
+    metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
+    let meter = Meter {
+        ledger: g.ledger.clone(),
+        model: route.model.cloned(),
+        free,
+        started,
+    };
+    let res = match sent {
+        Ok(res) => res,
+        Err(e) => {
+            let (status, code, message) = if e.is_timeout() {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the provider did not answer in time",
+                )
+            } else {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "the provider could not be reached",
+                )
+            };
+            tracing::warn!(provider = %provider.id, error = %e, "upstream request failed");
+            row.status = status.as_u16();
+            meter.record(row, None).await;
+            return Err(ApiError::new(status, code, message));
+        }
+    };
+    let upstream_status = res.status().as_u16();
+    // The provider's 402 is the platform's account running dry, not the caller's (§1.15).
+    let status = match upstream_status {
+        402 => StatusCode::SERVICE_UNAVAILABLE,
+        s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
+    };
+    row.status = status.as_u16();
+    let content_type = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let served_by =
+        HeaderValue::from_str(&provider.id).unwrap_or(HeaderValue::from_static("unknown"));
+    if upstream_status == 402 {
+        meter.record(row, None).await;
+        return Err(ApiError {
+            retry_after_secs: Some(30),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_payment_required",
+                "the platform's provider account cannot serve this request now; retry later",
+            )
+        });
+    }
+    if streaming && res.status().is_success() {
+        let metered = Metered {
+            inner: Box::pin(res.bytes_stream()),
+            scanner: SseUsageScanner::default(),
+            finish: Some((meter, row)),
+            recording: None,
+        };
+        let mut response = Response::new(Body::from_stream(metered));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
+        response.headers_mut().insert(PROVIDER_HEADER, served_by);
+        return Ok(response);
+    }
+    let bytes = match res.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(provider = %provider.id, error = %e, "upstream body failed");
+            row.status = StatusCode::BAD_GATEWAY.as_u16();
+            meter.record(row, None).await;
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the provider's response broke off",
+            ));
+        }
+    };
+    let usage = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("usage").and_then(Usage::from_openai));
+    meter.record(row, usage).await;
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    response.headers_mut().insert(PROVIDER_HEADER, served_by);
+    Ok(response)
+}
+
+fn payment_required(balance: i64) -> Response {
+    let body = json!({"error": {
+        "code": "insufficient_balance",
+        "title": "Paid model - credits required",
+        "message": "Your balance is depleted; add credits to use paid models, or use a free model.",
+        "balance": balance as f64 / 1e6,
+    }});
+    (StatusCode::PAYMENT_REQUIRED, axum::Json(body)).into_response()
+}
+
+/// Prices and records a finished request.
+struct Meter {
+    ledger: Ledger,
+    model: Option<ModelConfig>,
+    free: bool,
+    started: Instant,
+}
+
+impl Meter {
+    /// Fills in the usage, cost (zero when free) and total time, then records the row and
+    /// charges it. A failure to record is logged: the response has been given.
+    fn record(
+        self,
+        mut row: UsageRow,
+        usage: Option<Usage>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let usage = usage.unwrap_or_default();
+        row.input_tokens = usage.input_tokens;
+        row.output_tokens = usage.output_tokens;
+        row.cache_read_tokens = usage.cache_read_tokens;
+        row.cache_write_tokens = usage.cache_write_tokens;
+        row.true_cost_microdollars = usage.cost_microdollars(self.model.as_ref());
+        row.cost_microdollars = if self.free {
+            0
+        } else {
+            row.true_cost_microdollars
+        };
+        row.total_ms = self.started.elapsed().as_millis() as u64;
+        metrics::counter!("kilocloud_gateway_requests_total",
+            "model" => row.model.clone(), "provider" => row.provider.clone(), "status" => row.status.to_string())
+        .increment(1);
+        let ledger = self.ledger;
+        async move {
+            let (owner, cost) = (row.owner, row.cost_microdollars);
+            if let Err(e) = ledger.record(row).await {
+                tracing::error!(%owner, cost_microdollars = cost, error = %e, "could not record gateway usage");
+            }
+        }
+    }
+}
+
+type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The upstream SSE body on its way to the client, watched for usage. At its end the usage is
+/// recorded before the client sees the end of the body; if the client goes away first, it is
+/// recorded in the background with what was seen.
+struct Metered {
+    inner: ByteStream,
+    scanner: SseUsageScanner,
+    finish: Option<(Meter, UsageRow)>,
+    recording: Option<futures::future::BoxFuture<'static, ()>>,
+}
+
+impl futures::Stream for Metered {
+    type Item = reqwest::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(recording) = self.recording.as_mut() {
+                return recording.as_mut().poll(cx).map(|()| {
+                    self.recording = None;
+                    None
+                });
+            }
+            match self.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    self.scanner.feed(&bytes);
+                    return Poll::Ready(Some(Ok(bytes)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some((_, row)) = self.finish.as_mut() {
+                        row.status = StatusCode::BAD_GATEWAY.as_u16();
+                    }
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => match self.finish.take() {
+                    Some((meter, row)) => {
+                        let usage = self.scanner.usage();
+                        self.recording = Some(Box::pin(meter.record(row, usage)));
+                    }
+                    None => return Poll::Ready(None),
+                },
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if let Some((meter, mut row)) = self.finish.take() {
+            // The client went away: the upstream request is cancelled with this stream.
+            row.status = 499;
+            let recording = meter.record(row, self.scanner.usage());
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(recording);
+            }
+        }
+    }
+}
+
+/// The catalog.
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// The models.
+    pub data: Vec<ModelView>,
+}
+
+/// `GET /api/gateway/models`: the catalog (OpenAI's list format, with prices). Public, as in
+/// the reference.
+#[utoipa::path(get, path = "/api/gateway/models", tag = "gateway",
+    responses((status = 200, body = ModelList)))]
+pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: s.gateway.catalog.models(),
+    })
+}
+
+/// `GET /api/gateway/v1/models`: the same, for OpenAI SDKs.
+#[utoipa::path(get, path = "/api/gateway/v1/models", tag = "gateway",
+    responses((status = 200, body = ModelList)))]
+pub async fn v1_models(State(s): State<AppState>) -> Json<ModelList> {
+    models(State(s)).await
+}
+
+/// The providers.
+#[derive(Serialize, ToSchema)]
+pub struct ProviderList {
+    /// The providers.
+    pub providers: Vec<ProviderView>,
+}
+
+/// `GET /api/gateway/providers`. Public.
+#[utoipa::path(get, path = "/api/gateway/providers", tag = "gateway",
+    responses((status = 200, body = ProviderList)))]
+pub async fn providers(State(s): State<AppState>) -> Json<ProviderList> {
+    Json(ProviderList {
+        providers: s.gateway.catalog.providers(),
+    })
+}
+
+/// The balance of the owner acted for.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Balance {
+    /// USD.
+    pub balance: f64,
+    /// Microdollars.
+    pub balance_microdollars: i64,
+    /// `balance <= 0`: paid models answer 402.
+    pub is_depleted: bool,
+}
+
+/// `GET /api/profile/balance` (members): the balance of the owner acted for.
+#[utoipa::path(get, path = "/api/profile/balance", tag = "gateway",
+    params(("X-KiloCode-OrganizationId" = Option<uuid::Uuid>, Header, description = "Act for this organization")),
+    responses((status = 200, body = Balance), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn balance(
+    State(s): State<AppState>,
+    RequireRole(scope, ..): RequireRole<Member>,
+) -> Result<Json<Balance>, ApiError> {
+    let micros = s.gateway.ledger.balance(scope.owner()).await?;
+    Ok(Json(Balance {
+        balance: micros as f64 / 1e6,
+        balance_microdollars: micros,
+        is_depleted: micros <= 0,
+    }))
+}
+
+/// A page of usage rows, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct UsagePage {
+    /// The rows.
+    pub usage: Vec<UsageRow>,
+}
+
+/// `GET /api/usage` (admins of an organization; anyone for themself): the owner's usage rows.
+#[utoipa::path(get, path = "/api/usage", tag = "gateway", params(AuditQuery,
+        ("X-KiloCode-OrganizationId" = Option<uuid::Uuid>, Header, description = "Act for this organization (admins)")),
+    responses((status = 200, body = UsagePage), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn usage(
+    State(s): State<AppState>,
+    RequireRole(scope, ..): RequireRole<Admin>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<UsagePage>, ApiError> {
+    let usage = s
+        .gateway
+        .ledger
+        .usage(scope.owner(), q.before, q.limit()?)
+        .await?;
+    Ok(Json(UsagePage { usage }))
+}
+
+/// Body of `POST /api/admin/credits`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Grant {
+    /// `user:<uuid>` or `org:<uuid>`.
+    pub owner: Owner,
+    /// Microdollars to add (negative to take back).
+    pub amount_microdollars: i64,
+    /// Why, kept with the grant.
+    #[serde(default)]
+    pub note: String,
+}
+
+/// `POST /api/admin/credits` (site administrators): grants credit to an owner.
+pub async fn grant(
+    SiteAdmin(auth): SiteAdmin,
+    State(s): State<AppState>,
+    Json(body): Json<Grant>,
+) -> Result<Json<Value>, ApiError> {
+    let balance = s
+        .gateway
+        .ledger
+        .grant(
+            body.owner,
+            body.amount_microdollars,
+            &body.note,
+            &auth.initiator(),
+        )
+        .await?;
+    Ok(Json(
+        json!({"owner": body.owner, "balanceMicrodollars": balance}),
+    ))
+}
+
+/// Shared by the proxy and tests: the state from a catalog and ledger.
+pub fn state(catalog: Catalog, ledger: Ledger, upstream_timeout: Duration) -> Arc<GatewayState> {
+    Arc::new(GatewayState {
+        catalog,
+        ledger,
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .expect("HTTP client"),
+        upstream_timeout,
+    })
+}

@@ -1,0 +1,252 @@
+//! A fake OpenAI-compatible upstream (`POST /v1/chat/completions`, `GET /v1/models`) on a real
+//! loopback socket, speaking the documented wire format: JSON completions, and Server-Sent
+//! Events chunks ending in `data: [DONE]` when `stream` is true, with a final usage chunk when
+//! `stream_options.include_usage` is set. Replies are scripted in order; with nothing scripted
+//! it answers a short completion. Every request is recorded for assertions.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+/// One scripted reply.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A completion with this text and usage (streamed as chunks when the request streams).
+    Text {
+        /// The assistant's text; streamed split on spaces.
+        content: String,
+        /// `usage.prompt_tokens`.
+        prompt_tokens: u64,
+        /// `usage.completion_tokens`.
+        completion_tokens: u64,
+        /// `usage.prompt_tokens_details.cached_tokens`.
+        cached_tokens: u64,
+        /// Pause before each streamed chunk.
+        chunk_delay: Duration,
+    },
+    /// A completion whose message calls `name` with `arguments` (a JSON string).
+    ToolCall {
+        /// Function name.
+        name: String,
+        /// Arguments, JSON text.
+        arguments: String,
+    },
+    /// An error status with an OpenAI-style error body.
+    Status(u16),
+    /// Accept the request and never answer (for timeouts and client disconnects).
+    Hang,
+}
+
+impl Reply {
+    /// A text reply with the given usage and no chunk delay.
+    pub fn text(content: &str, prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Reply::Text {
+            content: content.to_owned(),
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens: 0,
+            chunk_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A request the fake received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its JSON body.
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct FakeState {
+    script: Mutex<VecDeque<Reply>>,
+    requests: Mutex<Vec<Recorded>>,
+}
+
+/// The running fake; stops when dropped.
+pub struct FakeOpenAi {
+    /// `http://127.0.0.1:PORT/v1`, the base URL clients configure.
+    pub base_url: String,
+    state: Arc<FakeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeOpenAi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeOpenAi {
+    /// Starts the fake on a free loopback port.
+    pub async fn start() -> Self {
+        let state = Arc::new(FakeState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            base_url: format!("http://{addr}/v1"),
+            state,
+            task,
+        }
+    }
+
+    /// Queues `reply` for the next request.
+    pub fn push(&self, reply: Reply) {
+        self.state.script.lock().unwrap().push_back(reply);
+    }
+
+    /// The requests received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+async fn models() -> impl IntoResponse {
+    axum::Json(json!({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}))
+}
+
+async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    state.requests.lock().unwrap().push(Recorded {
+        headers,
+        body: body.clone(),
+    });
+    let reply = state
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| Reply::text("ok", 10, 5));
+    let model = body["model"].as_str().unwrap_or("fake-model").to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let include_usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    match reply {
+        Reply::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let err = json!({"error": {"message": format!("fake upstream error {code}"), "type": "fake", "code": code}});
+            (status, axum::Json(err)).into_response()
+        }
+        Reply::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Reply::ToolCall { name, arguments } => {
+            let call = json!({"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}});
+            let usage = json!({"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28});
+            if stream {
+                let mut events = vec![chunk(
+                    &model,
+                    json!({"role": "assistant", "tool_calls": [
+                        {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
+                    ]}),
+                    None,
+                )];
+                events.push(chunk(
+                    &model,
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}),
+                    None,
+                ));
+                events.push(chunk(&model, json!({}), Some("tool_calls")));
+                sse(
+                    events,
+                    include_usage.then_some(usage),
+                    &model,
+                    Duration::ZERO,
+                )
+            } else {
+                axum::Json(json!({
+                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]}, "finish_reason": "tool_calls"}],
+                    "usage": usage,
+                }))
+                .into_response()
+            }
+        }
+        Reply::Text {
+            content,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            chunk_delay,
+        } => {
+            let usage = json!({
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            });
+            if stream {
+                let mut events = vec![chunk(
+                    &model,
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                )];
+                for (i, word) in content.split(' ').enumerate() {
+                    let text = if i == 0 {
+                        word.to_owned()
+                    } else {
+                        format!(" {word}")
+                    };
+                    events.push(chunk(&model, json!({"content": text}), None));
+                }
+                events.push(chunk(&model, json!({}), Some("stop")));
+                sse(events, include_usage.then_some(usage), &model, chunk_delay)
+            } else {
+                axum::Json(json!({
+                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": usage,
+                }))
+                .into_response()
+            }
+        }
+    }
+}
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> Value {
+    json!({
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    })
+}
+
+/// An SSE body: each event after `delay`, then the usage chunk (if any) and `[DONE]`.
+fn sse(events: Vec<Value>, usage: Option<Value>, model: &str, delay: Duration) -> Response {
+    let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    if let Some(usage) = usage {
+        let last = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+            "model": model, "choices": [], "usage": usage});
+        frames.push(format!("data: {last}\n\n"));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    let stream = futures_util::stream::unfold(frames.into_iter(), move |mut it| async move {
+        let frame = it.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::io::Error>(Bytes::from(frame)), it))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
