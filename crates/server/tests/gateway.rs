@@ -1,0 +1,468 @@
+//! The model gateway in process on SQLite and PostgreSQL, against the fake OpenAI upstream:
+//! forwarding, streaming, usage and cost, balances and 402, upstream error mapping, `kilo/auto`,
+//! organization billing, and concurrent spend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
+use kilocloud_gateway::{Catalog, Ledger};
+use kilocloud_identity::envelope::{MasterKey, MasterKeys};
+use kilocloud_identity::model::Initiator;
+use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
+use kilocloud_server::api::gateway;
+use kilocloud_server::{AppState, ServerOptions, router};
+use kilocloud_substrate::SystemClock;
+use kilocloud_test_support::TestStore;
+use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use uuid::Uuid;
+
+const PAID: &str = "vendor/paid";
+const FREE: &str = "vendor/free";
+
+struct Env {
+    _store: TestStore,
+    upstream: FakeOpenAi,
+    id: Identity,
+    ledger: Ledger,
+    app: axum::Router,
+    key: String,
+    user: Uuid,
+}
+
+fn model(id: &str, free: bool) -> ModelConfig {
+    ModelConfig {
+        id: id.into(),
+        upstream_id: format!("upstream-{}", id.replace('/', "-")),
+        context_length: 200_000,
+        input_price: 3.0,
+        output_price: 15.0,
+        cache_read_price: 0.3,
+        cache_write_price: 3.75,
+        free,
+    }
+}
+
+async fn env(postgres: bool, timeout: Duration) -> Env {
+    let store = TestStore::new(postgres).await;
+    let sub = store.open(Arc::new(SystemClock)).await;
+    let id = Identity::new(
+        &sub,
+        IdentityConfig {
+            jwt_secret: b"gateway-test-secret".to_vec(),
+            master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
+            internal_api_secret: None,
+        },
+    );
+    let upstream = FakeOpenAi::start().await;
+    let config = GatewayConfig {
+        providers: vec![ProviderConfig {
+            id: "fake".into(),
+            kind: ProviderKind::OpenaiCompatible,
+            base_url: upstream.base_url.clone(),
+            api_key: "upstream-secret-key".into(),
+            api_key_env: String::new(),
+            models: vec![model(PAID, false), model(FREE, true)],
+        }],
+        auto_models: [("build", PAID), ("plan", FREE)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        ..GatewayConfig::default()
+    };
+    let ledger = Ledger::new(&sub);
+    let state = gateway::state(
+        Catalog::new(&config, |_| None).unwrap(),
+        ledger.clone(),
+        timeout,
+    );
+    let system = Initiator {
+        user: Uuid::nil(),
+        request_id: None,
+    };
+    let (user, key, _) = id
+        .create_user("dev@example.com", "dev", false, &system)
+        .await
+        .unwrap();
+    let app = router(AppState::new(
+        sub,
+        id.clone(),
+        state,
+        &ServerOptions::default(),
+    ));
+    Env {
+        _store: store,
+        upstream,
+        id,
+        ledger,
+        app,
+        key,
+        user: user.id,
+    }
+}
+
+impl Env {
+    async fn grant(&self, owner: Owner, micros: i64) {
+        let by = Initiator {
+            user: self.user,
+            request_id: None,
+        };
+        self.ledger.grant(owner, micros, "test", &by).await.unwrap();
+    }
+
+    async fn balance(&self, owner: Owner) -> i64 {
+        self.ledger.balance(owner).await.unwrap()
+    }
+
+    async fn chat(
+        &self,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, http::HeaderMap, String) {
+        let mut req = Request::post("/api/gateway/v1/chat/completions")
+            .header("authorization", format!("Bearer {}", self.key))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+}
+
+fn ask(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream
+        .push(Reply::text("four words of reply", 1000, 200));
+    let headers = [
+        ("x-kilocode-projectid", "proj-1"),
+        ("x-kilocode-taskid", "task-9"),
+        ("x-kilocode-feature", "cloud-agent"),
+    ];
+    let (status, h, body) = e.chat(ask(PAID, false), &headers).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(h["x-kilocode-provider"], "fake");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "four words of reply"
+    );
+
+    let sent = &e.upstream.requests()[0];
+    assert_eq!(sent.body["model"], "upstream-vendor-paid");
+    assert_eq!(sent.headers["authorization"], "Bearer upstream-secret-key");
+    assert!(
+        sent.body.get("stream_options").is_none(),
+        "only streams ask for usage chunks"
+    );
+
+    // 1000 × 3 + 200 × 15 = 6,000 µ$.
+    assert_eq!(
+        e.balance(me).await,
+        1_000_000 - 6_000,
+        "charged before the response was given"
+    );
+    let rows = e.ledger.usage(me, None, 10).await.unwrap();
+    let row = &rows[0];
+    assert_eq!(
+        (row.input_tokens, row.output_tokens, row.cost_microdollars),
+        (1000, 200, 6_000)
+    );
+    assert_eq!(
+        (
+            row.model.as_str(),
+            row.provider.as_str(),
+            row.status,
+            row.streaming
+        ),
+        (PAID, "fake", 200, false)
+    );
+    assert_eq!(
+        (
+            row.project_id.as_deref(),
+            row.task_id.as_deref(),
+            row.feature.as_deref()
+        ),
+        (Some("proj-1"), Some("task-9"), Some("cloud-agent"))
+    );
+    assert!(row.api_key.is_some() && row.user == e.user);
+}
+
+async fn streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::Text {
+        content: "streamed reply here".into(),
+        prompt_tokens: 500,
+        completion_tokens: 40,
+        cached_tokens: 300,
+        chunk_delay: Duration::from_millis(1),
+    });
+    let (status, h, body) = e.chat(ask(PAID, true), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["content-type"], "text/event-stream");
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "streamed reply here");
+    assert!(body.trim_end().ends_with("data: [DONE]"));
+    assert_eq!(
+        e.upstream.requests()[0].body["stream_options"]["include_usage"],
+        true
+    );
+    // 200 × 3 + 300 × 0.3 + 40 × 15 = 600 + 90 + 600.
+    assert_eq!(e.balance(me).await, 1_000_000 - 1_290);
+    let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+    assert_eq!(
+        (
+            row.input_tokens,
+            row.cache_read_tokens,
+            row.output_tokens,
+            row.streaming
+        ),
+        (200, 300, 40, true)
+    );
+
+    // Tool calls pass through, streamed and not.
+    for stream in [false, true] {
+        e.upstream.push(Reply::ToolCall {
+            name: "read_file".into(),
+            arguments: r#"{"path":"a.rs"}"#.into(),
+        });
+        let (status, _, body) = e.chat(ask(PAID, stream), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("read_file") && body.contains("tool_calls"),
+            "{body}"
+        );
+    }
+}
+
+async fn balance_rules_and_upstream_errors(pg: bool) {
+    let e = env(pg, Duration::from_millis(300)).await;
+    let me = Owner::User(e.user);
+
+    // Nothing granted: paid models answer 402; free ones work and are not charged.
+    let (status, _, body) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert!(err["error"]["title"].is_string() && err["error"]["message"].is_string());
+    assert_eq!(err["error"]["balance"], 0.0);
+    assert!(
+        e.upstream.requests().is_empty(),
+        "a refused request never reaches the provider"
+    );
+    let (status, _, _) = e.chat(ask(FREE, false), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+    assert_eq!(
+        (row.cost_microdollars, row.true_cost_microdollars),
+        (0, 105)
+    );
+    assert_eq!(e.balance(me).await, 0);
+
+    // The provider's 402 is the platform's problem: 503. Other errors pass through.
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::Status(402));
+    let (status, h, body) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(h.get("retry-after").is_some());
+    e.upstream.push(Reply::Status(500));
+    let (status, _, _) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    e.upstream.push(Reply::Hang);
+    let (status, _, body) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let statuses: Vec<u16> = e
+        .ledger
+        .usage(me, None, 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [504, 500, 503]);
+    assert_eq!(
+        e.balance(me).await,
+        1_000_000,
+        "failed requests cost nothing"
+    );
+
+    // Unknown model, bad JSON.
+    let (status, _, body) = e.chat(ask("nobody/serves-this", false), &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("model_not_found"));
+    let (status, _, _) = e.chat(json!("not an object"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+async fn auto_model_and_organization_billing(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let by = Initiator {
+        user: e.user,
+        request_id: None,
+    };
+    let org = e.id.create_org("Acme", &by).await.unwrap();
+    let (status, _, _) = e
+        .chat(ask("kilo/auto", false), &[("x-kilocode-mode", "plan")])
+        .await;
+    assert_eq!(status, StatusCode::OK, "plan → the free model");
+    assert_eq!(
+        e.upstream.requests()[0].body["model"],
+        "upstream-vendor-free"
+    );
+
+    // Acting for the organization bills the organization.
+    e.grant(Owner::Org(org.id), 10_000).await;
+    let org_id = org.id.to_string();
+    let (status, _, _) = e
+        .chat(
+            ask("kilo/auto", false),
+            &[("x-kilocode-organizationid", &org_id)],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "no mode → build → the paid model");
+    assert_eq!(
+        e.upstream.requests()[1].body["model"],
+        "upstream-vendor-paid"
+    );
+    assert_eq!(e.balance(Owner::Org(org.id)).await, 10_000 - 105);
+    assert_eq!(e.balance(Owner::User(e.user)).await, 0);
+    let row = &e.ledger.usage(Owner::Org(org.id), None, 1).await.unwrap()[0];
+    assert_eq!(
+        (row.requested_model.as_str(), row.model.as_str(), row.user),
+        ("kilo/auto", PAID, e.user)
+    );
+
+    // A member who is not an admin uses the organization but cannot read its usage.
+    let system = Initiator {
+        user: Uuid::nil(),
+        request_id: None,
+    };
+    let (member, member_key, _) =
+        e.id.create_user("m@example.com", "m", false, &system)
+            .await
+            .unwrap();
+    e.id.put_member(org.id, member.id, Role::Member, &by)
+        .await
+        .unwrap();
+    let usage = Request::get("/api/usage")
+        .header("authorization", format!("Bearer {member_key}"))
+        .header("x-kilocode-organizationid", &org_id)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        e.app.clone().oneshot(usage).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let balance = Request::get("/api/profile/balance")
+        .header("authorization", format!("Bearer {member_key}"))
+        .header("x-kilocode-organizationid", &org_id)
+        .body(Body::empty())
+        .unwrap();
+    let res = e.app.clone().oneshot(balance).await.unwrap();
+    let body: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(
+        (
+            body["balanceMicrodollars"].as_i64(),
+            body["isDepleted"].as_bool()
+        ),
+        (Some(9_895), Some(false))
+    );
+}
+
+async fn concurrent_spend_is_exact_and_bounded(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    // Enough for about three requests of 105 µ$; twenty race for it.
+    e.grant(me, 300).await;
+    let results = futures::future::join_all((0..20).map(|_| e.chat(ask(PAID, false), &[]))).await;
+    let served = results
+        .iter()
+        .filter(|(s, _, _)| *s == StatusCode::OK)
+        .count() as i64;
+    let refused = results
+        .iter()
+        .filter(|(s, _, _)| *s == StatusCode::PAYMENT_REQUIRED)
+        .count() as i64;
+    assert_eq!(served + refused, 20);
+    let charged: i64 = e
+        .ledger
+        .usage(me, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.cost_microdollars)
+        .sum();
+    assert_eq!(
+        charged,
+        served * 105,
+        "every served request is charged exactly once"
+    );
+    assert_eq!(
+        e.balance(me).await,
+        300 - charged,
+        "balance and usage agree"
+    );
+    assert!(
+        served >= 3,
+        "requests are served while the balance is positive"
+    );
+    // Each request checks the balance before and is charged after, so the overspend is at
+    // most the cost of the requests that were in flight together.
+    assert!(e.balance(me).await > -20 * 105);
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(false).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    non_streaming_is_forwarded_metered_and_charged,
+    streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end,
+    balance_rules_and_upstream_errors,
+    auto_model_and_organization_billing,
+    concurrent_spend_is_exact_and_bounded,
+);
