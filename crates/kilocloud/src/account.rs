@@ -148,6 +148,39 @@ pub enum UserCommand {
     },
 }
 
+/// `kilocloud credits …`
+#[derive(Subcommand)]
+pub enum CreditsCommand {
+    /// Add credit to an owner (site administrators); negative takes it back.
+    Grant {
+        /// `user:<uuid>` or `org:<uuid>` (ids from `whoami --json`, `org list`).
+        owner: String,
+        /// Amount in USD, e.g. 10 or 0.5.
+        #[arg(long, allow_hyphen_values = true)]
+        usd: f64,
+        /// Why; kept with the grant.
+        #[arg(long, default_value = "")]
+        note: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The balance of the owner acted for.
+    Balance {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// `kilocloud usage`: gateway requests of the owner acted for, newest first.
+#[derive(Args)]
+pub struct UsageArgs {
+    /// Most rows (1-1000).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
 /// `kilocloud audit`: your audit log, or an organization's with `--org`.
 #[derive(Args)]
 pub struct AuditArgs {
@@ -563,6 +596,96 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
         })
         .collect();
     table(&["TIME (UTC)", "ACTION", "TARGET", "BY", "REQUEST"], rows);
+    Ok(())
+}
+
+/// `kilocloud credits …`.
+pub async fn credits(command: CreditsCommand) -> anyhow::Result<()> {
+    match command {
+        CreditsCommand::Grant {
+            owner,
+            usd,
+            note,
+            common,
+        } => {
+            anyhow::ensure!(
+                usd.is_finite() && usd != 0.0,
+                "--usd must be a non-zero amount"
+            );
+            let c = client(&common)?;
+            let micros = (usd * 1e6).round() as i64;
+            let res = c
+                .call(
+                    Method::POST,
+                    "/api/admin/credits",
+                    Some(json!({"owner": owner, "amountMicrodollars": micros, "note": note})),
+                )
+                .await?;
+            if common.json {
+                return print_json(&res);
+            }
+            let balance = res["balanceMicrodollars"].as_i64().unwrap_or(0) as f64 / 1e6;
+            println!("granted ${usd:.6} to {owner}; balance is now ${balance:.6}");
+        }
+        CreditsCommand::Balance { common } => {
+            let res = client(&common)?
+                .call(Method::GET, "/api/profile/balance", None)
+                .await?;
+            if common.json {
+                return print_json(&res);
+            }
+            let depleted = if res["isDepleted"] == true {
+                " (depleted: paid models answer 402)"
+            } else {
+                ""
+            };
+            println!("${:.6}{depleted}", res["balance"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(())
+}
+
+/// `kilocloud usage`.
+pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    let page = client(&args.common)?
+        .call(
+            Method::GET,
+            &format!("/api/usage?limit={}", args.limit),
+            None,
+        )
+        .await?;
+    if args.common.json {
+        return print_json(&page);
+    }
+    let rows = page["usage"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|u| {
+            vec![
+                time(&u["atMs"]),
+                s(&u["model"]),
+                s(&u["provider"]),
+                s(&u["status"]),
+                format!("{}/{}", s(&u["inputTokens"]), s(&u["outputTokens"])),
+                format!(
+                    "{:.6}",
+                    u["costMicrodollars"].as_i64().unwrap_or(0) as f64 / 1e6
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TIME (UTC)",
+            "MODEL",
+            "PROVIDER",
+            "STATUS",
+            "TOKENS IN/OUT",
+            "COST USD",
+        ],
+        rows,
+    );
     Ok(())
 }
 

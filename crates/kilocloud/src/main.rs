@@ -78,6 +78,11 @@ enum Command {
     User(account::UserCommand),
     /// Your audit log, or an organization's with --org.
     Audit(account::AuditArgs),
+    /// Credit grants and balances of the model gateway.
+    #[command(subcommand)]
+    Credits(account::CreditsCommand),
+    /// Model gateway requests of the owner acted for, with tokens and cost.
+    Usage(account::UsageArgs),
 }
 
 #[derive(Subcommand)]
@@ -256,6 +261,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Secret(c) => account::secret(c).await,
         Command::User(c) => account::user(c).await,
         Command::Audit(a) => account::audit(a).await,
+        Command::Credits(c) => account::credits(c).await,
+        Command::Usage(a) => account::usage(a).await,
         Command::Actor(ActorCommand::Show { actor_type, key }) => {
             let sub = open(&config).await?;
             let snap = sub.actor_snapshot(&actor_type, &key).await?;

@@ -136,6 +136,22 @@ async fn done_when(store: Store) {
         ]
     );
 
+    // Credit for the organization's model use, granted by the administrator.
+    let out = a(&[
+        "credits",
+        "grant",
+        &format!("org:{org_id}"),
+        "--usd",
+        "5",
+        "--note",
+        "trial",
+    ]);
+    assert!(out.contains("balance is now $5.000000"), "{out}");
+    let out = a(&["credits", "balance", "--org", &org_id]);
+    assert_eq!(out.trim(), "$5.000000");
+    let usage = json(&a(&["usage", "--org", &org_id, "--json"]));
+    assert_eq!(usage["usage"], serde_json::json!([]));
+
     // Bob logs in with his key and sees the organization.
     let out = account(
         &store,
