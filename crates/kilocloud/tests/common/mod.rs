@@ -80,8 +80,14 @@ pub struct Node {
 impl Node {
     /// Starts `kilocloud serve --listen 127.0.0.1:0` and waits for its "listening" line.
     pub fn start(store: &Store, log: &str) -> Node {
+        Self::start_with(store, log, &[])
+    }
+
+    /// As [`Node::start`], with extra command-line arguments (e.g. `--config FILE`).
+    pub fn start_with(store: &Store, log: &str, extra: &[&str]) -> Node {
         let log_file = std::fs::File::create(store.dir().join(log)).expect("log file");
         let mut child = Command::new(bin())
+            .args(extra)
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(store.args())
