@@ -22,6 +22,8 @@ pub struct Provider {
     pub api_key: String,
     /// Its models.
     pub models: Vec<ModelConfig>,
+    /// BYOK family it serves with owners' keys; empty for none.
+    pub byok_family: String,
 }
 
 impl std::fmt::Debug for Provider {
@@ -36,10 +38,12 @@ impl std::fmt::Debug for Provider {
 }
 
 /// Where a request goes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Route<'a> {
     /// The provider.
     pub provider: &'a Provider,
+    /// Providers to try next, in order, on 5xx, timeouts and connection errors.
+    pub fallbacks: Vec<&'a Provider>,
     /// The model's catalog entry; `None` when passed through to the default provider.
     pub model: Option<&'a ModelConfig>,
     /// The model id after `kilo/auto` resolution.
@@ -163,7 +167,20 @@ impl Catalog {
                 base_url: p.base_url.trim_end_matches('/').to_owned(),
                 api_key,
                 models: p.models.clone(),
+                byok_family: p.byok_family.clone(),
             });
+        }
+        for p in &providers {
+            for m in &p.models {
+                for f in &m.fallback_providers {
+                    if f == &p.id || !providers.iter().any(|q| &q.id == f) {
+                        return Err(format!(
+                            "gateway model `{}`: fallback provider `{f}` is not another provider",
+                            m.id
+                        ));
+                    }
+                }
+            }
         }
         let default = match config.default_provider.as_str() {
             "" => None,
@@ -214,17 +231,51 @@ impl Catalog {
         let resolved = self.resolve_auto(model, mode)?;
         if let Some(&(p, m)) = self.by_model.get(resolved) {
             let provider = &self.providers[p];
+            let model = &provider.models[m];
+            let fallbacks = model
+                .fallback_providers
+                .iter()
+                .filter_map(|id| self.provider(id))
+                .collect();
             return Some(Route {
                 provider,
-                model: Some(&provider.models[m]),
+                fallbacks,
+                model: Some(model),
                 resolved,
             });
         }
         self.default.map(|d| Route {
             provider: &self.providers[d],
+            fallbacks: Vec::new(),
             model: None,
             resolved,
         })
+    }
+
+    /// A provider by id.
+    pub fn provider(&self, id: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+
+    /// The provider serving BYOK requests for `model` (`<family>/…`), and the name of the
+    /// owner's secret holding their key for it.
+    pub fn byok(&self, model: &str) -> Option<(&Provider, String)> {
+        let family = model.split_once('/')?.0;
+        let provider = self
+            .providers
+            .iter()
+            .find(|p| !p.byok_family.is_empty() && p.byok_family.eq_ignore_ascii_case(family))?;
+        let secret: String = family
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Some((provider, format!("BYOK_{secret}")))
     }
 
     /// Every catalog model.
@@ -280,6 +331,7 @@ mod tests {
             cache_read_price: 0.3,
             cache_write_price: 3.75,
             free,
+            fallback_providers: Vec::new(),
         }
     }
 
@@ -290,6 +342,11 @@ mod tests {
             base_url: format!("http://{id}/v1/"),
             api_key: String::new(),
             api_key_env: format!("{}_KEY", id.to_uppercase()),
+            byok_family: if id == "b" {
+                "anthropic".into()
+            } else {
+                String::new()
+            },
             models,
         };
         GatewayConfig {
@@ -346,6 +403,9 @@ mod tests {
             "anthropic/opus"
         );
         assert_eq!(c.models().len(), 3);
+        let (byok, secret) = c.byok("Anthropic/sonnet").unwrap();
+        assert_eq!((byok.id.as_str(), secret.as_str()), ("b", "BYOK_ANTHROPIC"));
+        assert!(c.byok("openai/gpt").is_none() && c.byok("no-slash").is_none());
     }
 
     #[test]
@@ -366,6 +426,13 @@ mod tests {
             Catalog::new(&config(), |_| None)
                 .unwrap_err()
                 .contains("A_KEY")
+        );
+        let mut fallback = config();
+        fallback.providers[0].models[0].fallback_providers = vec!["a".into()];
+        assert!(
+            Catalog::new(&fallback, env)
+                .unwrap_err()
+                .contains("fallback")
         );
         let mut price = config();
         price.providers[0].models[0].input_price = -1.0;

@@ -59,6 +59,10 @@ pub struct ProviderConfig {
     /// Name of an environment variable holding the API key.
     #[serde(default)]
     pub api_key_env: String,
+    /// BYOK: this provider also serves models `<family>/…` with the owner's own key, stored
+    /// as the owner's secret `BYOK_<FAMILY>` (upper case, other characters as `_`). Empty: none.
+    #[serde(default)]
+    pub byok_family: String,
     /// Models this provider serves.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -72,6 +76,7 @@ impl fmt::Debug for ProviderConfig {
             .field("base_url", &self.base_url)
             .field("api_key", &if self.api_key.is_empty() { "" } else { "***" })
             .field("api_key_env", &self.api_key_env)
+            .field("byok_family", &self.byok_family)
             .field("models", &self.models)
             .finish()
     }
@@ -105,4 +110,8 @@ pub struct ModelConfig {
     /// Free to callers: never charged, allowed at zero balance.
     #[serde(default)]
     pub free: bool,
+    /// Providers tried in order when this one answers 5xx, times out or cannot be reached
+    /// (they are sent the same upstream id).
+    #[serde(default)]
+    pub fallback_providers: Vec<String>,
 }

@@ -132,6 +132,7 @@ mod tests {
             cache_read_price: 0.3,
             cache_write_price: 3.75,
             free: false,
+            fallback_providers: Vec::new(),
         };
         // 300×3 + 200×15 + 600×0.3 + 100×3.75 = 900 + 3000 + 180 + 375
         assert_eq!(u.cost_microdollars(Some(&model)), 4455);

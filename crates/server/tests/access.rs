@@ -111,6 +111,7 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
             base_url: upstream.base_url.clone(),
             api_key: "upstream-key".into(),
             api_key_env: String::new(),
+            byok_family: String::new(),
             models: vec![ModelConfig {
                 id: FREE_MODEL.into(),
                 upstream_id: String::new(),
@@ -120,6 +121,7 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
                 cache_read_price: 0.0,
                 cache_write_price: 0.0,
                 free: true,
+                fallback_providers: Vec::new(),
             }],
         }],
         ..GatewayConfig::default()

@@ -24,10 +24,14 @@ use uuid::Uuid;
 
 const PAID: &str = "vendor/paid";
 const FREE: &str = "vendor/free";
+/// Served by `fake`, falling back to `backup`.
+const RESILIENT: &str = "vendor/resilient";
 
 struct Env {
     _store: TestStore,
     upstream: FakeOpenAi,
+    /// The `backup` provider: fallback for RESILIENT, and BYOK for `vendor/…`.
+    backup: FakeOpenAi,
     id: Identity,
     ledger: Ledger,
     app: axum::Router,
@@ -45,6 +49,7 @@ fn model(id: &str, free: bool) -> ModelConfig {
         cache_read_price: 0.3,
         cache_write_price: 3.75,
         free,
+        fallback_providers: Vec::new(),
     }
 }
 
@@ -60,15 +65,32 @@ async fn env(postgres: bool, timeout: Duration) -> Env {
         },
     );
     let upstream = FakeOpenAi::start().await;
+    let backup = FakeOpenAi::start().await;
+    let resilient = ModelConfig {
+        fallback_providers: vec!["backup".into()],
+        ..model(RESILIENT, false)
+    };
     let config = GatewayConfig {
-        providers: vec![ProviderConfig {
-            id: "fake".into(),
-            kind: ProviderKind::OpenaiCompatible,
-            base_url: upstream.base_url.clone(),
-            api_key: "upstream-secret-key".into(),
-            api_key_env: String::new(),
-            models: vec![model(PAID, false), model(FREE, true)],
-        }],
+        providers: vec![
+            ProviderConfig {
+                id: "fake".into(),
+                kind: ProviderKind::OpenaiCompatible,
+                base_url: upstream.base_url.clone(),
+                api_key: "upstream-secret-key".into(),
+                api_key_env: String::new(),
+                byok_family: String::new(),
+                models: vec![model(PAID, false), model(FREE, true), resilient],
+            },
+            ProviderConfig {
+                id: "backup".into(),
+                kind: ProviderKind::OpenaiCompatible,
+                base_url: backup.base_url.clone(),
+                api_key: "backup-platform-key".into(),
+                api_key_env: String::new(),
+                byok_family: "vendor".into(),
+                models: Vec::new(),
+            },
+        ],
         auto_models: [("build", PAID), ("plan", FREE)]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -98,6 +120,7 @@ async fn env(postgres: bool, timeout: Duration) -> Env {
     Env {
         _store: store,
         upstream,
+        backup,
         id,
         ledger,
         app,
@@ -459,7 +482,109 @@ macro_rules! on_both_backends {
     )*};
 }
 
+async fn fallbacks_and_byok(pg: bool) {
+    let e = env(pg, Duration::from_millis(300)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+
+    // A 5xx, then a timeout, from the first provider: the backup serves, and says so.
+    for failure in [Reply::Status(503), Reply::Hang] {
+        e.upstream.push(failure);
+        let (status, h, _) = e.chat(ask(RESILIENT, false), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(h["x-kilocode-provider"], "backup");
+        let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+        assert_eq!(
+            (row.provider.as_str(), row.status, row.cost_microdollars),
+            ("backup", 200, 105)
+        );
+    }
+    assert_eq!(
+        e.backup.requests()[0].headers["authorization"],
+        "Bearer backup-platform-key"
+    );
+    // A 4xx is the caller's problem: no fallback.
+    e.upstream.push(Reply::Status(400));
+    let (status, _, _) = e.chat(ask(RESILIENT, false), &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(e.backup.requests().len(), 2);
+
+    // BYOK: the owner's own key for `vendor/…`, through the BYOK provider, never charged, even
+    // at a zero balance, and never the platform's key.
+    let system = Initiator {
+        user: Uuid::nil(),
+        request_id: None,
+    };
+    let (user, user_key, _) =
+        e.id.create_user("byok@example.com", "b", false, &system)
+            .await
+            .unwrap();
+    let owner = Owner::User(user.id);
+    let by = Initiator {
+        user: user.id,
+        request_id: None,
+    };
+    e.id.put_secret(owner, "BYOK_VENDOR", b"sk-users-own-key", &by)
+        .await
+        .unwrap();
+    let byok_chat = |body: Value| {
+        let app = e.app.clone();
+        let key = user_key.clone();
+        async move {
+            let req = Request::post("/api/gateway/chat/completions")
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let res = app.oneshot(req).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let before = e.backup.requests().len();
+    let (status, _) = byok_chat(ask(PAID, false)).await;
+    assert_eq!(status, StatusCode::OK, "BYOK needs no balance");
+    assert_eq!(
+        e.backup.requests()[before].headers["authorization"],
+        "Bearer sk-users-own-key"
+    );
+    let row = &e.ledger.usage(owner, None, 1).await.unwrap()[0];
+    assert_eq!(
+        (
+            row.provider.as_str(),
+            row.cost_microdollars,
+            row.true_cost_microdollars
+        ),
+        ("backup", 0, 105)
+    );
+    assert_eq!(e.balance(owner).await, 0);
+    // The provider refuses the user's key: a readable BYOK error, and no fallback anywhere.
+    let upstream_before = e.upstream.requests().len();
+    e.backup.push(Reply::Status(401));
+    let (status, body) = byok_chat(ask(PAID, false)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        body.contains("byok_upstream_error") && body.contains("BYOK_VENDOR"),
+        "{body}"
+    );
+    assert!(!body.contains("sk-users-own-key"));
+    e.backup.push(Reply::Status(500));
+    let (status, _) = byok_chat(ask(RESILIENT, false)).await;
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "a BYOK request never falls back"
+    );
+    assert_eq!(
+        e.upstream.requests().len(),
+        upstream_before,
+        "the platform's provider was never used"
+    );
+}
+
 on_both_backends!(
+    fallbacks_and_byok,
     non_streaming_is_forwarded_metered_and_charged,
     streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end,
     balance_rules_and_upstream_errors,

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use kilocloud_gateway::catalog::{ModelView, ProviderView};
+use kilocloud_gateway::catalog::{ModelView, Provider, ProviderView};
 use kilocloud_gateway::config::ModelConfig;
 use kilocloud_gateway::{Catalog, Ledger, SseUsageScanner, Usage, UsageRow};
 use kilocloud_identity::{Credential, Owner};
@@ -139,8 +139,20 @@ async fn forward(
         .route(&requested, mode.as_deref())
         .ok_or_else(model_missing)?;
     let owner = scope.owner();
-    let free = route.is_free();
-    if !free {
+    // BYOK comes first (reference §1.7a): the owner's own key for the model's family, and then
+    // never the platform's key, not even as a fallback.
+    let byok = match g.catalog.byok(route.resolved) {
+        Some((provider, secret)) => s
+            .identity
+            .secret_value(owner, &secret)
+            .await?
+            .and_then(|k| String::from_utf8(k).ok())
+            .filter(|k| !k.is_empty())
+            .map(|key| (provider, key, secret)),
+        None => None,
+    };
+    let charged = byok.is_none() && !route.is_free();
+    if charged {
         let balance = g.ledger.balance(owner).await?;
         if balance <= 0 {
             return Ok(payment_required(balance));
@@ -154,7 +166,13 @@ async fn forward(
     if streaming {
         request["stream_options"]["include_usage"] = Value::Bool(true);
     }
-    let provider = route.provider;
+    let attempts: Vec<(&Provider, &str)> = match &byok {
+        Some((provider, key, _)) => vec![(*provider, key.as_str())],
+        None => std::iter::once(route.provider)
+            .chain(route.fallbacks.iter().copied())
+            .map(|p| (p, p.api_key.as_str()))
+            .collect(),
+    };
     let mut row = UsageRow {
         seq: 0,
         at_ms,
@@ -166,7 +184,7 @@ async fn forward(
         },
         requested_model: requested.clone(),
         model: route.resolved.to_owned(),
-        provider: provider.id.clone(),
+        provider: attempts[0].0.id.clone(),
         status: 0,
         streaming,
         ttfb_ms: 0,
@@ -182,27 +200,18 @@ async fn forward(
         mode,
         feature: header_str(&headers, "x-kilocode-feature"),
     };
-    let mut upstream = g
-        .http
-        .post(format!("{}/chat/completions", provider.base_url))
-        .timeout(g.upstream_timeout)
-        .header("HTTP-Referer", "https://kilocode.ai")
-        .header("X-Title", "Kilo Code")
-        .json(&request);
-    if !provider.api_key.is_empty() {
-        upstream = upstream.bearer_auth(&provider.api_key);
-    }
-    metrics::histogram!("kilocloud_gateway_overhead_seconds")
-        .record(started.elapsed().as_secs_f64());
-    let sent = upstream.send().await;
-    row.ttfb_ms = started.elapsed().as_millis() as u64;
-    metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
     let meter = Meter {
         ledger: g.ledger.clone(),
         model: route.model.cloned(),
-        free,
+        charged,
         started,
     };
+    metrics::histogram!("kilocloud_gateway_overhead_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let (provider, sent) = send_with_fallbacks(g, &attempts, &request).await;
+    row.provider = provider.id.clone();
+    row.ttfb_ms = started.elapsed().as_millis() as u64;
+    metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
     let res = match sent {
         Ok(res) => res,
         Err(e) => {
@@ -219,14 +228,29 @@ async fn forward(
                     "the provider could not be reached",
                 )
             };
-            tracing::warn!(provider = %provider.id, error = %e, "upstream request failed");
             row.status = status.as_u16();
             meter.record(row, None).await;
             return Err(ApiError::new(status, code, message));
         }
     };
     let upstream_status = res.status().as_u16();
-    // The provider's 402 is the platform's account running dry, not the caller's (§1.15).
+    if let Some((_, _, secret)) = &byok
+        && matches!(upstream_status, 401 | 402 | 403 | 429)
+    {
+        row.status = upstream_status;
+        meter.record(row, None).await;
+        let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
+        return Err(ApiError::new(
+            status,
+            "byok_upstream_error",
+            format!(
+                "[BYOK] the provider refused the request made with your own key (status \
+                 {upstream_status}); check the key stored in the secret {secret}, and its quota"
+            ),
+        ));
+    }
+    // Without BYOK, the provider's 402 is the platform's account running dry, not the
+    // caller's (§1.15).
     let status = match upstream_status {
         402 => StatusCode::SERVICE_UNAVAILABLE,
         s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -291,6 +315,49 @@ async fn forward(
     Ok(response)
 }
 
+/// Sends `request` to each provider in turn until one answers with anything but a 5xx, or
+/// the last one answers at all (reference: fallbacks on 5xx, timeouts and connection errors).
+/// Returns the provider of the last attempt and its outcome.
+async fn send_with_fallbacks<'a>(
+    g: &GatewayState,
+    attempts: &[(&'a Provider, &str)],
+    request: &Value,
+) -> (&'a Provider, reqwest::Result<reqwest::Response>) {
+    let mut tried = 0;
+    loop {
+        let (provider, key) = attempts[tried];
+        let mut upstream = g
+            .http
+            .post(format!("{}/chat/completions", provider.base_url))
+            .timeout(g.upstream_timeout)
+            .header("HTTP-Referer", "https://kilocode.ai")
+            .header("X-Title", "Kilo Code")
+            .json(request);
+        if !key.is_empty() {
+            upstream = upstream.bearer_auth(key);
+        }
+        let sent = upstream.send().await;
+        tried += 1;
+        let failed = match &sent {
+            Ok(res) => res.status().is_server_error(),
+            Err(_) => true,
+        };
+        if !failed || tried == attempts.len() {
+            return (provider, sent);
+        }
+        match &sent {
+            Ok(res) => {
+                tracing::warn!(provider = %provider.id, status = %res.status(), "upstream failed; trying the next provider")
+            }
+            Err(e) => {
+                tracing::warn!(provider = %provider.id, error = %e, "upstream failed; trying the next provider")
+            }
+        }
+        metrics::counter!("kilocloud_gateway_fallbacks_total", "provider" => provider.id.clone())
+            .increment(1);
+    }
+}
+
 fn payment_required(balance: i64) -> Response {
     let body = json!({"error": {
         "code": "insufficient_balance",
@@ -305,12 +372,13 @@ fn payment_required(balance: i64) -> Response {
 struct Meter {
     ledger: Ledger,
     model: Option<ModelConfig>,
-    free: bool,
+    /// Charged to the owner: not a free model and not BYOK.
+    charged: bool,
     started: Instant,
 }
 
 impl Meter {
-    /// Fills in the usage, cost (zero when free) and total time, then records the row and
+    /// Fills in the usage, cost (zero when not charged) and total time, then records the row and
     /// charges it. A failure to record is logged: the response has been given.
     fn record(
         self,
@@ -323,10 +391,10 @@ impl Meter {
         row.cache_read_tokens = usage.cache_read_tokens;
         row.cache_write_tokens = usage.cache_write_tokens;
         row.true_cost_microdollars = usage.cost_microdollars(self.model.as_ref());
-        row.cost_microdollars = if self.free {
-            0
-        } else {
+        row.cost_microdollars = if self.charged {
             row.true_cost_microdollars
+        } else {
+            0
         };
         row.total_ms = self.started.elapsed().as_millis() as u64;
         metrics::counter!("kilocloud_gateway_requests_total",
