@@ -370,6 +370,7 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
             upstream_timeout_ms: 1000,
+            ..GatewayConfig::default()
         }
     }
 

@@ -20,6 +20,10 @@ pub struct GatewayConfig {
     pub auto_models: BTreeMap<String, String>,
     /// Longest upstream request, ms. Default 600,000 (10 min, the reference's timeout).
     pub upstream_timeout_ms: u64,
+    /// Free-model requests per client address per hour, signed in or not. Default 200.
+    pub free_requests_per_hour_per_ip: u32,
+    /// Anonymous free-model requests per client address per 24 h. Default 10,000.
+    pub anonymous_requests_per_day_per_ip: u32,
 }
 
 impl Default for GatewayConfig {
@@ -29,6 +33,8 @@ impl Default for GatewayConfig {
             default_provider: String::new(),
             auto_models: BTreeMap::new(),
             upstream_timeout_ms: 600_000,
+            free_requests_per_hour_per_ip: 200,
+            anonymous_requests_per_day_per_ip: 10_000,
         }
     }
 }

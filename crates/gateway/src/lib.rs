@@ -6,9 +6,11 @@
 pub mod catalog;
 pub mod config;
 pub mod ledger;
+pub mod limits;
 pub mod usage;
 
 pub use catalog::{Catalog, Route};
 pub use config::GatewayConfig;
 pub use ledger::{Ledger, UsageRow};
+pub use limits::{FreeLimits, FreeModelLimiter, Refusal};
 pub use usage::{SseUsageScanner, Usage};

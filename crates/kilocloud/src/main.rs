@@ -439,15 +439,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let sub = open(&config).await?;
         probe::register(&sub)?;
         let identity = Identity::new(&sub, config.identity()?);
-        let catalog =
-            kilocloud_gateway::Catalog::new(&config.gateway, |name| std::env::var(name).ok())
-                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-        let ledger = kilocloud_gateway::Ledger::new(&sub);
-        let gateway = kilocloud_server::api::gateway::state(
-            catalog,
-            ledger,
-            Duration::from_millis(config.gateway.upstream_timeout_ms),
-        );
+        let gateway = kilocloud_server::api::gateway::state(&sub, &config.gateway, |name| {
+            std::env::var(name).ok()
+        })
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         sub.start().await?;
         (sub, identity, gateway)
     };

@@ -12,6 +12,7 @@
 //! | [`OrgAccess<R>`] | `AuthUser` who is a member of the org in the path `{id}`, with at least `R` | 404 if not a member, 403 if the role is too low |
 //! | [`SiteAdmin`] | `AuthUser` who is a site administrator | 403 `admin_required` |
 //! | [`Internal`] | `x-internal-api-key` equal (constant time) to `internal_api_secret` | 401 |
+//! | [`MaybeScope`] | nothing, or credentials that pass `OwnerScope` | as `OwnerScope` when credentials are sent |
 //!
 //! Failed authentications are counted per client address (IPv4, or IPv6 /64) with a GCRA
 //! limiter (governor); once an address has used its burst, every authentication attempt from
@@ -193,6 +194,34 @@ impl FromRequestParts<AppState> for AuthUser {
             principal,
             request_id: request_id(parts),
         })
+    }
+}
+
+/// The caller's address as failures and free-model limits count it (see [`client_ip`]).
+pub struct ClientIp(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip(parts)))
+    }
+}
+
+/// An [`OwnerScope`] when the request carries credentials, `None` when it carries none (for
+/// routes open to anonymous callers). Wrong credentials are refused as by `OwnerScope`.
+pub struct MaybeScope(pub Option<OwnerScope>);
+
+impl FromRequestParts<AppState> for MaybeScope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if !parts.headers.contains_key(http::header::AUTHORIZATION) {
+            return Ok(MaybeScope(None));
+        }
+        Ok(MaybeScope(Some(
+            OwnerScope::from_request_parts(parts, state).await?,
+        )))
     }
 }
 

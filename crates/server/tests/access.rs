@@ -3,13 +3,11 @@
 //! authentication rate limit, and a scan of every log line the tests produced for secrets.
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
-use kilocloud_gateway::{Catalog, Ledger};
 use kilocloud_identity::credential::{TokenClaims, TokenSigner};
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
@@ -126,8 +124,7 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
         }],
         ..GatewayConfig::default()
     };
-    let catalog = Catalog::new(&gateway, |_| None).unwrap();
-    let gateway = gateway::state(catalog, Ledger::new(&sub), Duration::from_secs(10));
+    let gateway = gateway::state(&sub, &gateway, |_| None).unwrap();
     let app = router(AppState::new(sub, id.clone(), gateway, &options));
     Env {
         _store: store,
@@ -299,6 +296,9 @@ enum Access {
     /// The owner acted for (org header) with at least this role; `addressed` routes name one
     /// resource of it, so another user acting for themself gets 404.
     OrgHeader { min: Role, addressed: bool },
+    /// Anonymous callers too, for free models (the gateway); with credentials, as `OrgHeader`
+    /// for members.
+    AnonymousFree,
 }
 
 struct Route {
@@ -523,10 +523,7 @@ fn routes() -> Vec<Route> {
         Route {
             method: "POST",
             path: "/api/gateway/chat/completions",
-            access: OrgHeader {
-                min: Role::Member,
-                addressed: false,
-            },
+            access: AnonymousFree,
             uri: |_| "/api/gateway/chat/completions".into(),
             body: |_| {
                 Some(json!({"model": FREE_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
@@ -535,10 +532,7 @@ fn routes() -> Vec<Route> {
         Route {
             method: "POST",
             path: "/api/openrouter/chat/completions",
-            access: OrgHeader {
-                min: Role::Member,
-                addressed: false,
-            },
+            access: AnonymousFree,
             uri: |_| "/api/openrouter/chat/completions".into(),
             body: |_| {
                 Some(json!({"model": FREE_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
@@ -547,10 +541,7 @@ fn routes() -> Vec<Route> {
         Route {
             method: "POST",
             path: "/api/gateway/v1/chat/completions",
-            access: OrgHeader {
-                min: Role::Member,
-                addressed: false,
-            },
+            access: AnonymousFree,
             uri: |_| "/api/gateway/v1/chat/completions".into(),
             body: |_| {
                 Some(json!({"model": FREE_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
@@ -669,18 +660,27 @@ async fn access_matrix(pg: bool) {
         }
         // 1. No credentials.
         let r = call(None, None).await;
-        assert_eq!(
-            r.status,
-            StatusCode::UNAUTHORIZED,
-            "{label} without credentials: {}",
-            r.body
-        );
-        let want = if matches!(route.access, Access::Internal) {
-            "internal_key_invalid"
+        if matches!(route.access, Access::AnonymousFree) {
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "{label} serves free models anonymously: {}",
+                r.body
+            );
         } else {
-            "unauthenticated"
-        };
-        assert_eq!(r.code(), want, "{label}");
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{label} without credentials: {}",
+                r.body
+            );
+            let want = if matches!(route.access, Access::Internal) {
+                "internal_key_invalid"
+            } else {
+                "unauthenticated"
+            };
+            assert_eq!(r.code(), want, "{label}");
+        }
 
         match route.access {
             Access::Public => unreachable!("answered above"),
@@ -773,7 +773,11 @@ async fn access_matrix(pg: bool) {
                     r.body
                 );
             }
-            Access::OrgHeader { min, addressed } => {
+            Access::OrgHeader { .. } | Access::AnonymousFree => {
+                let (min, addressed) = match route.access {
+                    Access::OrgHeader { min, addressed } => (min, addressed),
+                    _ => (Role::Member, false),
+                };
                 let r = call(Some(&f.stranger), Some(&org)).await;
                 assert_eq!(
                     (r.status, r.code()),

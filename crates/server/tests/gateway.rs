@@ -8,8 +8,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
+use kilocloud_gateway::Ledger;
 use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
-use kilocloud_gateway::{Catalog, Ledger};
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
@@ -95,14 +95,13 @@ async fn env(postgres: bool, timeout: Duration) -> Env {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
+        upstream_timeout_ms: timeout.as_millis() as u64,
+        free_requests_per_hour_per_ip: 6,
+        anonymous_requests_per_day_per_ip: 4,
         ..GatewayConfig::default()
     };
-    let ledger = Ledger::new(&sub);
-    let state = gateway::state(
-        Catalog::new(&config, |_| None).unwrap(),
-        ledger.clone(),
-        timeout,
-    );
+    let state = gateway::state(&sub, &config, |_| None).unwrap();
+    let ledger = state.ledger.clone();
     let system = Initiator {
         user: Uuid::nil(),
         request_id: None,
@@ -583,7 +582,59 @@ async fn fallbacks_and_byok(pg: bool) {
     );
 }
 
+async fn anonymous_callers_and_free_model_limits(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let anonymous = |model: &'static str| {
+        let app = e.app.clone();
+        async move {
+            let req = Request::post("/api/gateway/chat/completions")
+                .header("content-type", "application/json")
+                .body(Body::from(ask(model, false).to_string()))
+                .unwrap();
+            let res = app.oneshot(req).await.unwrap();
+            let (parts, body) = res.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            (
+                parts.status,
+                parts.headers,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+    };
+    let (status, _, body) = anonymous(PAID).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("PAID_MODEL_AUTH_REQUIRED"), "{body}");
+    // The test configuration allows 4 anonymous and 6 free-model requests per address.
+    for _ in 0..4 {
+        assert_eq!(anonymous(FREE).await.0, StatusCode::OK);
+    }
+    let (status, _, body) = anonymous(FREE).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("PROMOTION_MODEL_LIMIT_REACHED"), "{body}");
+    // Signed-in callers from the same address are not promoted, but share the hourly limit.
+    assert_eq!(e.chat(ask(FREE, false), &[]).await.0, StatusCode::OK);
+    assert_eq!(e.chat(ask(FREE, false), &[]).await.0, StatusCode::OK);
+    let (status, h, body) = e.chat(ask(FREE, false), &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(h.get("retry-after").is_some());
+    assert_eq!(
+        e.upstream.requests().len(),
+        6,
+        "refused requests never reach the provider"
+    );
+    // Anonymous requests are counted, not billed to anyone.
+    assert_eq!(
+        e.ledger
+            .usage(Owner::User(Uuid::nil()), None, 10)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
 on_both_backends!(
+    anonymous_callers_and_free_model_limits,
     fallbacks_and_byok,
     non_streaming_is_forwarded_metered_and_charged,
     streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end,

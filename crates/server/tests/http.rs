@@ -2,12 +2,11 @@
 //! body limits, request ids, readiness and metrics.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use kilocloud_gateway::{Catalog, GatewayConfig, Ledger};
+use kilocloud_gateway::GatewayConfig;
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::{Identity, IdentityConfig};
 use kilocloud_server::api::gateway;
@@ -41,8 +40,7 @@ async fn env(postgres: bool, admin: Option<&str>) -> Env {
         admin_token: admin.unwrap_or_default().to_owned(),
         ..ServerOptions::default()
     };
-    let catalog = Catalog::new(&GatewayConfig::default(), |_| None).unwrap();
-    let gateway = gateway::state(catalog, Ledger::new(&sub), Duration::from_secs(10));
+    let gateway = gateway::state(&sub, &GatewayConfig::default(), |_| None).unwrap();
     let app = router(AppState::new(sub, identity, gateway, &options));
     Env { _store: store, app }
 }

@@ -19,14 +19,17 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use kilocloud_gateway::catalog::{ModelView, Provider, ProviderView};
 use kilocloud_gateway::config::ModelConfig;
-use kilocloud_gateway::{Catalog, Ledger, SseUsageScanner, Usage, UsageRow};
+use kilocloud_gateway::{
+    Catalog, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, Refusal, SseUsageScanner, Usage,
+    UsageRow,
+};
 use kilocloud_identity::{Credential, Owner};
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::{AuditQuery, ErrorBody};
-use crate::auth::{Admin, Member, OwnerScope, RequireRole, SiteAdmin};
+use crate::auth::{Admin, ClientIp, MaybeScope, Member, OwnerScope, RequireRole, SiteAdmin};
 use crate::error::Query;
 use crate::{ApiError, AppState, Json};
 
@@ -39,6 +42,8 @@ pub struct GatewayState {
     pub catalog: Catalog,
     /// Balances and usage.
     pub ledger: Ledger,
+    /// Free-model limits per client address.
+    pub free_limiter: FreeModelLimiter,
     /// Client for upstream calls.
     pub http: reqwest::Client,
     /// Longest upstream request.
@@ -54,11 +59,12 @@ pub struct GatewayState {
     security(("bearer" = [])))]
 pub async fn chat_completions(
     State(s): State<AppState>,
-    scope: OwnerScope,
+    MaybeScope(scope): MaybeScope,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(s, scope, headers, body).await
+    proxy(s, scope, ip, headers, body).await
 }
 
 /// `POST /api/openrouter/chat/completions`: the reference's path, same handler.
@@ -68,11 +74,12 @@ pub async fn chat_completions(
     security(("bearer" = [])))]
 pub async fn openrouter_chat_completions(
     State(s): State<AppState>,
-    scope: OwnerScope,
+    MaybeScope(scope): MaybeScope,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(s, scope, headers, body).await
+    proxy(s, scope, ip, headers, body).await
 }
 
 /// `POST /api/gateway/v1/chat/completions`: for OpenAI SDKs with `base_url=…/api/gateway/v1`.
@@ -82,11 +89,12 @@ pub async fn openrouter_chat_completions(
     security(("bearer" = [])))]
 pub async fn v1_chat_completions(
     State(s): State<AppState>,
-    scope: OwnerScope,
+    MaybeScope(scope): MaybeScope,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(s, scope, headers, body).await
+    proxy(s, scope, ip, headers, body).await
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -96,8 +104,14 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| v.chars().take(500).collect())
 }
 
-async fn proxy(s: AppState, scope: OwnerScope, headers: HeaderMap, body: Bytes) -> Response {
-    match forward(s, scope, headers, body).await {
+async fn proxy(
+    s: AppState,
+    scope: Option<OwnerScope>,
+    ip: std::net::IpAddr,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match forward(s, scope, ip, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -105,7 +119,8 @@ async fn proxy(s: AppState, scope: OwnerScope, headers: HeaderMap, body: Bytes) 
 
 async fn forward(
     s: AppState,
-    scope: OwnerScope,
+    scope: Option<OwnerScope>,
+    ip: std::net::IpAddr,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -138,21 +153,53 @@ async fn forward(
         .catalog
         .route(&requested, mode.as_deref())
         .ok_or_else(model_missing)?;
-    let owner = scope.owner();
+    let free = route.is_free();
+    // Anonymous callers may use free models only (reference §1.5).
+    if scope.is_none() && !free {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "PAID_MODEL_AUTH_REQUIRED",
+            "sign in (an API key or token) to use paid models",
+        ));
+    }
+    if free {
+        match g.free_limiter.admit(ip, scope.is_none()).await? {
+            Ok(()) => {}
+            Err(Refusal::Hourly { retry_after_secs }) => {
+                return Err(ApiError {
+                    retry_after_secs: Some(retry_after_secs),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_exceeded",
+                        "too many free-model requests from this address; retry later",
+                    )
+                });
+            }
+            Err(Refusal::Promotion) => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "PROMOTION_MODEL_LIMIT_REACHED",
+                    "the anonymous free-model limit for this address is reached; sign up or \
+                     sign in to continue",
+                ));
+            }
+        }
+    }
+    let owner = scope.as_ref().map(OwnerScope::owner);
     // BYOK comes first (reference §1.7a): the owner's own key for the model's family, and then
     // never the platform's key, not even as a fallback.
-    let byok = match g.catalog.byok(route.resolved) {
-        Some((provider, secret)) => s
+    let byok = match (owner, g.catalog.byok(route.resolved)) {
+        (Some(owner), Some((provider, secret))) => s
             .identity
             .secret_value(owner, &secret)
             .await?
             .and_then(|k| String::from_utf8(k).ok())
             .filter(|k| !k.is_empty())
             .map(|key| (provider, key, secret)),
-        None => None,
+        _ => None,
     };
-    let charged = byok.is_none() && !route.is_free();
-    if charged {
+    let charged = byok.is_none() && !free;
+    if let (true, Some(owner)) = (charged, owner) {
         let balance = g.ledger.balance(owner).await?;
         if balance <= 0 {
             return Ok(payment_required(balance));
@@ -173,14 +220,16 @@ async fn forward(
             .map(|p| (p, p.api_key.as_str()))
             .collect(),
     };
+    let principal = scope.as_ref().map(|s| &s.auth.principal);
     let mut row = UsageRow {
         seq: 0,
         at_ms,
-        owner,
-        user: scope.auth.principal.user,
-        api_key: match scope.auth.principal.credential {
-            Credential::ApiKey(id) => Some(id),
-            Credential::Jwt => None,
+        // Anonymous requests have no owner and are not recorded (only counted, above).
+        owner: owner.unwrap_or(Owner::User(uuid::Uuid::nil())),
+        user: principal.map_or(uuid::Uuid::nil(), |p| p.user),
+        api_key: match principal.map(|p| p.credential) {
+            Some(Credential::ApiKey(id)) => Some(id),
+            _ => None,
         },
         requested_model: requested.clone(),
         model: route.resolved.to_owned(),
@@ -201,7 +250,7 @@ async fn forward(
         feature: header_str(&headers, "x-kilocode-feature"),
     };
     let meter = Meter {
-        ledger: g.ledger.clone(),
+        ledger: owner.map(|_| g.ledger.clone()),
         model: route.model.cloned(),
         charged,
         started,
@@ -370,7 +419,8 @@ fn payment_required(balance: i64) -> Response {
 
 /// Prices and records a finished request.
 struct Meter {
-    ledger: Ledger,
+    /// Where the row goes; `None` for anonymous requests.
+    ledger: Option<Ledger>,
     model: Option<ModelConfig>,
     /// Charged to the owner: not a free model and not BYOK.
     charged: bool,
@@ -402,6 +452,7 @@ impl Meter {
         .increment(1);
         let ledger = self.ledger;
         async move {
+            let Some(ledger) = ledger else { return };
             let (owner, cost) = (row.owner, row.cost_microdollars);
             if let Err(e) = ledger.record(row).await {
                 tracing::error!(%owner, cost_microdollars = cost, error = %e, "could not record gateway usage");
@@ -605,15 +656,29 @@ pub async fn grant(
     ))
 }
 
-/// Shared by the proxy and tests: the state from a catalog and ledger.
-pub fn state(catalog: Catalog, ledger: Ledger, upstream_timeout: Duration) -> Arc<GatewayState> {
-    Arc::new(GatewayState {
-        catalog,
-        ledger,
+/// The gateway for `config`, registering its actor types on `sub` (before it starts). `env`
+/// reads provider keys named by `api_key_env`.
+///
+/// Errors: an invalid catalog, described (see [`Catalog::new`]).
+pub fn state(
+    sub: &kilocloud_substrate::Substrate,
+    config: &GatewayConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Arc<GatewayState>, String> {
+    Ok(Arc::new(GatewayState {
+        catalog: Catalog::new(config, env)?,
+        ledger: Ledger::new(sub),
+        free_limiter: FreeModelLimiter::new(
+            sub,
+            FreeLimits {
+                per_hour: config.free_requests_per_hour_per_ip,
+                anonymous_per_day: config.anonymous_requests_per_day_per_ip,
+            },
+        ),
         http: reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
-            .expect("HTTP client"),
-        upstream_timeout,
-    })
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
+        upstream_timeout: Duration::from_millis(config.upstream_timeout_ms),
+    }))
 }
