@@ -83,22 +83,7 @@ fn code(r: Result<impl std::fmt::Debug, Error>) -> &'static str {
     }
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(false).await
-            }
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(true).await
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+kilocloud_test_support::on_both_backends!(
     jwt_expiry_pepper_and_bots,
     api_keys,
     tickets,

@@ -548,6 +548,13 @@ fn routes() -> Vec<Route> {
             },
         },
         Route {
+            method: "POST",
+            path: "/api/gateway/v1/embeddings",
+            access: AnonymousFree,
+            uri: |_| "/api/gateway/v1/embeddings".into(),
+            body: |_| Some(json!({"model": FREE_MODEL, "input": "hello there"})),
+        },
+        Route {
             method: "GET",
             path: "/api/gateway/models",
             access: Public,
@@ -1275,22 +1282,7 @@ async fn auth_failures_are_rate_limited(pg: bool) {
     assert_eq!(r.status, StatusCode::OK);
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(false).await
-            }
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(true).await
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+kilocloud_test_support::on_both_backends!(
     access_matrix,
     credential_failures,
     auth_failures_are_rate_limited

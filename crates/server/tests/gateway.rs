@@ -275,6 +275,21 @@ async fn streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end(pg: bool) {
         (200, 300, 40, true)
     );
 
+    // Embeddings pass through and are charged for their input: 4 words × 3 µ$.
+    let req = Request::post("/api/gateway/v1/embeddings")
+        .header("authorization", format!("Bearer {}", e.key))
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"model": PAID, "input": ["one two", "three four"]}).to_string(),
+        ))
+        .unwrap();
+    let res = e.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert_eq!(e.balance(me).await, 1_000_000 - 1_290 - 12);
+
     // Tool calls pass through, streamed and not.
     for stream in [false, true] {
         e.upstream.push(Reply::ToolCall {
@@ -466,21 +481,6 @@ async fn concurrent_spend_is_exact_and_bounded(pg: bool) {
     assert!(e.balance(me).await > -20 * 105);
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(false).await
-            }
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(true).await
-            }
-        }
-    )*};
-}
-
 async fn fallbacks_and_byok(pg: bool) {
     let e = env(pg, Duration::from_millis(300)).await;
     let me = Owner::User(e.user);
@@ -633,7 +633,7 @@ async fn anonymous_callers_and_free_model_limits(pg: bool) {
     );
 }
 
-on_both_backends!(
+kilocloud_test_support::on_both_backends!(
     anonymous_callers_and_free_model_limits,
     fallbacks_and_byok,
     non_streaming_is_forwarded_metered_and_charged,

@@ -1,4 +1,5 @@
-//! A fake OpenAI-compatible upstream (`POST /v1/chat/completions`, `GET /v1/models`) on a real
+//! A fake OpenAI-compatible upstream (`POST /v1/chat/completions`, `POST /v1/embeddings`,
+//! `GET /v1/models`) on a real
 //! loopback socket, speaking the documented wire format: JSON completions, and Server-Sent
 //! Events chunks ending in `data: [DONE]` when `stream` is true, with a final usage chunk when
 //! `stream_options.include_usage` is set. Replies are scripted in order; with nothing scripted
@@ -95,6 +96,7 @@ impl FakeOpenAi {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
+            .route("/v1/embeddings", post(embeddings))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -121,6 +123,36 @@ impl FakeOpenAi {
 
 async fn models() -> impl IntoResponse {
     axum::Json(json!({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}))
+}
+
+/// Embeddings: one 3-dimensional vector per input string; `prompt_tokens` counts the words.
+async fn embeddings(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    state.requests.lock().unwrap().push(Recorded {
+        headers,
+        body: body.clone(),
+    });
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let tokens: usize = inputs.iter().map(|s| s.split_whitespace().count()).sum();
+    let data: Vec<Value> = (0..inputs.len())
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+        .collect();
+    axum::Json(json!({
+        "object": "list", "data": data, "model": body["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }
 
 async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {

@@ -15,6 +15,24 @@
 
 pub mod fake_openai;
 
+/// Instantiates each `async fn name(postgres: bool)` scenario as the tests `name::sqlite` and
+/// `name::postgres`: one suite, every backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(false).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 

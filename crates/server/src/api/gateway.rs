@@ -64,7 +64,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(s, scope, ip, headers, body).await
+    proxy(s, Endpoint::Chat, scope, ip, headers, body).await
 }
 
 /// `POST /api/openrouter/chat/completions`: the reference's path, same handler.
@@ -79,7 +79,7 @@ pub async fn openrouter_chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(s, scope, ip, headers, body).await
+    proxy(s, Endpoint::Chat, scope, ip, headers, body).await
 }
 
 /// `POST /api/gateway/v1/chat/completions`: for OpenAI SDKs with `base_url=…/api/gateway/v1`.
@@ -94,7 +94,25 @@ pub async fn v1_chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(s, scope, ip, headers, body).await
+    proxy(s, Endpoint::Chat, scope, ip, headers, body).await
+}
+
+/// `POST /api/gateway/v1/embeddings`: OpenAI Embeddings, passed through to the model's
+/// provider and charged for its input tokens like a chat request.
+#[utoipa::path(post, path = "/api/gateway/v1/embeddings", tag = "gateway",
+    request_body(content = Object, description = "OpenAI Embeddings request"),
+    responses((status = 200, description = "OpenAI Embeddings response"),
+        (status = 401, body = ErrorBody), (status = 402, description = "balance depleted"),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn v1_embeddings(
+    State(s): State<AppState>,
+    MaybeScope(scope): MaybeScope,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(s, Endpoint::Embeddings, scope, ip, headers, body).await
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -104,14 +122,33 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| v.chars().take(500).collect())
 }
 
+/// The OpenAI endpoint a request is for.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    /// `/chat/completions`.
+    Chat,
+    /// `/embeddings` (never streamed).
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
 async fn proxy(
     s: AppState,
+    endpoint: Endpoint,
     scope: Option<OwnerScope>,
     ip: std::net::IpAddr,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match forward(s, scope, ip, headers, body).await {
+    match forward(s, endpoint, scope, ip, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -119,6 +156,7 @@ async fn proxy(
 
 async fn forward(
     s: AppState,
+    endpoint: Endpoint,
     scope: Option<OwnerScope>,
     ip: std::net::IpAddr,
     headers: HeaderMap,
@@ -205,7 +243,8 @@ async fn forward(
             return Ok(payment_required(balance));
         }
     }
-    let streaming = request["stream"].as_bool().unwrap_or(false);
+    let streaming =
+        matches!(endpoint, Endpoint::Chat) && request["stream"].as_bool().unwrap_or(false);
     request["model"] = Value::String(route.upstream_model().to_owned());
     if let Some(obj) = request.as_object_mut() {
         obj.remove("models");
@@ -257,7 +296,7 @@ async fn forward(
     };
     metrics::histogram!("kilocloud_gateway_overhead_seconds")
         .record(started.elapsed().as_secs_f64());
-    let (provider, sent) = send_with_fallbacks(g, &attempts, &request).await;
+    let (provider, sent) = send_with_fallbacks(g, endpoint, &attempts, &request).await;
     row.provider = provider.id.clone();
     row.ttfb_ms = started.elapsed().as_millis() as u64;
     metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
@@ -369,6 +408,7 @@ async fn forward(
 /// Returns the provider of the last attempt and its outcome.
 async fn send_with_fallbacks<'a>(
     g: &GatewayState,
+    endpoint: Endpoint,
     attempts: &[(&'a Provider, &str)],
     request: &Value,
 ) -> (&'a Provider, reqwest::Result<reqwest::Response>) {
@@ -377,7 +417,7 @@ async fn send_with_fallbacks<'a>(
         let (provider, key) = attempts[tried];
         let mut upstream = g
             .http
-            .post(format!("{}/chat/completions", provider.base_url))
+            .post(format!("{}{}", provider.base_url, endpoint.path()))
             .timeout(g.upstream_timeout)
             .header("HTTP-Referer", "https://kilocode.ai")
             .header("X-Title", "Kilo Code")
