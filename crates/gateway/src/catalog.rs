@@ -309,6 +309,7 @@ impl Catalog {
                 kind: match p.kind {
                     ProviderKind::OpenaiCompatible => "openai-compatible".into(),
                     ProviderKind::Openrouter => "openrouter".into(),
+                    ProviderKind::Anthropic => "anthropic".into(),
                 },
                 models: p.models.len(),
             })

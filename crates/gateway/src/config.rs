@@ -47,6 +47,9 @@ pub enum ProviderKind {
     OpenaiCompatible,
     /// OpenRouter: OpenAI Chat Completions that also reports `usage.cost`.
     Openrouter,
+    /// Anthropic Messages (`{base_url}/messages`, `x-api-key`, `anthropic-version`); serves
+    /// `/api/gateway/v1/messages` only.
+    Anthropic,
 }
 
 /// One upstream provider.

@@ -42,6 +42,23 @@ impl Usage {
         })
     }
 
+    /// Reads an Anthropic Messages `usage` object: `input_tokens` (excluding cache),
+    /// `output_tokens`, `cache_read_input_tokens`, `cache_creation_input_tokens`. `None` unless
+    /// it has `input_tokens` or `output_tokens`.
+    pub fn from_anthropic(usage: &Value) -> Option<Self> {
+        let n = |k: &str| usage[k].as_u64();
+        if n("input_tokens").is_none() && n("output_tokens").is_none() {
+            return None;
+        }
+        Some(Self {
+            input_tokens: n("input_tokens").unwrap_or(0),
+            output_tokens: n("output_tokens").unwrap_or(0),
+            cache_read_tokens: n("cache_read_input_tokens").unwrap_or(0),
+            cache_write_tokens: n("cache_creation_input_tokens").unwrap_or(0),
+            reported_cost_usd: None,
+        })
+    }
+
     /// What the request cost, microdollars: from the model's prices when the catalog has it
     /// (USD per million tokens = microdollars per token), else the provider's reported cost,
     /// else 0. Rounded to the nearest microdollar.
@@ -59,11 +76,23 @@ impl Usage {
     }
 }
 
+/// The wire format of a stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamFormat {
+    /// OpenAI Chat Completions chunks: the last chunk carries `usage` when
+    /// `stream_options.include_usage` is set.
+    #[default]
+    OpenAi,
+    /// Anthropic Messages events: `message_start` carries the input usage, `message_delta` the
+    /// running output count.
+    Anthropic,
+}
+
 /// Watches an SSE byte stream as it passes through, without changing or holding it, and keeps
-/// the last `usage` object seen in a `data:` event (OpenAI sends it in the final chunk when
-/// `stream_options.include_usage` is set).
+/// the usage it reports.
 #[derive(Debug, Default)]
 pub struct SseUsageScanner {
+    format: StreamFormat,
     line: Vec<u8>,
     usage: Option<Usage>,
 }
@@ -72,6 +101,14 @@ pub struct SseUsageScanner {
 const MAX_LINE: usize = 1 << 20;
 
 impl SseUsageScanner {
+    /// A scanner for streams in `format`.
+    pub fn new(format: StreamFormat) -> Self {
+        Self {
+            format,
+            ..Self::default()
+        }
+    }
+
     /// Consumes the next bytes of the stream.
     pub fn feed(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -89,10 +126,31 @@ impl SseUsageScanner {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii_start())
-            && let Some(usage) = event.get("usage").and_then(Usage::from_openai)
-        {
-            self.usage = Some(usage);
+        let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
+            return;
+        };
+        match self.format {
+            StreamFormat::OpenAi => {
+                if let Some(usage) = event.get("usage").and_then(Usage::from_openai) {
+                    self.usage = Some(usage);
+                }
+            }
+            StreamFormat::Anthropic => match event["type"].as_str() {
+                Some("message_start") => {
+                    self.usage = Usage::from_anthropic(&event["message"]["usage"]);
+                }
+                Some("message_delta") => {
+                    let delta = &event["usage"];
+                    let usage = self.usage.get_or_insert_with(Usage::default);
+                    if let Some(out) = delta["output_tokens"].as_u64() {
+                        usage.output_tokens = out;
+                    }
+                    if let Some(input) = delta["input_tokens"].as_u64() {
+                        usage.input_tokens = input;
+                    }
+                }
+                _ => {}
+            },
         }
     }
 
@@ -165,6 +223,21 @@ mod tests {
                 "split at {split}"
             );
         }
+        let anthropic = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"cache_read_input_tokens\":30,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n"
+        );
+        let mut s = SseUsageScanner::new(StreamFormat::Anthropic);
+        s.feed(anthropic.as_bytes());
+        let u = s.usage().unwrap();
+        assert_eq!(
+            (u.input_tokens, u.cache_read_tokens, u.output_tokens),
+            (12, 30, 9)
+        );
         let mut none = SseUsageScanner::default();
         none.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.usage(), None);

@@ -1,11 +1,13 @@
-//! Compatibility: the official `openai` Python SDK (from PyPI, installed by `scripts/test` into a
-//! venv named by `KILOCLOUD_TEST_PYTHON`) talks to a real `kilocloud serve` whose gateway points
-//! at the fake upstream: chat, streaming, tools (streamed and not), the model list, and a 402
-//! surfacing as the SDK's error. The gateway charges what the SDK's requests cost.
+//! Compatibility: the official `openai` and `anthropic` Python SDKs (from PyPI, installed by
+//! `scripts/test` into a venv named by `KILOCLOUD_TEST_PYTHON`) talk to a real `kilocloud serve`
+//! whose gateway points at the fake upstreams: chat, streaming, tools (streamed and not), the
+//! model list, a 402 surfacing as the SDK's error; Anthropic Messages with `x-api-key` and with a
+//! bearer token. The gateway charges what the SDKs' requests cost.
 
 mod common;
 
 use common::{Node, Store};
+use kilocloud_test_support::fake_anthropic::{FakeAnthropic, Reply as AnthropicReply};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
 use serde_json::{Value, json};
 
@@ -47,12 +49,41 @@ except openai.APIStatusError as e:
 print(json.dumps(out))
 "#;
 
+const ANTHROPIC_SCRIPT: &str = r#"
+import json, sys
+import anthropic
+
+base, key = sys.argv[1], sys.argv[2]
+client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+model = "anthropic/claude-test"
+ask = [{"role": "user", "content": "hello"}]
+tools = [{"name": "read_file", "description": "read a file",
+          "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+out = {}
+m = client.messages.create(model=model, max_tokens=100, messages=ask)
+out["text"] = m.content[0].text
+out["input_tokens"] = m.usage.input_tokens
+with client.messages.stream(model=model, max_tokens=100, messages=ask) as s:
+    out["streamed"] = s.get_final_text()
+t = client.messages.create(model=model, max_tokens=100, messages=ask, tools=tools)
+use = [b for b in t.content if b.type == "tool_use"][0]
+out["tool"] = [use.name, use.input]
+with client.messages.stream(model=model, max_tokens=100, messages=ask, tools=tools) as s:
+    final = s.get_final_message()
+use = [b for b in final.content if b.type == "tool_use"][0]
+out["streamed_tool"] = [use.name, use.input]
+bearer = anthropic.Anthropic(base_url=base, auth_token=key, max_retries=0)
+out["bearer"] = bearer.messages.create(model=model, max_tokens=100, messages=ask).content[0].text
+print(json.dumps(out))
+"#;
+
 async fn sdk_round_trip(store: Store) {
     let python = std::env::var("KILOCLOUD_TEST_PYTHON").expect(
         "KILOCLOUD_TEST_PYTHON is not set: run the tests with scripts/test, which installs the \
          openai SDK into a venv",
     );
     let upstream = FakeOpenAi::start().await;
+    let claude = FakeAnthropic::start().await;
     let config = store.dir().join("gateway.toml");
     std::fs::write(
         &config,
@@ -69,8 +100,17 @@ id = "vendor/paid"
 context_length = 100000
 input_price = 3.0
 output_price = 15.0
+[[gateway.providers]]
+id = "claude"
+kind = "anthropic"
+base_url = "{}"
+api_key = "anthropic-upstream-key"
+[[gateway.providers.models]]
+id = "anthropic/claude-test"
+input_price = 3.0
+output_price = 15.0
 "#,
-            upstream.base_url
+            upstream.base_url, claude.base_url
         ),
     )
     .unwrap();
@@ -147,7 +187,10 @@ output_price = 15.0
         got["streamed_tool"],
         json!(["read_file", {"path": "src/main.rs"}])
     );
-    assert_eq!(got["models"], json!(["vendor/paid"]));
+    assert_eq!(
+        got["models"],
+        json!(["vendor/paid", "anthropic/claude-test"])
+    );
     assert_eq!(got["broke"], 402);
 
     // 10×3+5×15 = 105; 20×3+3×15 = 105; two tool calls of 20×3+8×15 = 180 each.
@@ -169,14 +212,92 @@ output_price = 15.0
         4,
         "the refused request never reached the provider"
     );
+    // The anthropic SDK, with x-api-key and with a bearer token.
+    let text = |t: &str| AnthropicReply::Text {
+        text: t.into(),
+        input_tokens: 10,
+        output_tokens: 5,
+        cache_read_input_tokens: 0,
+    };
+    let tool = || AnthropicReply::ToolUse {
+        name: "read_file".into(),
+        input: json!({"path": "src/lib.rs"}),
+    };
+    for reply in [
+        text("hi from claude"),
+        text("a streamed claude answer"),
+        tool(),
+        tool(),
+        text("bearer works"),
+    ] {
+        claude.push(reply);
+    }
+    let out = tokio::process::Command::new(&python)
+        .args([
+            "-c",
+            ANTHROPIC_SCRIPT,
+            &node.url("/api/gateway"),
+            &admin_key,
+        ])
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "anthropic SDK script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["text"], "hi from claude");
+    assert_eq!(got["input_tokens"], 10);
+    assert_eq!(got["streamed"], "a streamed claude answer");
+    assert_eq!(got["tool"], json!(["read_file", {"path": "src/lib.rs"}]));
+    assert_eq!(
+        got["streamed_tool"],
+        json!(["read_file", {"path": "src/lib.rs"}])
+    );
+    assert_eq!(got["bearer"], "bearer works");
+    let sent = claude.requests();
+    assert_eq!(sent[0].headers["x-api-key"], "anthropic-upstream-key");
+    assert!(sent[0].headers.get("anthropic-version").is_some());
+    assert_eq!(sent[0].body["model"], "anthropic/claude-test");
+    // Three texts of 10×3+5×15 = 105 and two tool uses of 30×3+12×15 = 270.
+    let balance: Value = http
+        .get(node.url("/api/profile/balance"))
+        .bearer_auth(&admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        balance["balanceMicrodollars"],
+        1_000_000 - 105 - 105 - 180 - 180 - 3 * 105 - 2 * 270
+    );
+
+    // Each API needs a provider that speaks it.
+    for (path, model) in [
+        ("/api/gateway/v1/chat/completions", "anthropic/claude-test"),
+        ("/api/gateway/v1/messages", "vendor/paid"),
+    ] {
+        let res = http
+            .post(node.url(path))
+            .bearer_auth(&admin_key)
+            .json(&json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{path} with {model}");
+    }
 }
 
 #[tokio::test]
-async fn openai_sdk_sqlite() {
+async fn sdks_sqlite() {
     sdk_round_trip(Store::sqlite().await).await;
 }
 
 #[tokio::test]
-async fn openai_sdk_postgres() {
+async fn sdks_postgres() {
     sdk_round_trip(Store::postgres().await).await;
 }

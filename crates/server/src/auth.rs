@@ -225,6 +225,24 @@ impl FromRequestParts<AppState> for MaybeScope {
     }
 }
 
+/// [`MaybeScope`] that also accepts the credential as `x-api-key` (the Anthropic SDK's header).
+pub struct AnthropicScope(pub Option<OwnerScope>);
+
+impl FromRequestParts<AppState> for AnthropicScope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if !parts.headers.contains_key(http::header::AUTHORIZATION)
+            && let Some(key) = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok())
+            && let Ok(bearer) = http::HeaderValue::from_str(&format!("Bearer {key}"))
+        {
+            parts.headers.insert(http::header::AUTHORIZATION, bearer);
+        }
+        let MaybeScope(scope) = MaybeScope::from_request_parts(parts, state).await?;
+        Ok(AnthropicScope(scope))
+    }
+}
+
 /// An [`AuthUser`] whose credential is personal ([`Principal::is_personal`]): for routes on the
 /// user's own account (pepper, organizations, tickets, audit log), which an organization's API
 /// key, an org-pinned JWT or a bot's JWT must not reach.

@@ -16,6 +16,7 @@ use kilocloud_server::api::gateway;
 use kilocloud_server::{AppState, ServerOptions, router};
 use kilocloud_substrate::ManualClock;
 use kilocloud_test_support::TestStore;
+use kilocloud_test_support::fake_anthropic::FakeAnthropic;
 use kilocloud_test_support::fake_openai::FakeOpenAi;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -73,10 +74,13 @@ fn assert_not_logged(secrets: &[String]) {
 
 /// The free model of the test catalog, served by the fake upstream.
 const FREE_MODEL: &str = "test/free";
+/// A free model served by the fake Anthropic upstream.
+const FREE_CLAUDE: &str = "test/claude-free";
 
 struct Env {
     _store: TestStore,
     _upstream: FakeOpenAi,
+    _claude: FakeAnthropic,
     clock: Arc<ManualClock>,
     id: Identity,
     app: axum::Router,
@@ -102,26 +106,39 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
         auth_failures_per_minute,
     };
     let upstream = FakeOpenAi::start().await;
+    let claude = FakeAnthropic::start().await;
+    let free = |id: &str| ModelConfig {
+        id: id.into(),
+        upstream_id: String::new(),
+        context_length: 1000,
+        input_price: 0.0,
+        output_price: 0.0,
+        cache_read_price: 0.0,
+        cache_write_price: 0.0,
+        free: true,
+        fallback_providers: Vec::new(),
+    };
     let gateway = GatewayConfig {
-        providers: vec![ProviderConfig {
-            id: "fake".into(),
-            kind: ProviderKind::OpenaiCompatible,
-            base_url: upstream.base_url.clone(),
-            api_key: "upstream-key".into(),
-            api_key_env: String::new(),
-            byok_family: String::new(),
-            models: vec![ModelConfig {
-                id: FREE_MODEL.into(),
-                upstream_id: String::new(),
-                context_length: 1000,
-                input_price: 0.0,
-                output_price: 0.0,
-                cache_read_price: 0.0,
-                cache_write_price: 0.0,
-                free: true,
-                fallback_providers: Vec::new(),
-            }],
-        }],
+        providers: vec![
+            ProviderConfig {
+                id: "fake".into(),
+                kind: ProviderKind::OpenaiCompatible,
+                base_url: upstream.base_url.clone(),
+                api_key: "upstream-key".into(),
+                api_key_env: String::new(),
+                byok_family: String::new(),
+                models: vec![free(FREE_MODEL)],
+            },
+            ProviderConfig {
+                id: "claude".into(),
+                kind: ProviderKind::Anthropic,
+                base_url: claude.base_url.clone(),
+                api_key: "claude-key".into(),
+                api_key_env: String::new(),
+                byok_family: String::new(),
+                models: vec![free(FREE_CLAUDE)],
+            },
+        ],
         ..GatewayConfig::default()
     };
     let gateway = gateway::state(&sub, &gateway, |_| None).unwrap();
@@ -129,6 +146,7 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
     Env {
         _store: store,
         _upstream: upstream,
+        _claude: claude,
         clock,
         id,
         app,
@@ -545,6 +563,16 @@ fn routes() -> Vec<Route> {
             uri: |_| "/api/gateway/v1/chat/completions".into(),
             body: |_| {
                 Some(json!({"model": FREE_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+            },
+        },
+        Route {
+            method: "POST",
+            path: "/api/gateway/v1/messages",
+            access: AnonymousFree,
+            uri: |_| "/api/gateway/v1/messages".into(),
+            body: |_| {
+                Some(json!({"model": FREE_CLAUDE, "max_tokens": 10,
+                    "messages": [{"role": "user", "content": "hi"}]}))
             },
         },
         Route {

@@ -9,10 +9,11 @@
 //! - [`temp_dir`]: a directory for SQLite files and blobs.
 //! - [`TestStore`]: both together: a substrate on a fresh SQLite file or PostgreSQL schema.
 //!
-//! - [`fake_openai`]: a fake OpenAI-compatible model provider with scripted replies.
+//! - [`fake_openai`], [`fake_anthropic`]: fake model providers with scripted replies.
 //!
 //! Fakes of external services live here; product code never depends on this crate.
 
+pub mod fake_anthropic;
 pub mod fake_openai;
 
 /// Instantiates each `async fn name(postgres: bool)` scenario as the tests `name::sqlite` and

@@ -18,10 +18,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use kilocloud_gateway::catalog::{ModelView, Provider, ProviderView};
-use kilocloud_gateway::config::ModelConfig;
+use kilocloud_gateway::config::{ModelConfig, ProviderKind};
 use kilocloud_gateway::{
-    Catalog, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, Refusal, SseUsageScanner, Usage,
-    UsageRow,
+    Catalog, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, Refusal, SseUsageScanner,
+    StreamFormat, Usage, UsageRow,
 };
 use kilocloud_identity::{Credential, Owner};
 use serde::Serialize;
@@ -29,7 +29,9 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::{AuditQuery, ErrorBody};
-use crate::auth::{Admin, ClientIp, MaybeScope, Member, OwnerScope, RequireRole, SiteAdmin};
+use crate::auth::{
+    Admin, AnthropicScope, ClientIp, MaybeScope, Member, OwnerScope, RequireRole, SiteAdmin,
+};
 use crate::error::Query;
 use crate::{ApiError, AppState, Json};
 
@@ -97,6 +99,26 @@ pub async fn v1_chat_completions(
     proxy(s, Endpoint::Chat, scope, ip, headers, body).await
 }
 
+/// `POST /api/gateway/v1/messages`: the Anthropic Messages API (streaming too), for the
+/// `anthropic` SDK and Claude Code with `ANTHROPIC_BASE_URL=<server>/api/gateway`. The
+/// credential may come as `x-api-key` or `Authorization: Bearer`. Served by `anthropic`
+/// providers.
+#[utoipa::path(post, path = "/api/gateway/v1/messages", tag = "gateway",
+    request_body(content = Object, description = "Anthropic Messages request"),
+    responses((status = 200, description = "Anthropic Messages response, or an SSE stream"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 402, description = "balance depleted"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn v1_messages(
+    State(s): State<AppState>,
+    AnthropicScope(scope): AnthropicScope,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(s, Endpoint::Messages, scope, ip, headers, body).await
+}
+
 /// `POST /api/gateway/v1/embeddings`: OpenAI Embeddings, passed through to the model's
 /// provider and charged for its input tokens like a chat request.
 #[utoipa::path(post, path = "/api/gateway/v1/embeddings", tag = "gateway",
@@ -122,13 +144,15 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| v.chars().take(500).collect())
 }
 
-/// The OpenAI endpoint a request is for.
-#[derive(Clone, Copy)]
+/// The upstream endpoint a request is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
-    /// `/chat/completions`.
+    /// OpenAI `/chat/completions`.
     Chat,
-    /// `/embeddings` (never streamed).
+    /// OpenAI `/embeddings` (never streamed).
     Embeddings,
+    /// Anthropic `/messages`.
+    Messages,
 }
 
 impl Endpoint {
@@ -136,6 +160,27 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::Messages => "/messages",
+        }
+    }
+
+    /// Whether a provider of `kind` speaks this endpoint's protocol.
+    fn served_by(self, kind: ProviderKind) -> bool {
+        (self == Endpoint::Messages) == (kind == ProviderKind::Anthropic)
+    }
+
+    fn stream_format(self) -> StreamFormat {
+        match self {
+            Endpoint::Messages => StreamFormat::Anthropic,
+            _ => StreamFormat::OpenAi,
+        }
+    }
+
+    fn usage(self, body: &Value) -> Option<Usage> {
+        let usage = body.get("usage")?;
+        match self {
+            Endpoint::Messages => Usage::from_anthropic(usage),
+            _ => Usage::from_openai(usage),
         }
     }
 }
@@ -191,6 +236,14 @@ async fn forward(
         .catalog
         .route(&requested, mode.as_deref())
         .ok_or_else(model_missing)?;
+    if !endpoint.served_by(route.provider.kind) {
+        return Err(ApiError::bad_request(format!(
+            "model `{requested}` is served by provider `{}`, which does not speak this API \
+             (Anthropic Messages needs an `anthropic` provider; Chat Completions and Embeddings \
+             an OpenAI-compatible one)",
+            route.provider.id
+        )));
+    }
     let free = route.is_free();
     // Anonymous callers may use free models only (reference §1.5).
     if scope.is_none() && !free {
@@ -244,12 +297,12 @@ async fn forward(
         }
     }
     let streaming =
-        matches!(endpoint, Endpoint::Chat) && request["stream"].as_bool().unwrap_or(false);
+        endpoint != Endpoint::Embeddings && request["stream"].as_bool().unwrap_or(false);
     request["model"] = Value::String(route.upstream_model().to_owned());
     if let Some(obj) = request.as_object_mut() {
         obj.remove("models");
     }
-    if streaming {
+    if streaming && endpoint == Endpoint::Chat {
         request["stream_options"]["include_usage"] = Value::Bool(true);
     }
     let attempts: Vec<(&Provider, &str)> = match &byok {
@@ -296,7 +349,19 @@ async fn forward(
     };
     metrics::histogram!("kilocloud_gateway_overhead_seconds")
         .record(started.elapsed().as_secs_f64());
-    let (provider, sent) = send_with_fallbacks(g, endpoint, &attempts, &request).await;
+    // Anthropic's version and beta flags come from the client (Claude Code sets them).
+    let anthropic_headers: Vec<(&'static str, String)> = [
+        (
+            "anthropic-version",
+            header_str(&headers, "anthropic-version").or(Some("2023-06-01".into())),
+        ),
+        ("anthropic-beta", header_str(&headers, "anthropic-beta")),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
+    let (provider, sent) =
+        send_with_fallbacks(g, endpoint, &attempts, &request, &anthropic_headers).await;
     row.provider = provider.id.clone();
     row.ttfb_ms = started.elapsed().as_millis() as u64;
     metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
@@ -365,7 +430,7 @@ async fn forward(
     if streaming && res.status().is_success() {
         let metered = Metered {
             inner: Box::pin(res.bytes_stream()),
-            scanner: SseUsageScanner::default(),
+            scanner: SseUsageScanner::new(endpoint.stream_format()),
             finish: Some((meter, row)),
             recording: None,
         };
@@ -392,7 +457,7 @@ async fn forward(
     };
     let usage = serde_json::from_slice::<Value>(&bytes)
         .ok()
-        .and_then(|v| v.get("usage").and_then(Usage::from_openai));
+        .and_then(|v| endpoint.usage(&v));
     meter.record(row, usage).await;
     let mut response = Response::new(Body::from(bytes));
     *response.status_mut() = status;
@@ -411,6 +476,7 @@ async fn send_with_fallbacks<'a>(
     endpoint: Endpoint,
     attempts: &[(&'a Provider, &str)],
     request: &Value,
+    anthropic_headers: &[(&'static str, String)],
 ) -> (&'a Provider, reqwest::Result<reqwest::Response>) {
     let mut tried = 0;
     loop {
@@ -422,7 +488,12 @@ async fn send_with_fallbacks<'a>(
             .header("HTTP-Referer", "https://kilocode.ai")
             .header("X-Title", "Kilo Code")
             .json(request);
-        if !key.is_empty() {
+        if provider.kind == ProviderKind::Anthropic {
+            upstream = upstream.header("x-api-key", key);
+            for (name, value) in anthropic_headers {
+                upstream = upstream.header(*name, value);
+            }
+        } else if !key.is_empty() {
             upstream = upstream.bearer_auth(key);
         }
         let sent = upstream.send().await;

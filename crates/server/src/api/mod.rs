@@ -100,6 +100,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(gateway::openrouter_chat_completions))
         .routes(routes!(gateway::v1_chat_completions))
         .routes(routes!(gateway::v1_embeddings))
+        .routes(routes!(gateway::v1_messages))
         .routes(routes!(gateway::models))
         .routes(routes!(gateway::v1_models))
         .routes(routes!(gateway::providers))
