@@ -24,6 +24,23 @@ pub struct GatewayConfig {
     pub free_requests_per_hour_per_ip: u32,
     /// Anonymous free-model requests per client address per 24 h. Default 10,000.
     pub anonymous_requests_per_day_per_ip: u32,
+    /// Per-key and per-owner limits; every one is off when 0.
+    pub limits: Limits,
+}
+
+/// The `[gateway.limits]` section: request rates (per node, in memory) and dollar budgets (per
+/// owner, durable, across nodes). 0 disables a limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Requests per minute per credential (API key, or the user for JWTs).
+    pub requests_per_minute_per_key: u32,
+    /// Requests per minute per owner acted for.
+    pub requests_per_minute_per_owner: u32,
+    /// USD an owner may spend per UTC day.
+    pub daily_budget_usd: f64,
+    /// USD an owner may spend per UTC month.
+    pub monthly_budget_usd: f64,
 }
 
 impl Default for GatewayConfig {
@@ -35,6 +52,7 @@ impl Default for GatewayConfig {
             upstream_timeout_ms: 600_000,
             free_requests_per_hour_per_ip: 200,
             anonymous_requests_per_day_per_ip: 10_000,
+            limits: Limits::default(),
         }
     }
 }

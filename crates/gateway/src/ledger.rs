@@ -19,6 +19,27 @@ const BALANCE: &str = "balance";
 const SEQ: &str = "seq";
 const USAGE: &str = "usage/";
 const GRANT: &str = "grant/";
+/// Spend per UTC day (`spent/day/YYYY-MM-DD`) and month (`spent/month/YYYY-MM`), microdollars.
+const SPENT_DAY: &str = "spent/day/";
+const SPENT_MONTH: &str = "spent/month/";
+
+/// The UTC day and month of `at_ms`, as used in the spend keys: (`YYYY-MM-DD`, `YYYY-MM`).
+fn periods(at_ms: i64) -> (String, String) {
+    let t = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default();
+    (
+        t.format("%Y-%m-%d").to_string(),
+        t.format("%Y-%m").to_string(),
+    )
+}
+
+/// What an owner has spent, microdollars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    /// Today (UTC).
+    pub day: i64,
+    /// This month (UTC).
+    pub month: i64,
+}
 
 /// One gateway request as billed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -119,6 +140,13 @@ impl Actor for LedgerActor {
                 ctx.put(&format!("{USAGE}{seq:020}"), &row)?;
                 ctx.put(SEQ, &seq)?;
                 ctx.put(BALANCE, &after)?;
+                if row.cost_microdollars != 0 {
+                    let (day, month) = periods(row.at_ms);
+                    for key in [format!("{SPENT_DAY}{day}"), format!("{SPENT_MONTH}{month}")] {
+                        let spent: i64 = ctx.get(&key).await?.unwrap_or(0);
+                        ctx.put(&key, &spent.saturating_add(row.cost_microdollars))?;
+                    }
+                }
                 if seq > USAGE_RETENTION {
                     ctx.delete(&format!("{USAGE}{:020}", seq - USAGE_RETENTION));
                 }
@@ -159,6 +187,23 @@ impl Ledger {
             .actor_read(LedgerActor::TYPE, &owner.to_string(), BALANCE)
             .await?;
         Ok(balance.unwrap_or(0))
+    }
+
+    /// What the owner has spent in the UTC day and month of `at_ms` (point reads).
+    pub async fn spend(&self, owner: Owner, at_ms: i64) -> Result<Spend> {
+        let (day, month) = periods(at_ms);
+        let key = owner.to_string();
+        let read = |k: String| {
+            let (sub, key) = (self.sub.clone(), key.clone());
+            async move {
+                let v: Option<i64> = sub.actor_read(LedgerActor::TYPE, &key, &k).await?;
+                Ok::<i64, Error>(v.unwrap_or(0))
+            }
+        };
+        Ok(Spend {
+            day: read(format!("{SPENT_DAY}{day}")).await?,
+            month: read(format!("{SPENT_MONTH}{month}")).await?,
+        })
     }
 
     /// Adds `amount` microdollars (negative to take credit back) to the owner's balance.

@@ -11,6 +11,6 @@ pub mod usage;
 
 pub use catalog::{Catalog, Route};
 pub use config::GatewayConfig;
-pub use ledger::{Ledger, UsageRow};
+pub use ledger::{Ledger, Spend, UsageRow};
 pub use limits::{FreeLimits, FreeModelLimiter, Refusal};
 pub use usage::{SseUsageScanner, StreamFormat, Usage};

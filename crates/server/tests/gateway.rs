@@ -9,13 +9,13 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use kilocloud_gateway::Ledger;
-use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
+use kilocloud_gateway::config::{GatewayConfig, Limits, ModelConfig, ProviderConfig, ProviderKind};
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
 use kilocloud_server::api::gateway;
 use kilocloud_server::{AppState, ServerOptions, router};
-use kilocloud_substrate::SystemClock;
+use kilocloud_substrate::ManualClock;
 use kilocloud_test_support::TestStore;
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
 use serde_json::{Value, json};
@@ -54,8 +54,15 @@ fn model(id: &str, free: bool) -> ModelConfig {
 }
 
 async fn env(postgres: bool, timeout: Duration) -> Env {
+    env_with(postgres, timeout, Limits::default()).await
+}
+
+async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
     let store = TestStore::new(postgres).await;
-    let sub = store.open(Arc::new(SystemClock)).await;
+    // Noon UTC, 2027-01-01: budgets count per UTC day, and the test must not straddle midnight.
+    let sub = store
+        .open(Arc::new(ManualClock::new(1_798_804_800_000)))
+        .await;
     let id = Identity::new(
         &sub,
         IdentityConfig {
@@ -98,6 +105,7 @@ async fn env(postgres: bool, timeout: Duration) -> Env {
         upstream_timeout_ms: timeout.as_millis() as u64,
         free_requests_per_hour_per_ip: 6,
         anonymous_requests_per_day_per_ip: 4,
+        limits,
         ..GatewayConfig::default()
     };
     let state = gateway::state(&sub, &config, |_| None).unwrap();
@@ -633,7 +641,37 @@ async fn anonymous_callers_and_free_model_limits(pg: bool) {
     );
 }
 
+async fn rate_limits_and_budgets(pg: bool) {
+    let limits = Limits {
+        requests_per_minute_per_key: 5,
+        daily_budget_usd: 0.0003,
+        ..Limits::default()
+    };
+    let e = env_with(pg, Duration::from_secs(10), limits).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    // 300 µ$ a day: three requests of 105 µ$ fit (the third crosses the line), the fourth does not.
+    for _ in 0..3 {
+        assert_eq!(e.chat(ask(PAID, false), &[]).await.0, StatusCode::OK);
+    }
+    let (status, h, body) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("budget_exceeded"), "{body}");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry, 12 * 3600, "until the next UTC day");
+    assert_eq!(e.balance(me).await, 1_000_000 - 315);
+    // Free models are not budgeted, but every request counts against the key's rate.
+    assert_eq!(e.chat(ask(FREE, false), &[]).await.0, StatusCode::OK);
+    let (status, h, body) = e.chat(ask(FREE, false), &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body.contains("rate_limited") && h.get("retry-after").is_some(),
+        "{body}"
+    );
+}
+
 kilocloud_test_support::on_both_backends!(
+    rate_limits_and_budgets,
     anonymous_callers_and_free_model_limits,
     fallbacks_and_byok,
     non_streaming_is_forwarded_metered_and_charged,

@@ -46,6 +46,12 @@ pub struct GatewayState {
     pub ledger: Ledger,
     /// Free-model limits per client address.
     pub free_limiter: FreeModelLimiter,
+    /// Requests per minute per credential, when limited.
+    pub key_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
+    /// Requests per minute per owner, when limited.
+    pub owner_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
+    /// Dollar budgets per owner, microdollars (0: none): per UTC day and month.
+    pub budgets: (i64, i64),
     /// Client for upstream calls.
     pub http: reqwest::Client,
     /// Longest upstream request.
@@ -290,6 +296,17 @@ async fn forward(
         _ => None,
     };
     let charged = byok.is_none() && !free;
+    if let Some(scope) = &scope {
+        let key = match scope.auth.principal.credential {
+            Credential::ApiKey(id) => format!("key:{id}"),
+            Credential::Jwt => format!("user:{}", scope.auth.principal.user),
+        };
+        check_rate(&g.key_rate, key, "key")?;
+        check_rate(&g.owner_rate, scope.owner().to_string(), "owner")?;
+        if charged {
+            check_budgets(g, scope.owner(), at_ms).await?;
+        }
+    }
     if let (true, Some(owner)) = (charged, owner) {
         let balance = g.ledger.balance(owner).await?;
         if balance <= 0 {
@@ -767,6 +784,82 @@ pub async fn grant(
     ))
 }
 
+fn per_minute(n: u32) -> Option<governor::DefaultKeyedRateLimiter<String>> {
+    std::num::NonZeroU32::new(n)
+        .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)))
+}
+
+fn usd_to_micros(usd: f64) -> Result<i64, String> {
+    if !usd.is_finite() || usd < 0.0 {
+        return Err(format!("gateway budget {usd} must be a finite amount ≥ 0"));
+    }
+    Ok((usd * 1e6).round() as i64)
+}
+
+/// `Err(429)` when `limiter` has no room for `key` now.
+fn check_rate(
+    limiter: &Option<governor::DefaultKeyedRateLimiter<String>>,
+    key: String,
+    what: &str,
+) -> Result<(), ApiError> {
+    use governor::clock::Clock as _;
+    let Some(limiter) = limiter else {
+        return Ok(());
+    };
+    limiter.check_key(&key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(limiter.clock().now());
+        ApiError {
+            retry_after_secs: Some(wait.as_secs().max(1)),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests per minute for this {what}; retry later"),
+            )
+        }
+    })
+}
+
+/// `Err(429)` when the owner has spent its daily or monthly budget; `Retry-After` points at the
+/// next UTC day or month.
+async fn check_budgets(g: &GatewayState, owner: Owner, now_ms: i64) -> Result<(), ApiError> {
+    use chrono::{Datelike, TimeZone};
+    let (daily, monthly) = g.budgets;
+    if daily == 0 && monthly == 0 {
+        return Ok(());
+    }
+    let spend = g.ledger.spend(owner, now_ms).await?;
+    let now = chrono::Utc
+        .timestamp_millis_opt(now_ms)
+        .single()
+        .unwrap_or_default();
+    let day_end = (now.date_naive() + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc();
+    let month_end = {
+        let first = now.date_naive().with_day(1).unwrap_or_default();
+        (first + chrono::Months::new(1))
+            .and_hms_opt(0, 0, 0)
+            .unwrap_or_default()
+            .and_utc()
+    };
+    let exceeded = |period: &str, until: chrono::DateTime<chrono::Utc>| ApiError {
+        retry_after_secs: Some((until - now).num_seconds().max(1) as u64),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "budget_exceeded",
+            format!("the {period} spending budget is used up; it renews at {until}"),
+        )
+    };
+    if daily > 0 && spend.day >= daily {
+        return Err(exceeded("daily", day_end));
+    }
+    if monthly > 0 && spend.month >= monthly {
+        return Err(exceeded("monthly", month_end));
+    }
+    Ok(())
+}
+
 /// The gateway for `config`, registering its actor types on `sub` (before it starts). `env`
 /// reads provider keys named by `api_key_env`.
 ///
@@ -785,6 +878,12 @@ pub fn state(
                 per_hour: config.free_requests_per_hour_per_ip,
                 anonymous_per_day: config.anonymous_requests_per_day_per_ip,
             },
+        ),
+        key_rate: per_minute(config.limits.requests_per_minute_per_key),
+        owner_rate: per_minute(config.limits.requests_per_minute_per_owner),
+        budgets: (
+            usd_to_micros(config.limits.daily_budget_usd)?,
+            usd_to_micros(config.limits.monthly_budget_usd)?,
         ),
         http: reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
