@@ -1,6 +1,6 @@
 //! The catalog: providers and models from configuration, and routing a requested model to the
-//! provider that serves it (reference §1.7; this tree has no BYOK or org custom models yet, so
-//! the order is: the model's own provider, else the default provider).
+//! provider that serves it (reference §1.7): BYOK (see [`Catalog::byok`]), else the model's own
+//! provider with its fallbacks, else the default provider. Org custom models are not built yet.
 
 use std::collections::HashMap;
 
@@ -59,9 +59,13 @@ impl Route<'_> {
         }
     }
 
-    /// Free to the caller: a catalog model marked free, or an id ending in `:free`.
+    /// Free to the caller: a catalog model marked free, or a model outside the catalog whose id
+    /// ends in `:free` (the OpenRouter convention).
     pub fn is_free(&self) -> bool {
-        self.model.is_some_and(|m| m.free) || self.resolved.ends_with(":free")
+        match self.model {
+            Some(m) => m.free,
+            None => self.resolved.ends_with(":free"),
+        }
     }
 }
 
@@ -100,7 +104,7 @@ pub struct Pricing {
 pub struct ProviderView {
     /// Provider id.
     pub id: String,
-    /// `openai-compatible` or `openrouter`.
+    /// `openai-compatible`, `openrouter` or `anthropic`.
     pub kind: String,
     /// Number of catalog models.
     pub models: usize,
@@ -173,11 +177,15 @@ impl Catalog {
         for p in &providers {
             for m in &p.models {
                 for f in &m.fallback_providers {
-                    if f == &p.id || !providers.iter().any(|q| &q.id == f) {
-                        return Err(format!(
-                            "gateway model `{}`: fallback provider `{f}` is not another provider",
-                            m.id
-                        ));
+                    match providers.iter().find(|q| &q.id == f) {
+                        Some(q) if q.id != p.id && q.kind == p.kind => {}
+                        _ => {
+                            return Err(format!(
+                                "gateway model `{}`: fallback provider `{f}` is not another \
+                                 provider of the same kind",
+                                m.id
+                            ));
+                        }
                     }
                 }
             }
@@ -187,8 +195,13 @@ impl Catalog {
             id => Some(
                 providers
                     .iter()
-                    .position(|p| p.id == id)
-                    .ok_or_else(|| format!("gateway default_provider `{id}` is not a provider"))?,
+                    .position(|p| p.id == id && p.kind == ProviderKind::Openrouter)
+                    .ok_or_else(|| {
+                        format!(
+                            "gateway default_provider `{id}` is not an `openrouter` provider (only \
+                             OpenRouter reports the cost of models outside the catalog)"
+                        )
+                    })?,
             ),
         };
         let catalog = Self {
@@ -339,7 +352,11 @@ mod tests {
     fn config() -> GatewayConfig {
         let provider = |id: &str, models| ProviderConfig {
             id: id.into(),
-            kind: ProviderKind::OpenaiCompatible,
+            kind: if id == "a" {
+                ProviderKind::Openrouter
+            } else {
+                ProviderKind::OpenaiCompatible
+            },
             base_url: format!("http://{id}/v1/"),
             api_key: String::new(),
             api_key_env: format!("{}_KEY", id.to_uppercase()),

@@ -16,7 +16,9 @@ pub const USAGE_RETENTION: u64 = 10_000;
 pub const MAX_GRANT_MICRODOLLARS: i64 = 1_000_000_000_000;
 
 const BALANCE: &str = "balance";
-const SEQ: &str = "seq";
+/// Sequence numbers of usage rows and of grants, separately (retention deletes by usage seq).
+const USAGE_SEQ: &str = "usage_seq";
+const GRANT_SEQ: &str = "grant_seq";
 const USAGE: &str = "usage/";
 const GRANT: &str = "grant/";
 /// Spend per UTC day (`spent/day/YYYY-MM-DD`) and month (`spent/month/YYYY-MM`), microdollars.
@@ -87,6 +89,10 @@ pub struct UsageRow {
     pub task_id: Option<String>,
     /// `x-kilocode-mode`.
     pub mode: Option<String>,
+    /// The provider reported no usage (a stream cut short, or a provider that omits it): the
+    /// tokens are estimated from the request and the content relayed (4 characters a token).
+    #[serde(default)]
+    pub estimated: bool,
     /// `X-KiloCode-Feature`.
     pub feature: Option<String>,
 }
@@ -120,9 +126,9 @@ impl Actor for LedgerActor {
 
     async fn call(&self, ctx: &mut ActorContext, call: LedgerCall) -> SubResult<LedgerReply> {
         let balance: i64 = ctx.get(BALANCE).await?.unwrap_or(0);
-        let seq: u64 = ctx.get(SEQ).await?.unwrap_or(0) + 1;
         match call {
             LedgerCall::Grant { amount, by, note } => {
+                let seq: u64 = ctx.get(GRANT_SEQ).await?.unwrap_or(0) + 1;
                 let grant = GrantRecord {
                     amount_microdollars: amount,
                     by,
@@ -130,15 +136,16 @@ impl Actor for LedgerActor {
                     at_ms: ctx.now_ms(),
                 };
                 ctx.put(&format!("{GRANT}{seq:020}"), &grant)?;
-                ctx.put(SEQ, &seq)?;
+                ctx.put(GRANT_SEQ, &seq)?;
                 ctx.put(BALANCE, &balance.saturating_add(amount))?;
                 Ok(LedgerReply::Balance(balance.saturating_add(amount)))
             }
             LedgerCall::Record(mut row) => {
+                let seq: u64 = ctx.get(USAGE_SEQ).await?.unwrap_or(0) + 1;
                 row.seq = seq;
                 let after = balance.saturating_sub(row.cost_microdollars);
                 ctx.put(&format!("{USAGE}{seq:020}"), &row)?;
-                ctx.put(SEQ, &seq)?;
+                ctx.put(USAGE_SEQ, &seq)?;
                 ctx.put(BALANCE, &after)?;
                 if row.cost_microdollars != 0 {
                     let (day, month) = periods(row.at_ms);

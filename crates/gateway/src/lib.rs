@@ -13,4 +13,4 @@ pub use catalog::{Catalog, Route};
 pub use config::GatewayConfig;
 pub use ledger::{Ledger, Spend, UsageRow};
 pub use limits::{FreeLimits, FreeModelLimiter, Refusal};
-pub use usage::{SseUsageScanner, StreamFormat, Usage};
+pub use usage::{SseUsageScanner, StreamFormat, Usage, estimated_input_tokens};

@@ -61,7 +61,7 @@ impl Usage {
 
     /// What the request cost, microdollars: from the model's prices when the catalog has it
     /// (USD per million tokens = microdollars per token), else the provider's reported cost,
-    /// else 0. Rounded to the nearest microdollar.
+    /// else 0. Rounded up to a whole microdollar, so no paid request costs nothing.
     pub fn cost_microdollars(&self, model: Option<&ModelConfig>) -> i64 {
         let usd_micros = match model {
             Some(m) => {
@@ -72,7 +72,7 @@ impl Usage {
             }
             None => self.reported_cost_usd.unwrap_or(0.0) * 1e6,
         };
-        usd_micros.round() as i64
+        usd_micros.ceil() as i64
     }
 }
 
@@ -94,7 +94,12 @@ pub enum StreamFormat {
 pub struct SseUsageScanner {
     format: StreamFormat,
     line: Vec<u8>,
+    /// The last byte was `\r`: a following `\n` ends no second line.
+    after_cr: bool,
     usage: Option<Usage>,
+    /// Characters of generated content seen (text and tool-call arguments), for estimating
+    /// the output when the stream ends before reporting usage.
+    content_chars: u64,
 }
 
 /// Longest SSE line kept for parsing, bytes; a longer line is skipped (a usage chunk is small).
@@ -111,24 +116,33 @@ impl SseUsageScanner {
 
     /// Consumes the next bytes of the stream.
     pub fn feed(&mut self, bytes: &[u8]) {
+        // SSE lines end in CRLF, LF or CR (WHATWG HTML, "Server-sent events").
         for &b in bytes {
-            if b == b'\n' {
-                self.line_done();
-            } else if self.line.len() < MAX_LINE {
-                self.line.push(b);
+            match b {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\n' | b'\r' => {
+                    self.after_cr = b == b'\r';
+                    self.line_done();
+                }
+                _ => {
+                    self.after_cr = false;
+                    if self.line.len() < MAX_LINE {
+                        self.line.push(b);
+                    }
+                }
             }
         }
     }
 
     fn line_done(&mut self) {
         let line = std::mem::take(&mut self.line);
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
         let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
             return;
         };
+        self.content_chars += content_chars(&event);
         match self.format {
             StreamFormat::OpenAi => {
                 if let Some(usage) = event.get("usage").and_then(Usage::from_openai) {
@@ -158,6 +172,38 @@ impl SseUsageScanner {
     pub fn usage(&self) -> Option<Usage> {
         self.usage
     }
+
+    /// Output tokens estimated from the content seen (4 characters a token, rounded up), for
+    /// streams that end before reporting usage.
+    pub fn estimated_output_tokens(&self) -> u64 {
+        self.content_chars.div_ceil(4)
+    }
+}
+
+/// Characters of generated content in one stream event: OpenAI `delta.content` and tool-call
+/// `arguments`; Anthropic `text_delta.text` and `input_json_delta.partial_json`.
+fn content_chars(event: &Value) -> u64 {
+    let len = |v: &Value| v.as_str().map_or(0, |s| s.chars().count() as u64);
+    let openai = event["choices"].as_array().map_or(0, |choices| {
+        choices
+            .iter()
+            .map(|c| {
+                let delta = &c["delta"];
+                let tools = delta["tool_calls"].as_array().map_or(0, |calls| {
+                    calls.iter().map(|t| len(&t["function"]["arguments"])).sum()
+                });
+                len(&delta["content"]) + tools
+            })
+            .sum()
+    });
+    let delta = &event["delta"];
+    openai + len(&delta["text"]) + len(&delta["partial_json"])
+}
+
+/// Input tokens estimated from a request body (4 bytes a token, rounded up), for requests
+/// whose response never reported usage.
+pub fn estimated_input_tokens(request_bytes: usize) -> u64 {
+    (request_bytes as u64).div_ceil(4)
 }
 
 #[cfg(test)]
@@ -194,6 +240,19 @@ mod tests {
         };
         // 300×3 + 200×15 + 600×0.3 + 100×3.75 = 900 + 3000 + 180 + 375
         assert_eq!(u.cost_microdollars(Some(&model)), 4455);
+        let tiny = Usage {
+            input_tokens: 1,
+            ..Usage::default()
+        };
+        let cheap = ModelConfig {
+            input_price: 0.02,
+            ..model.clone()
+        };
+        assert_eq!(
+            tiny.cost_microdollars(Some(&cheap)),
+            1,
+            "a fraction of a microdollar is charged as one"
+        );
         assert_eq!(
             u.cost_microdollars(None),
             500_000,
@@ -238,6 +297,14 @@ mod tests {
             (u.input_tokens, u.cache_read_tokens, u.output_tokens),
             (12, 30, 9)
         );
+        let mut cr = SseUsageScanner::default();
+        cr.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\rdata: {\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\r");
+        assert_eq!(
+            cr.usage().map(|u| u.input_tokens),
+            Some(2),
+            "bare CR ends lines too"
+        );
+        assert_eq!(cr.estimated_output_tokens(), 2);
         let mut none = SseUsageScanner::default();
         none.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.usage(), None);

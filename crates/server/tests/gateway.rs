@@ -484,9 +484,13 @@ async fn concurrent_spend_is_exact_and_bounded(pg: bool) {
         served >= 3,
         "requests are served while the balance is positive"
     );
-    // Each request checks the balance before and is charged after, so the overspend is at
-    // most the cost of the requests that were in flight together.
-    assert!(e.balance(me).await > -20 * 105);
+    // Each request checks the balance before and is charged after, so the overspend is at most
+    // the cost of the requests in flight together; once they are charged, the rule holds again.
+    assert!(e.balance(me).await <= 0);
+    assert_eq!(
+        e.chat(ask(PAID, false), &[]).await.0,
+        StatusCode::PAYMENT_REQUIRED
+    );
 }
 
 async fn fallbacks_and_byok(pg: bool) {
@@ -670,7 +674,77 @@ async fn rate_limits_and_budgets(pg: bool) {
     );
 }
 
+async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+
+    // The first chunk reaches the client while the provider is still sending: nothing buffers.
+    e.upstream.push(Reply::StreamThenHang("first words".into()));
+    let req = Request::post("/api/gateway/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", e.key))
+        .header("content-type", "application/json")
+        .body(Body::from(ask(PAID, true).to_string()))
+        .unwrap();
+    let res = e.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk arrives before the stream ends")
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(frame.data_ref().unwrap()).into_owned();
+    assert!(first.contains("first words"), "{first}");
+    // The client goes away: the upstream request is dropped, and the request is recorded as
+    // 499, charged for its estimated tokens (input from the request, output from the content).
+    drop(body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        if let Some(row) = e.ledger.usage(me, None, 1).await.unwrap().pop() {
+            break row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut-short stream was recorded"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!((row.status, row.estimated), (499, true));
+    assert_eq!(row.output_tokens, 3, "11 characters relayed ≈ 3 tokens");
+    assert!(row.input_tokens > 0 && row.cost_microdollars > 0);
+
+    // A provider that never reports usage is estimated too, not free.
+    e.upstream
+        .push(Reply::StreamWithoutUsage("twelve chars".into()));
+    let (status, _, _) = e.chat(ask(PAID, true), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+    assert_eq!(
+        (row.status, row.estimated, row.output_tokens),
+        (200, true, 3)
+    );
+    assert!(row.cost_microdollars > 0);
+
+    // A malformed stream_options is refused, not forwarded.
+    let mut bad = ask(PAID, true);
+    bad["stream_options"] = json!(1);
+    let (status, _, _) = e.chat(bad, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The provider refusing the platform's key is not the caller's 401, and its body is not
+    // relayed.
+    e.upstream.push(Reply::Status(401));
+    let (status, _, body) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        body.contains("upstream_auth_failed") && !body.contains("fake upstream error"),
+        "{body}"
+    );
+}
+
 kilocloud_test_support::on_both_backends!(
+    streams_are_relayed_as_they_come_and_cut_short_streams_are_charged,
     rate_limits_and_budgets,
     anonymous_callers_and_free_model_limits,
     fallbacks_and_byok,

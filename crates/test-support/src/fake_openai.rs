@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 /// One scripted reply.
@@ -43,6 +44,11 @@ pub enum Reply {
     },
     /// An error status with an OpenAI-style error body.
     Status(u16),
+    /// A stream of this text that never sends a usage chunk (a provider ignoring
+    /// `stream_options`).
+    StreamWithoutUsage(String),
+    /// A stream that sends one chunk with this text and then never ends.
+    StreamThenHang(String),
     /// Accept the request and never answer (for timeouts and client disconnects).
     Hang,
 }
@@ -181,6 +187,27 @@ async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Byt
         Reply::Hang => {
             std::future::pending::<()>().await;
             unreachable!()
+        }
+        Reply::StreamWithoutUsage(text) => sse(
+            vec![chunk(&model, json!({"content": text}), Some("stop"))],
+            None,
+            &model,
+            Duration::ZERO,
+        ),
+        Reply::StreamThenHang(text) => {
+            let first = format!(
+                "data: {}\n\n",
+                chunk(&model, json!({"content": text}), None)
+            );
+            let stream =
+                futures_util::stream::once(
+                    async move { Ok::<_, std::io::Error>(Bytes::from(first)) },
+                )
+                .chain(futures_util::stream::pending());
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap()
         }
         Reply::ToolCall { name, arguments } => {
             let call = json!({"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}});

@@ -21,7 +21,7 @@ use kilocloud_gateway::catalog::{ModelView, Provider, ProviderView};
 use kilocloud_gateway::config::{ModelConfig, ProviderKind};
 use kilocloud_gateway::{
     Catalog, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, Refusal, SseUsageScanner,
-    StreamFormat, Usage, UsageRow,
+    StreamFormat, Usage, UsageRow, estimated_input_tokens,
 };
 use kilocloud_identity::{Credential, Owner};
 use serde::Serialize;
@@ -320,7 +320,28 @@ async fn forward(
         obj.remove("models");
     }
     if streaming && endpoint == Endpoint::Chat {
-        request["stream_options"]["include_usage"] = Value::Bool(true);
+        match request.get_mut("stream_options") {
+            None | Some(Value::Null) => request["stream_options"] = json!({"include_usage": true}),
+            Some(Value::Object(o)) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            Some(_) => return Err(ApiError::bad_request("stream_options must be an object")),
+        }
+    }
+    // OpenRouter reports a request's cost only when asked; it prices models outside the catalog.
+    if route.provider.kind == ProviderKind::Openrouter
+        && endpoint == Endpoint::Chat
+        && request.get("usage").is_none()
+    {
+        request["usage"] = json!({"include": true});
+    }
+    if let Some((provider, _, _)) = &byok
+        && !endpoint.served_by(provider.kind)
+    {
+        return Err(ApiError::bad_request(format!(
+            "your own key for this model goes to provider `{}`, which does not speak this API",
+            provider.id
+        )));
     }
     let attempts: Vec<(&Provider, &str)> = match &byok {
         Some((provider, key, _)) => vec![(*provider, key.as_str())],
@@ -330,7 +351,7 @@ async fn forward(
             .collect(),
     };
     let principal = scope.as_ref().map(|s| &s.auth.principal);
-    let mut row = UsageRow {
+    let row = UsageRow {
         seq: 0,
         at_ms,
         // Anonymous requests have no owner and are not recorded (only counted, above).
@@ -357,13 +378,17 @@ async fn forward(
         task_id: header_str(&headers, "x-kilocode-taskid"),
         mode,
         feature: header_str(&headers, "x-kilocode-feature"),
+        estimated: false,
     };
     let meter = Meter {
         ledger: owner.map(|_| g.ledger.clone()),
         model: route.model.cloned(),
         charged,
         started,
+        request_bytes: body.len(),
     };
+    // From here on, a client that goes away still gets its request recorded (see Pending).
+    let mut pending = Pending(Some((meter, row)));
     metrics::histogram!("kilocloud_gateway_overhead_seconds")
         .record(started.elapsed().as_secs_f64());
     // Anthropic's version and beta flags come from the client (Claude Code sets them).
@@ -379,8 +404,8 @@ async fn forward(
     .collect();
     let (provider, sent) =
         send_with_fallbacks(g, endpoint, &attempts, &request, &anthropic_headers).await;
-    row.provider = provider.id.clone();
-    row.ttfb_ms = started.elapsed().as_millis() as u64;
+    pending.row().provider = provider.id.clone();
+    pending.row().ttfb_ms = started.elapsed().as_millis() as u64;
     metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
     let res = match sent {
         Ok(res) => res,
@@ -398,8 +423,7 @@ async fn forward(
                     "the provider could not be reached",
                 )
             };
-            row.status = status.as_u16();
-            meter.record(row, None).await;
+            pending.finish(status, None).await;
             return Err(ApiError::new(status, code, message));
         }
     };
@@ -407,9 +431,8 @@ async fn forward(
     if let Some((_, _, secret)) = &byok
         && matches!(upstream_status, 401 | 402 | 403 | 429)
     {
-        row.status = upstream_status;
-        meter.record(row, None).await;
         let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
+        pending.finish(status, None).await;
         return Err(ApiError::new(
             status,
             "byok_upstream_error",
@@ -419,13 +442,31 @@ async fn forward(
             ),
         ));
     }
-    // Without BYOK, the provider's 402 is the platform's account running dry, not the
-    // caller's (§1.15).
-    let status = match upstream_status {
-        402 => StatusCode::SERVICE_UNAVAILABLE,
-        s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
+    // Without BYOK, the provider refusing the platform's key or account is the platform's
+    // problem, not the caller's: 402 → 503 (§1.15), 401/403 → 502; the body (which may echo
+    // part of the key) is logged, not relayed.
+    let platform_error = match upstream_status {
+        402 => Some((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_payment_required",
+            "the platform's provider account cannot serve this request now; retry later",
+        )),
+        401 | 403 => Some((
+            StatusCode::BAD_GATEWAY,
+            "upstream_auth_failed",
+            "the provider refused the platform's credentials; the operator has been told",
+        )),
+        _ => None,
     };
-    row.status = status.as_u16();
+    if let Some((status, code, message)) = platform_error {
+        tracing::error!(provider = %provider.id, upstream_status, "provider refused the platform's key or account");
+        pending.finish(status, None).await;
+        return Err(ApiError {
+            retry_after_secs: Some(30),
+            ..ApiError::new(status, code, message)
+        });
+    }
+    let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = res
         .headers()
         .get(header::CONTENT_TYPE)
@@ -433,56 +474,80 @@ async fn forward(
         .unwrap_or(HeaderValue::from_static("application/json"));
     let served_by =
         HeaderValue::from_str(&provider.id).unwrap_or(HeaderValue::from_static("unknown"));
-    if upstream_status == 402 {
-        meter.record(row, None).await;
-        return Err(ApiError {
-            retry_after_secs: Some(30),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_payment_required",
-                "the platform's provider account cannot serve this request now; retry later",
-            )
-        });
-    }
-    if streaming && res.status().is_success() {
-        let metered = Metered {
+    let mut response = if streaming && res.status().is_success() {
+        let (meter, mut row) = pending.disarm();
+        row.status = status.as_u16();
+        Response::new(Body::from_stream(Metered {
             inner: Box::pin(res.bytes_stream()),
             scanner: SseUsageScanner::new(endpoint.stream_format()),
             finish: Some((meter, row)),
             recording: None,
+            errored: false,
+            done: false,
+        }))
+    } else {
+        let bytes = match res.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(provider = %provider.id, error = %e, "upstream body failed");
+                pending.finish(StatusCode::BAD_GATEWAY, None).await;
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "the provider's response broke off",
+                ));
+            }
         };
-        let mut response = Response::new(Body::from_stream(metered));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, content_type);
-        response.headers_mut().insert(PROVIDER_HEADER, served_by);
-        return Ok(response);
-    }
-    let bytes = match res.bytes().await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(provider = %provider.id, error = %e, "upstream body failed");
-            row.status = StatusCode::BAD_GATEWAY.as_u16();
-            meter.record(row, None).await;
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                "the provider's response broke off",
-            ));
-        }
+        let usage = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| endpoint.usage(&v));
+        pending.finish(status, usage).await;
+        Response::new(Body::from(bytes))
     };
-    let usage = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|v| endpoint.usage(&v));
-    meter.record(row, usage).await;
-    let mut response = Response::new(Body::from(bytes));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, content_type);
     response.headers_mut().insert(PROVIDER_HEADER, served_by);
     Ok(response)
+}
+
+/// A request whose outcome is not recorded yet. If the handler is dropped first (the client
+/// went away, which also drops and so cancels the upstream request), it is recorded in the
+/// background with status 499 and estimated tokens.
+struct Pending(Option<(Meter, UsageRow)>);
+
+impl Pending {
+    fn row(&mut self) -> &mut UsageRow {
+        &mut self.0.as_mut().expect("pending until finished").1
+    }
+
+    /// Records the request with `status` and `usage`.
+    async fn finish(mut self, status: StatusCode, usage: Option<Usage>) {
+        let (meter, mut row) = self.disarm();
+        row.status = status.as_u16();
+        meter.record(row, usage, None).await;
+    }
+
+    /// Hands the recording over (to the streamed body).
+    fn disarm(&mut self) -> (Meter, UsageRow) {
+        self.0.take().expect("pending until finished")
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some((meter, mut row)) = self.0.take() {
+            row.status = 499;
+            spawn_recording(meter.record(row, None, Some(0)));
+        }
+    }
+}
+
+fn spawn_recording(recording: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(recording);
+    }
 }
 
 /// Sends `request` to each provider in turn until one answers with anything but a 5xx, or
@@ -553,17 +618,36 @@ struct Meter {
     /// Charged to the owner: not a free model and not BYOK.
     charged: bool,
     started: Instant,
+    /// Size of the request body, for estimating input tokens when no usage comes back.
+    request_bytes: usize,
 }
 
 impl Meter {
     /// Fills in the usage, cost (zero when not charged) and total time, then records the row and
-    /// charges it. A failure to record is logged: the response has been given.
+    /// charges it. A request the provider served (2xx) or that was cut short (499) without
+    /// reporting usage is estimated: input from the request's size, output from
+    /// `estimated_output` tokens (the content relayed); the row says so. Recording is retried
+    /// three times; a final failure is logged.
     fn record(
         self,
         mut row: UsageRow,
         usage: Option<Usage>,
+        estimated_output: Option<u64>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let usage = usage.unwrap_or_default();
+        let served = (200..300).contains(&row.status) || row.status == 499;
+        let usage = match usage {
+            Some(u) => u,
+            None if served => {
+                row.estimated = true;
+                metrics::counter!("kilocloud_gateway_usage_estimated_total").increment(1);
+                Usage {
+                    input_tokens: estimated_input_tokens(self.request_bytes),
+                    output_tokens: estimated_output.unwrap_or(0),
+                    ..Usage::default()
+                }
+            }
+            None => Usage::default(),
+        };
         row.input_tokens = usage.input_tokens;
         row.output_tokens = usage.output_tokens;
         row.cache_read_tokens = usage.cache_read_tokens;
@@ -575,15 +659,29 @@ impl Meter {
             0
         };
         row.total_ms = self.started.elapsed().as_millis() as u64;
+        // Label by catalog id only: request ids are caller-chosen and unbounded.
+        let model = self
+            .model
+            .as_ref()
+            .map_or("other".to_owned(), |m| m.id.clone());
         metrics::counter!("kilocloud_gateway_requests_total",
-            "model" => row.model.clone(), "provider" => row.provider.clone(), "status" => row.status.to_string())
+            "model" => model, "provider" => row.provider.clone(), "status" => row.status.to_string())
         .increment(1);
         let ledger = self.ledger;
         async move {
             let Some(ledger) = ledger else { return };
             let (owner, cost) = (row.owner, row.cost_microdollars);
-            if let Err(e) = ledger.record(row).await {
-                tracing::error!(%owner, cost_microdollars = cost, error = %e, "could not record gateway usage");
+            for attempt in 0..3u32 {
+                match ledger.record(row.clone()).await {
+                    Ok(_) => return,
+                    Err(e) if attempt < 2 => {
+                        tracing::warn!(%owner, error = %e, "recording gateway usage failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(%owner, cost_microdollars = cost, error = %e, "could not record gateway usage");
+                    }
+                }
             }
         }
     }
@@ -599,6 +697,10 @@ struct Metered {
     scanner: SseUsageScanner,
     finish: Option<(Meter, UsageRow)>,
     recording: Option<futures::future::BoxFuture<'static, ()>>,
+    /// The upstream stream failed mid-way (recorded as 502, not as a disconnect).
+    errored: bool,
+    /// `None` was returned: never poll `inner` again.
+    done: bool,
 }
 
 impl futures::Stream for Metered {
@@ -610,9 +712,13 @@ impl futures::Stream for Metered {
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
         loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
             if let Some(recording) = self.recording.as_mut() {
                 return recording.as_mut().poll(cx).map(|()| {
                     self.recording = None;
+                    self.done = true;
                     None
                 });
             }
@@ -622,6 +728,7 @@ impl futures::Stream for Metered {
                     return Poll::Ready(Some(Ok(bytes)));
                 }
                 Poll::Ready(Some(Err(e))) => {
+                    self.errored = true;
                     if let Some((_, row)) = self.finish.as_mut() {
                         row.status = StatusCode::BAD_GATEWAY.as_u16();
                     }
@@ -629,10 +736,14 @@ impl futures::Stream for Metered {
                 }
                 Poll::Ready(None) => match self.finish.take() {
                     Some((meter, row)) => {
-                        let usage = self.scanner.usage();
-                        self.recording = Some(Box::pin(meter.record(row, usage)));
+                        let (usage, out) =
+                            (self.scanner.usage(), self.scanner.estimated_output_tokens());
+                        self.recording = Some(Box::pin(meter.record(row, usage, Some(out))));
                     }
-                    None => return Poll::Ready(None),
+                    None => {
+                        self.done = true;
+                        return Poll::Ready(None);
+                    }
                 },
                 Poll::Pending => return Poll::Pending,
             }
@@ -643,12 +754,13 @@ impl futures::Stream for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         if let Some((meter, mut row)) = self.finish.take() {
-            // The client went away: the upstream request is cancelled with this stream.
-            row.status = 499;
-            let recording = meter.record(row, self.scanner.usage());
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(recording);
+            // The client went away (or the upstream broke off): the upstream request is
+            // cancelled with this stream; record what was seen.
+            if !self.errored {
+                row.status = 499;
             }
+            let (usage, out) = (self.scanner.usage(), self.scanner.estimated_output_tokens());
+            spawn_recording(meter.record(row, usage, Some(out)));
         }
     }
 }
