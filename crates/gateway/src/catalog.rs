@@ -1,6 +1,7 @@
 //! The catalog: providers and models from configuration, and routing a requested model to the
 //! provider that serves it (reference §1.7): BYOK (see [`Catalog::byok`]), else the model's own
-//! provider with its fallbacks, else the default provider. Org custom models are not built yet.
+//! provider with its fallbacks, else the default provider. Organizations' custom models
+//! (`kilo/<id>`) are routed by the server from their [`crate::policy`].
 
 use std::collections::HashMap;
 

@@ -28,8 +28,8 @@ pub struct GatewayConfig {
     pub limits: Limits,
 }
 
-/// The `[gateway.limits]` section: request rates (per node, in memory) and dollar budgets (per
-/// owner, durable, across nodes). 0 disables a limit.
+/// The `[gateway.limits]` section: request rates (per node, in memory), token rates and dollar
+/// budgets (durable, across nodes, from the ledger). 0 disables a limit.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -37,6 +37,11 @@ pub struct Limits {
     pub requests_per_minute_per_key: u32,
     /// Requests per minute per owner acted for.
     pub requests_per_minute_per_owner: u32,
+    /// Tokens (input, output and cache) per minute per credential acting for an owner, in a
+    /// sliding window, counted when each request ends. Durable, across nodes.
+    pub tokens_per_minute_per_key: u64,
+    /// Tokens per minute per owner acted for, likewise.
+    pub tokens_per_minute_per_owner: u64,
     /// USD an owner may spend per UTC day.
     pub daily_budget_usd: f64,
     /// USD an owner may spend per UTC month.

@@ -1,11 +1,15 @@
 //! Balances and the usage ledger: one `ledger` actor per owner (key: the [`Owner`] string)
 //! holding the balance in microdollars, the usage rows and the grants. A usage row and the
-//! balance change it causes commit in one transaction. The balance is read without a call (a
-//! point read), so the pre-flight check never queues behind charges.
+//! balance change it causes commit in one transaction, with the counters the limits read: spend
+//! per UTC day and month, each member's spend of an organization per UTC day, and tokens per
+//! minute per owner and per credential. Balance and counters are read without a call (point
+//! reads), so the pre-flight checks never queue behind charges.
 
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Error, Owner, Result};
 use kilocloud_substrate::{Actor, ActorContext, Result as SubResult, Substrate};
+
+use crate::limits::TokenWindow;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -24,6 +28,20 @@ const GRANT: &str = "grant/";
 /// Spend per UTC day (`spent/day/YYYY-MM-DD`) and month (`spent/month/YYYY-MM`), microdollars.
 const SPENT_DAY: &str = "spent/day/";
 const SPENT_MONTH: &str = "spent/month/";
+/// An organization member's spend today: `spent/member/<userId>` → [`MemberSpend`].
+const SPENT_MEMBER: &str = "spent/member/";
+/// Tokens per minute of the owner (`tpm/owner`) and of each credential acting for it
+/// (`tpm/cred/<credential>`, see [`UsageRow::credential`]): [`TokenWindow`]s.
+const TPM_OWNER: &str = "tpm/owner";
+const TPM_CRED: &str = "tpm/cred/";
+
+/// A member's spend of an organization's balance on one UTC day.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct MemberSpend {
+    /// `YYYY-MM-DD`.
+    day: String,
+    microdollars: i64,
+}
 
 /// The UTC day and month of `at_ms`, as used in the spend keys: (`YYYY-MM-DD`, `YYYY-MM`).
 fn periods(at_ms: i64) -> (String, String) {
@@ -97,6 +115,96 @@ pub struct UsageRow {
     pub feature: Option<String>,
 }
 
+/// A credential as the limits key it: `key:<apiKeyId>` for an API key, `user:<userId>` for a
+/// user JWT.
+pub fn credential_key(api_key: Option<Uuid>, user: Uuid) -> String {
+    match api_key {
+        Some(key) => format!("key:{key}"),
+        None => format!("user:{user}"),
+    }
+}
+
+impl UsageRow {
+    /// The credential the request came with (see [`credential_key`]).
+    pub fn credential(&self) -> String {
+        credential_key(self.api_key, self.user)
+    }
+
+    /// Tokens the request processed: input, output and cache, for tokens-per-minute limits.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_read_tokens)
+            .saturating_add(self.cache_write_tokens)
+    }
+}
+
+/// Which usage rows a listing returns; every field that is set must match.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageFilter {
+    /// Only rows with `seq` below this (paging: the last `seq` of the previous page).
+    pub before: Option<u64>,
+    /// Rows at or after this time, ms since epoch.
+    pub since_ms: Option<i64>,
+    /// Rows before this time, ms since epoch.
+    pub until_ms: Option<i64>,
+    /// Requested or served model id.
+    pub model: Option<String>,
+    /// Provider that served.
+    pub provider: Option<String>,
+    /// The user who made the request.
+    pub user: Option<Uuid>,
+    /// The API key used.
+    pub api_key: Option<Uuid>,
+    /// HTTP status returned.
+    pub status: Option<u16>,
+    /// `X-KiloCode-Feature`.
+    pub feature: Option<String>,
+    /// `X-KiloCode-ProjectId`.
+    pub project_id: Option<String>,
+    /// `X-KiloCode-TaskId`.
+    pub task_id: Option<String>,
+}
+
+impl UsageFilter {
+    /// Whether `row` passes.
+    pub fn matches(&self, row: &UsageRow) -> bool {
+        fn eq<T: PartialEq>(want: &Option<T>, have: &T) -> bool {
+            want.as_ref().is_none_or(|w| w == have)
+        }
+        fn eq_opt(want: &Option<String>, have: &Option<String>) -> bool {
+            want.is_none() || want == have
+        }
+        self.before.is_none_or(|b| row.seq < b)
+            && self.since_ms.is_none_or(|t| row.at_ms >= t)
+            && self.until_ms.is_none_or(|t| row.at_ms < t)
+            && self
+                .model
+                .as_ref()
+                .is_none_or(|m| *m == row.model || *m == row.requested_model)
+            && eq(&self.provider, &row.provider)
+            && eq(&self.user, &row.user)
+            && (self.api_key.is_none() || self.api_key == row.api_key)
+            && eq(&self.status, &row.status)
+            && eq_opt(&self.feature, &row.feature)
+            && eq_opt(&self.project_id, &row.project_id)
+            && eq_opt(&self.task_id, &row.task_id)
+    }
+}
+
+/// The counters the limits read for one request, point-read before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// The owner's spend today and this month.
+    pub spend: Spend,
+    /// The member's spend of the organization today (0 for personal owners), microdollars.
+    pub member_today: i64,
+    /// The owner's tokens per minute.
+    pub owner_tokens: TokenWindow,
+    /// The credential's tokens per minute (acting for this owner).
+    pub credential_tokens: TokenWindow,
+}
+
 /// A credit grant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct GrantRecord {
@@ -107,9 +215,16 @@ struct GrantRecord {
 }
 
 enum LedgerCall {
-    Grant { amount: i64, by: Uuid, note: String },
+    Grant {
+        amount: i64,
+        by: Uuid,
+        note: String,
+    },
     Record(Box<UsageRow>),
-    Usage { before: Option<u64>, limit: usize },
+    Usage {
+        filter: Box<UsageFilter>,
+        limit: usize,
+    },
 }
 
 enum LedgerReply {
@@ -153,21 +268,44 @@ impl Actor for LedgerActor {
                         let spent: i64 = ctx.get(&key).await?.unwrap_or(0);
                         ctx.put(&key, &spent.saturating_add(row.cost_microdollars))?;
                     }
+                    if matches!(row.owner, Owner::Org(_)) {
+                        let key = format!("{SPENT_MEMBER}{}", row.user);
+                        let mut spent: MemberSpend = ctx.get(&key).await?.unwrap_or_default();
+                        if spent.day != day {
+                            spent = MemberSpend {
+                                day,
+                                microdollars: 0,
+                            };
+                        }
+                        spent.microdollars =
+                            spent.microdollars.saturating_add(row.cost_microdollars);
+                        ctx.put(&key, &spent)?;
+                    }
+                }
+                let tokens = row.total_tokens();
+                if tokens > 0 {
+                    for key in [
+                        TPM_OWNER.to_owned(),
+                        format!("{TPM_CRED}{}", row.credential()),
+                    ] {
+                        let window: TokenWindow = ctx.get(&key).await?.unwrap_or_default();
+                        ctx.put(&key, &window.add(ctx.now_ms(), tokens))?;
+                    }
                 }
                 if seq > USAGE_RETENTION {
                     ctx.delete(&format!("{USAGE}{:020}", seq - USAGE_RETENTION));
                 }
                 Ok(LedgerReply::Balance(after))
             }
-            LedgerCall::Usage { before, limit } => {
+            LedgerCall::Usage { filter, limit } => {
                 let rows: Vec<(String, UsageRow)> = ctx.list(USAGE).await?;
-                let mut rows: Vec<UsageRow> = rows
+                let rows: Vec<UsageRow> = rows
                     .into_iter()
+                    .rev()
                     .map(|(_, r)| r)
-                    .filter(|r| before.is_none_or(|b| r.seq < b))
+                    .filter(|r| filter.matches(r))
+                    .take(limit)
                     .collect();
-                rows.reverse();
-                rows.truncate(limit);
                 Ok(LedgerReply::Rows(rows))
             }
         }
@@ -196,20 +334,46 @@ impl Ledger {
         Ok(balance.unwrap_or(0))
     }
 
-    /// What the owner has spent in the UTC day and month of `at_ms` (point reads).
-    pub async fn spend(&self, owner: Owner, at_ms: i64) -> Result<Spend> {
+    /// The counters the limits read for a request by `user` with `credential` (see
+    /// [`UsageRow::credential`]) acting for `owner` at `at_ms`: point reads, no call.
+    pub async fn counters(
+        &self,
+        owner: Owner,
+        user: Uuid,
+        credential: &str,
+        at_ms: i64,
+    ) -> Result<Counters> {
         let (day, month) = periods(at_ms);
         let key = owner.to_string();
-        let read = |k: String| {
-            let (sub, key) = (self.sub.clone(), key.clone());
-            async move {
-                let v: Option<i64> = sub.actor_read(LedgerActor::TYPE, &key, &k).await?;
-                Ok::<i64, Error>(v.unwrap_or(0))
+        let sub = &self.sub;
+        let spent_day: Option<i64> = sub
+            .actor_read(LedgerActor::TYPE, &key, &format!("{SPENT_DAY}{day}"))
+            .await?;
+        let spent_month: Option<i64> = sub
+            .actor_read(LedgerActor::TYPE, &key, &format!("{SPENT_MONTH}{month}"))
+            .await?;
+        let member: Option<MemberSpend> = match owner {
+            Owner::Org(_) => {
+                sub.actor_read(LedgerActor::TYPE, &key, &format!("{SPENT_MEMBER}{user}"))
+                    .await?
             }
+            Owner::User(_) => None,
         };
-        Ok(Spend {
-            day: read(format!("{SPENT_DAY}{day}")).await?,
-            month: read(format!("{SPENT_MONTH}{month}")).await?,
+        let owner_tokens: Option<TokenWindow> =
+            sub.actor_read(LedgerActor::TYPE, &key, TPM_OWNER).await?;
+        let credential_tokens: Option<TokenWindow> = sub
+            .actor_read(LedgerActor::TYPE, &key, &format!("{TPM_CRED}{credential}"))
+            .await?;
+        Ok(Counters {
+            spend: Spend {
+                day: spent_day.unwrap_or(0),
+                month: spent_month.unwrap_or(0),
+            },
+            member_today: member
+                .filter(|m| m.day == day)
+                .map_or(0, |m| m.microdollars),
+            owner_tokens: owner_tokens.unwrap_or_default(),
+            credential_tokens: credential_tokens.unwrap_or_default(),
         })
     }
 
@@ -259,14 +423,17 @@ impl Ledger {
         }
     }
 
-    /// The owner's usage rows, newest first: `seq < before` (all when `None`), at most `limit`.
+    /// The owner's usage rows that pass `filter`, newest first, at most `limit`.
     pub async fn usage(
         &self,
         owner: Owner,
-        before: Option<u64>,
+        filter: UsageFilter,
         limit: usize,
     ) -> Result<Vec<UsageRow>> {
-        let call = LedgerCall::Usage { before, limit };
+        let call = LedgerCall::Usage {
+            filter: Box::new(filter),
+            limit,
+        };
         match self
             .sub
             .actors()

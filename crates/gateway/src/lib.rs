@@ -1,5 +1,6 @@
 //! The model gateway's domain: the provider catalog and routing ([`catalog`]), usage parsing
-//! and pricing ([`usage`]), and balances with the usage ledger ([`ledger`]). The HTTP proxy
+//! and pricing ([`usage`]), balances with the usage ledger ([`ledger`]), per-address and
+//! per-minute limits ([`limits`]), and organizations' policies ([`policy`]). The HTTP proxy
 //! that uses them lives in `kilocloud-server` (`api/gateway.rs`). Behaviour follows the
 //! reference system §1 unless a doc comment says otherwise.
 
@@ -7,10 +8,12 @@ pub mod catalog;
 pub mod config;
 pub mod ledger;
 pub mod limits;
+pub mod policy;
 pub mod usage;
 
 pub use catalog::{Catalog, Route};
 pub use config::GatewayConfig;
-pub use ledger::{Ledger, Spend, UsageRow};
-pub use limits::{FreeLimits, FreeModelLimiter, Refusal};
+pub use ledger::{Counters, Ledger, Spend, UsageFilter, UsageRow};
+pub use limits::{FreeLimits, FreeModelLimiter, Refusal, TokenWindow};
+pub use policy::{CustomModel, OrgPolicy, Policies};
 pub use usage::{SseUsageScanner, StreamFormat, Usage, estimated_input_tokens};

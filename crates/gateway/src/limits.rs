@@ -2,12 +2,14 @@
 //! per hour from one address, signed in or not, and at most 10,000 anonymous ones per 24 h (the
 //! "promotion" limit, after which anonymous callers are asked to sign in). Counted by one
 //! `free_use` actor per address, in minute buckets; a request is counted when it is admitted,
-//! before it is forwarded.
+//! before it is forwarded. Also the sliding-window token counter behind the tokens-per-minute
+//! limits ([`TokenWindow`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use kilocloud_substrate::{Actor, ActorContext, Result as SubResult, Substrate};
+use serde::{Deserialize, Serialize};
 
 const BUCKETS: &str = "buckets";
 const MINUTE_MS: i64 = 60_000;
@@ -117,6 +119,74 @@ impl FreeModelLimiter {
     }
 }
 
+/// Tokens counted in a sliding one-minute window, as two fixed minute buckets weighted by
+/// how much of the previous minute still lies in the window (the sliding-window counter that
+/// Cloudflare's rate limiting uses). Kept per owner and per credential by the ledger; tokens
+/// are counted after a request, since only its usage tells them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenWindow {
+    /// The current bucket's minute (ms since epoch ÷ 60,000).
+    pub minute: i64,
+    /// Tokens in the current minute.
+    pub current: u64,
+    /// Tokens in the minute before it.
+    pub previous: u64,
+}
+
+impl TokenWindow {
+    /// The window as seen at minute `now_min`: buckets moved forward, older ones dropped.
+    fn at(self, now_min: i64) -> Self {
+        match now_min - self.minute {
+            0 => self,
+            1 => Self {
+                minute: now_min,
+                current: 0,
+                previous: self.current,
+            },
+            _ => Self {
+                minute: now_min,
+                current: 0,
+                previous: 0,
+            },
+        }
+    }
+
+    /// Adds `tokens` counted at `now_ms`.
+    pub fn add(self, now_ms: i64, tokens: u64) -> Self {
+        let mut w = self.at(now_ms.div_euclid(MINUTE_MS));
+        w.current = w.current.saturating_add(tokens);
+        w
+    }
+
+    /// `Err(seconds to wait)` when the window at `now_ms` already holds `limit` tokens or
+    /// more (a `limit` of 0 admits everything); the wait is until the estimate drops below
+    /// `limit` if nothing else is counted, rounded up to whole seconds, at least 1.
+    pub fn check(self, now_ms: i64, limit: u64) -> Result<(), u64> {
+        const M: u128 = MINUTE_MS as u128;
+        let w = self.at(now_ms.div_euclid(MINUTE_MS));
+        let elapsed = now_ms.rem_euclid(MINUTE_MS) as u128;
+        let (limit, cur, prev) = (
+            u128::from(limit),
+            u128::from(w.current),
+            u128::from(w.previous),
+        );
+        // Everything scaled by a minute in ms, so the arithmetic is exact.
+        if limit == 0 || prev * (M - elapsed) + cur * M < limit * M {
+            return Ok(());
+        }
+        // First ms `e` of a minute at which `weighted * (M - e) + rest * M < limit * M`.
+        let first_ms = |weighted: u128, rest: u128| M - ((limit - rest) * M - 1) / weighted;
+        let wait_ms = if cur < limit {
+            // Within this minute, as the previous minute slides out.
+            first_ms(prev, cur) - elapsed
+        } else {
+            // In the next minute, as this one becomes the weighted bucket.
+            (M - elapsed) + first_ms(cur, 0)
+        };
+        Err(wait_ms.div_ceil(1000).max(1) as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -169,5 +239,34 @@ mod tests {
         );
         clock.advance(DAY_MINUTES * MINUTE_MS);
         assert_eq!(l.admit(a, true).await.unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn token_window_slides_over_two_minutes() {
+        let t0 = 1_800_000_000_000 - 1_800_000_000_000 % MINUTE_MS;
+        let w = TokenWindow::default().add(t0, 600);
+        assert_eq!(w.check(t0, 1000), Ok(()));
+        assert_eq!(w.check(t0, 0), Ok(()), "0 is no limit");
+        let w = w.add(t0 + 30_000, 400);
+        // 1,000 in this minute: the rest of it, then 1 ms of the next, before it is below.
+        assert_eq!(w.check(t0 + 30_000, 1000), Err(31));
+        // A quarter into the next minute, 750 of the old 1,000 still count.
+        let next = t0 + MINUTE_MS + 15_000;
+        assert_eq!(w.check(next, 1000), Ok(()));
+        // Below 700 once the old bucket weighs under 0.7: 3.001 s on.
+        assert_eq!(w.check(next, 700), Err(4));
+        let w = w.add(next, 200);
+        assert_eq!((w.current, w.previous), (200, 1000));
+        assert_eq!(
+            w.check(next, 900),
+            Err(4),
+            "750 + 200 ≥ 900 until the weight is 0.7"
+        );
+        assert_eq!(w.check(next, 1000), Ok(()));
+        assert_eq!(
+            w.check(t0 + 3 * MINUTE_MS, 1),
+            Ok(()),
+            "two minutes on, all gone"
+        );
     }
 }

@@ -952,6 +952,25 @@ impl Identity {
 
     // ----- audit -----
 
+    /// Appends an entry to `owner`'s audit log for a change another service made (e.g. the
+    /// gateway's `gateway_policy.updated`). It commits after that change, not with it.
+    ///
+    /// Errors: [`Error::NotFound`] when the owner does not exist.
+    pub async fn record_audit(
+        &self,
+        owner: Owner,
+        action: &'static str,
+        target: String,
+        by: &Initiator,
+    ) -> Result<()> {
+        let record = OwnerCall::Record {
+            action,
+            target,
+            by: by.clone(),
+        };
+        self.call(owner, record).await.map(drop)
+    }
+
     /// `owner`'s audit log, newest first: entries with `seq < before` (all when `None`), at
     /// most `limit`.
     pub async fn audit(

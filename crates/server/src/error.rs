@@ -18,6 +18,9 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for the `Retry-After` header.
     pub retry_after_secs: Option<u64>,
+    /// More fields of the error object (an object's entries are added beside `code` and
+    /// `message`), e.g. the gateway's 402 `{title, balance}`.
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -28,6 +31,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_secs: None,
+            details: None,
         }
     }
 
@@ -63,7 +67,13 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut error = serde_json::json!({"code": self.code, "message": self.message});
+        if let (Some(serde_json::Value::Object(more)), Some(error)) =
+            (self.details, error.as_object_mut())
+        {
+            error.extend(more);
+        }
+        let body = serde_json::json!({ "error": error });
         let mut res = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
             res.headers_mut()

@@ -419,6 +419,20 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "GET",
+            path: "/api/orgs/{id}/gateway-policy",
+            access: OrgPath(Role::Member),
+            uri: |f| format!("/api/orgs/{}/gateway-policy", f.org),
+            body: none,
+        },
+        Route {
+            method: "PUT",
+            path: "/api/orgs/{id}/gateway-policy",
+            access: OrgPath(Role::Admin),
+            uri: |f| format!("/api/orgs/{}/gateway-policy", f.org),
+            body: |_| Some(json!({"modelAllowList": ["vendor/*"]})),
+        },
+        Route {
+            method: "GET",
             path: "/api/orgs/{id}/audit",
             access: OrgPath(Role::Admin),
             uri: |f| format!("/api/orgs/{}/audit", f.org),

@@ -8,14 +8,14 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use kilocloud_gateway::Ledger;
 use kilocloud_gateway::config::{GatewayConfig, Limits, ModelConfig, ProviderConfig, ProviderKind};
+use kilocloud_gateway::{Ledger, UsageFilter};
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
 use kilocloud_server::api::gateway;
 use kilocloud_server::{AppState, ServerOptions, router};
-use kilocloud_substrate::ManualClock;
+use kilocloud_substrate::{Clock, ManualClock};
 use kilocloud_test_support::TestStore;
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
 use serde_json::{Value, json};
@@ -37,6 +37,7 @@ struct Env {
     app: axum::Router,
     key: String,
     user: Uuid,
+    clock: Arc<ManualClock>,
 }
 
 fn model(id: &str, free: bool) -> ModelConfig {
@@ -60,9 +61,8 @@ async fn env(postgres: bool, timeout: Duration) -> Env {
 async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
     let store = TestStore::new(postgres).await;
     // Noon UTC, 2027-01-01: budgets count per UTC day, and the test must not straddle midnight.
-    let sub = store
-        .open(Arc::new(ManualClock::new(1_798_804_800_000)))
-        .await;
+    let clock = Arc::new(ManualClock::new(1_798_804_800_000));
+    let sub = store.open(clock.clone()).await;
     let id = Identity::new(
         &sub,
         IdentityConfig {
@@ -133,6 +133,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
         app,
         key,
         user: user.id,
+        clock,
     }
 }
 
@@ -154,8 +155,17 @@ impl Env {
         body: Value,
         headers: &[(&str, &str)],
     ) -> (StatusCode, http::HeaderMap, String) {
+        self.chat_as(&self.key, body, headers).await
+    }
+
+    async fn chat_as(
+        &self,
+        key: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, http::HeaderMap, String) {
         let mut req = Request::post("/api/gateway/v1/chat/completions")
-            .header("authorization", format!("Bearer {}", self.key))
+            .header("authorization", format!("Bearer {key}"))
             .header("content-type", "application/json");
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -172,6 +182,30 @@ impl Env {
             parts.status,
             parts.headers,
             String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    /// Any other request, as `key`: (status, JSON body).
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+            .unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
     }
 }
@@ -214,7 +248,11 @@ async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
         1_000_000 - 6_000,
         "charged before the response was given"
     );
-    let rows = e.ledger.usage(me, None, 10).await.unwrap();
+    let rows = e
+        .ledger
+        .usage(me, UsageFilter::default(), 10)
+        .await
+        .unwrap();
     let row = &rows[0];
     assert_eq!(
         (row.input_tokens, row.output_tokens, row.cost_microdollars),
@@ -272,7 +310,7 @@ async fn streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end(pg: bool) {
     );
     // 200 × 3 + 300 × 0.3 + 40 × 15 = 600 + 90 + 600.
     assert_eq!(e.balance(me).await, 1_000_000 - 1_290);
-    let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+    let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
     assert_eq!(
         (
             row.input_tokens,
@@ -329,7 +367,7 @@ async fn balance_rules_and_upstream_errors(pg: bool) {
     );
     let (status, _, _) = e.chat(ask(FREE, false), &[]).await;
     assert_eq!(status, StatusCode::OK);
-    let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+    let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
     assert_eq!(
         (row.cost_microdollars, row.true_cost_microdollars),
         (0, 105)
@@ -350,7 +388,7 @@ async fn balance_rules_and_upstream_errors(pg: bool) {
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     let statuses: Vec<u16> = e
         .ledger
-        .usage(me, None, 3)
+        .usage(me, UsageFilter::default(), 3)
         .await
         .unwrap()
         .iter()
@@ -403,7 +441,11 @@ async fn auto_model_and_organization_billing(pg: bool) {
     );
     assert_eq!(e.balance(Owner::Org(org.id)).await, 10_000 - 105);
     assert_eq!(e.balance(Owner::User(e.user)).await, 0);
-    let row = &e.ledger.usage(Owner::Org(org.id), None, 1).await.unwrap()[0];
+    let row = &e
+        .ledger
+        .usage(Owner::Org(org.id), UsageFilter::default(), 1)
+        .await
+        .unwrap()[0];
     assert_eq!(
         (row.requested_model.as_str(), row.model.as_str(), row.user),
         ("kilo/auto", PAID, e.user)
@@ -464,7 +506,7 @@ async fn concurrent_spend_is_exact_and_bounded(pg: bool) {
     assert_eq!(served + refused, 20);
     let charged: i64 = e
         .ledger
-        .usage(me, None, 100)
+        .usage(me, UsageFilter::default(), 100)
         .await
         .unwrap()
         .iter()
@@ -504,7 +546,7 @@ async fn fallbacks_and_byok(pg: bool) {
         let (status, h, _) = e.chat(ask(RESILIENT, false), &[]).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(h["x-kilocode-provider"], "backup");
-        let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+        let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
         assert_eq!(
             (row.provider.as_str(), row.status, row.cost_microdollars),
             ("backup", 200, 105)
@@ -560,7 +602,11 @@ async fn fallbacks_and_byok(pg: bool) {
         e.backup.requests()[before].headers["authorization"],
         "Bearer sk-users-own-key"
     );
-    let row = &e.ledger.usage(owner, None, 1).await.unwrap()[0];
+    let row = &e
+        .ledger
+        .usage(owner, UsageFilter::default(), 1)
+        .await
+        .unwrap()[0];
     assert_eq!(
         (
             row.provider.as_str(),
@@ -637,7 +683,7 @@ async fn anonymous_callers_and_free_model_limits(pg: bool) {
     // Anonymous requests are counted, not billed to anyone.
     assert_eq!(
         e.ledger
-            .usage(Owner::User(Uuid::nil()), None, 10)
+            .usage(Owner::User(Uuid::nil()), UsageFilter::default(), 10)
             .await
             .unwrap()
             .len(),
@@ -701,7 +747,13 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
     drop(body);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let row = loop {
-        if let Some(row) = e.ledger.usage(me, None, 1).await.unwrap().pop() {
+        if let Some(row) = e
+            .ledger
+            .usage(me, UsageFilter::default(), 1)
+            .await
+            .unwrap()
+            .pop()
+        {
             break row;
         }
         assert!(
@@ -719,7 +771,7 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
         .push(Reply::StreamWithoutUsage("twelve chars".into()));
     let (status, _, _) = e.chat(ask(PAID, true), &[]).await;
     assert_eq!(status, StatusCode::OK);
-    let row = &e.ledger.usage(me, None, 1).await.unwrap()[0];
+    let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
     assert_eq!(
         (row.status, row.estimated, row.output_tokens),
         (200, true, 3)
@@ -743,7 +795,193 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
     );
 }
 
+async fn organization_policy(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let by = Initiator {
+        user: e.user,
+        request_id: None,
+    };
+    let org = e.id.create_org("Acme", &by).await.unwrap();
+    let org_id = org.id.to_string();
+    let as_org = [("x-kilocode-organizationid", org_id.as_str())];
+    e.grant(Owner::Org(org.id), 1_000_000).await;
+    let (member, member_key, _) =
+        e.id.create_user("m@example.com", "m", false, &by)
+            .await
+            .unwrap();
+    e.id.put_member(org.id, member.id, Role::Member, &by)
+        .await
+        .unwrap();
+    let policy_uri = format!("/api/orgs/{org_id}/gateway-policy");
+    let (status, body) = e.call("GET", &policy_uri, &member_key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["modelAllowList"],
+        json!([]),
+        "the default allows everything"
+    );
+
+    // Only admins change it, and a bad policy is refused whole.
+    let policy = json!({
+        "modelAllowList": [PAID],
+        "memberDailyLimitMicrodollars": 6000,
+        "memberDailyLimits": {e.user.to_string(): 1_000_000},
+        "customModels": [{"id": "team", "kind": "openai-compatible", "baseUrl": e.backup.base_url,
+            "upstreamModel": "team-model", "apiKeySecret": "TEAM_LLM_KEY"}],
+    });
+    let (status, _) = e
+        .call("PUT", &policy_uri, &member_key, Some(policy.clone()))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let mut bad = policy.clone();
+    bad["customModels"][0]["baseUrl"] = json!("file:///etc/passwd");
+    let (status, body) = e.call("PUT", &policy_uri, &e.key, Some(bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.to_string().contains("baseUrl"), "{body}");
+    let (status, body) = e.call("PUT", &policy_uri, &e.key, Some(policy)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The allow-list binds requests for the organization, not personal ones.
+    let (status, _, body) = e.chat_as(&member_key, ask(FREE, false), &as_org).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("model_not_allowed"), "{body}");
+    assert_eq!(
+        e.chat_as(&member_key, ask(FREE, false), &[]).await.0,
+        StatusCode::OK
+    );
+
+    // The member's daily limit: 6,000 µ$ of the organization's balance; one request of
+    // 1,000 + 200 tokens costs 6,000 µ$, so the second is refused as a depleted balance.
+    e.upstream.push(Reply::text("a reply", 1000, 200));
+    let (status, _, body) = e.chat_as(&member_key, ask(PAID, false), &as_org).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, body) = e.chat_as(&member_key, ask(PAID, false), &as_org).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["balance"], json!(0.0));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("daily limit")
+    );
+    // The owner has a larger override, and the next UTC day the member starts afresh.
+    assert_eq!(e.chat(ask(PAID, false), &as_org).await.0, StatusCode::OK);
+    e.clock.advance(24 * 3600 * 1000);
+    let (status, _, body) = e.chat_as(&member_key, ask(PAID, false), &as_org).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A custom model goes to the organization's endpoint with its key, which must be set.
+    let custom = ask("kilo/team", false);
+    let (status, _, body) = e.chat_as(&member_key, custom.clone(), &as_org).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        body.contains("custom_model_key_missing") && body.contains("TEAM_LLM_KEY"),
+        "{body}"
+    );
+    e.id.put_secret(
+        Owner::Org(org.id),
+        "TEAM_LLM_KEY",
+        b"team-endpoint-key",
+        &by,
+    )
+    .await
+    .unwrap();
+    let before = e.balance(Owner::Org(org.id)).await;
+    let (status, h, body) = e.chat_as(&member_key, custom.clone(), &as_org).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(h["x-kilocode-provider"], "custom:team");
+    let sent = e.backup.requests().pop().unwrap();
+    assert_eq!(sent.headers["authorization"], "Bearer team-endpoint-key");
+    assert_eq!(sent.body["model"], "team-model");
+    assert_eq!(e.balance(Owner::Org(org.id)).await, before, "never charged");
+    let row = &e
+        .ledger
+        .usage(Owner::Org(org.id), UsageFilter::default(), 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (
+            row.model.as_str(),
+            row.provider.as_str(),
+            row.cost_microdollars
+        ),
+        ("kilo/team", "custom:team", 0)
+    );
+    // Outside the organization `kilo/team` is nobody's model.
+    let (status, _, _) = e.chat_as(&member_key, custom, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let audit = e.id.audit(Owner::Org(org.id), None, 10).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.action == "gateway_policy.updated" && a.actor == e.user),
+        "{audit:?}"
+    );
+}
+
+async fn token_limits_and_usage_filters(pg: bool) {
+    let limits = Limits {
+        tokens_per_minute_per_key: 2000,
+        ..Limits::default()
+    };
+    let e = env_with(pg, Duration::from_secs(10), limits).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    // 1,200 tokens each: the second request starts under the limit, the third does not.
+    for _ in 0..2 {
+        e.upstream.push(Reply::text("a reply", 1000, 200));
+        let (status, _, _) = e
+            .chat(ask(PAID, false), &[("x-kilocode-feature", "cloud-agent")])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, h, body) = e.chat(ask(FREE, false), &[]).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "free models count too"
+    );
+    assert!(body.contains("tokens per minute"), "{body}");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=120).contains(&retry), "{retry}");
+    e.clock.advance(retry as i64 * 1000);
+    assert_eq!(
+        e.chat(ask(FREE, false), &[]).await.0,
+        StatusCode::OK,
+        "after Retry-After"
+    );
+
+    // Filters on the usage listing, each one narrowing it.
+    let at = e.clock.now_ms();
+    for (query, rows) in [
+        ("", 3),
+        ("?feature=cloud-agent", 2),
+        (&format!("?model={FREE}") as &str, 1),
+        ("?status=200&provider=fake", 3),
+        ("?status=429", 0),
+        (&format!("?since={at}") as &str, 1),
+        (&format!("?until={at}") as &str, 2),
+        (&format!("?user={}&limit=1", e.user) as &str, 1),
+    ] {
+        let (status, body) = e
+            .call("GET", &format!("/api/usage{query}"), &e.key, None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {body}");
+        assert_eq!(body["usage"].as_array().unwrap().len(), rows, "{query}");
+    }
+    for bad in ["?user=nope", "?limit=0", "?colour=red"] {
+        let (status, body) = e
+            .call("GET", &format!("/api/usage{bad}"), &e.key, None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+}
+
 kilocloud_test_support::on_both_backends!(
+    organization_policy,
+    token_limits_and_usage_filters,
     streams_are_relayed_as_they_come_and_cut_short_streams_are_charged,
     rate_limits_and_budgets,
     anonymous_callers_and_free_model_limits,

@@ -19,18 +19,21 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use kilocloud_gateway::catalog::{ModelView, Provider, ProviderView};
 use kilocloud_gateway::config::{ModelConfig, ProviderKind};
+use kilocloud_gateway::ledger::credential_key;
 use kilocloud_gateway::{
-    Catalog, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, Refusal, SseUsageScanner,
-    StreamFormat, Usage, UsageRow, estimated_input_tokens,
+    Catalog, Counters, CustomModel, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, OrgPolicy,
+    Policies, Refusal, Route, Spend, SseUsageScanner, StreamFormat, Usage, UsageFilter, UsageRow,
+    estimated_input_tokens,
 };
-use kilocloud_identity::{Credential, Owner};
+use kilocloud_identity::{Credential, Owner, Principal};
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::{AuditQuery, ErrorBody};
 use crate::auth::{
-    Admin, AnthropicScope, ClientIp, MaybeScope, Member, OwnerScope, RequireRole, SiteAdmin,
+    Admin, AnthropicScope, ClientIp, MaybeScope, Member, OrgAccess, OwnerScope, RequireRole,
+    SiteAdmin,
 };
 use crate::error::Query;
 use crate::{ApiError, AppState, Json};
@@ -52,6 +55,10 @@ pub struct GatewayState {
     pub owner_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
     /// Dollar budgets per owner, microdollars (0: none): per UTC day and month.
     pub budgets: (i64, i64),
+    /// Tokens per minute (0: none): per credential and per owner.
+    pub token_limits: (u64, u64),
+    /// Organizations' policies.
+    pub policies: Policies,
     /// Client for upstream calls.
     pub http: reqwest::Client,
     /// Longest upstream request.
@@ -238,10 +245,31 @@ async fn forward(
     if requested.is_empty() {
         return Err(model_missing());
     }
-    let route = g
-        .catalog
-        .route(&requested, mode.as_deref())
-        .ok_or_else(model_missing)?;
+    let owner = scope.as_ref().map(OwnerScope::owner);
+    // An organization's policy: its custom models, model allow-list and member limits
+    // (reference §1.7b, §1.10).
+    let policy = match owner {
+        Some(Owner::Org(org)) => Some(g.policies.get(org).await?),
+        _ => None,
+    };
+    let custom = policy.as_ref().and_then(|p| p.custom_model(&requested));
+    let custom_model = custom.map(CustomModel::model_config);
+    let custom_provider = match (custom, owner) {
+        (Some(c), Some(owner)) => Some(c.provider(custom_model_key(&s, owner, c).await?)),
+        _ => None,
+    };
+    let route = match (&custom_provider, &custom_model) {
+        (Some(provider), Some(model)) => Route {
+            provider,
+            fallbacks: Vec::new(),
+            model: Some(model),
+            resolved: &requested,
+        },
+        _ => g
+            .catalog
+            .route(&requested, mode.as_deref())
+            .ok_or_else(model_missing)?,
+    };
     if !endpoint.served_by(route.provider.kind) {
         return Err(ApiError::bad_request(format!(
             "model `{requested}` is served by provider `{}`, which does not speak this API \
@@ -250,13 +278,26 @@ async fn forward(
             route.provider.id
         )));
     }
-    let free = route.is_free();
+    let free = custom.is_none() && route.is_free();
     // Anonymous callers may use free models only (reference §1.5).
     if scope.is_none() && !free {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "PAID_MODEL_AUTH_REQUIRED",
             "sign in (an API key or token) to use paid models",
+        ));
+    }
+    if let Some(policy) = &policy
+        && custom.is_none()
+        && !policy.allows(route.resolved)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_allowed",
+            format!(
+                "model `{}` is not allowed by this organization's policy",
+                route.resolved
+            ),
         ));
     }
     if free {
@@ -282,36 +323,36 @@ async fn forward(
             }
         }
     }
-    let owner = scope.as_ref().map(OwnerScope::owner);
     // BYOK comes first (reference §1.7a): the owner's own key for the model's family, and then
-    // never the platform's key, not even as a fallback.
-    let byok = match (owner, g.catalog.byok(route.resolved)) {
-        (Some(owner), Some((provider, secret))) => s
-            .identity
-            .secret_value(owner, &secret)
-            .await?
-            .and_then(|k| String::from_utf8(k).ok())
-            .filter(|k| !k.is_empty())
-            .map(|key| (provider, key, secret)),
+    // never the platform's key, not even as a fallback. A custom model is the organization's
+    // own endpoint and key likewise.
+    let own_key: Option<OwnKey> = match (&custom_provider, custom, owner) {
+        (Some(provider), Some(c), _) => Some(OwnKey {
+            provider,
+            key: provider.api_key.clone(),
+            secret: c.api_key_secret.clone(),
+            code: "custom_model_upstream_error",
+        }),
+        (None, _, Some(owner)) => match g.catalog.byok(route.resolved) {
+            Some((provider, secret)) => s
+                .identity
+                .secret_value(owner, &secret)
+                .await?
+                .and_then(|k| String::from_utf8(k).ok())
+                .filter(|k| !k.is_empty())
+                .map(|key| OwnKey {
+                    provider,
+                    key,
+                    secret,
+                    code: "byok_upstream_error",
+                }),
+            None => None,
+        },
         _ => None,
     };
-    let charged = byok.is_none() && !free;
+    let charged = own_key.is_none() && !free;
     if let Some(scope) = &scope {
-        let key = match scope.auth.principal.credential {
-            Credential::ApiKey(id) => format!("key:{id}"),
-            Credential::Jwt => format!("user:{}", scope.auth.principal.user),
-        };
-        check_rate(&g.key_rate, key, "key")?;
-        check_rate(&g.owner_rate, scope.owner().to_string(), "owner")?;
-        if charged {
-            check_budgets(g, scope.owner(), at_ms).await?;
-        }
-    }
-    if let (true, Some(owner)) = (charged, owner) {
-        let balance = g.ledger.balance(owner).await?;
-        if balance <= 0 {
-            return Ok(payment_required(balance));
-        }
+        preflight(g, scope, policy.as_ref(), charged, at_ms).await?;
     }
     let streaming =
         endpoint != Endpoint::Embeddings && request["stream"].as_bool().unwrap_or(false);
@@ -335,16 +376,16 @@ async fn forward(
     {
         request["usage"] = json!({"include": true});
     }
-    if let Some((provider, _, _)) = &byok
-        && !endpoint.served_by(provider.kind)
+    if let Some(own) = &own_key
+        && !endpoint.served_by(own.provider.kind)
     {
         return Err(ApiError::bad_request(format!(
             "your own key for this model goes to provider `{}`, which does not speak this API",
-            provider.id
+            own.provider.id
         )));
     }
-    let attempts: Vec<(&Provider, &str)> = match &byok {
-        Some((provider, key, _)) => vec![(*provider, key.as_str())],
+    let attempts: Vec<(&Provider, &str)> = match &own_key {
+        Some(own) => vec![(own.provider, own.key.as_str())],
         None => std::iter::once(route.provider)
             .chain(route.fallbacks.iter().copied())
             .map(|p| (p, p.api_key.as_str()))
@@ -357,10 +398,7 @@ async fn forward(
         // Anonymous requests have no owner and are not recorded (only counted, above).
         owner: owner.unwrap_or(Owner::User(uuid::Uuid::nil())),
         user: principal.map_or(uuid::Uuid::nil(), |p| p.user),
-        api_key: match principal.map(|p| p.credential) {
-            Some(Credential::ApiKey(id)) => Some(id),
-            _ => None,
-        },
+        api_key: principal.and_then(api_key_of),
         requested_model: requested.clone(),
         model: route.resolved.to_owned(),
         provider: attempts[0].0.id.clone(),
@@ -382,6 +420,12 @@ async fn forward(
     };
     let meter = Meter {
         ledger: owner.map(|_| g.ledger.clone()),
+        // Label by catalog id only: request ids are caller-chosen and unbounded.
+        label: match (custom, route.model) {
+            (Some(_), _) => "custom".to_owned(),
+            (None, Some(m)) => m.id.clone(),
+            (None, None) => "other".to_owned(),
+        },
         model: route.model.cloned(),
         charged,
         started,
@@ -428,17 +472,18 @@ async fn forward(
         }
     };
     let upstream_status = res.status().as_u16();
-    if let Some((_, _, secret)) = &byok
+    if let Some(own) = &own_key
         && matches!(upstream_status, 401 | 402 | 403 | 429)
     {
         let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
         pending.finish(status, None).await;
         return Err(ApiError::new(
             status,
-            "byok_upstream_error",
+            own.code,
             format!(
                 "[BYOK] the provider refused the request made with your own key (status \
-                 {upstream_status}); check the key stored in the secret {secret}, and its quota"
+                 {upstream_status}); check the key stored in the secret {}, and its quota",
+                own.secret
             ),
         ));
     }
@@ -600,20 +645,146 @@ async fn send_with_fallbacks<'a>(
     }
 }
 
-fn payment_required(balance: i64) -> Response {
-    let body = json!({"error": {
-        "code": "insufficient_balance",
-        "title": "Paid model - credits required",
-        "message": "Your balance is depleted; add credits to use paid models, or use a free model.",
-        "balance": balance as f64 / 1e6,
-    }});
-    (StatusCode::PAYMENT_REQUIRED, axum::Json(body)).into_response()
+/// The caller's own key for a request: BYOK, or an organization's custom model. One attempt,
+/// never the platform's key; the provider's refusals are the caller's to fix.
+struct OwnKey<'a> {
+    provider: &'a Provider,
+    key: String,
+    /// The secret the key is stored in, named in errors.
+    secret: String,
+    /// Error code of the provider's refusals.
+    code: &'static str,
+}
+
+/// The key of an organization's custom model, from its secret (empty when it names none).
+///
+/// Errors: 502 `custom_model_key_missing` when the secret is not set.
+async fn custom_model_key(
+    s: &AppState,
+    owner: Owner,
+    model: &CustomModel,
+) -> Result<String, ApiError> {
+    if model.api_key_secret.is_empty() {
+        return Ok(String::new());
+    }
+    let key = s
+        .identity
+        .secret_value(owner, &model.api_key_secret)
+        .await?;
+    key.and_then(|k| String::from_utf8(k).ok()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "custom_model_key_missing",
+            format!(
+                "the organization's model kilo/{} needs its key in the secret {}; an admin can \
+                 set it with PUT /api/secrets/{}",
+                model.id, model.api_key_secret, model.api_key_secret
+            ),
+        )
+    })
+}
+
+/// The API key a request came with, if any.
+fn api_key_of(p: &Principal) -> Option<uuid::Uuid> {
+    match p.credential {
+        Credential::ApiKey(id) => Some(id),
+        Credential::Jwt => None,
+    }
+}
+
+/// The signed-in caller's limits, before anything goes upstream: requests per minute per
+/// credential and per owner (→ 429 `rate_limited`), tokens per minute likewise (→ 429
+/// `rate_limited`), and for `charged` requests the owner's daily and monthly budgets (→ 429
+/// `budget_exceeded`), the balance and the member's daily limit in the organization (→ 402).
+async fn preflight(
+    g: &GatewayState,
+    scope: &OwnerScope,
+    policy: Option<&OrgPolicy>,
+    charged: bool,
+    at_ms: i64,
+) -> Result<(), ApiError> {
+    let principal = &scope.auth.principal;
+    let owner = scope.owner();
+    let credential = credential_key(api_key_of(principal), principal.user);
+    check_rate(&g.key_rate, credential.clone(), "key")?;
+    check_rate(&g.owner_rate, owner.to_string(), "owner")?;
+    let member_limit = policy.and_then(|p| p.member_daily_limit(principal.user));
+    let (tpm_key, tpm_owner) = g.token_limits;
+    let (daily, monthly) = g.budgets;
+    let needs_counters = tpm_key > 0
+        || tpm_owner > 0
+        || (charged && (daily > 0 || monthly > 0 || member_limit.is_some()));
+    if !needs_counters && !charged {
+        return Ok(());
+    }
+    let counters = match needs_counters {
+        true => {
+            g.ledger
+                .counters(owner, principal.user, &credential, at_ms)
+                .await?
+        }
+        false => Counters::default(),
+    };
+    for (window, limit, what) in [
+        (counters.credential_tokens, tpm_key, "key"),
+        (counters.owner_tokens, tpm_owner, "owner"),
+    ] {
+        if let Err(wait) = window.check(at_ms, limit) {
+            return Err(ApiError {
+                retry_after_secs: Some(wait),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("too many tokens per minute for this {what}; retry later"),
+                )
+            });
+        }
+    }
+    if !charged {
+        return Ok(());
+    }
+    check_budgets(g.budgets, counters.spend, at_ms)?;
+    let balance = g.ledger.balance(owner).await?;
+    if balance <= 0 {
+        return Err(payment_required(
+            balance,
+            "Your balance is depleted; add credits to use paid models, or use a free model.",
+        ));
+    }
+    if let Some(limit) = member_limit {
+        let left = limit.saturating_sub(counters.member_today);
+        if left <= 0 {
+            return Err(payment_required(
+                left,
+                "You have used your daily limit in this organization; it renews at midnight \
+                 UTC. Use a free model, or ask an admin to raise the limit.",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 402 with the reference's body `{error: {title, message, balance (USD)}}` (§1.10).
+fn payment_required(balance: i64, message: &str) -> ApiError {
+    ApiError {
+        details: Some(json!({
+            "title": "Paid model - credits required",
+            "balance": balance as f64 / 1e6,
+        })),
+        ..ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_balance",
+            message,
+        )
+    }
 }
 
 /// Prices and records a finished request.
 struct Meter {
     /// Where the row goes; `None` for anonymous requests.
     ledger: Option<Ledger>,
+    /// The `model` label of the request counter: a catalog id, `custom` or `other`.
+    label: String,
     model: Option<ModelConfig>,
     /// Charged to the owner: not a free model and not BYOK.
     charged: bool,
@@ -659,13 +830,8 @@ impl Meter {
             0
         };
         row.total_ms = self.started.elapsed().as_millis() as u64;
-        // Label by catalog id only: request ids are caller-chosen and unbounded.
-        let model = self
-            .model
-            .as_ref()
-            .map_or("other".to_owned(), |m| m.id.clone());
         metrics::counter!("kilocloud_gateway_requests_total",
-            "model" => model, "provider" => row.provider.clone(), "status" => row.status.to_string())
+            "model" => self.label, "provider" => row.provider.clone(), "status" => row.status.to_string())
         .increment(1);
         let ledger = self.ledger;
         async move {
@@ -844,22 +1010,111 @@ pub struct UsagePage {
     pub usage: Vec<UsageRow>,
 }
 
-/// `GET /api/usage` (admins of an organization; anyone for themself): the owner's usage rows.
-#[utoipa::path(get, path = "/api/usage", tag = "gateway", params(AuditQuery,
+/// Query of `GET /api/usage`: paging and filters; every filter given must match.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Only rows with `seq` below this (the `seq` of the last row of the previous page).
+    pub before: Option<u64>,
+    /// Most rows to return, 1–1000. Default 100.
+    pub limit: Option<usize>,
+    /// Rows at or after this time, ms since epoch.
+    pub since: Option<i64>,
+    /// Rows before this time, ms since epoch.
+    pub until: Option<i64>,
+    /// Requested or served model id.
+    pub model: Option<String>,
+    /// Provider that served.
+    pub provider: Option<String>,
+    /// User who made the request.
+    pub user: Option<uuid::Uuid>,
+    /// API key used.
+    pub api_key: Option<uuid::Uuid>,
+    /// HTTP status returned.
+    pub status: Option<u16>,
+    /// `X-KiloCode-Feature`.
+    pub feature: Option<String>,
+    /// `X-KiloCode-ProjectId`.
+    pub project_id: Option<String>,
+    /// `X-KiloCode-TaskId`.
+    pub task_id: Option<String>,
+}
+
+/// `GET /api/usage` (admins of an organization; anyone for themself): the owner's usage rows,
+/// newest first, filtered.
+#[utoipa::path(get, path = "/api/usage", tag = "gateway", params(UsageQuery,
         ("X-KiloCode-OrganizationId" = Option<uuid::Uuid>, Header, description = "Act for this organization (admins)")),
-    responses((status = 200, body = UsagePage), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = UsagePage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn usage(
     State(s): State<AppState>,
     RequireRole(scope, ..): RequireRole<Admin>,
-    Query(q): Query<AuditQuery>,
+    Query(q): Query<UsageQuery>,
 ) -> Result<Json<UsagePage>, ApiError> {
-    let usage = s
-        .gateway
-        .ledger
-        .usage(scope.owner(), q.before, q.limit()?)
-        .await?;
+    let limit = AuditQuery {
+        before: None,
+        limit: q.limit,
+    }
+    .limit()?;
+    let filter = UsageFilter {
+        before: q.before,
+        since_ms: q.since,
+        until_ms: q.until,
+        model: q.model,
+        provider: q.provider,
+        user: q.user,
+        api_key: q.api_key,
+        status: q.status,
+        feature: q.feature,
+        project_id: q.project_id,
+        task_id: q.task_id,
+    };
+    let usage = s.gateway.ledger.usage(scope.owner(), filter, limit).await?;
     Ok(Json(UsagePage { usage }))
+}
+
+/// `GET /api/orgs/{id}/gateway-policy` (members): the organization's gateway policy.
+#[utoipa::path(get, path = "/api/orgs/{id}/gateway-policy", tag = "gateway",
+    params(("id" = uuid::Uuid, Path, description = "Organization id")),
+    responses((status = 200, body = OrgPolicy), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_policy(
+    State(s): State<AppState>,
+    access: OrgAccess<Member>,
+) -> Result<Json<OrgPolicy>, ApiError> {
+    Ok(Json(s.gateway.policies.get(access.org).await?))
+}
+
+/// `PUT /api/orgs/{id}/gateway-policy` (admins): replaces the organization's gateway policy
+/// (an empty object restores the default). Audited as `gateway_policy.updated`.
+#[utoipa::path(put, path = "/api/orgs/{id}/gateway-policy", tag = "gateway", request_body = OrgPolicy,
+    params(("id" = uuid::Uuid, Path, description = "Organization id")),
+    responses((status = 200, body = OrgPolicy), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put_policy(
+    State(s): State<AppState>,
+    access: OrgAccess<Admin>,
+    Json(policy): Json<OrgPolicy>,
+) -> Result<Json<OrgPolicy>, ApiError> {
+    s.gateway.policies.put(access.org, policy.clone()).await?;
+    let target = format!(
+        "{} allowed, {} custom models, {} member limits",
+        policy.model_allow_list.len(),
+        policy.custom_models.len(),
+        policy.member_daily_limits.len()
+            + usize::from(policy.member_daily_limit_microdollars.is_some()),
+    );
+    s.identity
+        .record_audit(
+            Owner::Org(access.org),
+            "gateway_policy.updated",
+            target,
+            &access.auth.initiator(),
+        )
+        .await?;
+    Ok(Json(policy))
 }
 
 /// Body of `POST /api/admin/credits`.
@@ -931,15 +1186,13 @@ fn check_rate(
     })
 }
 
-/// `Err(429)` when the owner has spent its daily or monthly budget; `Retry-After` points at the
-/// next UTC day or month.
-async fn check_budgets(g: &GatewayState, owner: Owner, now_ms: i64) -> Result<(), ApiError> {
+/// `Err(429)` when the owner has spent its daily or monthly budget (microdollars, 0: none);
+/// `Retry-After` points at the next UTC day or month.
+fn check_budgets((daily, monthly): (i64, i64), spend: Spend, now_ms: i64) -> Result<(), ApiError> {
     use chrono::{Datelike, TimeZone};
-    let (daily, monthly) = g.budgets;
     if daily == 0 && monthly == 0 {
         return Ok(());
     }
-    let spend = g.ledger.spend(owner, now_ms).await?;
     let now = chrono::Utc
         .timestamp_millis_opt(now_ms)
         .single()
@@ -997,6 +1250,11 @@ pub fn state(
             usd_to_micros(config.limits.daily_budget_usd)?,
             usd_to_micros(config.limits.monthly_budget_usd)?,
         ),
+        token_limits: (
+            config.limits.tokens_per_minute_per_key,
+            config.limits.tokens_per_minute_per_owner,
+        ),
+        policies: Policies::new(sub),
         http: reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .build()

@@ -106,6 +106,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(gateway::providers))
         .routes(routes!(gateway::balance))
         .routes(routes!(gateway::usage))
+        .routes(routes!(gateway::get_policy, gateway::put_policy))
         .split_for_parts()
 }
 
