@@ -13,6 +13,7 @@
 mod actors;
 mod alarms;
 mod auth;
+mod gateway;
 mod queue;
 mod report;
 
@@ -30,12 +31,15 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, actors, alarms, auth). Default: all.
+    /// Run only these groups (queue, actors, alarms, auth, gateway). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
     #[arg(long, default_value = "127.0.0.1:4222")]
     nats: String,
+    /// The LiteLLM proxy executable (`pip install 'litellm[proxy]'`), for the gateway reference.
+    #[arg(long, value_name = "PATH")]
+    litellm: Option<String>,
 }
 
 /// A backend under test: its substrate and what keeps its storage alive.
@@ -105,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("auth") {
         out += &auth::run(&args).await?;
+    }
+    if wants("gateway") {
+        out += &gateway::run(&args).await?;
     }
     println!("{out}");
     Ok(())

@@ -2,6 +2,7 @@
 //! a running server over HTTP with the stored credential (see [`crate::client`]); tables by
 //! default, `--json` for scripts (the API's JSON, unchanged).
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -70,6 +71,17 @@ pub enum OrgCommand {
         org_id: String,
         /// User id or email.
         user: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show the organization's gateway policy (model allow-list, member daily limits, custom
+    /// models) as JSON, or replace it with `--set FILE` (admins; `-` reads stdin).
+    Policy {
+        /// Organization id.
+        org_id: String,
+        /// A JSON file holding the whole new policy (see docs/gateway.md).
+        #[arg(long, value_name = "FILE")]
+        set: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -171,12 +183,40 @@ pub enum CreditsCommand {
     },
 }
 
-/// `kilocloud usage`: gateway requests of the owner acted for, newest first.
+/// `kilocloud usage`: gateway requests of the owner acted for, newest first; every filter
+/// given must match.
 #[derive(Args)]
 pub struct UsageArgs {
     /// Most rows (1-1000).
     #[arg(long, default_value_t = 50)]
     limit: u32,
+    /// Only this model (as requested or as served).
+    #[arg(long)]
+    model: Option<String>,
+    /// Only this provider.
+    #[arg(long)]
+    provider: Option<String>,
+    /// Only this HTTP status.
+    #[arg(long)]
+    status: Option<u16>,
+    /// Only this feature (`X-KiloCode-Feature`, e.g. cloud-agent).
+    #[arg(long)]
+    feature: Option<String>,
+    /// Only this project (`X-KiloCode-ProjectId`).
+    #[arg(long)]
+    project: Option<String>,
+    /// Only this task (`X-KiloCode-TaskId`).
+    #[arg(long)]
+    task: Option<String>,
+    /// Only this user's requests (user id).
+    #[arg(long)]
+    user: Option<String>,
+    /// From this UTC time on: `2026-11-28` or `2026-11-28T09:30:00Z`.
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Before this UTC time, as `--since`.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
     #[command(flatten)]
     common: Common,
 }
@@ -388,6 +428,29 @@ pub async fn org(command: OrgCommand) -> anyhow::Result<()> {
                 return print_json(&json!({"removed": user}));
             }
             println!("removed {user} from {org_id}");
+        }
+        OrgCommand::Policy {
+            org_id,
+            set,
+            common,
+        } => {
+            let path = format!("/api/orgs/{org_id}/gateway-policy");
+            let policy = match set {
+                None => client(&common)?.call(Method::GET, &path, None).await?,
+                Some(file) => {
+                    let text = match file.as_str() {
+                        "-" => std::io::read_to_string(std::io::stdin())?,
+                        file => std::fs::read_to_string(file)
+                            .with_context(|| format!("cannot read {file}"))?,
+                    };
+                    let body: Value = serde_json::from_str(&text)
+                        .with_context(|| format!("{file} is not valid JSON"))?;
+                    client(&common)?
+                        .call(Method::PUT, &path, Some(body))
+                        .await?
+                }
+            };
+            print_json(&policy)?;
         }
     }
     Ok(())
@@ -645,14 +708,48 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A time for `--since`/`--until`: RFC 3339, or a date (midnight UTC); ms since epoch.
+fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_millis())
+        .ok_or_else(|| format!("`{text}` is neither a date (2026-11-28) nor an RFC 3339 time"))
+}
+
+/// `/api/usage` with the filters of `args`, URL-encoded.
+fn usage_path(args: &UsageArgs) -> String {
+    let mut url = reqwest::Url::parse("http://localhost/api/usage").expect("a valid URL");
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("limit", &args.limit.to_string());
+        let filters = [
+            ("model", args.model.clone()),
+            ("provider", args.provider.clone()),
+            ("status", args.status.map(|s| s.to_string())),
+            ("feature", args.feature.clone()),
+            ("projectId", args.project.clone()),
+            ("taskId", args.task.clone()),
+            ("user", args.user.clone()),
+            ("since", args.since.map(|t| t.to_string())),
+            ("until", args.until.map(|t| t.to_string())),
+        ];
+        for (name, value) in filters {
+            if let Some(value) = value {
+                q.append_pair(name, &value);
+            }
+        }
+    }
+    format!("{}?{}", url.path(), url.query().unwrap_or_default())
+}
+
 /// `kilocloud usage`.
 pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
     let page = client(&args.common)?
-        .call(
-            Method::GET,
-            &format!("/api/usage?limit={}", args.limit),
-            None,
-        )
+        .call(Method::GET, &usage_path(&args), None)
         .await?;
     if args.common.json {
         return print_json(&page);
@@ -691,6 +788,24 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn usage_times_parse_as_dates_or_rfc3339() {
+        assert_eq!(super::parse_time("2000-02-29"), Ok(951_782_400_000));
+        assert_eq!(
+            super::parse_time("2000-02-29T00:00:01Z"),
+            Ok(951_782_401_000)
+        );
+        assert_eq!(
+            super::parse_time("2000-02-29T01:00:00+01:00"),
+            Ok(951_782_400_000)
+        );
+        assert!(
+            super::parse_time("yesterday")
+                .unwrap_err()
+                .contains("yesterday")
+        );
+    }
+
     #[test]
     fn times_render_in_utc() {
         assert_eq!(super::chrono_like(0).unwrap(), "1970-01-01 00:00:00");

@@ -452,6 +452,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     probe::start(&sub);
+    let recordings = gateway.clone();
     let state = AppState::new(
         sub.clone(),
         identity,
@@ -484,6 +485,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         grace,
     )
     .await?;
+    // Usage recordings run after their responses; they need the substrate, so they go first.
+    let elapsed = signalled.get().map(Instant::elapsed).unwrap_or_default();
+    let settled = tokio::time::timeout(grace.saturating_sub(elapsed), recordings.settle())
+        .await
+        .is_ok();
+    if !settled {
+        tracing::error!("shutdown grace period ran out before all gateway usage was recorded");
+    }
     let elapsed = signalled.get().map(Instant::elapsed).unwrap_or_default();
     let finished = sub.shutdown(grace.saturating_sub(elapsed)).await;
     if drained && finished {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Node, Store};
 use kilocloud_test_support::fake_anthropic::{FakeAnthropic, Reply as AnthropicReply};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
@@ -193,20 +195,37 @@ output_price = 15.0
     );
     assert_eq!(got["broke"], 402);
 
-    // 10×3+5×15 = 105; 20×3+3×15 = 105; two tool calls of 20×3+8×15 = 180 each.
-    let balance: Value = http
-        .get(node.url("/api/profile/balance"))
-        .bearer_auth(&admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        balance["balanceMicrodollars"],
-        1_000_000 - 105 - 105 - 180 - 180
-    );
+    // 10×3+5×15 = 105; 20×3+3×15 = 105; two tool calls of 20×3+8×15 = 180 each. Usage is
+    // recorded just after each response.
+    let charged = |expected: i64| {
+        let (http, url, key) = (
+            http.clone(),
+            node.url("/api/profile/balance"),
+            admin_key.clone(),
+        );
+        move || {
+            let (http, url, key) = (http.clone(), url.clone(), key.clone());
+            async move {
+                let balance: Value = http
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                balance["balanceMicrodollars"] == expected
+            }
+        }
+    };
+    let expected = 1_000_000 - 105 - 105 - 180 - 180;
+    node.wait_until(
+        "the OpenAI SDK's requests are charged",
+        Duration::from_secs(10),
+        charged(expected),
+    )
+    .await;
     assert_eq!(
         upstream.requests().len(),
         4,
@@ -262,19 +281,13 @@ output_price = 15.0
     assert!(sent[0].headers.get("anthropic-version").is_some());
     assert_eq!(sent[0].body["model"], "anthropic/claude-test");
     // Three texts of 10×3+5×15 = 105 and two tool uses of 30×3+12×15 = 270.
-    let balance: Value = http
-        .get(node.url("/api/profile/balance"))
-        .bearer_auth(&admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        balance["balanceMicrodollars"],
-        1_000_000 - 105 - 105 - 180 - 180 - 3 * 105 - 2 * 270
-    );
+    let expected = expected - 3 * 105 - 2 * 270;
+    node.wait_until(
+        "the anthropic SDK's requests are charged",
+        Duration::from_secs(10),
+        charged(expected),
+    )
+    .await;
 
     // Each API needs a provider that speaks it.
     for (path, model) in [

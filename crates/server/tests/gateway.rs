@@ -34,6 +34,7 @@ struct Env {
     backup: FakeOpenAi,
     id: Identity,
     ledger: Ledger,
+    gateway: Arc<gateway::GatewayState>,
     app: axum::Router,
     key: String,
     user: Uuid,
@@ -110,6 +111,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
     };
     let state = gateway::state(&sub, &config, |_| None).unwrap();
     let ledger = state.ledger.clone();
+    let gateway = state.clone();
     let system = Initiator {
         user: Uuid::nil(),
         request_id: None,
@@ -130,6 +132,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
         backup,
         id,
         ledger,
+        gateway,
         app,
         key,
         user: user.id,
@@ -146,8 +149,19 @@ impl Env {
         self.ledger.grant(owner, micros, "test", &by).await.unwrap();
     }
 
+    /// The balance once every request so far is recorded.
     async fn balance(&self, owner: Owner) -> i64 {
+        self.gateway.settle().await;
         self.ledger.balance(owner).await.unwrap()
+    }
+
+    /// Usage rows (newest first) once every request so far is recorded.
+    async fn usage(&self, owner: Owner, limit: usize) -> Vec<kilocloud_gateway::UsageRow> {
+        self.gateway.settle().await;
+        self.ledger
+            .usage(owner, UsageFilter::default(), limit)
+            .await
+            .unwrap()
     }
 
     async fn chat(
@@ -178,6 +192,8 @@ impl Env {
             .unwrap();
         let (parts, body) = res.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
+        // Usage is recorded just after the response; the next request sees it.
+        self.gateway.settle().await;
         (
             parts.status,
             parts.headers,
@@ -248,11 +264,7 @@ async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
         1_000_000 - 6_000,
         "charged before the response was given"
     );
-    let rows = e
-        .ledger
-        .usage(me, UsageFilter::default(), 10)
-        .await
-        .unwrap();
+    let rows = e.usage(me, 10).await;
     let row = &rows[0];
     assert_eq!(
         (row.input_tokens, row.output_tokens, row.cost_microdollars),
@@ -310,7 +322,7 @@ async fn streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end(pg: bool) {
     );
     // 200 × 3 + 300 × 0.3 + 40 × 15 = 600 + 90 + 600.
     assert_eq!(e.balance(me).await, 1_000_000 - 1_290);
-    let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
+    let row = &e.usage(me, 1).await[0];
     assert_eq!(
         (
             row.input_tokens,
@@ -367,7 +379,7 @@ async fn balance_rules_and_upstream_errors(pg: bool) {
     );
     let (status, _, _) = e.chat(ask(FREE, false), &[]).await;
     assert_eq!(status, StatusCode::OK);
-    let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
+    let row = &e.usage(me, 1).await[0];
     assert_eq!(
         (row.cost_microdollars, row.true_cost_microdollars),
         (0, 105)
@@ -386,14 +398,7 @@ async fn balance_rules_and_upstream_errors(pg: bool) {
     e.upstream.push(Reply::Hang);
     let (status, _, body) = e.chat(ask(PAID, false), &[]).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
-    let statuses: Vec<u16> = e
-        .ledger
-        .usage(me, UsageFilter::default(), 3)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.status)
-        .collect();
+    let statuses: Vec<u16> = e.usage(me, 3).await.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [504, 500, 503]);
     assert_eq!(
         e.balance(me).await,
@@ -441,11 +446,7 @@ async fn auto_model_and_organization_billing(pg: bool) {
     );
     assert_eq!(e.balance(Owner::Org(org.id)).await, 10_000 - 105);
     assert_eq!(e.balance(Owner::User(e.user)).await, 0);
-    let row = &e
-        .ledger
-        .usage(Owner::Org(org.id), UsageFilter::default(), 1)
-        .await
-        .unwrap()[0];
+    let row = &e.usage(Owner::Org(org.id), 1).await[0];
     assert_eq!(
         (row.requested_model.as_str(), row.model.as_str(), row.user),
         ("kilo/auto", PAID, e.user)
@@ -505,10 +506,8 @@ async fn concurrent_spend_is_exact_and_bounded(pg: bool) {
         .count() as i64;
     assert_eq!(served + refused, 20);
     let charged: i64 = e
-        .ledger
-        .usage(me, UsageFilter::default(), 100)
+        .usage(me, 100)
         .await
-        .unwrap()
         .iter()
         .map(|r| r.cost_microdollars)
         .sum();
@@ -546,7 +545,7 @@ async fn fallbacks_and_byok(pg: bool) {
         let (status, h, _) = e.chat(ask(RESILIENT, false), &[]).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(h["x-kilocode-provider"], "backup");
-        let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
+        let row = &e.usage(me, 1).await[0];
         assert_eq!(
             (row.provider.as_str(), row.status, row.cost_microdollars),
             ("backup", 200, 105)
@@ -602,11 +601,7 @@ async fn fallbacks_and_byok(pg: bool) {
         e.backup.requests()[before].headers["authorization"],
         "Bearer sk-users-own-key"
     );
-    let row = &e
-        .ledger
-        .usage(owner, UsageFilter::default(), 1)
-        .await
-        .unwrap()[0];
+    let row = &e.usage(owner, 1).await[0];
     assert_eq!(
         (
             row.provider.as_str(),
@@ -681,14 +676,7 @@ async fn anonymous_callers_and_free_model_limits(pg: bool) {
         "refused requests never reach the provider"
     );
     // Anonymous requests are counted, not billed to anyone.
-    assert_eq!(
-        e.ledger
-            .usage(Owner::User(Uuid::nil()), UsageFilter::default(), 10)
-            .await
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(e.usage(Owner::User(Uuid::nil()), 10).await.len(), 0);
 }
 
 async fn rate_limits_and_budgets(pg: bool) {
@@ -747,13 +735,7 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
     drop(body);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let row = loop {
-        if let Some(row) = e
-            .ledger
-            .usage(me, UsageFilter::default(), 1)
-            .await
-            .unwrap()
-            .pop()
-        {
+        if let Some(row) = e.usage(me, 1).await.pop() {
             break row;
         }
         assert!(
@@ -771,7 +753,7 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
         .push(Reply::StreamWithoutUsage("twelve chars".into()));
     let (status, _, _) = e.chat(ask(PAID, true), &[]).await;
     assert_eq!(status, StatusCode::OK);
-    let row = &e.ledger.usage(me, UsageFilter::default(), 1).await.unwrap()[0];
+    let row = &e.usage(me, 1).await[0];
     assert_eq!(
         (row.status, row.estimated, row.output_tokens),
         (200, true, 3)
@@ -895,11 +877,7 @@ async fn organization_policy(pg: bool) {
     assert_eq!(sent.headers["authorization"], "Bearer team-endpoint-key");
     assert_eq!(sent.body["model"], "team-model");
     assert_eq!(e.balance(Owner::Org(org.id)).await, before, "never charged");
-    let row = &e
-        .ledger
-        .usage(Owner::Org(org.id), UsageFilter::default(), 1)
-        .await
-        .unwrap()[0];
+    let row = &e.usage(Owner::Org(org.id), 1).await[0];
     assert_eq!(
         (
             row.model.as_str(),

@@ -79,6 +79,8 @@ pub struct Recorded {
 struct FakeState {
     script: Mutex<VecDeque<Reply>>,
     requests: Mutex<Vec<Recorded>>,
+    /// Keep no record of requests (for benchmarks: memory stays flat).
+    quiet: bool,
 }
 
 /// The running fake; stops when dropped.
@@ -98,7 +100,19 @@ impl Drop for FakeOpenAi {
 impl FakeOpenAi {
     /// Starts the fake on a free loopback port.
     pub async fn start() -> Self {
-        let state = Arc::new(FakeState::default());
+        Self::start_with(false).await
+    }
+
+    /// Starts the fake without recording requests (benchmarks).
+    pub async fn start_quiet() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(quiet: bool) -> Self {
+        let state = Arc::new(FakeState {
+            quiet,
+            ..FakeState::default()
+        });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
@@ -163,10 +177,12 @@ async fn embeddings(
 
 async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    state.requests.lock().unwrap().push(Recorded {
-        headers,
-        body: body.clone(),
-    });
+    if !state.quiet {
+        state.requests.lock().unwrap().push(Recorded {
+            headers,
+            body: body.clone(),
+        });
+    }
     let reply = state
         .script
         .lock()

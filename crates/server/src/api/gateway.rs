@@ -6,8 +6,11 @@
 //! 402 → forward with `stream_options.include_usage` forced on → relay the response as it
 //! arrives, watching it for usage → when it ends, or the client goes away (which drops, and so
 //! cancels, the upstream request), record the usage row and charge its cost in one
-//! transaction. The balance is checked before and charged after, so concurrent requests
-//! overspend by at most what the requests in flight cost.
+//! transaction, in the background after the response as the reference does (§1, `after()`),
+//! so the ledger's commit is not on the client's path. The balance is checked before and
+//! charged after, so concurrent requests overspend by at most what the requests in flight
+//! (including those still being recorded) cost. Recordings are tracked so shutdown waits for
+//! them ([`GatewayState::settle`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +66,48 @@ pub struct GatewayState {
     pub http: reqwest::Client,
     /// Longest upstream request.
     pub upstream_timeout: Duration,
+    /// Usage recordings still running after their responses.
+    recordings: Recordings,
+}
+
+impl GatewayState {
+    /// Waits until no usage recording is running (each has committed or given up): at
+    /// shutdown, before the substrate stops, and in tests before reading balances.
+    pub async fn settle(&self) {
+        let mut running = self.recordings.0.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// Counts the usage recordings running in the background.
+#[derive(Clone)]
+struct Recordings(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Recordings {
+    fn new() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+
+    /// Runs `recording` on `runtime`, counted until it ends (or panics).
+    fn spawn(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        recording: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        struct Running(Recordings);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.0.send_modify(|n| *n -= 1);
+            }
+        }
+        self.0.send_modify(|n| *n += 1);
+        let running = Running(self.clone());
+        runtime.spawn(async move {
+            let _running = running;
+            recording.await;
+        });
+    }
 }
 
 /// `POST /api/gateway/chat/completions`
@@ -420,6 +465,7 @@ async fn forward(
     };
     let meter = Meter {
         ledger: owner.map(|_| g.ledger.clone()),
+        recordings: g.recordings.clone(),
         // Label by catalog id only: request ids are caller-chosen and unbounded.
         label: match (custom, route.model) {
             (Some(_), _) => "custom".to_owned(),
@@ -467,7 +513,7 @@ async fn forward(
                     "the provider could not be reached",
                 )
             };
-            pending.finish(status, None).await;
+            pending.finish(status, None);
             return Err(ApiError::new(status, code, message));
         }
     };
@@ -476,7 +522,7 @@ async fn forward(
         && matches!(upstream_status, 401 | 402 | 403 | 429)
     {
         let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
-        pending.finish(status, None).await;
+        pending.finish(status, None);
         return Err(ApiError::new(
             status,
             own.code,
@@ -505,7 +551,7 @@ async fn forward(
     };
     if let Some((status, code, message)) = platform_error {
         tracing::error!(provider = %provider.id, upstream_status, "provider refused the platform's key or account");
-        pending.finish(status, None).await;
+        pending.finish(status, None);
         return Err(ApiError {
             retry_after_secs: Some(30),
             ..ApiError::new(status, code, message)
@@ -526,16 +572,13 @@ async fn forward(
             inner: Box::pin(res.bytes_stream()),
             scanner: SseUsageScanner::new(endpoint.stream_format()),
             finish: Some((meter, row)),
-            recording: None,
-            errored: false,
-            done: false,
         }))
     } else {
         let bytes = match res.bytes().await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(provider = %provider.id, error = %e, "upstream body failed");
-                pending.finish(StatusCode::BAD_GATEWAY, None).await;
+                pending.finish(StatusCode::BAD_GATEWAY, None);
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_unavailable",
@@ -546,7 +589,7 @@ async fn forward(
         let usage = serde_json::from_slice::<Value>(&bytes)
             .ok()
             .and_then(|v| endpoint.usage(&v));
-        pending.finish(status, usage).await;
+        pending.finish(status, usage);
         Response::new(Body::from(bytes))
     };
     *response.status_mut() = status;
@@ -558,8 +601,8 @@ async fn forward(
 }
 
 /// A request whose outcome is not recorded yet. If the handler is dropped first (the client
-/// went away, which also drops and so cancels the upstream request), it is recorded in the
-/// background with status 499 and estimated tokens.
+/// went away, which also drops and so cancels the upstream request), it is recorded with
+/// status 499 and estimated tokens.
 struct Pending(Option<(Meter, UsageRow)>);
 
 impl Pending {
@@ -567,11 +610,11 @@ impl Pending {
         &mut self.0.as_mut().expect("pending until finished").1
     }
 
-    /// Records the request with `status` and `usage`.
-    async fn finish(mut self, status: StatusCode, usage: Option<Usage>) {
+    /// Records the request with `status` and `usage` (in the background).
+    fn finish(mut self, status: StatusCode, usage: Option<Usage>) {
         let (meter, mut row) = self.disarm();
         row.status = status.as_u16();
-        meter.record(row, usage, None).await;
+        meter.record(row, usage, None);
     }
 
     /// Hands the recording over (to the streamed body).
@@ -584,14 +627,8 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some((meter, mut row)) = self.0.take() {
             row.status = 499;
-            spawn_recording(meter.record(row, None, Some(0)));
+            meter.record(row, None, Some(0));
         }
-    }
-}
-
-fn spawn_recording(recording: impl std::future::Future<Output = ()> + Send + 'static) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(recording);
     }
 }
 
@@ -783,6 +820,8 @@ fn payment_required(balance: i64, message: &str) -> ApiError {
 struct Meter {
     /// Where the row goes; `None` for anonymous requests.
     ledger: Option<Ledger>,
+    /// Where the recording runs.
+    recordings: Recordings,
     /// The `model` label of the request counter: a catalog id, `custom` or `other`.
     label: String,
     model: Option<ModelConfig>,
@@ -795,16 +834,11 @@ struct Meter {
 
 impl Meter {
     /// Fills in the usage, cost (zero when not charged) and total time, then records the row and
-    /// charges it. A request the provider served (2xx) or that was cut short (499) without
-    /// reporting usage is estimated: input from the request's size, output from
-    /// `estimated_output` tokens (the content relayed); the row says so. Recording is retried
-    /// three times; a final failure is logged.
-    fn record(
-        self,
-        mut row: UsageRow,
-        usage: Option<Usage>,
-        estimated_output: Option<u64>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    /// charges it, in a tracked background task. A request the provider served (2xx) or that
+    /// was cut short (499) without reporting usage is estimated: input from the request's size,
+    /// output from `estimated_output` tokens (the content relayed); the row says so. Recording
+    /// is retried three times; a final failure is logged.
+    fn record(self, mut row: UsageRow, usage: Option<Usage>, estimated_output: Option<u64>) {
         let served = (200..300).contains(&row.status) || row.status == 499;
         let usage = match usage {
             Some(u) => u,
@@ -833,9 +867,12 @@ impl Meter {
         metrics::counter!("kilocloud_gateway_requests_total",
             "model" => self.label, "provider" => row.provider.clone(), "status" => row.status.to_string())
         .increment(1);
-        let ledger = self.ledger;
-        async move {
-            let Some(ledger) = ledger else { return };
+        let Some(ledger) = self.ledger else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(owner = %row.owner, "no runtime to record gateway usage on");
+            return;
+        };
+        let recording = async move {
             let (owner, cost) = (row.owner, row.cost_microdollars);
             for attempt in 0..3u32 {
                 match ledger.record(row.clone()).await {
@@ -849,24 +886,32 @@ impl Meter {
                     }
                 }
             }
-        }
+        };
+        self.recordings.spawn(&runtime, recording);
     }
 }
 
 type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
-/// The upstream SSE body on its way to the client, watched for usage. At its end the usage is
-/// recorded before the client sees the end of the body; if the client goes away first, it is
-/// recorded in the background with what was seen.
+/// The upstream SSE body on its way to the client, watched for usage. At its end, or when the
+/// client goes away first, the usage seen is recorded (in the background).
 struct Metered {
     inner: ByteStream,
     scanner: SseUsageScanner,
     finish: Option<(Meter, UsageRow)>,
-    recording: Option<futures::future::BoxFuture<'static, ()>>,
-    /// The upstream stream failed mid-way (recorded as 502, not as a disconnect).
-    errored: bool,
-    /// `None` was returned: never poll `inner` again.
-    done: bool,
+}
+
+impl Metered {
+    /// Records the request with what the scanner saw, once.
+    fn record(&mut self, status: Option<u16>) {
+        if let Some((meter, mut row)) = self.finish.take() {
+            if let Some(status) = status {
+                row.status = status;
+            }
+            let (usage, out) = (self.scanner.usage(), self.scanner.estimated_output_tokens());
+            meter.record(row, usage, Some(out));
+        }
+    }
 }
 
 impl futures::Stream for Metered {
@@ -877,57 +922,34 @@ impl futures::Stream for Metered {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
-        loop {
-            if self.done {
-                return Poll::Ready(None);
+        if self.finish.is_none() {
+            // Ended (or failed): never poll the upstream again.
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                self.scanner.feed(&bytes);
+                Poll::Ready(Some(Ok(bytes)))
             }
-            if let Some(recording) = self.recording.as_mut() {
-                return recording.as_mut().poll(cx).map(|()| {
-                    self.recording = None;
-                    self.done = true;
-                    None
-                });
+            Poll::Ready(Some(Err(e))) => {
+                // The upstream broke off: 502, not a disconnect.
+                self.record(Some(StatusCode::BAD_GATEWAY.as_u16()));
+                Poll::Ready(Some(Err(e)))
             }
-            match self.inner.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(bytes))) => {
-                    self.scanner.feed(&bytes);
-                    return Poll::Ready(Some(Ok(bytes)));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.errored = true;
-                    if let Some((_, row)) = self.finish.as_mut() {
-                        row.status = StatusCode::BAD_GATEWAY.as_u16();
-                    }
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(None) => match self.finish.take() {
-                    Some((meter, row)) => {
-                        let (usage, out) =
-                            (self.scanner.usage(), self.scanner.estimated_output_tokens());
-                        self.recording = Some(Box::pin(meter.record(row, usage, Some(out))));
-                    }
-                    None => {
-                        self.done = true;
-                        return Poll::Ready(None);
-                    }
-                },
-                Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                self.record(None);
+                Poll::Ready(None)
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        if let Some((meter, mut row)) = self.finish.take() {
-            // The client went away (or the upstream broke off): the upstream request is
-            // cancelled with this stream; record what was seen.
-            if !self.errored {
-                row.status = 499;
-            }
-            let (usage, out) = (self.scanner.usage(), self.scanner.estimated_output_tokens());
-            spawn_recording(meter.record(row, usage, Some(out)));
-        }
+        // Unless recorded already, the client went away: the upstream request is cancelled
+        // with this stream; record what was seen.
+        self.record(Some(499));
     }
 }
 
@@ -1260,5 +1282,6 @@ pub fn state(
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
         upstream_timeout: Duration::from_millis(config.upstream_timeout_ms),
+        recordings: Recordings::new(),
     }))
 }
