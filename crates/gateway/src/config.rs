@@ -26,6 +26,9 @@ pub struct GatewayConfig {
     pub anonymous_requests_per_day_per_ip: u32,
     /// Per-key and per-owner limits; every one is off when 0.
     pub limits: Limits,
+    /// Organizations' custom models may point at loopback, private and link-local addresses
+    /// (off by default: an org admin must not reach the server's own network).
+    pub allow_private_custom_endpoints: bool,
 }
 
 /// The `[gateway.limits]` section: request rates (per node, in memory), token rates and dollar
@@ -58,6 +61,7 @@ impl Default for GatewayConfig {
             free_requests_per_hour_per_ip: 200,
             anonymous_requests_per_day_per_ip: 10_000,
             limits: Limits::default(),
+            allow_private_custom_endpoints: false,
         }
     }
 }

@@ -271,15 +271,19 @@ impl Actor for LedgerActor {
                     if matches!(row.owner, Owner::Org(_)) {
                         let key = format!("{SPENT_MEMBER}{}", row.user);
                         let mut spent: MemberSpend = ctx.get(&key).await?.unwrap_or_default();
-                        if spent.day != day {
+                        // A row of an earlier day recorded late (a long stream) does not
+                        // reset today's count; it only counts in the day and month totals.
+                        if day > spent.day {
                             spent = MemberSpend {
-                                day,
+                                day: day.clone(),
                                 microdollars: 0,
                             };
                         }
-                        spent.microdollars =
-                            spent.microdollars.saturating_add(row.cost_microdollars);
-                        ctx.put(&key, &spent)?;
+                        if day == spent.day {
+                            spent.microdollars =
+                                spent.microdollars.saturating_add(row.cost_microdollars);
+                            ctx.put(&key, &spent)?;
+                        }
                     }
                 }
                 let tokens = row.total_tokens();

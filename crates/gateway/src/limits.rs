@@ -137,7 +137,9 @@ impl TokenWindow {
     /// The window as seen at minute `now_min`: buckets moved forward, older ones dropped.
     fn at(self, now_min: i64) -> Self {
         match now_min - self.minute {
-            0 => self,
+            // Not later than the current bucket (a request that started before a concurrent
+            // one was counted, or another node's clock): the window as it is.
+            ..=0 => self,
             1 => Self {
                 minute: now_min,
                 current: 0,
@@ -267,6 +269,11 @@ mod tests {
             w.check(t0 + 3 * MINUTE_MS, 1),
             Ok(()),
             "two minutes on, all gone"
+        );
+        assert_eq!(
+            w.add(t0, 5),
+            TokenWindow { current: 205, ..w },
+            "a late count joins the current bucket instead of emptying the window"
         );
     }
 }

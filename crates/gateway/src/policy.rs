@@ -19,6 +19,9 @@ use crate::config::{ModelConfig, ProviderKind};
 const POLICY: &str = "policy";
 /// Most allow-list entries, custom models and per-member limits in one policy.
 pub const MAX_POLICY_ENTRIES: usize = 200;
+/// Secrets a custom model may use as its key start with this, so an admin cannot send the
+/// organization's other secrets (BYOK keys, session secrets) to an endpoint they choose.
+pub const CUSTOM_MODEL_SECRET_PREFIX: &str = "CUSTOM_MODEL_";
 
 /// An organization's gateway policy. The default (empty) policy allows every model, sets no
 /// per-member limit and has no custom models.
@@ -47,7 +50,7 @@ pub struct OrgPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CustomModel {
-    /// Asked for as `kilo/<id>`: 1–64 characters of `A-Z a-z 0-9 . _ -`.
+    /// Asked for as `kilo/<id>`: 1–64 characters of `A-Z a-z 0-9 . _ -`; not `auto`.
     pub id: String,
     /// `openai-compatible` (Chat Completions and Embeddings) or `anthropic` (Messages).
     #[schema(value_type = String)]
@@ -56,7 +59,8 @@ pub struct CustomModel {
     pub base_url: String,
     /// Model id sent to the endpoint.
     pub upstream_model: String,
-    /// Name of the organization's secret holding the endpoint's API key; empty: none sent.
+    /// Name of the organization's secret holding the endpoint's API key, starting with
+    /// `CUSTOM_MODEL_`; empty: none sent.
     #[serde(default)]
     pub api_key_secret: String,
     /// Context window, tokens (for clients; 0 when unknown).
@@ -124,19 +128,32 @@ impl OrgPolicy {
                 ));
             }
         }
-        let limits = self
-            .member_daily_limit_microdollars
+        if let Some(user) = self
+            .member_daily_limits
             .iter()
-            .chain(self.member_daily_limits.values());
-        for limit in limits {
-            if *limit < 0 {
-                return Err("member daily limits must be ≥ 0 microdollars".into());
-            }
+            .find_map(|(user, l)| (*l < 0).then_some(user))
+        {
+            return Err(format!(
+                "the daily limit of member {user} must be ≥ 0 microdollars"
+            ));
+        }
+        if self.member_daily_limit_microdollars.is_some_and(|l| l < 0) {
+            return Err("memberDailyLimitMicrodollars must be ≥ 0".into());
         }
         for (i, m) in self.custom_models.iter().enumerate() {
-            if !valid_id(&m.id) {
+            if !valid_id(&m.id) || m.id.eq_ignore_ascii_case("auto") {
                 return Err(format!(
-                    "custom model id `{}` must be 1–64 characters of A-Z a-z 0-9 . _ -",
+                    "custom model id `{}` must be 1–64 characters of A-Z a-z 0-9 . _ - and not \
+                     `auto`",
+                    m.id
+                ));
+            }
+            if !m.api_key_secret.is_empty()
+                && !m.api_key_secret.starts_with(CUSTOM_MODEL_SECRET_PREFIX)
+            {
+                return Err(format!(
+                    "custom model `{}`: apiKeySecret must name a secret starting with \
+                     {CUSTOM_MODEL_SECRET_PREFIX}",
                     m.id
                 ));
             }
@@ -294,7 +311,7 @@ mod tests {
                     member_daily_limit_microdollars: Some(-1),
                     ..OrgPolicy::default()
                 },
-                "≥ 0",
+                "memberDailyLimitMicrodollars",
             ),
             (
                 OrgPolicy {
@@ -309,6 +326,23 @@ mod tests {
                     ..OrgPolicy::default()
                 },
                 "baseUrl",
+            ),
+            (
+                OrgPolicy {
+                    custom_models: vec![custom("auto", "https://x")],
+                    ..OrgPolicy::default()
+                },
+                "`auto`",
+            ),
+            (
+                OrgPolicy {
+                    custom_models: vec![CustomModel {
+                        api_key_secret: "BYOK_ANTHROPIC".into(),
+                        ..custom("a", "https://x")
+                    }],
+                    ..OrgPolicy::default()
+                },
+                "CUSTOM_MODEL_",
             ),
             (
                 OrgPolicy {

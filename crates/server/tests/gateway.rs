@@ -107,6 +107,8 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
         free_requests_per_hour_per_ip: 6,
         anonymous_requests_per_day_per_ip: 4,
         limits,
+        // The fakes listen on loopback.
+        allow_private_custom_endpoints: true,
         ..GatewayConfig::default()
     };
     let state = gateway::state(&sub, &config, |_| None).unwrap();
@@ -262,7 +264,7 @@ async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
     assert_eq!(
         e.balance(me).await,
         1_000_000 - 6_000,
-        "charged before the response was given"
+        "charged once the recording settles"
     );
     let rows = e.usage(me, 10).await;
     let row = &rows[0];
@@ -809,7 +811,7 @@ async fn organization_policy(pg: bool) {
         "memberDailyLimitMicrodollars": 6000,
         "memberDailyLimits": {e.user.to_string(): 1_000_000},
         "customModels": [{"id": "team", "kind": "openai-compatible", "baseUrl": e.backup.base_url,
-            "upstreamModel": "team-model", "apiKeySecret": "TEAM_LLM_KEY"}],
+            "upstreamModel": "team-model", "apiKeySecret": "CUSTOM_MODEL_TEAM"}],
     });
     let (status, _) = e
         .call("PUT", &policy_uri, &member_key, Some(policy.clone()))
@@ -858,12 +860,12 @@ async fn organization_policy(pg: bool) {
     let (status, _, body) = e.chat_as(&member_key, custom.clone(), &as_org).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(
-        body.contains("custom_model_key_missing") && body.contains("TEAM_LLM_KEY"),
+        body.contains("custom_model_key_missing") && body.contains("CUSTOM_MODEL_TEAM"),
         "{body}"
     );
     e.id.put_secret(
         Owner::Org(org.id),
-        "TEAM_LLM_KEY",
+        "CUSTOM_MODEL_TEAM",
         b"team-endpoint-key",
         &by,
     )

@@ -62,6 +62,8 @@ pub struct GatewayState {
     pub token_limits: (u64, u64),
     /// Organizations' policies.
     pub policies: Policies,
+    /// Organizations' custom models may point at loopback and private addresses.
+    pub private_custom_endpoints: bool,
     /// Client for upstream calls.
     pub http: reqwest::Client,
     /// Longest upstream request.
@@ -523,12 +525,18 @@ async fn forward(
     {
         let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
         pending.finish(status, None);
+        let whose = match own.code {
+            "byok_upstream_error" => {
+                "[BYOK] the provider refused the request made with your own key"
+            }
+            _ => "the organization's custom model endpoint refused the request made with its key",
+        };
         return Err(ApiError::new(
             status,
             own.code,
             format!(
-                "[BYOK] the provider refused the request made with your own key (status \
-                 {upstream_status}); check the key stored in the secret {}, and its quota",
+                "{whose} (status {upstream_status}); check the key stored in the secret {}, \
+                 and its quota",
                 own.secret
             ),
         ));
@@ -653,7 +661,9 @@ async fn send_with_fallbacks<'a>(
             .header("X-Title", "Kilo Code")
             .json(request);
         if provider.kind == ProviderKind::Anthropic {
-            upstream = upstream.header("x-api-key", key);
+            if !key.is_empty() {
+                upstream = upstream.header("x-api-key", key);
+            }
             for (name, value) in anthropic_headers {
                 upstream = upstream.header(*name, value);
             }
@@ -708,17 +718,19 @@ async fn custom_model_key(
         .identity
         .secret_value(owner, &model.api_key_secret)
         .await?;
-    key.and_then(|k| String::from_utf8(k).ok()).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "custom_model_key_missing",
-            format!(
-                "the organization's model kilo/{} needs its key in the secret {}; an admin can \
+    key.and_then(|k| String::from_utf8(k).ok())
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "custom_model_key_missing",
+                format!(
+                    "the organization's model kilo/{} needs its key in the secret {}; an admin can \
                  set it with PUT /api/secrets/{}",
-                model.id, model.api_key_secret, model.api_key_secret
-            ),
-        )
-    })
+                    model.id, model.api_key_secret, model.api_key_secret
+                ),
+            )
+        })
 }
 
 /// The API key a request came with, if any.
@@ -792,7 +804,7 @@ async fn preflight(
         let left = limit.saturating_sub(counters.member_today);
         if left <= 0 {
             return Err(payment_required(
-                left,
+                left.min(balance),
                 "You have used your daily limit in this organization; it renews at midnight \
                  UTC. Use a free model, or ask an admin to raise the limit.",
             ));
@@ -1120,6 +1132,18 @@ pub async fn put_policy(
     access: OrgAccess<Admin>,
     Json(policy): Json<OrgPolicy>,
 ) -> Result<Json<OrgPolicy>, ApiError> {
+    if !s.gateway.private_custom_endpoints {
+        for m in &policy.custom_models {
+            if private_endpoint(&m.base_url) {
+                return Err(ApiError::bad_request(format!(
+                    "custom model `{}`: baseUrl must not be a loopback, private or link-local \
+                     address (the operator can allow them with \
+                     gateway.allow_private_custom_endpoints)",
+                    m.id
+                )));
+            }
+        }
+    }
     s.gateway.policies.put(access.org, policy.clone()).await?;
     let target = format!(
         "{} allowed, {} custom models, {} member limits",
@@ -1137,6 +1161,36 @@ pub async fn put_policy(
         )
         .await?;
     Ok(Json(policy))
+}
+
+/// Whether `url` names this machine or a private network by its host: `localhost`, or a
+/// loopback, private, link-local, unique-local or unspecified address literal. (A public name
+/// that resolves to such an address is not caught here.) Unparseable URLs count as private.
+fn private_endpoint(url: &str) -> bool {
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    else {
+        return true;
+    };
+    match host {
+        url::Host::Domain(d) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        url::Host::Ipv4(ip) => {
+            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+        }
+        url::Host::Ipv6(ip) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_unique_local()
+                || ip.is_unicast_link_local()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_private())
+        }
+    }
 }
 
 /// Body of `POST /api/admin/credits`.
@@ -1277,11 +1331,37 @@ pub fn state(
             config.limits.tokens_per_minute_per_owner,
         ),
         policies: Policies::new(sub),
+        private_custom_endpoints: config.allow_private_custom_endpoints,
+        // Never follow redirects: a provider (or an organization's endpoint) must not send
+        // the key on to another host.
         http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
         upstream_timeout: Duration::from_millis(config.upstream_timeout_ms),
         recordings: Recordings::new(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn private_endpoints_are_recognised_by_host() {
+        for (url, private) in [
+            ("https://llm.example.com/v1", false),
+            ("http://203.0.113.7:8000/v1", false),
+            ("http://localhost:8080/v1", true),
+            ("http://api.localhost./v1", true),
+            ("http://127.0.0.1:9/v1", true),
+            ("http://10.1.2.3/v1", true),
+            ("http://169.254.169.254/latest", true),
+            ("http://[::1]:80/", true),
+            ("http://[fd00::1]/", true),
+            ("http://[::ffff:192.168.1.1]/", true),
+            ("not a url", true),
+        ] {
+            assert_eq!(super::private_endpoint(url), private, "{url}");
+        }
+    }
 }
