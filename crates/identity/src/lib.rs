@@ -12,6 +12,7 @@
 mod actors;
 pub mod credential;
 pub mod envelope;
+pub mod net;
 mod error;
 pub mod model;
 pub mod owner;
@@ -759,6 +760,23 @@ impl Identity {
             unreachable!("RevokeApiKey replies with the key")
         };
         Ok(ApiKeyView::from(&record))
+    }
+
+    // ----- envelopes for other services -----
+
+    /// Encrypts `plaintext` for another service's state (e.g. a session's git token) under the
+    /// current master key; `context` (e.g. `user:<id>/agent/<sessionId>/gitToken`) binds it to
+    /// its place and must be given again to [`Identity::open`] it.
+    pub fn seal(&self, plaintext: &[u8], context: &str) -> envelope::Envelope {
+        self.inner.keys.seal(plaintext, context)
+    }
+
+    /// Decrypts an envelope made by [`Identity::seal`] with the same `context`.
+    ///
+    /// Errors: [`Error::Crypto`] when its master key is not configured or it does not
+    /// authenticate.
+    pub fn open(&self, sealed: &envelope::Envelope, context: &str) -> Result<Vec<u8>> {
+        Ok(self.inner.keys.open(sealed, context)?)
     }
 
     // ----- tickets -----

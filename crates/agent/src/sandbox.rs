@@ -1,0 +1,781 @@
+//! Sandbox providers behind one trait ([`SandboxProvider`]): `local` runs every command in a
+//! fresh bubblewrap namespace sandbox (read-only system, the session's workspace and home
+//! writable, private `/tmp`, no network, all capabilities dropped, a cgroup per sandbox for
+//! memory and process count, a wall-clock limit per command); `process` runs commands as plain
+//! child processes and is refused unless `agent.sandbox.allow_unsandboxed` is set.
+//!
+//! A sandbox here is a directory and a cgroup, not a long-lived process: its sessions share
+//! its limits (memory, processes) and its directory, but each command sees only its own
+//! session's workspace and home, so one session never reads another's files even when they
+//! share a sandbox. The workspace's `.git` is mounted read-only inside (as Codex does): the
+//! agent edits files, the platform commits them with a git that reads no agent-written config
+//! or hooks.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// Which provider runs sessions' commands (`agent.sandbox.provider`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    /// bubblewrap namespaces with cgroup limits (Linux).
+    #[default]
+    Local,
+    /// Plain child processes: no isolation at all; needs `allow_unsandboxed = true`.
+    Process,
+}
+
+/// `agent.sandbox`: provider, sharing policy and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// The provider. Default `local`.
+    pub provider: ProviderKind,
+    /// Allows the `process` provider (no isolation). Default false.
+    pub allow_unsandboxed: bool,
+    /// One sandbox per owner and user (`shared`, default) or per session (`per-session`).
+    pub policy: crate::ids::SandboxPolicy,
+    /// Host directory holding the sandboxes. Default empty: `<data_dir>/sandboxes`.
+    pub root: PathBuf,
+    /// The bubblewrap executable. Default `bwrap` (found on `PATH`).
+    pub bwrap: PathBuf,
+    /// Memory of one sandbox (all its processes), bytes. Default 2 GiB.
+    pub memory_limit_bytes: u64,
+    /// Processes and threads of one sandbox. Default 512.
+    pub pids_limit: u32,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            provider: ProviderKind::Local,
+            allow_unsandboxed: false,
+            policy: crate::ids::SandboxPolicy::Shared,
+            root: PathBuf::new(),
+            bwrap: PathBuf::from("bwrap"),
+            memory_limit_bytes: 2 << 30,
+            pids_limit: 512,
+        }
+    }
+}
+
+/// Why a sandbox could not run a command.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The provider cannot work on this machine; the message says how to fix it.
+    #[error("sandbox unavailable: {0}")]
+    Unavailable(String),
+    /// Starting or talking to the sandbox failed (I/O); may work on a retry.
+    #[error("sandbox failure: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One session's directories: on the host, and as the sandboxed command sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionMount {
+    /// The sandbox these belong to.
+    pub sandbox_id: String,
+    /// Workspace directory on the host.
+    pub host_workspace: PathBuf,
+    /// Home directory on the host.
+    pub host_home: PathBuf,
+    /// Workspace path inside the sandbox (`/workspace/<owner>/sessions/<sid>` under `local`).
+    pub workspace: String,
+    /// Home path inside the sandbox (`/home/<sid>` under `local`).
+    pub home: String,
+}
+
+/// One command to run.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// Program and arguments (the program is looked up on the sandbox's `PATH`).
+    pub argv: Vec<String>,
+    /// Environment besides `PATH`, `HOME` and `TMPDIR`, which the sandbox sets.
+    pub env: Vec<(String, String)>,
+    /// Bytes written to the command's standard input (then closed); `None`: empty input.
+    pub stdin: Option<Vec<u8>>,
+    /// Working directory inside the sandbox; `None`: the workspace.
+    pub cwd: Option<String>,
+    /// Wall-clock limit; the command and everything it started are killed after it.
+    pub timeout: Duration,
+    /// Most bytes kept of each of stdout and stderr; the rest is read and dropped.
+    pub output_cap: usize,
+}
+
+impl ExecRequest {
+    /// `sh -c <script>` with the given limits and no extra environment.
+    pub fn shell(script: &str, timeout: Duration, output_cap: usize) -> Self {
+        Self {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: Vec::new(),
+            stdin: None,
+            cwd: None,
+            timeout,
+            output_cap,
+        }
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecOutput {
+    /// Exit status; `None` when killed by a signal (then `signal` is set).
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if any (9 after a timeout, an interrupt or the OOM killer).
+    pub signal: Option<i32>,
+    /// Standard output, at most `output_cap` bytes.
+    #[serde(skip)]
+    pub stdout: Vec<u8>,
+    /// Standard error, at most `output_cap` bytes.
+    #[serde(skip)]
+    pub stderr: Vec<u8>,
+    /// Whether output beyond `output_cap` was dropped.
+    pub truncated: bool,
+    /// Whether the wall-clock limit killed it.
+    pub timed_out: bool,
+    /// Whether an interrupt killed it.
+    pub cancelled: bool,
+    /// Run time, ms.
+    pub duration_ms: u64,
+}
+
+impl ExecOutput {
+    /// Whether it exited with status 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+
+    /// Stdout then stderr as lossy UTF-8, with a note when cut, killed or timed out.
+    pub fn combined_text(&self) -> String {
+        let mut text = String::from_utf8_lossy(&self.stdout).into_owned();
+        if !self.stderr.is_empty() {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&String::from_utf8_lossy(&self.stderr));
+        }
+        if self.truncated {
+            text.push_str("\n[output truncated]");
+        }
+        if self.timed_out {
+            text.push_str("\n[killed: time limit reached]");
+        } else if let Some(signal) = self.signal {
+            text.push_str(&format!("\n[killed by signal {signal}]"));
+        }
+        text
+    }
+}
+
+/// Runs sessions' commands in sandboxes.
+#[async_trait]
+pub trait SandboxProvider: Send + Sync + 'static {
+    /// `local` or `process`.
+    fn kind(&self) -> &'static str;
+
+    /// Checks that the provider can work here. Errors: [`SandboxError::Unavailable`] saying
+    /// what to install or configure.
+    async fn check(&self) -> Result<(), SandboxError>;
+
+    /// Creates (idempotently) the sandbox and the session's workspace and home, returning
+    /// their paths. `workspace` and `home` are the paths inside the sandbox
+    /// ([`crate::ids::workspace_path`], [`crate::ids::home_path`]).
+    async fn prepare(
+        &self,
+        sandbox_id: &str,
+        workspace: &str,
+        home: &str,
+    ) -> Result<SessionMount, SandboxError>;
+
+    /// Runs one command for the session of `mount`; `cancel` kills it early.
+    async fn exec(
+        &self,
+        mount: &SessionMount,
+        request: ExecRequest,
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, SandboxError>;
+
+    /// Removes the session's workspace and home (and the sandbox when it has no other
+    /// session). Missing directories are not an error.
+    async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError>;
+}
+
+/// The provider `config` names, with sandboxes under `root`.
+///
+/// Errors: [`SandboxError::Unavailable`] for `process` without `allow_unsandboxed`.
+pub fn provider(
+    config: &SandboxConfig,
+    root: PathBuf,
+) -> Result<std::sync::Arc<dyn SandboxProvider>, SandboxError> {
+    Ok(match config.provider {
+        ProviderKind::Local => std::sync::Arc::new(LocalSandbox::new(config, root)),
+        ProviderKind::Process if config.allow_unsandboxed => {
+            std::sync::Arc::new(ProcessSandbox { root })
+        }
+        ProviderKind::Process => {
+            return Err(SandboxError::Unavailable(
+                "the `process` provider runs agents without any isolation; set \
+                 agent.sandbox.allow_unsandboxed = true to accept that, or use `local`"
+                    .into(),
+            ));
+        }
+    })
+}
+
+const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Files of the host's `/etc` replaced by an empty file inside (credentials, host keys).
+const HIDDEN_ETC_FILES: &[&str] = &[
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/security/opasswd",
+];
+
+/// Directories of the host's `/etc` replaced by an empty directory inside.
+const HIDDEN_ETC_DIRS: &[&str] = &["/etc/ssl/private", "/etc/sudoers.d", "/etc/kilocloud"];
+
+/// bubblewrap namespace sandboxes with one cgroup per sandbox.
+pub struct LocalSandbox {
+    bwrap: PathBuf,
+    root: PathBuf,
+    memory_limit_bytes: u64,
+    pids_limit: u32,
+    cgroups: Option<Cgroups>,
+    /// The read-only system part of every command line, computed once.
+    system_args: Vec<OsString>,
+}
+
+impl LocalSandbox {
+    /// A provider keeping sandboxes under `root`.
+    pub fn new(config: &SandboxConfig, root: PathBuf) -> Self {
+        let cgroups = Cgroups::detect();
+        if cgroups.is_none() {
+            tracing::warn!(
+                "no writable cgroup (v1 pids+memory, or v2 with both controllers delegated): \
+                 sandboxes fall back to per-process address-space limits and have no process \
+                 limit"
+            );
+        }
+        Self {
+            bwrap: config.bwrap.clone(),
+            root,
+            memory_limit_bytes: config.memory_limit_bytes,
+            pids_limit: config.pids_limit,
+            cgroups,
+            system_args: system_args(),
+        }
+    }
+
+    /// Whether sandboxes get a cgroup (memory and process limits); otherwise only an
+    /// address-space limit per process.
+    pub fn has_cgroups(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
+    fn args(&self, mount: &SessionMount, request: &ExecRequest) -> Vec<OsString> {
+        let mut args: Vec<OsString> = [
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-all",
+            "--cap-drop",
+            "ALL",
+            "--uid",
+            "1000",
+            "--gid",
+            "1000",
+            "--hostname",
+            "sandbox",
+            "--clearenv",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        args.extend(self.system_args.iter().cloned());
+        let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
+            args.extend(items.iter().map(|i| i.as_ref().to_owned()));
+        };
+        push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
+        push(&[&"--bind", &mount.host_workspace, &mount.workspace]);
+        let git = mount.host_workspace.join(".git");
+        if git.is_dir() {
+            push(&[&"--ro-bind", &git, &format!("{}/.git", mount.workspace)]);
+        }
+        push(&[&"--bind", &mount.host_home, &mount.home]);
+        // The root is bubblewrap's tmpfs holding the mount points: read-only too.
+        push(&[&"--remount-ro", &"/"]);
+        let cwd = request.cwd.as_deref().unwrap_or(&mount.workspace);
+        push(&[&"--chdir", &cwd]);
+        push(&[&"--setenv", &"PATH", &SANDBOX_PATH]);
+        push(&[&"--setenv", &"HOME", &mount.home]);
+        push(&[&"--setenv", &"TMPDIR", &"/tmp"]);
+        push(&[&"--setenv", &"LANG", &"C.UTF-8"]);
+        for (k, v) in &request.env {
+            push(&[&"--setenv", k, v]);
+        }
+        push(&[&"--"]);
+        args.extend(request.argv.iter().map(OsString::from));
+        args
+    }
+}
+
+/// `--ro-bind` (or `--symlink` for merged-/usr links) of the system directories, and the
+/// hidden parts of `/etc`.
+fn system_args() -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    for dir in [
+        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+    ] {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    args.extend(["--symlink".into(), target.into(), dir.into()]);
+                }
+            }
+            Ok(m) if m.is_dir() => args.extend(["--ro-bind".into(), dir.into(), dir.into()]),
+            _ => {}
+        }
+    }
+    let mut hidden_files: Vec<PathBuf> = HIDDEN_ETC_FILES.iter().map(PathBuf::from).collect();
+    // SSH host private keys.
+    if let Ok(entries) = std::fs::read_dir("/etc/ssh") {
+        hidden_files.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with("_key")),
+        );
+    }
+    for file in hidden_files {
+        if file.exists() {
+            args.extend(["--ro-bind".into(), "/dev/null".into(), file.into()]);
+        }
+    }
+    for dir in HIDDEN_ETC_DIRS {
+        if Path::new(dir).is_dir() {
+            args.extend(["--tmpfs".into(), (*dir).into()]);
+        }
+    }
+    args
+}
+
+#[async_trait]
+impl SandboxProvider for LocalSandbox {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn check(&self) -> Result<(), SandboxError> {
+        let probe = tokio::process::Command::new(&self.bwrap)
+            .args(["--unshare-all", "--ro-bind", "/", "/", "--", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .await;
+        match probe {
+            Ok(out) if out.status.success() => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SandboxError::Unavailable(
+                format!(
+                    "bubblewrap (`{}`) is not installed: install it (Debian/Ubuntu: `apt-get \
+                     install bubblewrap`; Fedora: `dnf install bubblewrap`) or set \
+                     agent.sandbox.bwrap to its path",
+                    self.bwrap.display()
+                ),
+            )),
+            Err(e) => Err(SandboxError::Unavailable(format!(
+                "cannot run bubblewrap (`{}`): {e}",
+                self.bwrap.display()
+            ))),
+            Ok(out) => Err(SandboxError::Unavailable(format!(
+                "bubblewrap cannot create namespaces here ({}): enable unprivileged user \
+                 namespaces (`sysctl -w kernel.unprivileged_userns_clone=1`, or on Ubuntu \
+                 24.04+ `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`), or run \
+                 kilocloud as root",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
+        }
+    }
+
+    async fn prepare(
+        &self,
+        sandbox_id: &str,
+        workspace: &str,
+        home: &str,
+    ) -> Result<SessionMount, SandboxError> {
+        let base = self.root.join(sandbox_id);
+        let mount = SessionMount {
+            sandbox_id: sandbox_id.to_owned(),
+            host_workspace: base.join(workspace.trim_start_matches('/')),
+            host_home: base.join(home.trim_start_matches('/')),
+            workspace: workspace.to_owned(),
+            home: home.to_owned(),
+        };
+        tokio::fs::create_dir_all(&mount.host_workspace).await?;
+        tokio::fs::create_dir_all(&mount.host_home).await?;
+        // The sandbox user (uid 1000 inside) is root outside: writes land as root on the
+        // host, so the directories need no special ownership.
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.ensure(sandbox_id, self.memory_limit_bytes, self.pids_limit)?;
+        }
+        Ok(mount)
+    }
+
+    async fn exec(
+        &self,
+        mount: &SessionMount,
+        request: ExecRequest,
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, SandboxError> {
+        let mut command = tokio::process::Command::new(&self.bwrap);
+        command.args(self.args(mount, &request));
+        let joins = match &self.cgroups {
+            Some(cgroups) => cgroups.open_procs(&mount.sandbox_id)?,
+            None => Vec::new(),
+        };
+        let memory = (self.cgroups.is_none()).then_some(self.memory_limit_bytes);
+        confine(&mut command, joins.iter().map(|f| raw_fd(f)).collect(), memory);
+        let result = run(command, request, cancel).await;
+        drop(joins);
+        if let Err(SandboxError::Io(e)) = &result
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            return Err(SandboxError::Unavailable(format!(
+                "bubblewrap (`{}`) is not installed: install it (Debian/Ubuntu: `apt-get \
+                 install bubblewrap`) or set agent.sandbox.bwrap to its path",
+                self.bwrap.display()
+            )));
+        }
+        result
+    }
+
+    async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError> {
+        remove_dir(&mount.host_workspace).await?;
+        remove_dir(&mount.host_home).await?;
+        let base = self.root.join(&mount.sandbox_id);
+        if !has_sessions(&base) {
+            remove_dir(&base).await?;
+            if let Some(cgroups) = &self.cgroups {
+                cgroups.remove(&mount.sandbox_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether any `sessions/*` directory remains under the sandbox directory `base`.
+fn has_sessions(base: &Path) -> bool {
+    walkdir::WalkDir::new(base.join("workspace"))
+        .max_depth(4)
+        .into_iter()
+        .flatten()
+        .any(|e| {
+            e.depth() > 0
+                && e.path()
+                    .parent()
+                    .is_some_and(|p| p.file_name().is_some_and(|n| n == "sessions"))
+        })
+}
+
+async fn remove_dir(path: &Path) -> Result<(), SandboxError> {
+    match tokio::fs::remove_dir_all(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn raw_fd(file: &std::fs::File) -> i32 {
+    use std::os::fd::AsRawFd;
+    file.as_raw_fd()
+}
+
+/// Between fork and exec of `command`: joins the cgroups whose `cgroup.procs` are open as
+/// `joins` (writing "0" moves the writing process), so everything the sandbox starts is
+/// counted there from its first instruction; or, without cgroups, caps the address space at
+/// `memory` bytes. Also disables core dumps.
+#[allow(unsafe_code)]
+fn confine(command: &mut tokio::process::Command, joins: Vec<i32>, memory: Option<u64>) {
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // functions may be called: it calls only write(2) on descriptors opened by the parent
+    // (kept open by the caller until spawn returns) and setrlimit(2); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in &joins {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            if let Some(bytes) = memory {
+                let cap = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                libc::setrlimit(libc::RLIMIT_AS, &cap);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns `command` in its own process group, feeds stdin, collects capped output, and kills
+/// the group on timeout or cancellation.
+async fn run(
+    mut command: tokio::process::Command,
+    request: ExecRequest,
+    cancel: &CancellationToken,
+) -> Result<ExecOutput, SandboxError> {
+    command
+        .stdin(if request.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    if let (Some(input), Some(mut stdin)) = (request.stdin, child.stdin.take()) {
+        // A command that does not read its input must not block us: write in the background.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&input).await;
+        });
+    }
+    let cap = request.output_cap;
+    let stdout = tokio::spawn(read_capped(child.stdout.take(), cap));
+    let stderr = tokio::spawn(read_capped(child.stderr.take(), cap));
+    let mut out = ExecOutput::default();
+    let status = tokio::select! {
+        status = child.wait() => Some(status?),
+        () = tokio::time::sleep(request.timeout) => { out.timed_out = true; None }
+        () = cancel.cancelled() => { out.cancelled = true; None }
+    };
+    let status = match status {
+        Some(status) => status,
+        None => {
+            if let Some(pid) = pid {
+                kill_group(pid);
+            }
+            child.kill().await.ok();
+            child.wait().await?
+        }
+    };
+    // Readers end when every holder of the pipes has exited; a daemonized grandchild still
+    // holding them would keep them open, so they get a short grace after the command.
+    let grace = Duration::from_millis(200);
+    let (so, st) = (
+        tokio::time::timeout(grace, stdout).await,
+        tokio::time::timeout(grace, stderr).await,
+    );
+    let (so, sot) = so.ok().and_then(|r| r.ok()).unwrap_or_default();
+    let (se, set) = st.ok().and_then(|r| r.ok()).unwrap_or_default();
+    use std::os::unix::process::ExitStatusExt;
+    out.exit_code = status.code();
+    out.signal = status.signal();
+    out.stdout = so;
+    out.stderr = se;
+    out.truncated = sot || set;
+    out.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(out)
+}
+
+fn kill_group(pid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+async fn read_capped<R: AsyncRead + Unpin>(reader: Option<R>, cap: usize) -> (Vec<u8>, bool) {
+    let Some(mut reader) = reader else {
+        return (Vec::new(), false);
+    };
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = [0u8; 8192];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+    (kept, truncated)
+}
+
+/// The cgroup controllers sandboxes are confined with.
+enum Cgroups {
+    /// cgroup v1: separate `pids` and `memory` hierarchies; the paths are our own cgroups'
+    /// `kilocloud` children.
+    V1 { pids: PathBuf, memory: PathBuf },
+    /// cgroup v2: one hierarchy; our delegated `kilocloud` cgroup.
+    V2 { base: PathBuf },
+}
+
+impl Cgroups {
+    /// The writable cgroup parents for sandboxes, if this process may create cgroups.
+    fn detect() -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let path_of = |controller: &str| {
+            own.lines().find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == controller)
+                    .then(|| path.trim_start_matches('/').to_owned())
+            })
+        };
+        let root = Path::new("/sys/fs/cgroup");
+        let cgroups = if root.join("cgroup.controllers").exists() {
+            let own = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))?
+                .trim_start_matches('/');
+            let base = root.join(own).join("kilocloud");
+            std::fs::create_dir_all(&base).ok()?;
+            std::fs::write(base.join("cgroup.subtree_control"), "+pids +memory").ok()?;
+            Cgroups::V2 { base }
+        } else {
+            let pids = root.join("pids").join(path_of("pids")?).join("kilocloud");
+            let memory = root
+                .join("memory")
+                .join(path_of("memory")?)
+                .join("kilocloud");
+            std::fs::create_dir_all(&pids).ok()?;
+            std::fs::create_dir_all(&memory).ok()?;
+            Cgroups::V1 { pids, memory }
+        };
+        Some(cgroups)
+    }
+
+    fn dirs(&self, sandbox_id: &str) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V1 { pids, memory } => vec![pids.join(sandbox_id), memory.join(sandbox_id)],
+            Cgroups::V2 { base } => vec![base.join(sandbox_id)],
+        }
+    }
+
+    /// Creates the sandbox's cgroup(s) with the limits (idempotent).
+    fn ensure(&self, sandbox_id: &str, memory: u64, pids: u32) -> std::io::Result<()> {
+        let dirs = self.dirs(sandbox_id);
+        for dir in &dirs {
+            std::fs::create_dir_all(dir)?;
+        }
+        match self {
+            Cgroups::V1 { .. } => {
+                std::fs::write(dirs[0].join("pids.max"), pids.to_string())?;
+                std::fs::write(dirs[1].join("memory.limit_in_bytes"), memory.to_string())?;
+                // No swap beyond the limit where the kernel accounts swap.
+                let memsw = dirs[1].join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    let _ = std::fs::write(memsw, memory.to_string());
+                }
+            }
+            Cgroups::V2 { .. } => {
+                std::fs::write(dirs[0].join("pids.max"), pids.to_string())?;
+                std::fs::write(dirs[0].join("memory.max"), memory.to_string())?;
+                let _ = std::fs::write(dirs[0].join("memory.swap.max"), "0");
+            }
+        }
+        Ok(())
+    }
+
+    /// `cgroup.procs` of the sandbox's cgroup(s), open for writing.
+    fn open_procs(&self, sandbox_id: &str) -> std::io::Result<Vec<std::fs::File>> {
+        self.dirs(sandbox_id)
+            .iter()
+            .map(|d| std::fs::OpenOptions::new().write(true).open(d.join("cgroup.procs")))
+            .collect()
+    }
+
+    /// Removes the sandbox's cgroup(s); fails quietly while processes remain.
+    fn remove(&self, sandbox_id: &str) {
+        for dir in self.dirs(sandbox_id) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// No isolation: commands run as children of the server with the session's directories as
+/// their working directory and home. For development only.
+pub struct ProcessSandbox {
+    root: PathBuf,
+}
+
+#[async_trait]
+impl SandboxProvider for ProcessSandbox {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    async fn check(&self) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    async fn prepare(
+        &self,
+        sandbox_id: &str,
+        workspace: &str,
+        home: &str,
+    ) -> Result<SessionMount, SandboxError> {
+        let base = self.root.join(sandbox_id);
+        let host_workspace = base.join(workspace.trim_start_matches('/'));
+        let host_home = base.join(home.trim_start_matches('/'));
+        tokio::fs::create_dir_all(&host_workspace).await?;
+        tokio::fs::create_dir_all(&host_home).await?;
+        Ok(SessionMount {
+            sandbox_id: sandbox_id.to_owned(),
+            workspace: host_workspace.to_string_lossy().into_owned(),
+            home: host_home.to_string_lossy().into_owned(),
+            host_workspace,
+            host_home,
+        })
+    }
+
+    async fn exec(
+        &self,
+        mount: &SessionMount,
+        request: ExecRequest,
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, SandboxError> {
+        let Some((program, args)) = request.argv.split_first() else {
+            return Err(SandboxError::Io(std::io::Error::other("empty command")));
+        };
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", SANDBOX_PATH)
+            .env("HOME", &mount.home)
+            .env("TMPDIR", std::env::temp_dir())
+            .envs(request.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(request.cwd.as_deref().unwrap_or(&mount.workspace));
+        run(command, request, cancel).await
+    }
+
+    async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError> {
+        remove_dir(&mount.host_workspace).await?;
+        remove_dir(&mount.host_home).await
+    }
+}

@@ -1,0 +1,276 @@
+//! The sandbox escape suite: what a session's commands run in the `local` provider
+//! (bubblewrap) must not be able to reach, and limits that must hold without hurting the host.
+//! Two sessions of two different owners are prepared, as sessions are; every probe runs as
+//! the agent's `run_command` tool runs it.
+
+use std::time::Duration;
+
+use kilocloud_agent::ids::{SandboxPolicy, home_path, sandbox_id, workspace_path};
+use kilocloud_agent::sandbox::{
+    ExecOutput, ExecRequest, LocalSandbox, SandboxConfig, SandboxProvider, SessionMount,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    sandbox: LocalSandbox,
+    a: SessionMount,
+    b: SessionMount,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SandboxConfig {
+        memory_limit_bytes: 256 << 20,
+        pids_limit: 64,
+        ..SandboxConfig::default()
+    };
+    let sandbox = LocalSandbox::new(&config, dir.path().join("sandboxes"));
+    sandbox.check().await.expect("bubblewrap works here");
+    let mut mounts = Vec::new();
+    for _ in 0..2 {
+        let (user, session) = (Uuid::new_v4(), kilocloud_agent::ids::new_session_id());
+        let id = sandbox_id(None, user, None, SandboxPolicy::Shared, &session);
+        let mount = sandbox
+            .prepare(
+                &id,
+                &workspace_path(None, user, &session),
+                &home_path(&session),
+            )
+            .await
+            .unwrap();
+        std::fs::write(mount.host_workspace.join("secret.txt"), "session secret\n").unwrap();
+        mounts.push(mount);
+    }
+    let b = mounts.pop().unwrap();
+    let a = mounts.pop().unwrap();
+    Env {
+        _dir: dir,
+        sandbox,
+        a,
+        b,
+    }
+}
+
+impl Env {
+    async fn sh(&self, script: &str, timeout: Duration) -> ExecOutput {
+        self.sandbox
+            .exec(
+                &self.a,
+                ExecRequest::shell(script, timeout, 64 * 1024),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+    }
+}
+
+fn text(out: &ExecOutput) -> String {
+    out.combined_text()
+}
+
+#[tokio::test]
+async fn commands_run_in_the_workspace_with_their_own_home() {
+    let env = env().await;
+    let out = env
+        .sh(
+            "pwd; echo $HOME; cat secret.txt; echo hi > made.txt; id -u",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(out.success(), "{}", text(&out));
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines[0], env.a.workspace);
+    assert_eq!(lines[1], env.a.home);
+    assert_eq!(lines[2], "session secret");
+    assert_eq!(lines[3], "1000");
+    assert_eq!(
+        std::fs::read_to_string(env.a.host_workspace.join("made.txt")).unwrap(),
+        "hi\n"
+    );
+}
+
+#[tokio::test]
+async fn the_hosts_secrets_are_not_readable() {
+    let env = env().await;
+    for path in ["/root", "/etc/shadow", "/etc/gshadow", "/proc/1/environ"] {
+        let out = env
+            .sh(
+                &format!("cat {path} 2>&1 || ls -la {path} 2>&1; test -s {path} && test -r {path} && ls {path}/* 2>/dev/null | head -1 | grep . && echo READABLE"),
+                Duration::from_secs(10),
+            )
+            .await;
+        let text = text(&out);
+        assert!(!text.contains("READABLE"), "{path}: {text}");
+        assert!(!text.contains("root:x:") && !text.contains("root:*"), "{path}: {text}");
+    }
+    // The host's /root exists and holds files; inside, there is no /root at all.
+    let out = env.sh("ls /root", Duration::from_secs(10)).await;
+    assert!(!out.success(), "{}", text(&out));
+    // /etc/shadow yields nothing inside (a device node on a nodev mount).
+    let out = env
+        .sh("cat /etc/shadow 2>/dev/null | wc -c", Duration::from_secs(10))
+        .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+}
+
+#[tokio::test]
+async fn another_sessions_workspace_is_not_reachable() {
+    let env = env().await;
+    let script = format!(
+        "cat {}/secret.txt; ls {}; ls /workspace; find / -name secret.txt -not -path '/proc/*' 2>/dev/null",
+        env.b.workspace, env.b.home
+    );
+    let out = env.sh(&script, Duration::from_secs(20)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The only secret.txt visible is the session's own.
+    let found: Vec<&str> = stdout.lines().filter(|l| l.ends_with("secret.txt")).collect();
+    assert_eq!(found, vec![format!("{}/secret.txt", env.a.workspace)]);
+    assert!(!stdout.contains(&env.b.workspace));
+}
+
+#[tokio::test]
+async fn no_network_at_all() {
+    let env = env().await;
+    // A listener on the host's loopback that the sandbox must not reach.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "cat /sys/class/net/*/operstate 2>/dev/null | tr '\\n' ' '; ls /sys/class/net; \
+         (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo CONNECTED-LOOPBACK; \
+         (exec 3<>/dev/tcp/1.1.1.1/80) 2>/dev/null && echo CONNECTED-REMOTE; \
+         getent hosts example.com && echo RESOLVED; true"
+    );
+    let out = env
+        .sandbox
+        .exec(
+            &env.a,
+            ExecRequest {
+                argv: vec!["bash".into(), "-c".into(), script],
+                ..ExecRequest::shell("", Duration::from_secs(10), 4096)
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let text = text(&out);
+    assert!(!text.contains("CONNECTED"), "{text}");
+    assert!(!text.contains("RESOLVED"), "{text}");
+    // Only the namespace's own loopback exists.
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .all(|w| w == "lo" || w == "unknown" || w == "down"),
+        "{text}"
+    );
+    // Nothing arrived at the host's listener.
+    let accepted = tokio::time::timeout(Duration::from_millis(1), listener.accept()).await;
+    assert!(accepted.is_err());
+}
+
+#[tokio::test]
+async fn writing_outside_the_workspace_fails() {
+    let env = env().await;
+    for target in ["/usr/evil", "/etc/evil", "/evil", "/workspace/evil", "/home/evil"] {
+        let out = env
+            .sh(&format!("echo x > {target}"), Duration::from_secs(10))
+            .await;
+        assert!(!out.success(), "{target} was writable");
+    }
+    // The repository metadata is read-only inside, so hooks and config cannot be planted.
+    std::fs::create_dir_all(env.a.host_workspace.join(".git/hooks")).unwrap();
+    let out = env
+        .sh(
+            "echo 'touch /tmp/pwned' > .git/hooks/pre-commit",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(!out.success(), "{}", text(&out));
+    // /tmp is private: what a command leaves there is gone for the next one and the host.
+    let marker = format!("kilocloud-escape-{}", Uuid::new_v4());
+    env.sh(&format!("touch /tmp/{marker}"), Duration::from_secs(10))
+        .await;
+    assert!(!std::path::Path::new("/tmp").join(&marker).exists());
+    // No capability survives: mounting or changing ownership is refused.
+    let out = env
+        .sh(
+            "mount -t tmpfs none /mnt 2>&1 || chown 0 secret.txt",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(!out.success(), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_contained_and_killed_at_the_time_limit() {
+    let env = env().await;
+    if !env.sandbox.has_cgroups() {
+        eprintln!("no writable cgroup on this machine: the process limit is not enforced");
+        return;
+    }
+    let out = env
+        .sh(
+            "bomb() { bomb | bomb & }; bomb; sleep 60",
+            Duration::from_secs(3),
+        )
+        .await;
+    assert!(out.timed_out, "{}", text(&out));
+    // The host still forks, and a fresh command in the same sandbox runs once the bomb is
+    // gone.
+    let out = env.sh("echo alive", Duration::from_secs(10)).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_killed() {
+    let env = env().await;
+    // 1 GiB in a shell variable, four times the sandbox's 256 MiB.
+    let out = env
+        .sh(
+            "x=$(head -c 1073741824 /dev/zero | tr '\\0' a); echo survived ${#x}",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("survived"));
+    let out = env.sh("echo alive", Duration::from_secs(10)).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
+}
+
+#[tokio::test]
+async fn output_is_capped_and_interrupts_kill() {
+    let env = env().await;
+    let out = env
+        .sandbox
+        .exec(
+            &env.a,
+            ExecRequest::shell("head -c 100000 /dev/zero", Duration::from_secs(10), 1000),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.len(), 1000);
+    assert!(out.truncated);
+    let cancel = CancellationToken::new();
+    let canceller = cancel.clone();
+    let run = env.sandbox.exec(
+        &env.a,
+        ExecRequest::shell("sleep 30", Duration::from_secs(60), 1000),
+        &cancel,
+    );
+    canceller.cancel();
+    let out = run.await.unwrap();
+    assert!(out.cancelled && !out.success());
+}
+
+#[tokio::test]
+async fn removal_deletes_the_session_directories() {
+    let env = env().await;
+    env.sandbox.remove(&env.a).await.unwrap();
+    assert!(!env.a.host_workspace.exists());
+    assert!(!env.a.host_home.exists());
+    assert!(env.b.host_workspace.exists());
+}
