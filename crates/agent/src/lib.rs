@@ -1,5 +1,26 @@
 //! Cloud Agent sessions (reference system §3): a session runs an AI coding agent on a
-//! repository inside a sandbox.
+//! repository inside a sandbox, streams what it does as ordered events, and reports terminal
+//! transitions to a callback.
+//!
+//! - [`ids`]: session, execution and sandbox ids; the filesystem layout; branch names.
+//! - [`sandbox`]: the providers (`local` bubblewrap, `process`) behind [`sandbox::SandboxProvider`].
+//! - [`git`]: clone, commit and push with the token only in an HTTP header.
+//! - [`session`]: the session actor (executions, state machine, event log, history, reaper).
+//! - [`harness`]: the built-in tool-calling agent and the external CLI harness.
+//! - [`runner`]: one execution from sandbox to terminal event.
+//! - [`callback`]: the callback queue's consumer.
+//! - [`service`]: [`Agents`], what the HTTP API calls.
 
+pub mod callback;
+pub mod git;
+pub mod harness;
 pub mod ids;
+pub mod runner;
 pub mod sandbox;
+pub mod service;
+pub mod session;
+
+pub use service::{
+    AgentConfig, AgentError, Agents, Caller, CallbackTarget, EventFilter, EventFrame, FollowUp,
+    PrepareRequest, Prepared, SessionExport, SessionSummary, SessionView, Started,
+};

@@ -516,6 +516,29 @@ impl Substrate {
             .transpose()
     }
 
+    /// Committed entries of one actor whose storage key starts with `prefix` and sorts after
+    /// `after` (an empty `after` starts at the prefix), in key order, at most `limit`, decoded
+    /// as `T`; read without a call and without locking the actor, like
+    /// [`Substrate::actor_read`]. For paging through logs an actor appends to.
+    ///
+    /// Errors: [`Error::Serde`] when a stored value does not fit `T`; [`Error::Storage`].
+    pub async fn actor_scan<T: serde::de::DeserializeOwned>(
+        &self,
+        actor_type: &str,
+        key: &str,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, T)>> {
+        self.inner
+            .backend
+            .actor_scan(actor_type, key, prefix, after, limit)
+            .await?
+            .into_iter()
+            .map(|(k, v)| Ok((k, serde_json::from_slice(&v)?)))
+            .collect()
+    }
+
     /// Keys of the actors of `actor_type` that have storage, above `after`, in byte order, at
     /// most `limit` (for maintenance passes that visit every actor of a type).
     pub async fn actor_keys(

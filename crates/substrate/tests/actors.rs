@@ -214,6 +214,21 @@ async fn point_reads_and_key_listing(kind: Kind) {
     );
     assert_eq!(sub.actor_keys("scratch", "k2", 10).await.unwrap(), ["k3"]);
     assert!(sub.actor_keys("other", "", 10).await.unwrap().is_empty());
+    // A scan pages through one actor's entries under a prefix, after a key.
+    for k in ["ev/03", "ev/01", "ev/02", "ew/00", "eu/09"] {
+        sub.actors().call::<Scratch>("k1", put(k, k)).await.unwrap();
+    }
+    let scan = |after: &'static str, limit| {
+        let sub = sub.clone();
+        async move {
+            let rows: Vec<(String, String)> =
+                sub.actor_scan("scratch", "k1", "ev/", after, limit).await.unwrap();
+            rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(scan("", 10).await, ["ev/01", "ev/02", "ev/03"]);
+    assert_eq!(scan("ev/01", 1).await, ["ev/02"]);
+    assert!(scan("ev/03", 10).await.is_empty());
 }
 
 async fn rollback_discards_only_earlier_writes(kind: Kind) {

@@ -253,6 +253,16 @@ pub trait Backend: Send + Sync + 'static {
         key: &str,
         storage_key: &str,
     ) -> Result<Option<Vec<u8>>>;
+    /// Committed entries of one actor whose storage key starts with `prefix` and sorts after
+    /// `after`, in key order, at most `limit`; read without locking it.
+    async fn actor_scan(
+        &self,
+        actor_type: &str,
+        key: &str,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>>;
     /// Keys of actors of `actor_type` that have storage, above `after`, in byte order, at most
     /// `limit`.
     async fn actor_keys(&self, actor_type: &str, after: &str, limit: u32) -> Result<Vec<String>>;

@@ -836,6 +836,27 @@ impl Backend for PostgresBackend {
         .await?)
     }
 
+    async fn actor_scan(
+        &self,
+        actor_type: &str,
+        key: &str,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(sqlx::query_as(
+            "SELECT key, value FROM actor_storage WHERE actor_type = $1 AND actor_key = $2
+             AND key > $3 AND left(key, length($4)) = $4 ORDER BY key LIMIT $5",
+        )
+        .bind(actor_type)
+        .bind(key)
+        .bind(after.max(prefix))
+        .bind(prefix)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn actor_keys(&self, actor_type: &str, after: &str, limit: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT DISTINCT actor_key FROM actor_storage WHERE actor_type = $1 AND actor_key > $2

@@ -817,6 +817,31 @@ impl Backend for SqliteBackend {
         })
     }
 
+    async fn actor_scan(
+        &self,
+        actor_type: &str,
+        key: &str,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let (t, k, p, a) = (
+            actor_type.to_owned(),
+            key.to_owned(),
+            prefix.to_owned(),
+            after.max(prefix).to_owned(),
+        );
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2
+                 AND key > ?3 AND substr(key, 1, length(?4)) = ?4 ORDER BY key LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(params![t, k, a, p, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     async fn actor_keys(&self, actor_type: &str, after: &str, limit: u32) -> Result<Vec<String>> {
         let (actor_type, after) = (actor_type.to_owned(), after.to_owned());
         self.read_blocking(move |c| {

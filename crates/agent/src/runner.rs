@@ -1,0 +1,300 @@
+//! Running one execution: prepare the sandbox (cloning again on a cold start), start the
+//! harness with a gateway credential of the session's owner, send heartbeats, honour
+//! interrupts, commit and push at the end when asked, and record the terminal event. The
+//! reference splits this between the worker's orchestrator and the in-sandbox wrapper; here it
+//! is one task on the node that accepted the execution.
+
+use std::time::Duration;
+
+use kilocloud_identity::model::Initiator;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::Agents;
+use crate::harness::{GatewayAccess, HarnessError, HarnessKind, Outcome, Turn};
+use crate::session::{Execution, NewEvent, Refusal, SessionCall, SessionMeta, SessionReply};
+
+/// Why events could not be recorded: the harness must stop.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stopped {
+    /// The execution ended meanwhile (the reaper failed it, or the session was deleted).
+    #[error("the execution is no longer active")]
+    NotActive,
+    /// Storage failed.
+    #[error("cannot record events: {0}")]
+    Storage(String),
+}
+
+/// Appends one execution's events to its session.
+pub struct Emitter {
+    pub(crate) agents: Agents,
+    pub(crate) key: String,
+    pub(crate) execution_id: String,
+}
+
+impl Emitter {
+    /// Records one event. Errors: [`Stopped`] when the execution is over or storage fails.
+    pub async fn emit(&self, kind: &str, data: Value) -> Result<(), Stopped> {
+        self.record(vec![NewEvent::new(kind, data)], Vec::new())
+            .await
+            .map(drop)
+    }
+
+    /// Records events and history items in one call; returns the status after them.
+    pub async fn record(
+        &self,
+        events: Vec<NewEvent>,
+        items: Vec<(String, Value)>,
+    ) -> Result<crate::session::ExecStatus, Stopped> {
+        let call = SessionCall::Ingest {
+            execution_id: self.execution_id.clone(),
+            events,
+            items,
+        };
+        match self.agents.call(&self.key, call).await {
+            Ok(Ok(SessionReply::Ingested { status, .. })) => {
+                self.agents.inner.events_written.send_modify(|n| *n += 1);
+                Ok(status)
+            }
+            Ok(Err(Refusal::NotActive(_) | Refusal::NotFound)) => Err(Stopped::NotActive),
+            Ok(Ok(other)) => Err(Stopped::Storage(format!("unexpected reply {other:?}"))),
+            Ok(Err(other)) => Err(Stopped::Storage(other.to_string())),
+            Err(e) => Err(Stopped::Storage(e.to_string())),
+        }
+    }
+}
+
+/// Runs `exec` of the session `meta` to its end. Never returns an error: every failure
+/// becomes the execution's fatal `error` event.
+pub(crate) async fn run(agents: Agents, meta: SessionMeta, exec: Execution, cancel: CancellationToken) {
+    let key = crate::ids::actor_key(meta.user_id, &meta.session_id);
+    let emitter = Emitter {
+        agents: agents.clone(),
+        key: key.clone(),
+        execution_id: exec.execution_id.clone(),
+    };
+    let watchdog = tokio::spawn(watch(agents.clone(), key, exec.execution_id.clone(), cancel.clone()));
+    let outcome = execute(&agents, &meta, &exec, &emitter, &cancel).await;
+    let last = match outcome {
+        Ok(Outcome::Finished { summary, exit_code }) => {
+            match finish(&agents, &meta, &exec, &emitter).await {
+                Ok(branch) => NewEvent::new(
+                    "complete",
+                    json!({"exitCode": exit_code, "currentBranch": branch, "summary": summary}),
+                ),
+                Err(e) => NewEvent::new("error", json!({"error": e.0, "fatal": true})),
+            }
+        }
+        Ok(Outcome::Interrupted) => {
+            let reason = if agents.inner.shutting_down.is_cancelled() {
+                "the server is shutting down"
+            } else {
+                "User interrupted"
+            };
+            NewEvent::new("interrupted", json!({"reason": reason}))
+        }
+        Err(e) => NewEvent::new("error", json!({"error": e.0, "fatal": true})),
+    };
+    if let Err(e) = emitter.record(vec![last], Vec::new()).await
+        && e != Stopped::NotActive
+    {
+        tracing::error!(execution = %exec.execution_id, error = %e, "cannot record the end of an execution; the reaper will fail it");
+    }
+    watchdog.abort();
+}
+
+/// Heartbeats every `heartbeat_interval_ms`, and cancels the execution when its interrupt is
+/// requested (possibly through another node) or the server shuts down.
+async fn watch(agents: Agents, key: String, execution_id: String, cancel: CancellationToken) {
+    let heartbeat = Duration::from_millis(agents.inner.config.heartbeat_interval_ms);
+    let mut last_beat = tokio::time::Instant::now();
+    let emitter = Emitter {
+        agents: agents.clone(),
+        key: key.clone(),
+        execution_id: execution_id.clone(),
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = agents.inner.shutting_down.cancelled() => { cancel.cancel(); return; }
+        }
+        let asked = agents
+            .inner
+            .sub
+            .actor_read::<String>(crate::session::SESSION_ACTOR, &key, "interrupt")
+            .await;
+        if asked.ok().flatten().as_deref() == Some(execution_id.as_str()) {
+            cancel.cancel();
+            return;
+        }
+        if last_beat.elapsed() >= heartbeat {
+            last_beat = tokio::time::Instant::now();
+            if emitter.emit("heartbeat", json!({})).await == Err(Stopped::NotActive) {
+                cancel.cancel();
+                return;
+            }
+        }
+    }
+}
+
+async fn execute(
+    agents: &Agents,
+    meta: &SessionMeta,
+    exec: &Execution,
+    emitter: &Emitter,
+    cancel: &CancellationToken,
+) -> Result<Outcome, HarnessError> {
+    let inner = &agents.inner;
+    let mount = inner
+        .sandbox
+        .prepare(&meta.sandbox_id, &meta.workspace_path, &meta.home_path)
+        .await
+        .map_err(|e| HarnessError(format!("cannot prepare the sandbox: {e}")))?;
+    if !mount.host_workspace.join(".git").exists() {
+        // A cold start: this node has no copy of the workspace (another node prepared it, or
+        // it was cleaned up). Clone again, on the pushed branch if it exists.
+        emitter
+            .emit("status", json!({"message": "cold start: cloning the repository again"}))
+            .await?;
+        let token = agents.open_secret(meta, "gitToken", meta.git_token.as_ref())?;
+        let git = &inner.config.git;
+        let existing = git
+            .clone(&meta.repo, token.as_deref(), &mount.host_workspace, &meta.branch, true)
+            .await;
+        if existing.is_err() {
+            crate::service::empty_dir(&mount.host_workspace)
+                .await
+                .map_err(|e| HarnessError(format!("cannot reset the workspace: {e}")))?;
+            git.clone(&meta.repo, token.as_deref(), &mount.host_workspace, &meta.branch, false)
+                .await
+                .map_err(|e| HarnessError(format!("cannot clone the repository again: {e}")))?;
+        }
+    }
+    emitter
+        .emit(
+            "started",
+            json!({"executionId": exec.execution_id, "mode": exec.mode, "model": exec.model,
+                   "branch": meta.branch, "followup": exec.followup}),
+        )
+        .await?;
+    let (token, _) = inner
+        .identity
+        .issue_jwt(
+            meta.user_id,
+            meta.org_id,
+            meta.bot_id,
+            inner.config.credential_ttl_s,
+            &Initiator {
+                user: meta.user_id,
+                request_id: None,
+            },
+        )
+        .await
+        .map_err(|e| HarnessError(format!("cannot issue a gateway credential: {e}")))?;
+    let gateway = GatewayAccess {
+        base_url: format!("{}/api/gateway/v1", agents.gateway_url().trim_end_matches('/')),
+        token,
+        org: meta.org_id,
+    };
+    let env = agents.session_env(meta)?;
+    let history: Vec<Value> = inner
+        .sub
+        .actor_scan::<Value>(
+            crate::session::SESSION_ACTOR,
+            &emitter.key,
+            "item/message/",
+            "",
+            u32::MAX,
+        )
+        .await
+        .map_err(|e| HarnessError(format!("cannot read the session history: {e}")))?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let seen = history.len();
+    let turn = Turn {
+        sandbox: inner.sandbox.as_ref(),
+        mount: &mount,
+        env: &env,
+        cancel,
+        emit: emitter,
+        config: &inner.config.harness,
+        gateway: &gateway,
+        session_id: &meta.session_id,
+        mode: exec.mode,
+        model: &exec.model,
+        prompt: &exec.prompt,
+        history,
+        http: &inner.http,
+    };
+    let (outcome, added) = match inner.config.harness.kind {
+        HarnessKind::Builtin => crate::harness::run_builtin(turn).await,
+        HarnessKind::External => crate::harness::run_external(turn).await,
+    };
+    let items: Vec<(String, Value)> = added
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| (format!("message/{:08}", seen + i), m))
+        .collect();
+    if !items.is_empty() {
+        emitter.record(Vec::new(), items).await?;
+    }
+    outcome
+}
+
+/// After the agent finished: commit and push when asked. Returns the branch the work is on.
+async fn finish(
+    agents: &Agents,
+    meta: &SessionMeta,
+    exec: &Execution,
+    emitter: &Emitter,
+) -> Result<Option<String>, HarnessError> {
+    let inner = &agents.inner;
+    let git = &inner.config.git;
+    let dir = inner
+        .sandbox
+        .prepare(&meta.sandbox_id, &meta.workspace_path, &meta.home_path)
+        .await
+        .map_err(|e| HarnessError(format!("cannot reach the workspace: {e}")))?
+        .host_workspace;
+    let branch = git.current_branch(&dir).await;
+    if !exec.auto_commit {
+        return Ok(branch);
+    }
+    let Some(branch) = branch else {
+        emitter
+            .emit("status", json!({"message": "auto-commit skipped: detached HEAD"}))
+            .await?;
+        return Ok(None);
+    };
+    if branch == "main" || branch == "master" {
+        emitter
+            .emit("status", json!({"message": format!("auto-commit skipped: never pushes to {branch}")}))
+            .await?;
+        return Ok(Some(branch));
+    }
+    let first_line = exec.prompt.lines().next().unwrap_or_default();
+    let subject: String = first_line.chars().take(72).collect();
+    let message = format!("{subject}\n\nKilo Cloud Agent session {}", meta.session_id);
+    let committed = git
+        .commit_all(&dir, &message)
+        .await
+        .map_err(|e| HarnessError(format!("auto-commit failed: {e}")))?;
+    if !committed {
+        emitter
+            .emit("status", json!({"message": "auto-commit skipped: no changes"}))
+            .await?;
+        return Ok(Some(branch));
+    }
+    emitter
+        .emit("status", json!({"message": format!("committed; pushing {branch}")}))
+        .await?;
+    let token = agents.open_secret(meta, "gitToken", meta.git_token.as_ref())?;
+    git.push(&dir, &meta.repo, token.as_deref(), &branch)
+        .await
+        .map_err(|e| HarnessError(format!("auto-commit push failed: {e}")))?;
+    emitter
+        .emit("status", json!({"message": format!("pushed {branch}")}))
+        .await?;
+    Ok(Some(branch))
+}
