@@ -530,10 +530,21 @@ impl Agents {
         self.inner.events_written.subscribe()
     }
 
-    /// Interrupts the executions running on this node and waits (at most `grace`) for them to
-    /// record their end. Returns whether all did.
-    pub async fn shutdown(&self, grace: Duration) -> bool {
+    /// Begins shutdown: refuses new executions, interrupts those running on this node, and
+    /// ends live streams. Idempotent.
+    pub fn stop(&self) {
         self.inner.shutting_down.cancel();
+    }
+
+    /// Completes when [`Agents::stop`] has been called.
+    pub async fn stopped(&self) {
+        self.inner.shutting_down.cancelled().await;
+    }
+
+    /// [`Agents::stop`], then waits (at most `grace`) for the interrupted executions to record
+    /// their end. Returns whether all did.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.stop();
         self.inner.tasks.close();
         tokio::time::timeout(grace, self.inner.tasks.wait())
             .await
@@ -844,11 +855,13 @@ impl Agents {
 
     /// The session with its executions; secrets as a count.
     pub async fn get(&self, caller: Caller, session_id: &str) -> Result<SessionView, AgentError> {
-        let (key, meta) = self.locate(caller, session_id).await?;
-        self.view(&key, meta).await
+        let (key, _) = self.locate(caller, session_id).await?;
+        self.view(&key).await
     }
 
-    async fn view(&self, key: &str, meta: SessionMeta) -> Result<SessionView, AgentError> {
+    /// Reads executions, then the active id, then the metadata: a transition commits all three
+    /// together, so a terminal execution is never shown beside stale metadata.
+    async fn view(&self, key: &str) -> Result<SessionView, AgentError> {
         let sub = &self.inner.sub;
         let mut executions: Vec<Execution> = sub
             .actor_scan::<Execution>(SESSION_ACTOR, key, "exec/", "", u32::MAX)
@@ -858,6 +871,10 @@ impl Agents {
             .collect();
         executions.sort_by_key(|e| e.created_at);
         let active: Option<String> = sub.actor_read(SESSION_ACTOR, key, "active").await?;
+        let meta: SessionMeta = sub
+            .actor_read(SESSION_ACTOR, key, "meta")
+            .await?
+            .ok_or(AgentError::NotFound)?;
         Ok(SessionView {
             session_id: meta.session_id,
             user_id: meta.user_id,
@@ -975,7 +992,7 @@ impl Agents {
 
     /// The session and its compacted history.
     pub async fn export(&self, caller: Caller, session_id: &str) -> Result<SessionExport, AgentError> {
-        let (key, meta) = self.locate(caller, session_id).await?;
+        let (key, _) = self.locate(caller, session_id).await?;
         let sub = &self.inner.sub;
         let items = sub
             .actor_scan::<Value>(SESSION_ACTOR, &key, "item/", "", u32::MAX)
@@ -985,7 +1002,7 @@ impl Agents {
             .collect();
         let next: u64 = sub.actor_read(SESSION_ACTOR, &key, "next_event").await?.unwrap_or(1);
         Ok(SessionExport {
-            session: self.view(&key, meta).await?,
+            session: self.view(&key).await?,
             items,
             event_count: next - 1,
         })

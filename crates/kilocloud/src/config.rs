@@ -115,6 +115,8 @@ pub struct Config {
     pub substrate: Tuning,
     /// The model gateway: providers, models, prices (see `docs/gateway.md`).
     pub gateway: kilocloud_gateway::GatewayConfig,
+    /// The Cloud Agent: sandboxes, git, the agent harness (see `docs/sessions.md`).
+    pub agent: kilocloud_agent::AgentConfig,
 }
 
 impl Default for Config {
@@ -138,6 +140,7 @@ impl Default for Config {
             blobs: None,
             substrate: Tuning::default(),
             gateway: kilocloud_gateway::GatewayConfig::default(),
+            agent: kilocloud_agent::AgentConfig::default(),
         }
     }
 }
@@ -173,6 +176,7 @@ fn is_config_key(key: &str) -> bool {
             | "auth_failures_per_minute"
             | "bootstrap_admin_email"
             | "gateway"
+            | "agent"
             | "shutdown_grace_ms"
             | "sqlite"
             | "postgres"

@@ -435,7 +435,7 @@ async fn issue_key(identity: &Identity, email: Option<String>) -> anyhow::Result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let (sub, identity, gateway) = {
+    let (sub, identity, gateway, agents) = {
         let sub = open(&config).await?;
         probe::register(&sub)?;
         let identity = Identity::new(&sub, config.identity()?);
@@ -443,14 +443,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::env::var(name).ok()
         })
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let agents = kilocloud_agent::Agents::new(
+            &sub,
+            identity.clone(),
+            config.agent.clone(),
+            config.data_dir.join("sandboxes"),
+        )
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         sub.start().await?;
-        (sub, identity, gateway)
+        agents.start();
+        (sub, identity, gateway, agents)
     };
+    if let Err(e) = agents.sandbox().check().await {
+        // Sessions will fail with this message too; the server is still useful without them.
+        tracing::warn!(provider = agents.sandbox().kind(), "Cloud Agent sessions cannot run: {e}");
+    }
     bootstrap(&identity, &config.bootstrap_admin_email).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    agents.set_server_url(&format!("http://{addr}"));
     probe::start(&sub);
     let recordings = gateway.clone();
     let state = AppState::new(
@@ -461,7 +474,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             admin_token: config.admin_token.expose().to_owned(),
             auth_failures_per_minute: config.auth_failures_per_minute,
         },
-    );
+    )
+    .with_agents(agents.clone());
     // Tests and scripts read this line to find the port (`--listen 127.0.0.1:0`).
     println!("kilocloud listening on http://{addr}");
     std::io::stdout().flush()?;
@@ -471,6 +485,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let signalled = Arc::new(std::sync::OnceLock::<Instant>::new());
     let on_signal = signalled.clone();
     let intake = sub.clone();
+    let agents_stop = agents.clone();
     // One deadline for everything: on the signal, consumers and the scheduler stop claiming
     // work at once while HTTP drains; the substrate gets what is left of the grace period.
     let drained = kilocloud_server::serve(
@@ -480,12 +495,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             shutdown_signal().await;
             let _ = on_signal.set(Instant::now());
             intake.stop_intake();
+            agents_stop.stop();
             tracing::info!("shutting down: no new connections or work; finishing in-flight work");
         },
         grace,
     )
     .await?;
-    // Usage recordings run after their responses; they need the substrate, so they go first.
+    // Interrupted executions record their end, and usage recordings run after their
+    // responses; both need the substrate, so they go first.
+    let elapsed = signalled.get().map(Instant::elapsed).unwrap_or_default();
+    if !agents.shutdown(grace.saturating_sub(elapsed)).await {
+        tracing::error!("shutdown grace period ran out before every execution recorded its end");
+    }
     let elapsed = signalled.get().map(Instant::elapsed).unwrap_or_default();
     let settled = tokio::time::timeout(grace.saturating_sub(elapsed), recordings.settle())
         .await

@@ -43,6 +43,8 @@ pub struct AppState {
     pub admin_token_sha256: Option<Arc<[u8; 32]>>,
     /// The model gateway.
     pub gateway: Arc<api::gateway::GatewayState>,
+    /// The Cloud Agent; `None` answers its routes with 503 `agent_disabled`.
+    pub agents: Option<kilocloud_agent::Agents>,
     /// Per-IP budget of failed authentications.
     pub auth_limiter: Arc<auth::AuthFailureLimiter>,
     /// Prometheus exposition handle.
@@ -80,6 +82,7 @@ impl AppState {
             substrate,
             identity,
             gateway,
+            agents: None,
             admin_token_sha256: Some(options.admin_token.as_str())
                 .filter(|t| !t.is_empty())
                 .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),
@@ -93,6 +96,12 @@ impl AppState {
 }
 
 impl AppState {
+    /// With the Cloud Agent's routes served by `agents`.
+    pub fn with_agents(mut self, agents: kilocloud_agent::Agents) -> Self {
+        self.agents = Some(agents);
+        self
+    }
+
     /// Registers the counters that may stay at zero for a long time, so dashboards and alerts
     /// see them from the first scrape.
     fn with_zeroed_metrics(self) -> Self {

@@ -15,6 +15,7 @@
 
 pub mod fake_anthropic;
 pub mod fake_openai;
+pub mod git_server;
 
 /// Instantiates each `async fn name(postgres: bool)` scenario as the tests `name::sqlite` and
 /// `name::postgres`: one suite, every backend.

@@ -9,6 +9,7 @@ mod bots;
 pub mod gateway;
 mod orgs;
 mod secrets;
+pub mod sessions;
 mod tickets;
 mod tokens;
 mod users;
@@ -49,7 +50,7 @@ pub struct ErrorDetail {
     modifiers(&Security),
     tags(
         (name = "users"), (name = "organizations"), (name = "tokens"),
-        (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway")
+        (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway"), (name = "sessions")
     )
 )]
 struct ApiDoc;
@@ -107,6 +108,14 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(gateway::balance))
         .routes(routes!(gateway::usage))
         .routes(routes!(gateway::get_policy, gateway::put_policy))
+        .routes(routes!(sessions::prepare, sessions::list))
+        .routes(routes!(sessions::get_session, sessions::delete_session))
+        .routes(routes!(sessions::initiate))
+        .routes(routes!(sessions::send_message))
+        .routes(routes!(sessions::interrupt))
+        .routes(routes!(sessions::export))
+        .routes(routes!(sessions::events))
+        .routes(routes!(sessions::stream))
         .split_for_parts()
 }
 

@@ -1,0 +1,360 @@
+//! `/api/sessions`: Cloud Agent sessions (reference §3). Owner-scoped: a user's own sessions,
+//! or an organization's with `X-KiloCode-OrganizationId`; another owner's session is 404. The
+//! live stream is a WebSocket opened with a single-use ticket (`POST /api/tickets` with
+//! resource `session:<id>`), replaying the log after `fromId` in batches of at most 1 MiB and
+//! then following it live.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kilocloud_agent::{
+    AgentError, Agents, Caller, EventFilter, EventFrame, FollowUp, PrepareRequest, Prepared,
+    SessionExport, SessionSummary, SessionView, Started,
+};
+use kilocloud_identity::Owner;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::ErrorBody;
+use crate::auth::OwnerScope;
+use crate::{ApiError, AppState, Json};
+
+/// Most bytes of events sent per replay batch (reference: 1 MiB).
+pub const REPLAY_BATCH_BYTES: usize = 1 << 20;
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        let message = e.to_string();
+        match e {
+            AgentError::Invalid(_) => ApiError::bad_request(message),
+            AgentError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "session_not_found", message),
+            AgentError::Conflict { active, .. } => {
+                let code = if active.is_some() { "execution_in_progress" } else { "conflict" };
+                ApiError {
+                    details: active.map(|a| serde_json::json!({"activeExecutionId": a})),
+                    ..ApiError::new(StatusCode::CONFLICT, code, message)
+                }
+            }
+            AgentError::SetupFailed(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "setup_command_failed", message)
+            }
+            AgentError::Unavailable { retryable, .. } => ApiError {
+                details: Some(serde_json::json!({"retryable": retryable})),
+                retry_after_secs: retryable.then_some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandbox_unavailable", message)
+            },
+            AgentError::Internal(_) => {
+                tracing::error!(error = %message, "cloud agent failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+            }
+            AgentError::Substrate(e) => e.into(),
+        }
+    }
+}
+
+fn agents(s: &AppState) -> Result<&Agents, ApiError> {
+    s.agents.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent_disabled",
+            "the Cloud Agent is not enabled on this server",
+        )
+    })
+}
+
+fn caller(scope: &OwnerScope) -> Caller {
+    Caller {
+        user: scope.auth.principal.user,
+        org: match scope.owner() {
+            Owner::Org(org) => Some(org),
+            Owner::User(_) => None,
+        },
+        bot: scope.auth.principal.bot,
+    }
+}
+
+/// `POST /api/sessions`: prepares a session: clones the repository into a new workspace on
+/// `session/<id>` (or `upstreamBranch`) and runs the setup commands. Then `initiate` it.
+#[utoipa::path(post, path = "/api/sessions", tag = "sessions", request_body = PrepareRequest,
+    responses((status = 201, body = Prepared), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 422, description = "a setup command failed", body = ErrorBody),
+        (status = 503, description = "sandbox or clone failure; `retryable` says whether to retry", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn prepare(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Json(body): Json<PrepareRequest>,
+) -> Result<(StatusCode, Json<Prepared>), ApiError> {
+    let prepared = agents(&s)?.prepare(caller(&scope), body).await?;
+    Ok((StatusCode::CREATED, Json(prepared)))
+}
+
+/// `GET /api/sessions`: the caller's sessions (the organization's in an organization scope),
+/// newest first.
+#[utoipa::path(get, path = "/api/sessions", tag = "sessions",
+    responses((status = 200, body = Vec<SessionSummary>), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(State(s): State<AppState>, scope: OwnerScope) -> Result<Json<Vec<SessionSummary>>, ApiError> {
+    Ok(Json(agents(&s)?.list(caller(&scope)).await?))
+}
+
+/// `GET /api/sessions/{id}`: the session and its executions; secrets only as a count.
+#[utoipa::path(get, path = "/api/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id, agent_<uuid>")),
+    responses((status = 200, body = SessionView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_session(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    Ok(Json(agents(&s)?.get(caller(&scope), &id).await?))
+}
+
+/// `DELETE /api/sessions/{id}`: stops the session's execution and deletes its state,
+/// workspace and history.
+#[utoipa::path(delete, path = "/api/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_session(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    agents(&s)?.delete(caller(&scope), &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/sessions/{id}/initiate`: starts the first execution with the prepared prompt.
+/// 409 `execution_in_progress` (with `activeExecutionId`) while one runs.
+#[utoipa::path(post, path = "/api/sessions/{id}/initiate", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 202, body = Started), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn initiate(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Started>), ApiError> {
+    let started = agents(&s)?.initiate(caller(&scope), &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+/// `POST /api/sessions/{id}/messages`: a follow-up message, run as a new execution that
+/// continues the conversation. 409 while another runs.
+#[utoipa::path(post, path = "/api/sessions/{id}/messages", tag = "sessions", request_body = FollowUp,
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 202, body = Started), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn send_message(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+    Json(body): Json<FollowUp>,
+) -> Result<(StatusCode, Json<Started>), ApiError> {
+    let started = agents(&s)?.send(caller(&scope), &id, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+/// Answer of `interrupt`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Interrupting {
+    /// The execution asked to stop.
+    pub execution_id: String,
+}
+
+/// `POST /api/sessions/{id}/interrupt`: stops the active execution (it ends `interrupted`).
+/// 409 when nothing runs.
+#[utoipa::path(post, path = "/api/sessions/{id}/interrupt", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 202, body = Interrupting), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn interrupt(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Interrupting>), ApiError> {
+    let execution_id = agents(&s)?.interrupt(caller(&scope), &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(Interrupting { execution_id })))
+}
+
+/// `GET /api/sessions/{id}/export`: the session and its compacted history.
+#[utoipa::path(get, path = "/api/sessions/{id}/export", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 200, body = SessionExport), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn export(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+) -> Result<Json<SessionExport>, ApiError> {
+    Ok(Json(agents(&s)?.export(caller(&scope), &id).await?))
+}
+
+/// Query of the event routes.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Events after this id (default 0: from the start).
+    #[serde(default)]
+    pub from_id: u64,
+    /// Comma-separated execution ids to keep.
+    pub execution_ids: Option<String>,
+    /// Comma-separated event types to keep.
+    pub event_types: Option<String>,
+    /// The stream's ticket (WebSocket only).
+    pub ticket: Option<String>,
+    /// The organization of the session, for a member other than its creator (WebSocket only).
+    pub organization_id: Option<Uuid>,
+}
+
+impl EventQuery {
+    fn filter(&self) -> EventFilter {
+        let split = |v: &Option<String>| {
+            v.as_deref()
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        EventFilter {
+            execution_ids: split(&self.execution_ids),
+            event_types: split(&self.event_types),
+        }
+    }
+}
+
+/// A page of events.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventPage {
+    /// Events, oldest first (at most about 1 MiB).
+    pub events: Vec<EventFrame>,
+    /// Pass as `fromId` for the next page.
+    pub next_from_id: u64,
+}
+
+/// `GET /api/sessions/{id}/events`: the event log after `fromId`, filtered, one page of at
+/// most 1 MiB (the stream's replay, for clients without WebSockets).
+#[utoipa::path(get, path = "/api/sessions/{id}/events", tag = "sessions", params(("id" = String, Path, description = "Session id"), EventQuery),
+    responses((status = 200, body = EventPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+    Path(id): Path<String>,
+    Query(q): Query<EventQuery>,
+) -> Result<Json<EventPage>, ApiError> {
+    let agents = agents(&s)?;
+    let (key, _) = agents.locate(caller(&scope), &id).await?;
+    let (events, next_from_id) = agents
+        .events(&key, &id, q.from_id, &q.filter(), REPLAY_BATCH_BYTES)
+        .await?;
+    Ok(Json(EventPage { events, next_from_id }))
+}
+
+/// `GET /api/sessions/{id}/stream?ticket=…[&fromId&executionIds&eventTypes&organizationId]`:
+/// the WebSocket event stream. Each message is one event frame (JSON text). A plain request
+/// is refused with 426; a missing, used or expired ticket with 401.
+#[utoipa::path(get, path = "/api/sessions/{id}/stream", tag = "sessions", params(("id" = String, Path, description = "Session id"), EventQuery),
+    responses((status = 101, description = "WebSocket of event frames"), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 426, body = ErrorBody)))]
+pub async fn stream(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventQuery>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let Ok(upgrade) = upgrade else {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            "this route is a WebSocket; connect with a WebSocket client",
+        ));
+    };
+    let agents = agents(&s)?.clone();
+    let ticket = q
+        .ticket
+        .as_deref()
+        .ok_or_else(|| ApiError::unauthorized("a ticket is required (POST /api/tickets)"))?;
+    let user = s.identity.redeem_ticket(ticket, &format!("session:{id}")).await?;
+    if let Some(org) = q.organization_id
+        && s.identity.org_role(org, user).await?.is_none()
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "session not found"));
+    }
+    let caller = Caller {
+        user,
+        org: q.organization_id,
+        bot: None,
+    };
+    let (key, _) = agents.locate(caller, &id).await?;
+    let filter = q.filter();
+    let from = q.from_id;
+    Ok(upgrade
+        .on_upgrade(move |socket| follow(socket, agents, key, id, from, filter))
+        .into_response())
+}
+
+/// Replays then follows the log until the client goes away. A node wakes its streams when it
+/// records events; events recorded by another node arrive within a second.
+async fn follow(
+    mut socket: WebSocket,
+    agents: Agents,
+    key: String,
+    session_id: String,
+    mut cursor: u64,
+    filter: EventFilter,
+) {
+    let mut signal = agents.event_signal();
+    loop {
+        signal.borrow_and_update();
+        let (frames, next) = match agents
+            .events(&key, &session_id, cursor, &filter, REPLAY_BATCH_BYTES)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(session = %session_id, error = %e, "stream read failed");
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+        };
+        let caught_up = next == cursor;
+        cursor = next;
+        for frame in frames {
+            let text = serde_json::to_string(&frame).expect("a frame serializes");
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                return;
+            }
+        }
+        if !caught_up {
+            continue;
+        }
+        tokio::select! {
+            _ = signal.changed() => {}
+            () = agents.stopped() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                // Client messages are ignored (reference).
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}

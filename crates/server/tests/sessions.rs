@@ -1,0 +1,695 @@
+//! Cloud Agent sessions end to end, in process on SQLite and PostgreSQL: a real git server
+//! (`git http-backend`), real bubblewrap sandboxes, the real gateway in front of the fake
+//! OpenAI upstream scripted to drive the built-in agent, a real WebSocket stream, and a
+//! callback receiver. Time-based rules (reaper, callback backoff) run on a manual clock with
+//! alarms and queue deliveries driven by the test.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kilocloud_agent::sandbox::{LocalSandbox, SandboxConfig};
+use kilocloud_agent::session::{CALLBACK_QUEUE, ExecStatus, Execution, Mode, NewEvent, SessionActor, SessionCall};
+use kilocloud_agent::{AgentConfig, Agents};
+use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
+use kilocloud_identity::envelope::{MasterKey, MasterKeys};
+use kilocloud_identity::model::Initiator;
+use kilocloud_identity::{Identity, IdentityConfig, Owner};
+use kilocloud_server::api::gateway;
+use kilocloud_server::{AppState, ServerOptions, router};
+use kilocloud_substrate::{Clock, ManualClock, Substrate};
+use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+use kilocloud_test_support::git_server::GitServer;
+use kilocloud_test_support::{TestStore, on_both_backends};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const MODEL: &str = "vendor/paid";
+const GIT_TOKEN: &str = "ghs_test_token_4f1c";
+
+/// Receives callbacks; answers with the scripted statuses, then 200.
+#[derive(Clone, Default)]
+struct Receiver {
+    statuses: Arc<Mutex<VecDeque<u16>>>,
+    received: Arc<Mutex<Vec<(Value, Option<String>)>>>,
+}
+
+impl Receiver {
+    async fn start(self) -> String {
+        let app = axum::Router::new().route(
+            "/callback",
+            axum::routing::post(
+                |axum::extract::State(r): axum::extract::State<Receiver>,
+                 headers: axum::http::HeaderMap,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    let secret = headers.get("x-secret").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    r.received.lock().unwrap().push((body, secret));
+                    let status = r.statuses.lock().unwrap().pop_front().unwrap_or(200);
+                    axum::http::StatusCode::from_u16(status).unwrap()
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/callback", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app.with_state(self)).await });
+        url
+    }
+
+    fn received(&self) -> Vec<(Value, Option<String>)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+struct Env {
+    _store: TestStore,
+    _sandboxes: tempfile::TempDir,
+    sub: Substrate,
+    clock: Arc<ManualClock>,
+    upstream: FakeOpenAi,
+    git: GitServer,
+    agents: Agents,
+    gateway: Arc<gateway::GatewayState>,
+    identity: Identity,
+    base: String,
+    key: String,
+    user: Uuid,
+    http: reqwest::Client,
+    receiver: Receiver,
+    callback_url: String,
+}
+
+async fn env(postgres: bool) -> Env {
+    let store = TestStore::new(postgres).await;
+    let clock = Arc::new(ManualClock::new(1_798_804_800_000));
+    let sub = store.open(clock.clone()).await;
+    let identity = Identity::new(
+        &sub,
+        IdentityConfig {
+            jwt_secret: b"sessions-test-secret".to_vec(),
+            master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
+            internal_api_secret: None,
+        },
+    );
+    let upstream = FakeOpenAi::start().await;
+    let config = GatewayConfig {
+        providers: vec![ProviderConfig {
+            id: "fake".into(),
+            kind: ProviderKind::OpenaiCompatible,
+            base_url: upstream.base_url.clone(),
+            api_key: "upstream-key".into(),
+            api_key_env: String::new(),
+            byok_family: String::new(),
+            models: vec![ModelConfig {
+                id: MODEL.into(),
+                upstream_id: "upstream-paid".into(),
+                context_length: 200_000,
+                input_price: 3.0,
+                output_price: 15.0,
+                cache_read_price: 0.3,
+                cache_write_price: 3.75,
+                free: false,
+                fallback_providers: Vec::new(),
+            }],
+        }],
+        ..GatewayConfig::default()
+    };
+    let gateway = gateway::state(&sub, &config, |_| None).unwrap();
+    let sandboxes = tempfile::tempdir().unwrap();
+    let mut agent_config = AgentConfig {
+        default_model: MODEL.into(),
+        allow_private_callbacks: true,
+        ..AgentConfig::default()
+    };
+    agent_config.git.allow_http = true;
+    agent_config.git.allow_private_hosts = true;
+    let sandbox = Arc::new(LocalSandbox::new(
+        &SandboxConfig::default(),
+        sandboxes.path().to_path_buf(),
+    ));
+    let agents = Agents::with_sandbox(&sub, identity.clone(), agent_config, sandbox);
+    let system = Initiator {
+        user: Uuid::nil(),
+        request_id: None,
+    };
+    let (user, key, _) = identity
+        .create_user("agent@example.com", "agent", false, &system)
+        .await
+        .unwrap();
+    gateway
+        .ledger
+        .grant(Owner::User(user.id), 10_000_000, "test", &system)
+        .await
+        .unwrap();
+    let state = AppState::new(sub.clone(), identity.clone(), gateway.clone(), &ServerOptions::default())
+        .with_agents(agents.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    agents.set_server_url(&base);
+    tokio::spawn(kilocloud_server::serve(
+        listener,
+        router(state),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    let receiver = Receiver::default();
+    let callback_url = receiver.clone().start().await;
+    Env {
+        _store: store,
+        _sandboxes: sandboxes,
+        sub,
+        clock,
+        upstream,
+        git: GitServer::start(GIT_TOKEN).await,
+        agents,
+        gateway,
+        identity,
+        base,
+        key,
+        user: user.id,
+        http: reqwest::Client::new(),
+        receiver,
+        callback_url,
+    }
+}
+
+impl Env {
+    async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.request_as(&self.key, method, path, body).await
+    }
+
+    async fn request_as(&self, key: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn prepare(&self, extra: Value) -> String {
+        let repo = self.git.create_repo(
+            "demo",
+            &[("hello.txt", "hello world\n"), ("README.md", "# demo\n")],
+        );
+        let mut body = json!({
+            "gitUrl": repo,
+            "gitToken": GIT_TOKEN,
+            "prompt": "Change the greeting to kilo and record that you ran",
+            "autoCommit": true,
+            "envVars": {"GREETING_STYLE": "short"},
+            "secrets": {"API_SECRET": "s3cr3t-value"},
+            "callbackTarget": {"url": self.callback_url, "headers": {"x-secret": "callback-secret"}},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, prepared) = self.request(reqwest::Method::POST, "/api/sessions", Some(body)).await;
+        assert_eq!(status, 201, "{prepared}");
+        prepared["sessionId"].as_str().unwrap().to_owned()
+    }
+
+    /// The session's view once `execution` is terminal, waiting on the event signal.
+    async fn until_terminal(&self, session: &str, execution: &str) -> Value {
+        let mut signal = self.agents.event_signal();
+        tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                signal.borrow_and_update();
+                let (_, view) = self.request(reqwest::Method::GET, &format!("/api/sessions/{session}"), None).await;
+                let exec = view["executions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["executionId"] == execution)
+                    .cloned()
+                    .unwrap();
+                if ["completed", "failed", "interrupted"].contains(&exec["status"].as_str().unwrap()) {
+                    return view;
+                }
+                signal.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the execution ended")
+    }
+
+    async fn events(&self, session: &str, from: u64) -> Vec<Value> {
+        let (status, page) = self
+            .request(reqwest::Method::GET, &format!("/api/sessions/{session}/events?fromId={from}"), None)
+            .await;
+        assert_eq!(status, 200, "{page}");
+        page["events"].as_array().unwrap().clone()
+    }
+
+    async fn ticket(&self, session: &str) -> String {
+        let (status, t) = self
+            .request(reqwest::Method::POST, "/api/tickets", Some(json!({"resource": format!("session:{session}")})))
+            .await;
+        assert_eq!(status, 201, "{t}");
+        t["ticket"].as_str().unwrap().to_owned()
+    }
+
+    async fn deliver_callbacks(&self) -> usize {
+        let consumer = kilocloud_agent::callback::CallbackConsumer::new(self.identity.clone(), true);
+        self.sub.queues().process_batch(CALLBACK_QUEUE, &consumer).await.unwrap()
+    }
+}
+
+fn tool(name: &str, args: Value) -> Reply {
+    Reply::ToolCall {
+        name: name.into(),
+        arguments: args.to_string(),
+    }
+}
+
+/// Prepare → initiate → the built-in agent reads, edits, runs a command and finishes through
+/// the gateway → events → commit and push to `session/<id>` → callback with its headers; the
+/// stream replays after an event id; the history exports; secrets never show.
+async fn main_path(postgres: bool) {
+    let env = env(postgres).await;
+    for reply in [
+        tool("read_file", json!({"path": "hello.txt"})),
+        tool("edit_file", json!({"path": "hello.txt", "old": "world", "new": "kilo"})),
+        tool("run_command", json!({"command": "cat hello.txt && echo \"$GREETING_STYLE $API_SECRET\" > ran.txt && cat /etc/shadow"})),
+        tool("finish", json!({"summary": "Changed the greeting"})),
+    ] {
+        env.upstream.push(reply);
+    }
+    let session = env.prepare(json!({})).await;
+    let (status, started) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None)
+        .await;
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["status"], "started");
+    assert_eq!(started["streamUrl"], format!("/api/sessions/{session}/stream"));
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    let view = env.until_terminal(&session, &execution).await;
+    let exec = &view["executions"][0];
+    assert_eq!(exec["status"], "completed", "{view}");
+    let branch = format!("session/{session}");
+    assert_eq!(view["lastBranch"], branch.as_str());
+    assert_eq!(view["activeExecutionId"], Value::Null);
+    // Secrets only as counts.
+    assert_eq!(view["secretCount"], 1);
+    assert_eq!(view["hasGitToken"], true);
+    let shown = view.to_string();
+    assert!(!shown.contains("s3cr3t-value") && !shown.contains(GIT_TOKEN) && !shown.contains("callback-secret"));
+
+    // The events, in order.
+    let events = env.events(&session, 0).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["streamEventType"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"started"));
+    assert_eq!(kinds.last(), Some(&"complete"));
+    let ids: Vec<u64> = events.iter().map(|e| e["eventId"].as_u64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let tools: Vec<&str> = events
+        .iter()
+        .filter(|e| e["streamEventType"] == "agent" && e["data"]["kind"] == "tool_call")
+        .map(|e| e["data"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tools, ["read_file", "edit_file", "run_command", "finish"]);
+    let output = events.iter().find(|e| e["streamEventType"] == "output").unwrap();
+    let text = output["data"]["output"].as_str().unwrap();
+    assert!(text.contains("hello kilo"), "{text}");
+    // Reading the host's /etc/shadow from inside the session fails.
+    assert!(!text.contains("root:"), "{text}");
+    let complete = events.last().unwrap();
+    assert_eq!(complete["data"]["currentBranch"], branch.as_str());
+    assert_eq!(complete["data"]["exitCode"], 0);
+    assert_eq!(complete["executionId"], execution.as_str());
+
+    // Committed and pushed to session/<id>, with the configured author, the token only ever
+    // in a header.
+    assert_eq!(env.git.file_at("demo", &branch, "hello.txt").unwrap(), "hello kilo\n");
+    assert_eq!(env.git.file_at("demo", &branch, "ran.txt").unwrap(), "short s3cr3t-value\n");
+    assert_eq!(env.git.file_at("demo", "main", "hello.txt").unwrap(), "hello world\n");
+    let log = env.git.last_subject("demo", &branch).unwrap();
+    assert!(log.contains("Change the greeting") && log.contains("Kilo Code Cloud"), "{log}");
+    assert!(env.git.seen_uris().iter().all(|u| !u.contains(GIT_TOKEN)));
+    let authed = env.git.seen_auth().iter().filter(|a| a.is_some()).count();
+    assert!(authed >= 2, "clone and push both authenticated");
+
+    // Model calls went through the gateway, metered to the session's owner.
+    let requests = env.upstream.requests();
+    assert_eq!(requests.len(), 4);
+    assert_eq!(requests[0].body["model"], "upstream-paid");
+    env.gateway.settle().await;
+    let usage = env
+        .gateway
+        .ledger
+        .usage(Owner::User(env.user), kilocloud_gateway::UsageFilter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(usage.len(), 4);
+
+    // The callback, with its headers.
+    assert_eq!(env.deliver_callbacks().await, 1);
+    let received = env.receiver.received();
+    assert_eq!(received.len(), 1);
+    let (payload, secret) = &received[0];
+    assert_eq!(secret.as_deref(), Some("callback-secret"));
+    assert_eq!(
+        payload,
+        &json!({"sessionId": session, "executionId": execution, "status": "completed", "lastSeenBranch": branch})
+    );
+
+    // Replay over the WebSocket after an event id, as after a reconnect.
+    let from = ids[2];
+    let ticket = env.ticket(&session).await;
+    let ws_url = format!(
+        "{}/api/sessions/{session}/stream?ticket={ticket}&fromId={from}",
+        env.base.replace("http://", "ws://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    let mut replayed = Vec::new();
+    while replayed.len() < ids.len() - 3 {
+        let msg = ws.next().await.unwrap().unwrap();
+        let frame: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        replayed.push(frame["eventId"].as_u64().unwrap());
+    }
+    assert_eq!(replayed, ids[3..]);
+    ws.close(None).await.unwrap();
+    // A ticket opens one stream only.
+    let again = tokio_tungstenite::connect_async(&ws_url).await;
+    assert!(again.is_err());
+    // Filters: only `complete` events.
+    let ticket = env.ticket(&session).await;
+    let filtered = format!(
+        "{}/api/sessions/{session}/stream?ticket={ticket}&eventTypes=complete",
+        env.base.replace("http://", "ws://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&filtered).await.unwrap();
+    let frame: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(frame["streamEventType"], "complete");
+
+    // The history exports, compacted per item: the conversation of the execution.
+    let (status, export) = env
+        .request(reqwest::Method::GET, &format!("/api/sessions/{session}/export"), None)
+        .await;
+    assert_eq!(status, 200);
+    let items = export["items"].as_object().unwrap();
+    assert_eq!(items["message/00000000"]["role"], "user");
+    assert!(items.keys().filter(|k| k.starts_with("message/")).count() >= 9);
+    assert_eq!(export["eventCount"], ids.len() as u64);
+
+    // A follow-up continues the conversation.
+    env.upstream.push(Reply::text("Nothing else to change.", 10, 5));
+    let (status, next) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "Anything else?", "mode": "ask"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{next}");
+    let followup = next["executionId"].as_str().unwrap();
+    let view = env.until_terminal(&session, followup).await;
+    assert_eq!(view["executions"][1]["status"], "completed");
+    let last = env.upstream.requests().pop().unwrap();
+    let messages = last.body["messages"].as_array().unwrap();
+    assert_eq!(messages[1]["content"], "Change the greeting to kilo and record that you ran");
+    assert_eq!(messages.last().unwrap()["content"], "Anything else?");
+    // Read-only mode offers no writing tools.
+    let names: Vec<&str> = last.body["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
+    assert!(!names.contains(&"run_command") && !names.contains(&"write_file"));
+
+    // Delete removes it.
+    let (status, _) = env.request(reqwest::Method::DELETE, &format!("/api/sessions/{session}"), None).await;
+    assert_eq!(status, 204);
+    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/{session}"), None).await;
+    assert_eq!(status, 404);
+    let (_, list) = env.request(reqwest::Method::GET, "/api/sessions", None).await;
+    assert_eq!(list, json!([]));
+}
+
+/// One active execution: a second start is 409 with its id; an interrupt ends it
+/// `interrupted`, and the callback says so.
+async fn conflict_and_interrupt(postgres: bool) {
+    let env = env(postgres).await;
+    env.upstream.push(Reply::Hang);
+    let session = env.prepare(json!({})).await;
+    let (_, started) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None)
+        .await;
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    let (status, again) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None)
+        .await;
+    assert_eq!(status, 409, "{again}");
+    let (status, busy) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "more"})))
+        .await;
+    assert_eq!(status, 409, "{busy}");
+    assert_eq!(busy["error"]["code"], "execution_in_progress");
+    assert_eq!(busy["error"]["activeExecutionId"], execution.as_str());
+    let (status, stopping) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/interrupt"), None)
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(stopping["executionId"], execution.as_str());
+    let view = env.until_terminal(&session, &execution).await;
+    assert_eq!(view["executions"][0]["status"], "interrupted");
+    assert_eq!(view["executions"][0]["error"], "User interrupted");
+    let kinds: Vec<String> = env.events(&session, 0).await.iter().map(|e| e["streamEventType"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(kinds.last().map(String::as_str), Some("interrupted"));
+    let (status, _) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/interrupt"), None)
+        .await;
+    assert_eq!(status, 409, "nothing left to interrupt");
+    env.deliver_callbacks().await;
+    assert_eq!(env.receiver.received()[0].0["status"], "interrupted");
+}
+
+/// Bad input gets precise errors; another owner's session is 404; the stream needs a
+/// WebSocket and a ticket.
+async fn bad_input_and_scoping(postgres: bool) {
+    let env = env(postgres).await;
+    let repo = env.git.create_repo("bad", &[("a.txt", "a")]);
+    let cases = [
+        (json!({"gitUrl": repo, "prompt": ""}), "prompt"),
+        (json!({"gitUrl": repo, "prompt": "x".repeat(100_001)}), "prompt"),
+        (json!({"gitUrl": "file:///etc", "prompt": "p"}), "scheme"),
+        (json!({"gitUrl": format!("http://user:pw@{}", repo.trim_start_matches("http://")), "prompt": "p"}), "credentials"),
+        (json!({"prompt": "p"}), "exactly one"),
+        (json!({"gitUrl": repo, "githubRepo": "a/b", "prompt": "p"}), "exactly one"),
+        (json!({"gitUrl": repo, "prompt": "p", "envVars": (0..51).map(|i| (format!("V{i}"), json!("x"))).collect::<serde_json::Map<_, _>>()}), "envVars"),
+        (json!({"gitUrl": repo, "prompt": "p", "envVars": {"HOME": "/x"}}), "HOME"),
+        (json!({"gitUrl": repo, "prompt": "p", "setupCommands": vec!["true"; 21]}), "setupCommands"),
+        (json!({"gitUrl": repo, "prompt": "p", "setupCommands": ["x".repeat(501)]}), "setup command"),
+        (json!({"gitUrl": repo, "prompt": "p", "upstreamBranch": "a..b"}), "upstreamBranch"),
+        (json!({"gitUrl": repo, "prompt": "p", "callbackTarget": {"url": "ftp://x"}}), "callbackTarget"),
+    ];
+    for (body, needle) in cases {
+        let (status, err) = env.request(reqwest::Method::POST, "/api/sessions", Some(body)).await;
+        assert_eq!(status, 400, "{needle}: {err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    // Unknown fields are refused by the JSON extractor (422, the API's convention).
+    let (status, err) = env
+        .request(reqwest::Method::POST, "/api/sessions", Some(json!({"gitUrl": repo, "prompt": "p", "surprise": 1})))
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert!(err.to_string().contains("surprise"));
+    // A clone failure (wrong token) is a retryable 503 and leaves nothing behind.
+    let (status, err) = env
+        .request(reqwest::Method::POST, "/api/sessions", Some(json!({"gitUrl": repo, "gitToken": "wrong", "prompt": "p"})))
+        .await;
+    assert_eq!(status, 503, "{err}");
+    assert_eq!(err["error"]["retryable"], true);
+    // A failing setup command is 422 with its output.
+    let (status, err) = env
+        .request(
+            reqwest::Method::POST,
+            "/api/sessions",
+            Some(json!({"gitUrl": repo, "gitToken": GIT_TOKEN, "prompt": "p", "setupCommands": ["echo broken >&2; exit 3"]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("broken"));
+    let (_, list) = env.request(reqwest::Method::GET, "/api/sessions", None).await;
+    assert_eq!(list, json!([]));
+
+    let session = env.prepare(json!({})).await;
+    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/agent_{}", Uuid::new_v4()), None).await;
+    assert_eq!(status, 404);
+    let (status, _) = env.request(reqwest::Method::GET, "/api/sessions/not-an-id", None).await;
+    assert_eq!(status, 404);
+    // Another user sees nothing of it.
+    let system = Initiator { user: Uuid::nil(), request_id: None };
+    let (_, other_key, _) = env.identity.create_user("other@example.com", "other", false, &system).await.unwrap();
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/api/sessions/{session}")),
+        (reqwest::Method::POST, format!("/api/sessions/{session}/initiate")),
+        (reqwest::Method::POST, format!("/api/sessions/{session}/interrupt")),
+        (reqwest::Method::GET, format!("/api/sessions/{session}/export")),
+        (reqwest::Method::GET, format!("/api/sessions/{session}/events")),
+        (reqwest::Method::DELETE, format!("/api/sessions/{session}")),
+    ] {
+        let (status, _) = env.request_as(&other_key, method, &path, None).await;
+        assert_eq!(status, 404, "{path}");
+    }
+    let (_, list) = env.request_as(&other_key, reqwest::Method::GET, "/api/sessions", None).await;
+    assert_eq!(list, json!([]));
+    // The stream: a plain request is 426; a WebSocket without a valid ticket is refused.
+    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/{session}/stream"), None).await;
+    assert_eq!(status, 426);
+    let ws = format!("{}/api/sessions/{session}/stream?ticket=kt_bogus", env.base.replace("http://", "ws://"));
+    assert!(tokio_tungstenite::connect_async(&ws).await.is_err());
+    // A follow-up before initiate is a conflict.
+    let (status, _) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "hi"})))
+        .await;
+    assert_eq!(status, 409);
+}
+
+/// Reaper rules on a manual clock: pending for 5 min fails; running without a heartbeat for
+/// 10 min fails; both clear the active id and send the callback; idle for 90 days deletes the
+/// session and its workspace.
+async fn reaper(postgres: bool) {
+    let env = env(postgres).await;
+    let session = env.prepare(json!({})).await;
+    let key = format!("{}:{session}", env.user);
+    let exec = |id: &str| Execution {
+        execution_id: id.into(),
+        status: ExecStatus::Pending,
+        followup: false,
+        prompt: "p".into(),
+        mode: Mode::Code,
+        model: MODEL.into(),
+        auto_commit: false,
+        created_at: env.clock.now_ms(),
+        started_at: None,
+        completed_at: None,
+        last_heartbeat: None,
+        error: None,
+        exit_code: None,
+    };
+    let actors = env.sub.actors();
+    let status = |id: &'static str| {
+        let sub = env.sub.clone();
+        let key = key.clone();
+        async move {
+            let e: Execution = sub.actor_read("agent_session", &key, &format!("exec/{id}")).await.unwrap().unwrap();
+            (e.status, e.error)
+        }
+    };
+    let active = || {
+        let sub = env.sub.clone();
+        let key = key.clone();
+        async move { sub.actor_read::<String>("agent_session", &key, "active").await.unwrap() }
+    };
+    // Pending, never started.
+    actors.call::<SessionActor>(&key, SessionCall::Start(Box::new(exec("exec_a")))).await.unwrap().unwrap();
+    env.clock.advance(4 * 60_000);
+    env.sub.alarms().fire_due().await.unwrap();
+    assert_eq!(status("exec_a").await.0, ExecStatus::Pending, "not yet");
+    env.clock.advance(60_000);
+    env.sub.alarms().fire_due().await.unwrap();
+    assert_eq!(status("exec_a").await, (ExecStatus::Failed, Some("the sandbox never started the execution".into())));
+    assert_eq!(active().await, None);
+    // Running, then silent.
+    let mut second = exec("exec_b");
+    second.followup = true;
+    actors.call::<SessionActor>(&key, SessionCall::Start(Box::new(second))).await.unwrap().unwrap();
+    let started = SessionCall::Ingest {
+        execution_id: "exec_b".into(),
+        events: vec![NewEvent::new("started", json!({}))],
+        items: Vec::new(),
+    };
+    actors.call::<SessionActor>(&key, started).await.unwrap().unwrap();
+    env.clock.advance(9 * 60_000);
+    env.sub.alarms().fire_due().await.unwrap();
+    assert_eq!(status("exec_b").await.0, ExecStatus::Running, "9 minutes is not stale");
+    // The reaper runs every 5 minutes: the next run, 14 minutes in, finds it stale.
+    env.clock.advance(5 * 60_000);
+    env.sub.alarms().fire_due().await.unwrap();
+    assert_eq!(status("exec_b").await, (ExecStatus::Failed, Some("no heartbeat".into())));
+    assert_eq!(active().await, None);
+    // Both failures reached the callback queue.
+    assert_eq!(env.deliver_callbacks().await, 2);
+    let statuses: Vec<Value> = env.receiver.received().iter().map(|(p, _)| p["status"].clone()).collect();
+    assert_eq!(statuses, [json!("failed"), json!("failed")]);
+    // Late events of a failed execution are refused: terminal states are final.
+    let late = SessionCall::Ingest {
+        execution_id: "exec_b".into(),
+        events: vec![NewEvent::new("complete", json!({"exitCode": 0}))],
+        items: Vec::new(),
+    };
+    assert!(actors.call::<SessionActor>(&key, late).await.unwrap().is_err());
+    // Idle for 90 days: deleted with its workspace.
+    let view = env.agents.get(kilocloud_agent::Caller { user: env.user, org: None, bot: None }, &session).await.unwrap();
+    let workspace = env._sandboxes.path().join(&view.sandbox_id).join(view.workspace_path.trim_start_matches('/'));
+    assert!(workspace.join(".git").exists());
+    env.clock.advance(90 * 24 * 3_600_000);
+    env.sub.alarms().fire_due().await.unwrap();
+    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/{session}"), None).await;
+    assert_eq!(status, 404);
+    assert!(!workspace.exists());
+}
+
+/// Callbacks: 429 and 5xx are retried after 60·2^(n−1) s, at most 5 deliveries, then
+/// dead-lettered; a 4xx other than 429 is final.
+async fn callback_retries_and_dead_letter(postgres: bool) {
+    let env = env(postgres).await;
+    env.receiver.statuses.lock().unwrap().extend([500, 429]);
+    env.upstream.push(tool("finish", json!({"summary": "done"})));
+    let session = env.prepare(json!({"autoCommit": false})).await;
+    let (_, started) = env.request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None).await;
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    env.until_terminal(&session, &execution).await;
+    assert_eq!(env.deliver_callbacks().await, 1, "first attempt: 500");
+    env.clock.advance(59_999);
+    assert_eq!(env.deliver_callbacks().await, 0, "not before 60 s");
+    env.clock.advance(1);
+    assert_eq!(env.deliver_callbacks().await, 1, "second attempt: 429");
+    env.clock.advance(119_999);
+    assert_eq!(env.deliver_callbacks().await, 0, "not before 120 s more");
+    env.clock.advance(1);
+    assert_eq!(env.deliver_callbacks().await, 1, "third attempt: 200");
+    assert_eq!(env.receiver.received().len(), 3);
+    assert!(env.sub.queues().dead_letters(CALLBACK_QUEUE, 0, 10).await.unwrap().is_empty());
+
+    // Always failing: five deliveries, then the dead-letter queue.
+    env.receiver.statuses.lock().unwrap().extend([503; 5]);
+    env.upstream.push(tool("finish", json!({"summary": "again"})));
+    let (_, next) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "again"})))
+        .await;
+    env.until_terminal(&session, next["executionId"].as_str().unwrap()).await;
+    for wait in [0, 60_000, 120_000, 240_000, 480_000] {
+        env.clock.advance(wait);
+        assert_eq!(env.deliver_callbacks().await, 1);
+    }
+    assert_eq!(env.receiver.received().len(), 8);
+    let dead = env.sub.queues().dead_letters(CALLBACK_QUEUE, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    env.clock.advance(3_600_000);
+    assert_eq!(env.deliver_callbacks().await, 0);
+
+    // A plain refusal is final.
+    env.receiver.statuses.lock().unwrap().push_back(404);
+    env.upstream.push(tool("finish", json!({"summary": "third"})));
+    let (_, third) = env
+        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "third"})))
+        .await;
+    env.until_terminal(&session, third["executionId"].as_str().unwrap()).await;
+    assert_eq!(env.deliver_callbacks().await, 1);
+    env.clock.advance(3_600_000);
+    assert_eq!(env.deliver_callbacks().await, 0);
+    assert_eq!(env.sub.queues().dead_letters(CALLBACK_QUEUE, 0, 10).await.unwrap().len(), 1);
+}
+
+on_both_backends!(
+    main_path,
+    conflict_and_interrupt,
+    bad_input_and_scoping,
+    reaper,
+    callback_retries_and_dead_letter
+);
