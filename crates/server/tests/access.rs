@@ -317,6 +317,13 @@ enum Access {
     /// Anonymous callers too, for free models (the gateway); with credentials, as `OrgHeader`
     /// for members.
     AnonymousFree,
+    /// A Cloud Agent session route, owner-scoped like `OrgHeader` for members. This matrix
+    /// runs without the Cloud Agent, so a caller who passes the checks gets 503
+    /// `agent_disabled`; which sessions each owner reaches is tested in `sessions.rs`.
+    Session,
+    /// The session stream: a WebSocket opened with a single-use ticket instead of a bearer
+    /// credential; a plain request gets 426 (the ticket checks are in `sessions.rs`).
+    SessionStream,
 }
 
 struct Route {
@@ -637,8 +644,81 @@ fn routes() -> Vec<Route> {
             uri: |_| "/api/usage".into(),
             body: none,
         },
+        Route {
+            method: "POST",
+            path: "/api/sessions",
+            access: Session,
+            uri: |_| "/api/sessions".into(),
+            body: |_| Some(json!({"githubRepo": "acme/widgets", "prompt": "p"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/sessions",
+            access: Session,
+            uri: |_| "/api/sessions".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/sessions/{id}",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/sessions/{id}",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/sessions/{id}/initiate",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}/initiate", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/sessions/{id}/messages",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}/messages", SESSION_ID),
+            body: |_| Some(json!({"prompt": "more"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/sessions/{id}/interrupt",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}/interrupt", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/sessions/{id}/export",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}/export", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/sessions/{id}/events",
+            access: Session,
+            uri: |_| format!("/api/sessions/{}/events", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/sessions/{id}/stream",
+            access: SessionStream,
+            uri: |_| format!("/api/sessions/{}/stream", SESSION_ID),
+            body: none,
+        },
     ]
 }
+
+/// A well-formed session id no one owns.
+const SESSION_ID: &str = "agent_00000000-0000-4000-8000-000000000000";
 
 /// Every operation in the OpenAPI document is in the matrix and vice versa, so a new route
 /// cannot escape it.
@@ -659,9 +739,11 @@ async fn matrix_covers_every_route(e: &Env) -> Vec<Route> {
     documented.sort();
     let table = routes();
     for (method, path, secured) in &documented {
-        let public = table
-            .iter()
-            .any(|r| r.method == method && r.path == path && matches!(r.access, Access::Public));
+        let public = table.iter().any(|r| {
+            r.method == method
+                && r.path == path
+                && matches!(r.access, Access::Public | Access::SessionStream)
+        });
         assert_eq!(
             *secured, !public,
             "{method} {path}: only routes the matrix lists as public may lack a security requirement"
@@ -707,6 +789,15 @@ async fn access_matrix(pg: bool) {
             assert_eq!(r.status, StatusCode::OK, "{label} is public: {}", r.body);
             continue;
         }
+        if matches!(route.access, Access::SessionStream) {
+            let r = call(None, None).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UPGRADE_REQUIRED, "websocket_required"),
+                "{label}"
+            );
+            continue;
+        }
         // 1. No credentials.
         let r = call(None, None).await;
         if matches!(route.access, Access::AnonymousFree) {
@@ -732,7 +823,23 @@ async fn access_matrix(pg: bool) {
         }
 
         match route.access {
-            Access::Public => unreachable!("answered above"),
+            Access::Public | Access::SessionStream => unreachable!("answered above"),
+            Access::Session => {
+                let r = call(Some(&f.stranger), Some(&org)).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::FORBIDDEN, "not_a_member"),
+                    "{label} as stranger: {}",
+                    r.body
+                );
+                let r = call(Some(&f.member), Some(&org)).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::SERVICE_UNAVAILABLE, "agent_disabled"),
+                    "{label} as member: {}",
+                    r.body
+                );
+            }
             Access::SignedIn => {
                 // Acts for the caller only: a stranger gets their own view.
                 let r = call(Some(&f.stranger), None).await;
