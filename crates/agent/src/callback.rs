@@ -78,7 +78,11 @@ impl Consumer for CallbackConsumer {
             // Never log the error's URL with headers; the URL itself carries no secret.
             Err(e) => Err(Error::Handler(format!(
                 "callback failed: {}",
-                if e.is_timeout() { "timed out".to_owned() } else { e.without_url().to_string() }
+                if e.is_timeout() {
+                    "timed out".to_owned()
+                } else {
+                    e.without_url().to_string()
+                }
             ))),
         }
     }

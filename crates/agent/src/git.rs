@@ -73,7 +73,11 @@ impl GitConfig {
     ///
     /// Errors: [`GitError::BadRemote`] for a malformed `owner/repo`, a URL with credentials, a
     /// scheme other than https (or http when allowed), or a private host when not allowed.
-    pub fn remote_url(&self, github_repo: Option<&str>, git_url: Option<&str>) -> Result<String, GitError> {
+    pub fn remote_url(
+        &self,
+        github_repo: Option<&str>,
+        git_url: Option<&str>,
+    ) -> Result<String, GitError> {
         let url = match (github_repo, git_url) {
             (Some(repo), None) => {
                 let valid = repo.split('/').count() == 2
@@ -81,7 +85,8 @@ impl GitConfig {
                         !p.is_empty()
                             && p != "."
                             && p != ".."
-                            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                            && p.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
                     });
                 if !valid {
                     return Err(GitError::BadRemote(format!(
@@ -130,7 +135,11 @@ impl GitConfig {
     }
 
     fn protocols(&self) -> &'static str {
-        if self.allow_http { "https:http" } else { "https" }
+        if self.allow_http {
+            "https:http"
+        } else {
+            "https"
+        }
     }
 
     /// A hardened `git` command in `dir` carrying `token` (if any) as an HTTP header.
@@ -161,8 +170,8 @@ impl GitConfig {
             .kill_on_drop(true);
         let mut entries = vec![("credential.helper".to_owned(), String::new())];
         if let Some(token) = token {
-            let basic = base64::engine::general_purpose::STANDARD
-                .encode(format!("x-access-token:{token}"));
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
             entries.push((
                 "http.extraHeader".into(),
                 format!("Authorization: Basic {basic}"),
@@ -291,7 +300,11 @@ mod tests {
         for bad in ["acme", "acme/", "../x", "a/b/c", "acme/wid gets"] {
             assert!(strict.remote_url(Some(bad), None).is_err(), "{bad}");
         }
-        assert!(strict.remote_url(None, Some("https://git.example.com/a.git")).is_ok());
+        assert!(
+            strict
+                .remote_url(None, Some("https://git.example.com/a.git"))
+                .is_ok()
+        );
         for bad in [
             "http://git.example.com/a.git",
             "file:///etc",
@@ -310,7 +323,11 @@ mod tests {
             allow_private_hosts: true,
             ..GitConfig::default()
         };
-        assert!(local.remote_url(None, Some("http://127.0.0.1:9/a.git")).is_ok());
+        assert!(
+            local
+                .remote_url(None, Some("http://127.0.0.1:9/a.git"))
+                .is_ok()
+        );
         assert!(local.remote_url(None, Some("file:///etc")).is_err());
     }
 }

@@ -237,7 +237,10 @@ async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcom
         };
         let message = reply["choices"][0]["message"].clone();
         let content = message["content"].as_str().unwrap_or_default().to_owned();
-        let calls = message["tool_calls"].as_array().cloned().unwrap_or_default();
+        let calls = message["tool_calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let mut assistant = json!({"role": "assistant", "content": message["content"].clone()});
         if !calls.is_empty() {
             assistant["tool_calls"] = Value::Array(calls.clone());
@@ -260,7 +263,10 @@ async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcom
         let mut finished = None;
         for call in calls {
             let id = call["id"].as_str().unwrap_or_default().to_owned();
-            let name = call["function"]["name"].as_str().unwrap_or_default().to_owned();
+            let name = call["function"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let raw_args = call["function"]["arguments"].as_str().unwrap_or("{}");
             let args: Value = serde_json::from_str(raw_args).unwrap_or(Value::Null);
             turn.emit
@@ -282,7 +288,10 @@ async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcom
                     }
                 }
             } else {
-                (false, format!("arguments are not a JSON object: {raw_args}"))
+                (
+                    false,
+                    format!("arguments are not a JSON object: {raw_args}"),
+                )
             };
             turn.emit
                 .emit(
@@ -321,7 +330,10 @@ fn preview(text: &str, max: usize) -> String {
 }
 
 async fn chat(turn: &Turn<'_>, messages: &[Value], tools: &[Value]) -> Result<Value, HarnessError> {
-    let url = format!("{}/chat/completions", turn.gateway.base_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/chat/completions",
+        turn.gateway.base_url.trim_end_matches('/')
+    );
     let mut request = turn
         .http
         .post(&url)
@@ -339,13 +351,16 @@ async fn chat(turn: &Turn<'_>, messages: &[Value], tools: &[Value]) -> Result<Va
         .await
         .map_err(|e| HarnessError(format!("cannot reach the model gateway: {e}")))?;
     let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|e| HarnessError(format!("the model gateway answered {status} with a malformed body: {e}")))?;
+    let body: Value = response.json().await.map_err(|e| {
+        HarnessError(format!(
+            "the model gateway answered {status} with a malformed body: {e}"
+        ))
+    })?;
     if !status.is_success() {
         let message = body["error"]["message"].as_str().unwrap_or("no message");
-        return Err(HarnessError(format!("the model call failed ({status}): {message}")));
+        return Err(HarnessError(format!(
+            "the model call failed ({status}): {message}"
+        )));
     }
     if !body["choices"][0]["message"].is_object() {
         return Err(HarnessError("the model answered without a message".into()));
@@ -366,12 +381,19 @@ enum ToolStop {
 /// A workspace-relative path, refused when absolute or climbing out with `..` (inside the
 /// sandbox nothing else is reachable anyway; this keeps the agent's view coherent).
 fn rel_path(args: &Value, key: &str, default: Option<&str>) -> Result<String, String> {
-    let path = args[key].as_str().or(default).ok_or(format!("`{key}` is required"))?;
+    let path = args[key]
+        .as_str()
+        .or(default)
+        .ok_or(format!("`{key}` is required"))?;
     let trimmed = path.trim().trim_start_matches("./");
     if trimmed.starts_with('/') || trimmed.split('/').any(|p| p == "..") {
         return Err(format!("`{path}`: use a path inside the repository"));
     }
-    Ok(if trimmed.is_empty() { ".".into() } else { trimmed.to_owned() })
+    Ok(if trimmed.is_empty() {
+        ".".into()
+    } else {
+        trimmed.to_owned()
+    })
 }
 
 async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResult, ToolStop> {
@@ -415,9 +437,11 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
             let path = path!("path", Some("."));
             let out = exec(
                 turn,
-                ["find", &path, "-path", "*/.git", "-prune", "-o", "-type", "f", "-print"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "find", &path, "-path", "*/.git", "-prune", "-o", "-type", "f", "-print",
+                ]
+                .map(String::from)
+                .to_vec(),
                 None,
                 cap,
             )
@@ -480,8 +504,13 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
             let (Some(old), Some(new)) = (args["old"].as_str(), args["new"].as_str()) else {
                 return text(false, "`old` and `new` are required".into());
             };
-            let out = exec(turn, vec!["cat".into(), "--".into(), path.clone()], None, 16 << 20)
-                .await?;
+            let out = exec(
+                turn,
+                vec!["cat".into(), "--".into(), path.clone()],
+                None,
+                16 << 20,
+            )
+            .await?;
             if !out.success() {
                 return text(false, out.combined_text());
             }
@@ -489,7 +518,10 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
             match content.matches(old).count() {
                 1 => write(turn, &path, &content.replacen(old, new, 1)).await,
                 0 => text(false, format!("`old` does not occur in {path}")),
-                n => text(false, format!("`old` occurs {n} times in {path}; make it unique")),
+                n => text(
+                    false,
+                    format!("`old` occurs {n} times in {path}; make it unique"),
+                ),
             }
         }
         "run_command" => {
@@ -501,7 +533,10 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
                 .as_u64()
                 .map_or(limit, |s| (s * 1000).min(limit));
             turn.emit
-                .emit("status", json!({"message": format!("running: {}", preview(command, 200))}))
+                .emit(
+                    "status",
+                    json!({"message": format!("running: {}", preview(command, 200))}),
+                )
                 .await
                 .map_err(|_| ToolStop::Interrupted)?;
             let request = ExecRequest {
@@ -538,7 +573,13 @@ async fn write(turn: &Turn<'_>, path: &str, content: &str) -> Result<ToolResult,
     let script = "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\"";
     let out = exec(
         turn,
-        vec!["sh".into(), "-c".into(), script.into(), "sh".into(), path.into()],
+        vec![
+            "sh".into(),
+            "-c".into(),
+            script.into(),
+            "sh".into(),
+            path.into(),
+        ],
         Some(content.as_bytes().to_vec()),
         4096,
     )
@@ -647,11 +688,17 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
     }
     if !out.stderr.is_empty() {
         turn.emit
-            .emit("output", json!({"stderr": preview(&String::from_utf8_lossy(&out.stderr), 16 * 1024)}))
+            .emit(
+                "output",
+                json!({"stderr": preview(&String::from_utf8_lossy(&out.stderr), 16 * 1024)}),
+            )
             .await?;
     }
     match out.exit_code {
-        Some(0) => Ok(Outcome::Finished { summary, exit_code: 0 }),
+        Some(0) => Ok(Outcome::Finished {
+            summary,
+            exit_code: 0,
+        }),
         _ if out.timed_out => Err(HarnessError("the agent CLI ran past its time limit".into())),
         code => Err(HarnessError(format!(
             "the agent CLI failed ({})",

@@ -21,6 +21,6 @@ pub mod service;
 pub mod session;
 
 pub use service::{
-    AgentConfig, AgentError, Agents, Caller, CallbackTarget, EventFilter, EventFrame, FollowUp,
+    AgentConfig, AgentError, Agents, CallbackTarget, Caller, EventFilter, EventFrame, FollowUp,
     PrepareRequest, Prepared, SessionExport, SessionSummary, SessionView, Started,
 };

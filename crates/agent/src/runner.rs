@@ -66,14 +66,24 @@ impl Emitter {
 
 /// Runs `exec` of the session `meta` to its end. Never returns an error: every failure
 /// becomes the execution's fatal `error` event.
-pub(crate) async fn run(agents: Agents, meta: SessionMeta, exec: Execution, cancel: CancellationToken) {
+pub(crate) async fn run(
+    agents: Agents,
+    meta: SessionMeta,
+    exec: Execution,
+    cancel: CancellationToken,
+) {
     let key = crate::ids::actor_key(meta.user_id, &meta.session_id);
     let emitter = Emitter {
         agents: agents.clone(),
         key: key.clone(),
         execution_id: exec.execution_id.clone(),
     };
-    let watchdog = tokio::spawn(watch(agents.clone(), key, exec.execution_id.clone(), cancel.clone()));
+    let watchdog = tokio::spawn(watch(
+        agents.clone(),
+        key,
+        exec.execution_id.clone(),
+        cancel.clone(),
+    ));
     let outcome = execute(&agents, &meta, &exec, &emitter, &cancel).await;
     let last = match outcome {
         Ok(Outcome::Finished { summary, exit_code }) => {
@@ -154,20 +164,35 @@ async fn execute(
         // A cold start: this node has no copy of the workspace (another node prepared it, or
         // it was cleaned up). Clone again, on the pushed branch if it exists.
         emitter
-            .emit("status", json!({"message": "cold start: cloning the repository again"}))
+            .emit(
+                "status",
+                json!({"message": "cold start: cloning the repository again"}),
+            )
             .await?;
         let token = agents.open_secret(meta, "gitToken", meta.git_token.as_ref())?;
         let git = &inner.config.git;
         let existing = git
-            .clone(&meta.repo, token.as_deref(), &mount.host_workspace, &meta.branch, true)
+            .clone(
+                &meta.repo,
+                token.as_deref(),
+                &mount.host_workspace,
+                &meta.branch,
+                true,
+            )
             .await;
         if existing.is_err() {
             crate::service::empty_dir(&mount.host_workspace)
                 .await
                 .map_err(|e| HarnessError(format!("cannot reset the workspace: {e}")))?;
-            git.clone(&meta.repo, token.as_deref(), &mount.host_workspace, &meta.branch, false)
-                .await
-                .map_err(|e| HarnessError(format!("cannot clone the repository again: {e}")))?;
+            git.clone(
+                &meta.repo,
+                token.as_deref(),
+                &mount.host_workspace,
+                &meta.branch,
+                false,
+            )
+            .await
+            .map_err(|e| HarnessError(format!("cannot clone the repository again: {e}")))?;
         }
     }
     emitter
@@ -192,7 +217,10 @@ async fn execute(
         .await
         .map_err(|e| HarnessError(format!("cannot issue a gateway credential: {e}")))?;
     let gateway = GatewayAccess {
-        base_url: format!("{}/api/gateway/v1", agents.gateway_url().trim_end_matches('/')),
+        base_url: format!(
+            "{}/api/gateway/v1",
+            agents.gateway_url().trim_end_matches('/')
+        ),
         token,
         org: meta.org_id,
     };
@@ -263,13 +291,19 @@ async fn finish(
     }
     let Some(branch) = branch else {
         emitter
-            .emit("status", json!({"message": "auto-commit skipped: detached HEAD"}))
+            .emit(
+                "status",
+                json!({"message": "auto-commit skipped: detached HEAD"}),
+            )
             .await?;
         return Ok(None);
     };
     if branch == "main" || branch == "master" {
         emitter
-            .emit("status", json!({"message": format!("auto-commit skipped: never pushes to {branch}")}))
+            .emit(
+                "status",
+                json!({"message": format!("auto-commit skipped: never pushes to {branch}")}),
+            )
             .await?;
         return Ok(Some(branch));
     }
@@ -282,12 +316,18 @@ async fn finish(
         .map_err(|e| HarnessError(format!("auto-commit failed: {e}")))?;
     if !committed {
         emitter
-            .emit("status", json!({"message": "auto-commit skipped: no changes"}))
+            .emit(
+                "status",
+                json!({"message": "auto-commit skipped: no changes"}),
+            )
             .await?;
         return Ok(Some(branch));
     }
     emitter
-        .emit("status", json!({"message": format!("committed; pushing {branch}")}))
+        .emit(
+            "status",
+            json!({"message": format!("committed; pushing {branch}")}),
+        )
         .await?;
     let token = agents.open_secret(meta, "gitToken", meta.git_token.as_ref())?;
     git.push(&dir, &meta.repo, token.as_deref(), &branch)

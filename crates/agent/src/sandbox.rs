@@ -385,14 +385,14 @@ impl SandboxProvider for LocalSandbox {
             .await;
         match probe {
             Ok(out) if out.status.success() => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SandboxError::Unavailable(
-                format!(
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SandboxError::Unavailable(format!(
                     "bubblewrap (`{}`) is not installed: install it (Debian/Ubuntu: `apt-get \
                      install bubblewrap`; Fedora: `dnf install bubblewrap`) or set \
                      agent.sandbox.bwrap to its path",
                     self.bwrap.display()
-                ),
-            )),
+                )))
+            }
             Err(e) => Err(SandboxError::Unavailable(format!(
                 "cannot run bubblewrap (`{}`): {e}",
                 self.bwrap.display()
@@ -444,7 +444,7 @@ impl SandboxProvider for LocalSandbox {
             None => Vec::new(),
         };
         let memory = (self.cgroups.is_none()).then_some(self.memory_limit_bytes);
-        confine(&mut command, joins.iter().map(|f| raw_fd(f)).collect(), memory);
+        confine(&mut command, joins.iter().map(raw_fd).collect(), memory);
         let result = run(command, request, cancel).await;
         drop(joins);
         if let Err(SandboxError::Io(e)) = &result
@@ -705,7 +705,11 @@ impl Cgroups {
     fn open_procs(&self, sandbox_id: &str) -> std::io::Result<Vec<std::fs::File>> {
         self.dirs(sandbox_id)
             .iter()
-            .map(|d| std::fs::OpenOptions::new().write(true).open(d.join("cgroup.procs")))
+            .map(|d| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("cgroup.procs"))
+            })
             .collect()
     }
 

@@ -421,7 +421,9 @@ impl WorkspaceJanitor for Janitor {
                     tracing::warn!(session = %meta.session_id, error = %e, "cannot remove the workspace of an idle session");
                 }
             }
-            Err(e) => tracing::warn!(session = %meta.session_id, error = %e, "cannot reach the workspace of an idle session"),
+            Err(e) => {
+                tracing::warn!(session = %meta.session_id, error = %e, "cannot reach the workspace of an idle session")
+            }
         }
     }
 }
@@ -556,7 +558,11 @@ impl Agents {
         key: &str,
         call: SessionCall,
     ) -> kilocloud_substrate::Result<Result<SessionReply, Refusal>> {
-        self.inner.sub.actors().call::<SessionActor>(key, call).await
+        self.inner
+            .sub
+            .actors()
+            .call::<SessionActor>(key, call)
+            .await
     }
 
     /// Prepares a session: validates the input, creates the workspace and home in the
@@ -567,7 +573,11 @@ impl Agents {
     /// when the sandbox or the clone fails (retryable) or the sandbox cannot work here (not
     /// retryable; the message says how to fix it); [`AgentError::SetupFailed`] when a setup
     /// command fails.
-    pub async fn prepare(&self, caller: Caller, req: PrepareRequest) -> Result<Prepared, AgentError> {
+    pub async fn prepare(
+        &self,
+        caller: Caller,
+        req: PrepareRequest,
+    ) -> Result<Prepared, AgentError> {
         let inner = &self.inner;
         validate(&req, &inner.config)?;
         let repo = inner
@@ -590,7 +600,10 @@ impl Agents {
         let workspace = ids::workspace_path(caller.org, caller.user, &session_id);
         let home = ids::home_path(&session_id);
         inner.sandbox.check().await?;
-        let mount = inner.sandbox.prepare(&sandbox_id, &workspace, &home).await?;
+        let mount = inner
+            .sandbox
+            .prepare(&sandbox_id, &workspace, &home)
+            .await?;
         let result = self
             .prepare_workspace(&mount, &repo, &req, &branch, upstream)
             .await;
@@ -621,7 +634,10 @@ impl Agents {
             org_id: caller.org,
             bot_id: caller.bot,
             repo: repo.clone(),
-            git_token: req.git_token.as_deref().map(|t| seal("gitToken", t.as_bytes())),
+            git_token: req
+                .git_token
+                .as_deref()
+                .map(|t| seal("gitToken", t.as_bytes())),
             branch: branch.clone(),
             upstream_branch: upstream,
             env_vars: req.env_vars.clone(),
@@ -632,7 +648,10 @@ impl Agents {
                 .collect(),
             setup_commands: req.setup_commands.clone(),
             mode: req.mode.unwrap_or_default(),
-            model: req.model.clone().unwrap_or_else(|| inner.config.default_model.clone()),
+            model: req
+                .model
+                .clone()
+                .unwrap_or_else(|| inner.config.default_model.clone()),
             prompt: req.prompt.clone(),
             auto_commit: req.auto_commit,
             callback,
@@ -658,7 +677,8 @@ impl Agents {
             .call::<IndexActor>(&owner, IndexCall::Add(summary))
             .await?;
         let key = ids::actor_key(caller.user, &session_id);
-        self.call(&key, SessionCall::Prepare(Box::new(meta))).await??;
+        self.call(&key, SessionCall::Prepare(Box::new(meta)))
+            .await??;
         Ok(Prepared {
             session_id,
             sandbox_id,
@@ -679,7 +699,13 @@ impl Agents {
         inner
             .config
             .git
-            .clone(repo, req.git_token.as_deref(), &mount.host_workspace, branch, upstream)
+            .clone(
+                repo,
+                req.git_token.as_deref(),
+                &mount.host_workspace,
+                branch,
+                upstream,
+            )
             .await
             .map_err(|e| match e {
                 GitError::BadRemote(m) => AgentError::Invalid(m),
@@ -727,7 +753,11 @@ impl Agents {
 
     /// Finds the caller's session: its actor key and metadata. Another owner's session, or a
     /// session of the same user in another scope, is [`AgentError::NotFound`].
-    pub async fn locate(&self, caller: Caller, session_id: &str) -> Result<(String, SessionMeta), AgentError> {
+    pub async fn locate(
+        &self,
+        caller: Caller,
+        session_id: &str,
+    ) -> Result<(String, SessionMeta), AgentError> {
         if !ids::is_session_id(session_id) {
             return Err(AgentError::NotFound);
         }
@@ -768,13 +798,25 @@ impl Agents {
     ///
     /// Errors: as [`Agents::initiate`], plus [`AgentError::Invalid`] for an empty or too
     /// long prompt, and [`AgentError::Conflict`] before initiate.
-    pub async fn send(&self, caller: Caller, session_id: &str, msg: FollowUp) -> Result<Started, AgentError> {
+    pub async fn send(
+        &self,
+        caller: Caller,
+        session_id: &str,
+        msg: FollowUp,
+    ) -> Result<Started, AgentError> {
         check_prompt(&msg.prompt)?;
         if let Some(model) = &msg.model {
             check_model(model)?;
         }
         let (key, meta) = self.locate(caller, session_id).await?;
-        let exec = self.new_execution(&meta, true, msg.prompt, msg.mode, msg.model, msg.auto_commit);
+        let exec = self.new_execution(
+            &meta,
+            true,
+            msg.prompt,
+            msg.mode,
+            msg.model,
+            msg.auto_commit,
+        );
         self.launch(key, meta, exec).await
     }
 
@@ -804,7 +846,12 @@ impl Agents {
         }
     }
 
-    async fn launch(&self, key: String, meta: SessionMeta, exec: Execution) -> Result<Started, AgentError> {
+    async fn launch(
+        &self,
+        key: String,
+        meta: SessionMeta,
+        exec: Execution,
+    ) -> Result<Started, AgentError> {
         let inner = &self.inner;
         if inner.shutting_down.is_cancelled() {
             return Err(AgentError::Unavailable {
@@ -814,19 +861,24 @@ impl Agents {
         }
         inner.sandbox.check().await?;
         let execution_id = exec.execution_id.clone();
-        self.call(&key, SessionCall::Start(Box::new(exec.clone()))).await??;
+        self.call(&key, SessionCall::Start(Box::new(exec.clone())))
+            .await??;
         let cancel = CancellationToken::new();
-        inner
-            .running
-            .lock()
-            .expect("running map")
-            .insert(execution_id.clone(), (meta.session_id.clone(), cancel.clone()));
+        inner.running.lock().expect("running map").insert(
+            execution_id.clone(),
+            (meta.session_id.clone(), cancel.clone()),
+        );
         let agents = self.clone();
         let session_id = meta.session_id.clone();
         inner.tasks.spawn(async move {
             let id = exec.execution_id.clone();
             crate::runner::run(agents.clone(), meta, exec, cancel).await;
-            agents.inner.running.lock().expect("running map").remove(&id);
+            agents
+                .inner
+                .running
+                .lock()
+                .expect("running map")
+                .remove(&id);
         });
         Ok(Started {
             stream_url: format!("/api/sessions/{session_id}/stream"),
@@ -918,7 +970,7 @@ impl Agents {
                 sessions.push(entry);
             }
         }
-        sessions.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.created_at));
         Ok(sessions)
     }
 
@@ -964,7 +1016,11 @@ impl Agents {
         let mut bytes = 0usize;
         let mut cursor = after;
         loop {
-            let from = if cursor == 0 { String::new() } else { crate::session::event_key(cursor) };
+            let from = if cursor == 0 {
+                String::new()
+            } else {
+                crate::session::event_key(cursor)
+            };
             let page = self
                 .inner
                 .sub
@@ -991,7 +1047,11 @@ impl Agents {
     }
 
     /// The session and its compacted history.
-    pub async fn export(&self, caller: Caller, session_id: &str) -> Result<SessionExport, AgentError> {
+    pub async fn export(
+        &self,
+        caller: Caller,
+        session_id: &str,
+    ) -> Result<SessionExport, AgentError> {
         let (key, _) = self.locate(caller, session_id).await?;
         let sub = &self.inner.sub;
         let items = sub
@@ -1000,7 +1060,10 @@ impl Agents {
             .into_iter()
             .map(|(k, v)| (k.trim_start_matches("item/").to_owned(), v))
             .collect();
-        let next: u64 = sub.actor_read(SESSION_ACTOR, &key, "next_event").await?.unwrap_or(1);
+        let next: u64 = sub
+            .actor_read(SESSION_ACTOR, &key, "next_event")
+            .await?
+            .unwrap_or(1);
         Ok(SessionExport {
             session: self.view(&key).await?,
             items,
@@ -1015,7 +1078,9 @@ impl Agents {
         name: &str,
         sealed: Option<&Envelope>,
     ) -> Result<Option<String>, HarnessError> {
-        let Some(sealed) = sealed else { return Ok(None) };
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
         let context = SessionMeta::seal_context(&meta.owner(), &meta.session_id, name);
         let bytes = self
             .inner
@@ -1027,7 +1092,10 @@ impl Agents {
 
     /// The environment of the session's commands: user variables and secrets, then the
     /// reserved values, which win.
-    pub(crate) fn session_env(&self, meta: &SessionMeta) -> Result<Vec<(String, String)>, HarnessError> {
+    pub(crate) fn session_env(
+        &self,
+        meta: &SessionMeta,
+    ) -> Result<Vec<(String, String)>, HarnessError> {
         let mut env: BTreeMap<String, String> = meta.env_vars.clone();
         for (name, sealed) in &meta.secrets {
             if let Some(value) = self.open_secret(meta, &format!("secret/{name}"), Some(sealed))? {
@@ -1069,7 +1137,9 @@ fn check_prompt(prompt: &str) -> Result<(), AgentError> {
 
 fn check_model(model: &str) -> Result<(), AgentError> {
     if model.is_empty() || model.len() > 200 || model.chars().any(char::is_whitespace) {
-        return Err(AgentError::Invalid("model must be a model id such as `kilo/auto`".into()));
+        return Err(AgentError::Invalid(
+            "model must be a model id such as `kilo/auto`".into(),
+        ));
     }
     Ok(())
 }
@@ -1095,7 +1165,10 @@ fn validate(req: &PrepareRequest, config: &AgentConfig) -> Result<(), AgentError
         return bad(format!("at most {} secrets", limits::SECRETS));
     }
     for (name, value) in &req.env_vars {
-        if !env_name_ok(name) || name.len() > limits::ENV_CHARS || value.chars().count() > limits::ENV_CHARS {
+        if !env_name_ok(name)
+            || name.len() > limits::ENV_CHARS
+            || value.chars().count() > limits::ENV_CHARS
+        {
             return bad(format!(
                 "envVars `{name}`: names are [A-Za-z_][A-Za-z0-9_]*, names and values at most {} characters",
                 limits::ENV_CHARS
@@ -1115,7 +1188,9 @@ fn validate(req: &PrepareRequest, config: &AgentConfig) -> Result<(), AgentError
     }
     for name in req.env_vars.keys().chain(req.secrets.keys()) {
         if RESERVED_ENV.contains(&name.as_str()) {
-            return bad(format!("`{name}` is set by the platform and cannot be overridden"));
+            return bad(format!(
+                "`{name}` is set by the platform and cannot be overridden"
+            ));
         }
     }
     if req.setup_commands.len() > limits::SETUP_COMMANDS {
@@ -1135,7 +1210,9 @@ fn validate(req: &PrepareRequest, config: &AgentConfig) -> Result<(), AgentError
     if let Some(branch) = &req.upstream_branch
         && !ids::valid_branch(branch)
     {
-        return bad(format!("upstreamBranch `{branch}` is not a valid branch name"));
+        return bad(format!(
+            "upstreamBranch `{branch}` is not a valid branch name"
+        ));
     }
     if let Some(token) = &req.git_token
         && (token.is_empty() || token.len() > 4096 || token.chars().any(char::is_control))
@@ -1156,13 +1233,18 @@ fn validate(req: &PrepareRequest, config: &AgentConfig) -> Result<(), AgentError
             );
         }
         if target.headers.len() > limits::CALLBACK_HEADERS {
-            return bad(format!("at most {} callback headers", limits::CALLBACK_HEADERS));
+            return bad(format!(
+                "at most {} callback headers",
+                limits::CALLBACK_HEADERS
+            ));
         }
         for (name, value) in &target.headers {
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || reqwest::header::HeaderValue::from_str(value).is_err()
             {
-                return bad(format!("callback header `{name}` is not a valid HTTP header"));
+                return bad(format!(
+                    "callback header `{name}` is not a valid HTTP header"
+                ));
             }
         }
     }
@@ -1204,7 +1286,11 @@ impl Actor for IndexActor {
     type Call = IndexCall;
     type Reply = ();
 
-    async fn call(&self, ctx: &mut ActorContext, call: IndexCall) -> kilocloud_substrate::Result<()> {
+    async fn call(
+        &self,
+        ctx: &mut ActorContext,
+        call: IndexCall,
+    ) -> kilocloud_substrate::Result<()> {
         match call {
             IndexCall::Add(entry) => ctx.put(&format!("s/{}", entry.session_id), &entry)?,
             IndexCall::Remove(id) => ctx.delete(&format!("s/{id}")),

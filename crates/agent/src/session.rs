@@ -466,7 +466,10 @@ impl Actor for SessionActor {
                 Some(exec) => {
                     let verdict = match exec.status {
                         ExecStatus::Running => {
-                            let seen = exec.last_heartbeat.or(exec.started_at).unwrap_or(exec.created_at);
+                            let seen = exec
+                                .last_heartbeat
+                                .or(exec.started_at)
+                                .unwrap_or(exec.created_at);
                             (now - seen >= STALE_THRESHOLD_MS).then_some("no heartbeat")
                         }
                         ExecStatus::Pending => (now - exec.created_at >= PENDING_START_TIMEOUT_MS)
@@ -482,7 +485,8 @@ impl Actor for SessionActor {
                             "error",
                             serde_json::json!({"error": reason, "fatal": true}),
                         );
-                        self.apply(ctx, now, &meta, exec, vec![error], Vec::new()).await?;
+                        self.apply(ctx, now, &meta, exec, vec![error], Vec::new())
+                            .await?;
                     }
                 }
             }
@@ -501,7 +505,10 @@ impl SessionActor {
         events: Vec<NewEvent>,
         items: Vec<(String, Value)>,
     ) -> kilocloud_substrate::Result<Reply> {
-        let Some(exec) = ctx.get::<Execution>(&format!("exec/{execution_id}")).await? else {
+        let Some(exec) = ctx
+            .get::<Execution>(&format!("exec/{execution_id}"))
+            .await?
+        else {
             return Ok(Err(Refusal::NotActive(execution_id.to_owned())));
         };
         if exec.status.is_terminal() {
@@ -609,7 +616,10 @@ impl SessionActor {
                 // Sent before this call commits: if the commit then fails, the transition is
                 // retried and the callback sent again (receivers get at-least-once anyway);
                 // sent after, a crash in between would lose it.
-                self.substrate.queues().send(CALLBACK_QUEUE, &job, 0).await?;
+                self.substrate
+                    .queues()
+                    .send(CALLBACK_QUEUE, &job, 0)
+                    .await?;
             }
         }
         Ok((ids, exec.status))

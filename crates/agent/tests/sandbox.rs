@@ -106,14 +106,20 @@ async fn the_hosts_secrets_are_not_readable() {
             .await;
         let text = text(&out);
         assert!(!text.contains("READABLE"), "{path}: {text}");
-        assert!(!text.contains("root:x:") && !text.contains("root:*"), "{path}: {text}");
+        assert!(
+            !text.contains("root:x:") && !text.contains("root:*"),
+            "{path}: {text}"
+        );
     }
     // The host's /root exists and holds files; inside, there is no /root at all.
     let out = env.sh("ls /root", Duration::from_secs(10)).await;
     assert!(!out.success(), "{}", text(&out));
     // /etc/shadow yields nothing inside (a device node on a nodev mount).
     let out = env
-        .sh("cat /etc/shadow 2>/dev/null | wc -c", Duration::from_secs(10))
+        .sh(
+            "cat /etc/shadow 2>/dev/null | wc -c",
+            Duration::from_secs(10),
+        )
         .await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 }
@@ -128,7 +134,10 @@ async fn another_sessions_workspace_is_not_reachable() {
     let out = env.sh(&script, Duration::from_secs(20)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     // The only secret.txt visible is the session's own.
-    let found: Vec<&str> = stdout.lines().filter(|l| l.ends_with("secret.txt")).collect();
+    let found: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.ends_with("secret.txt"))
+        .collect();
     assert_eq!(found, vec![format!("{}/secret.txt", env.a.workspace)]);
     assert!(!stdout.contains(&env.b.workspace));
 }
@@ -175,7 +184,13 @@ async fn no_network_at_all() {
 #[tokio::test]
 async fn writing_outside_the_workspace_fails() {
     let env = env().await;
-    for target in ["/usr/evil", "/etc/evil", "/evil", "/workspace/evil", "/home/evil"] {
+    for target in [
+        "/usr/evil",
+        "/etc/evil",
+        "/evil",
+        "/workspace/evil",
+        "/home/evil",
+    ] {
         let out = env
             .sh(&format!("echo x > {target}"), Duration::from_secs(10))
             .await;

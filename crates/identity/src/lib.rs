@@ -12,9 +12,9 @@
 mod actors;
 pub mod credential;
 pub mod envelope;
-pub mod net;
 mod error;
 pub mod model;
+pub mod net;
 pub mod owner;
 
 use std::sync::Arc;

@@ -14,10 +14,10 @@ use crate::client::{Client, Credentials};
 pub struct Common {
     /// Print the API's JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Act for this organization (id), sent as `X-KiloCode-OrganizationId`.
     #[arg(long, value_name = "ORG_ID")]
-    org: Option<String>,
+    pub org: Option<String>,
 }
 
 /// `kilocloud login`.
@@ -231,12 +231,12 @@ pub struct AuditArgs {
     common: Common,
 }
 
-fn client(common: &Common) -> anyhow::Result<Client> {
+pub(crate) fn client(common: &Common) -> anyhow::Result<Client> {
     Client::new(Credentials::load()?, common.org.clone())
 }
 
 /// Prints `rows` under `headers` with columns padded to their widest cell.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -257,7 +257,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -265,7 +265,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn time(v: &Value) -> String {
+pub(crate) fn time(v: &Value) -> String {
     v.as_i64()
         .and_then(chrono_like)
         .unwrap_or_else(|| "-".into())
@@ -276,7 +276,7 @@ fn chrono_like(ms: i64) -> Option<String> {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
-fn print_json(v: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

@@ -85,6 +85,21 @@ impl Client {
         })
     }
 
+    /// The WebSocket URL of `path` on the server (`ws://` or `wss://`).
+    pub fn ws_url(&self, path: &str) -> anyhow::Result<reqwest::Url> {
+        let mut url =
+            reqwest::Url::parse(&format!("{}{path}", self.creds.url.trim_end_matches('/')))?;
+        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+        url.set_scheme(scheme)
+            .map_err(|()| anyhow::anyhow!("cannot make a WebSocket URL of {url}"))?;
+        Ok(url)
+    }
+
+    /// The organization acted for, if any.
+    pub fn org(&self) -> Option<&str> {
+        self.org.as_deref()
+    }
+
     /// Sends a request to `path` (e.g. `/api/users/me`) and returns the JSON body
     /// (`Value::Null` for 204). Errors carry the status, code and message of the API error.
     pub async fn call(

@@ -4,6 +4,7 @@
 mod account;
 mod client;
 mod config;
+mod session;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -83,6 +84,10 @@ enum Command {
     Credits(account::CreditsCommand),
     /// Model gateway requests of the owner acted for, with tokens and cost.
     Usage(account::UsageArgs),
+    /// Cloud Agent sessions: create (and follow live), list, show, send, watch, interrupt,
+    /// delete.
+    #[command(subcommand)]
+    Session(session::SessionCommand),
 }
 
 #[derive(Subcommand)]
@@ -263,6 +268,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Audit(a) => account::audit(a).await,
         Command::Credits(c) => account::credits(c).await,
         Command::Usage(a) => account::usage(a).await,
+        Command::Session(c) => session::run(c).await,
         Command::Actor(ActorCommand::Show { actor_type, key }) => {
             let sub = open(&config).await?;
             let snap = sub.actor_snapshot(&actor_type, &key).await?;
@@ -456,7 +462,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     if let Err(e) = agents.sandbox().check().await {
         // Sessions will fail with this message too; the server is still useful without them.
-        tracing::warn!(provider = agents.sandbox().kind(), "Cloud Agent sessions cannot run: {e}");
+        tracing::warn!(
+            provider = agents.sandbox().kind(),
+            "Cloud Agent sessions cannot run: {e}"
+        );
     }
     bootstrap(&identity, &config.bootstrap_admin_email).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kilocloud_agent::sandbox::{LocalSandbox, SandboxConfig};
-use kilocloud_agent::session::{CALLBACK_QUEUE, ExecStatus, Execution, Mode, NewEvent, SessionActor, SessionCall};
+use kilocloud_agent::session::{
+    CALLBACK_QUEUE, ExecStatus, Execution, Mode, NewEvent, SessionActor, SessionCall,
+};
 use kilocloud_agent::{AgentConfig, Agents};
 use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
@@ -29,11 +31,14 @@ use uuid::Uuid;
 const MODEL: &str = "vendor/paid";
 const GIT_TOKEN: &str = "ghs_test_token_4f1c";
 
+/// A received callback: its body and its `x-secret` header.
+type Received = (Value, Option<String>);
+
 /// Receives callbacks; answers with the scripted statuses, then 200.
 #[derive(Clone, Default)]
 struct Receiver {
     statuses: Arc<Mutex<VecDeque<u16>>>,
-    received: Arc<Mutex<Vec<(Value, Option<String>)>>>,
+    received: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
@@ -44,7 +49,10 @@ impl Receiver {
                 |axum::extract::State(r): axum::extract::State<Receiver>,
                  headers: axum::http::HeaderMap,
                  axum::Json(body): axum::Json<Value>| async move {
-                    let secret = headers.get("x-secret").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let secret = headers
+                        .get("x-secret")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     r.received.lock().unwrap().push((body, secret));
                     let status = r.statuses.lock().unwrap().pop_front().unwrap_or(200);
                     axum::http::StatusCode::from_u16(status).unwrap()
@@ -57,7 +65,7 @@ impl Receiver {
         url
     }
 
-    fn received(&self) -> Vec<(Value, Option<String>)> {
+    fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 }
@@ -142,8 +150,13 @@ async fn env(postgres: bool) -> Env {
         .grant(Owner::User(user.id), 10_000_000, "test", &system)
         .await
         .unwrap();
-    let state = AppState::new(sub.clone(), identity.clone(), gateway.clone(), &ServerOptions::default())
-        .with_agents(agents.clone());
+    let state = AppState::new(
+        sub.clone(),
+        identity.clone(),
+        gateway.clone(),
+        &ServerOptions::default(),
+    )
+    .with_agents(agents.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");
@@ -176,11 +189,22 @@ async fn env(postgres: bool) -> Env {
 }
 
 impl Env {
-    async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         self.request_as(&self.key, method, path, body).await
     }
 
-    async fn request_as(&self, key: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    async fn request_as(
+        &self,
+        key: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -191,7 +215,10 @@ impl Env {
         let res = req.send().await.unwrap();
         let status = res.status().as_u16();
         let text = res.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn prepare(&self, extra: Value) -> String {
@@ -211,7 +238,9 @@ impl Env {
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        let (status, prepared) = self.request(reqwest::Method::POST, "/api/sessions", Some(body)).await;
+        let (status, prepared) = self
+            .request(reqwest::Method::POST, "/api/sessions", Some(body))
+            .await;
         assert_eq!(status, 201, "{prepared}");
         prepared["sessionId"].as_str().unwrap().to_owned()
     }
@@ -222,7 +251,13 @@ impl Env {
         tokio::time::timeout(Duration::from_secs(120), async {
             loop {
                 signal.borrow_and_update();
-                let (_, view) = self.request(reqwest::Method::GET, &format!("/api/sessions/{session}"), None).await;
+                let (_, view) = self
+                    .request(
+                        reqwest::Method::GET,
+                        &format!("/api/sessions/{session}"),
+                        None,
+                    )
+                    .await;
                 let exec = view["executions"]
                     .as_array()
                     .unwrap()
@@ -230,7 +265,9 @@ impl Env {
                     .find(|e| e["executionId"] == execution)
                     .cloned()
                     .unwrap();
-                if ["completed", "failed", "interrupted"].contains(&exec["status"].as_str().unwrap()) {
+                if ["completed", "failed", "interrupted"]
+                    .contains(&exec["status"].as_str().unwrap())
+                {
                     return view;
                 }
                 signal.changed().await.unwrap();
@@ -242,7 +279,11 @@ impl Env {
 
     async fn events(&self, session: &str, from: u64) -> Vec<Value> {
         let (status, page) = self
-            .request(reqwest::Method::GET, &format!("/api/sessions/{session}/events?fromId={from}"), None)
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/sessions/{session}/events?fromId={from}"),
+                None,
+            )
             .await;
         assert_eq!(status, 200, "{page}");
         page["events"].as_array().unwrap().clone()
@@ -250,15 +291,24 @@ impl Env {
 
     async fn ticket(&self, session: &str) -> String {
         let (status, t) = self
-            .request(reqwest::Method::POST, "/api/tickets", Some(json!({"resource": format!("session:{session}")})))
+            .request(
+                reqwest::Method::POST,
+                "/api/tickets",
+                Some(json!({"resource": format!("session:{session}")})),
+            )
             .await;
         assert_eq!(status, 201, "{t}");
         t["ticket"].as_str().unwrap().to_owned()
     }
 
     async fn deliver_callbacks(&self) -> usize {
-        let consumer = kilocloud_agent::callback::CallbackConsumer::new(self.identity.clone(), true);
-        self.sub.queues().process_batch(CALLBACK_QUEUE, &consumer).await.unwrap()
+        let consumer =
+            kilocloud_agent::callback::CallbackConsumer::new(self.identity.clone(), true);
+        self.sub
+            .queues()
+            .process_batch(CALLBACK_QUEUE, &consumer)
+            .await
+            .unwrap()
     }
 }
 
@@ -276,19 +326,32 @@ async fn main_path(postgres: bool) {
     let env = env(postgres).await;
     for reply in [
         tool("read_file", json!({"path": "hello.txt"})),
-        tool("edit_file", json!({"path": "hello.txt", "old": "world", "new": "kilo"})),
-        tool("run_command", json!({"command": "cat hello.txt && echo \"$GREETING_STYLE $API_SECRET\" > ran.txt && cat /etc/shadow"})),
+        tool(
+            "edit_file",
+            json!({"path": "hello.txt", "old": "world", "new": "kilo"}),
+        ),
+        tool(
+            "run_command",
+            json!({"command": "cat hello.txt && echo \"$GREETING_STYLE $API_SECRET\" > ran.txt && cat /etc/shadow"}),
+        ),
         tool("finish", json!({"summary": "Changed the greeting"})),
     ] {
         env.upstream.push(reply);
     }
     let session = env.prepare(json!({})).await;
     let (status, started) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None)
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
         .await;
     assert_eq!(status, 202, "{started}");
     assert_eq!(started["status"], "started");
-    assert_eq!(started["streamUrl"], format!("/api/sessions/{session}/stream"));
+    assert_eq!(
+        started["streamUrl"],
+        format!("/api/sessions/{session}/stream")
+    );
     let execution = started["executionId"].as_str().unwrap().to_owned();
     let view = env.until_terminal(&session, &execution).await;
     let exec = &view["executions"][0];
@@ -300,14 +363,24 @@ async fn main_path(postgres: bool) {
     assert_eq!(view["secretCount"], 1);
     assert_eq!(view["hasGitToken"], true);
     let shown = view.to_string();
-    assert!(!shown.contains("s3cr3t-value") && !shown.contains(GIT_TOKEN) && !shown.contains("callback-secret"));
+    assert!(
+        !shown.contains("s3cr3t-value")
+            && !shown.contains(GIT_TOKEN)
+            && !shown.contains("callback-secret")
+    );
 
     // The events, in order.
     let events = env.events(&session, 0).await;
-    let kinds: Vec<&str> = events.iter().map(|e| e["streamEventType"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["streamEventType"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds.first(), Some(&"started"));
     assert_eq!(kinds.last(), Some(&"complete"));
-    let ids: Vec<u64> = events.iter().map(|e| e["eventId"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> = events
+        .iter()
+        .map(|e| e["eventId"].as_u64().unwrap())
+        .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     let tools: Vec<&str> = events
         .iter()
@@ -315,7 +388,10 @@ async fn main_path(postgres: bool) {
         .map(|e| e["data"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(tools, ["read_file", "edit_file", "run_command", "finish"]);
-    let output = events.iter().find(|e| e["streamEventType"] == "output").unwrap();
+    let output = events
+        .iter()
+        .find(|e| e["streamEventType"] == "output")
+        .unwrap();
     let text = output["data"]["output"].as_str().unwrap();
     assert!(text.contains("hello kilo"), "{text}");
     // Reading the host's /etc/shadow from inside the session fails.
@@ -327,11 +403,23 @@ async fn main_path(postgres: bool) {
 
     // Committed and pushed to session/<id>, with the configured author, the token only ever
     // in a header.
-    assert_eq!(env.git.file_at("demo", &branch, "hello.txt").unwrap(), "hello kilo\n");
-    assert_eq!(env.git.file_at("demo", &branch, "ran.txt").unwrap(), "short s3cr3t-value\n");
-    assert_eq!(env.git.file_at("demo", "main", "hello.txt").unwrap(), "hello world\n");
+    assert_eq!(
+        env.git.file_at("demo", &branch, "hello.txt").unwrap(),
+        "hello kilo\n"
+    );
+    assert_eq!(
+        env.git.file_at("demo", &branch, "ran.txt").unwrap(),
+        "short s3cr3t-value\n"
+    );
+    assert_eq!(
+        env.git.file_at("demo", "main", "hello.txt").unwrap(),
+        "hello world\n"
+    );
     let log = env.git.last_subject("demo", &branch).unwrap();
-    assert!(log.contains("Change the greeting") && log.contains("Kilo Code Cloud"), "{log}");
+    assert!(
+        log.contains("Change the greeting") && log.contains("Kilo Code Cloud"),
+        "{log}"
+    );
     assert!(env.git.seen_uris().iter().all(|u| !u.contains(GIT_TOKEN)));
     let authed = env.git.seen_auth().iter().filter(|a| a.is_some()).count();
     assert!(authed >= 2, "clone and push both authenticated");
@@ -344,7 +432,11 @@ async fn main_path(postgres: bool) {
     let usage = env
         .gateway
         .ledger
-        .usage(Owner::User(env.user), kilocloud_gateway::UsageFilter::default(), 10)
+        .usage(
+            Owner::User(env.user),
+            kilocloud_gateway::UsageFilter::default(),
+            10,
+        )
         .await
         .unwrap();
     assert_eq!(usage.len(), 4);
@@ -386,12 +478,17 @@ async fn main_path(postgres: bool) {
         env.base.replace("http://", "ws://")
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(&filtered).await.unwrap();
-    let frame: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    let frame: Value =
+        serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(frame["streamEventType"], "complete");
 
     // The history exports, compacted per item: the conversation of the execution.
     let (status, export) = env
-        .request(reqwest::Method::GET, &format!("/api/sessions/{session}/export"), None)
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{session}/export"),
+            None,
+        )
         .await;
     assert_eq!(status, 200);
     let items = export["items"].as_object().unwrap();
@@ -400,7 +497,8 @@ async fn main_path(postgres: bool) {
     assert_eq!(export["eventCount"], ids.len() as u64);
 
     // A follow-up continues the conversation.
-    env.upstream.push(Reply::text("Nothing else to change.", 10, 5));
+    env.upstream
+        .push(Reply::text("Nothing else to change.", 10, 5));
     let (status, next) = env
         .request(
             reqwest::Method::POST,
@@ -414,18 +512,40 @@ async fn main_path(postgres: bool) {
     assert_eq!(view["executions"][1]["status"], "completed");
     let last = env.upstream.requests().pop().unwrap();
     let messages = last.body["messages"].as_array().unwrap();
-    assert_eq!(messages[1]["content"], "Change the greeting to kilo and record that you ran");
+    assert_eq!(
+        messages[1]["content"],
+        "Change the greeting to kilo and record that you ran"
+    );
     assert_eq!(messages.last().unwrap()["content"], "Anything else?");
     // Read-only mode offers no writing tools.
-    let names: Vec<&str> = last.body["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = last.body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
     assert!(!names.contains(&"run_command") && !names.contains(&"write_file"));
 
     // Delete removes it.
-    let (status, _) = env.request(reqwest::Method::DELETE, &format!("/api/sessions/{session}"), None).await;
+    let (status, _) = env
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/sessions/{session}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 204);
-    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/{session}"), None).await;
+    let (status, _) = env
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{session}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 404);
-    let (_, list) = env.request(reqwest::Method::GET, "/api/sessions", None).await;
+    let (_, list) = env
+        .request(reqwest::Method::GET, "/api/sessions", None)
+        .await;
     assert_eq!(list, json!([]));
 }
 
@@ -436,31 +556,56 @@ async fn conflict_and_interrupt(postgres: bool) {
     env.upstream.push(Reply::Hang);
     let session = env.prepare(json!({})).await;
     let (_, started) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None)
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
         .await;
     let execution = started["executionId"].as_str().unwrap().to_owned();
     let (status, again) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None)
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
         .await;
     assert_eq!(status, 409, "{again}");
     let (status, busy) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "more"})))
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "more"})),
+        )
         .await;
     assert_eq!(status, 409, "{busy}");
     assert_eq!(busy["error"]["code"], "execution_in_progress");
     assert_eq!(busy["error"]["activeExecutionId"], execution.as_str());
     let (status, stopping) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/interrupt"), None)
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/interrupt"),
+            None,
+        )
         .await;
     assert_eq!(status, 202);
     assert_eq!(stopping["executionId"], execution.as_str());
     let view = env.until_terminal(&session, &execution).await;
     assert_eq!(view["executions"][0]["status"], "interrupted");
     assert_eq!(view["executions"][0]["error"], "User interrupted");
-    let kinds: Vec<String> = env.events(&session, 0).await.iter().map(|e| e["streamEventType"].as_str().unwrap().to_owned()).collect();
+    let kinds: Vec<String> = env
+        .events(&session, 0)
+        .await
+        .iter()
+        .map(|e| e["streamEventType"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(kinds.last().map(String::as_str), Some("interrupted"));
     let (status, _) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/interrupt"), None)
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/interrupt"),
+            None,
+        )
         .await;
     assert_eq!(status, 409, "nothing left to interrupt");
     env.deliver_callbacks().await;
@@ -474,32 +619,69 @@ async fn bad_input_and_scoping(postgres: bool) {
     let repo = env.git.create_repo("bad", &[("a.txt", "a")]);
     let cases = [
         (json!({"gitUrl": repo, "prompt": ""}), "prompt"),
-        (json!({"gitUrl": repo, "prompt": "x".repeat(100_001)}), "prompt"),
+        (
+            json!({"gitUrl": repo, "prompt": "x".repeat(100_001)}),
+            "prompt",
+        ),
         (json!({"gitUrl": "file:///etc", "prompt": "p"}), "scheme"),
-        (json!({"gitUrl": format!("http://user:pw@{}", repo.trim_start_matches("http://")), "prompt": "p"}), "credentials"),
+        (
+            json!({"gitUrl": format!("http://user:pw@{}", repo.trim_start_matches("http://")), "prompt": "p"}),
+            "credentials",
+        ),
         (json!({"prompt": "p"}), "exactly one"),
-        (json!({"gitUrl": repo, "githubRepo": "a/b", "prompt": "p"}), "exactly one"),
-        (json!({"gitUrl": repo, "prompt": "p", "envVars": (0..51).map(|i| (format!("V{i}"), json!("x"))).collect::<serde_json::Map<_, _>>()}), "envVars"),
-        (json!({"gitUrl": repo, "prompt": "p", "envVars": {"HOME": "/x"}}), "HOME"),
-        (json!({"gitUrl": repo, "prompt": "p", "setupCommands": vec!["true"; 21]}), "setupCommands"),
-        (json!({"gitUrl": repo, "prompt": "p", "setupCommands": ["x".repeat(501)]}), "setup command"),
-        (json!({"gitUrl": repo, "prompt": "p", "upstreamBranch": "a..b"}), "upstreamBranch"),
-        (json!({"gitUrl": repo, "prompt": "p", "callbackTarget": {"url": "ftp://x"}}), "callbackTarget"),
+        (
+            json!({"gitUrl": repo, "githubRepo": "a/b", "prompt": "p"}),
+            "exactly one",
+        ),
+        (
+            json!({"gitUrl": repo, "prompt": "p", "envVars": (0..51).map(|i| (format!("V{i}"), json!("x"))).collect::<serde_json::Map<_, _>>()}),
+            "envVars",
+        ),
+        (
+            json!({"gitUrl": repo, "prompt": "p", "envVars": {"HOME": "/x"}}),
+            "HOME",
+        ),
+        (
+            json!({"gitUrl": repo, "prompt": "p", "setupCommands": vec!["true"; 21]}),
+            "setupCommands",
+        ),
+        (
+            json!({"gitUrl": repo, "prompt": "p", "setupCommands": ["x".repeat(501)]}),
+            "setup command",
+        ),
+        (
+            json!({"gitUrl": repo, "prompt": "p", "upstreamBranch": "a..b"}),
+            "upstreamBranch",
+        ),
+        (
+            json!({"gitUrl": repo, "prompt": "p", "callbackTarget": {"url": "ftp://x"}}),
+            "callbackTarget",
+        ),
     ];
     for (body, needle) in cases {
-        let (status, err) = env.request(reqwest::Method::POST, "/api/sessions", Some(body)).await;
+        let (status, err) = env
+            .request(reqwest::Method::POST, "/api/sessions", Some(body))
+            .await;
         assert_eq!(status, 400, "{needle}: {err}");
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
     // Unknown fields are refused by the JSON extractor (422, the API's convention).
     let (status, err) = env
-        .request(reqwest::Method::POST, "/api/sessions", Some(json!({"gitUrl": repo, "prompt": "p", "surprise": 1})))
+        .request(
+            reqwest::Method::POST,
+            "/api/sessions",
+            Some(json!({"gitUrl": repo, "prompt": "p", "surprise": 1})),
+        )
         .await;
     assert_eq!(status, 422, "{err}");
     assert!(err.to_string().contains("surprise"));
     // A clone failure (wrong token) is a retryable 503 and leaves nothing behind.
     let (status, err) = env
-        .request(reqwest::Method::POST, "/api/sessions", Some(json!({"gitUrl": repo, "gitToken": "wrong", "prompt": "p"})))
+        .request(
+            reqwest::Method::POST,
+            "/api/sessions",
+            Some(json!({"gitUrl": repo, "gitToken": "wrong", "prompt": "p"})),
+        )
         .await;
     assert_eq!(status, 503, "{err}");
     assert_eq!(err["error"]["retryable"], true);
@@ -513,38 +695,82 @@ async fn bad_input_and_scoping(postgres: bool) {
         .await;
     assert_eq!(status, 422, "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("broken"));
-    let (_, list) = env.request(reqwest::Method::GET, "/api/sessions", None).await;
+    let (_, list) = env
+        .request(reqwest::Method::GET, "/api/sessions", None)
+        .await;
     assert_eq!(list, json!([]));
 
     let session = env.prepare(json!({})).await;
-    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/agent_{}", Uuid::new_v4()), None).await;
+    let (status, _) = env
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/agent_{}", Uuid::new_v4()),
+            None,
+        )
+        .await;
     assert_eq!(status, 404);
-    let (status, _) = env.request(reqwest::Method::GET, "/api/sessions/not-an-id", None).await;
+    let (status, _) = env
+        .request(reqwest::Method::GET, "/api/sessions/not-an-id", None)
+        .await;
     assert_eq!(status, 404);
     // Another user sees nothing of it.
-    let system = Initiator { user: Uuid::nil(), request_id: None };
-    let (_, other_key, _) = env.identity.create_user("other@example.com", "other", false, &system).await.unwrap();
+    let system = Initiator {
+        user: Uuid::nil(),
+        request_id: None,
+    };
+    let (_, other_key, _) = env
+        .identity
+        .create_user("other@example.com", "other", false, &system)
+        .await
+        .unwrap();
     for (method, path) in [
         (reqwest::Method::GET, format!("/api/sessions/{session}")),
-        (reqwest::Method::POST, format!("/api/sessions/{session}/initiate")),
-        (reqwest::Method::POST, format!("/api/sessions/{session}/interrupt")),
-        (reqwest::Method::GET, format!("/api/sessions/{session}/export")),
-        (reqwest::Method::GET, format!("/api/sessions/{session}/events")),
+        (
+            reqwest::Method::POST,
+            format!("/api/sessions/{session}/initiate"),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/sessions/{session}/interrupt"),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/sessions/{session}/export"),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/sessions/{session}/events"),
+        ),
         (reqwest::Method::DELETE, format!("/api/sessions/{session}")),
     ] {
         let (status, _) = env.request_as(&other_key, method, &path, None).await;
         assert_eq!(status, 404, "{path}");
     }
-    let (_, list) = env.request_as(&other_key, reqwest::Method::GET, "/api/sessions", None).await;
+    let (_, list) = env
+        .request_as(&other_key, reqwest::Method::GET, "/api/sessions", None)
+        .await;
     assert_eq!(list, json!([]));
     // The stream: a plain request is 426; a WebSocket without a valid ticket is refused.
-    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/{session}/stream"), None).await;
+    let (status, _) = env
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{session}/stream"),
+            None,
+        )
+        .await;
     assert_eq!(status, 426);
-    let ws = format!("{}/api/sessions/{session}/stream?ticket=kt_bogus", env.base.replace("http://", "ws://"));
+    let ws = format!(
+        "{}/api/sessions/{session}/stream?ticket=kt_bogus",
+        env.base.replace("http://", "ws://")
+    );
     assert!(tokio_tungstenite::connect_async(&ws).await.is_err());
     // A follow-up before initiate is a conflict.
     let (status, _) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "hi"})))
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "hi"})),
+        )
         .await;
     assert_eq!(status, 409);
 }
@@ -576,45 +802,83 @@ async fn reaper(postgres: bool) {
         let sub = env.sub.clone();
         let key = key.clone();
         async move {
-            let e: Execution = sub.actor_read("agent_session", &key, &format!("exec/{id}")).await.unwrap().unwrap();
+            let e: Execution = sub
+                .actor_read("agent_session", &key, &format!("exec/{id}"))
+                .await
+                .unwrap()
+                .unwrap();
             (e.status, e.error)
         }
     };
     let active = || {
         let sub = env.sub.clone();
         let key = key.clone();
-        async move { sub.actor_read::<String>("agent_session", &key, "active").await.unwrap() }
+        async move {
+            sub.actor_read::<String>("agent_session", &key, "active")
+                .await
+                .unwrap()
+        }
     };
     // Pending, never started.
-    actors.call::<SessionActor>(&key, SessionCall::Start(Box::new(exec("exec_a")))).await.unwrap().unwrap();
+    actors
+        .call::<SessionActor>(&key, SessionCall::Start(Box::new(exec("exec_a"))))
+        .await
+        .unwrap()
+        .unwrap();
     env.clock.advance(4 * 60_000);
     env.sub.alarms().fire_due().await.unwrap();
     assert_eq!(status("exec_a").await.0, ExecStatus::Pending, "not yet");
     env.clock.advance(60_000);
     env.sub.alarms().fire_due().await.unwrap();
-    assert_eq!(status("exec_a").await, (ExecStatus::Failed, Some("the sandbox never started the execution".into())));
+    assert_eq!(
+        status("exec_a").await,
+        (
+            ExecStatus::Failed,
+            Some("the sandbox never started the execution".into())
+        )
+    );
     assert_eq!(active().await, None);
     // Running, then silent.
     let mut second = exec("exec_b");
     second.followup = true;
-    actors.call::<SessionActor>(&key, SessionCall::Start(Box::new(second))).await.unwrap().unwrap();
+    actors
+        .call::<SessionActor>(&key, SessionCall::Start(Box::new(second)))
+        .await
+        .unwrap()
+        .unwrap();
     let started = SessionCall::Ingest {
         execution_id: "exec_b".into(),
         events: vec![NewEvent::new("started", json!({}))],
         items: Vec::new(),
     };
-    actors.call::<SessionActor>(&key, started).await.unwrap().unwrap();
+    actors
+        .call::<SessionActor>(&key, started)
+        .await
+        .unwrap()
+        .unwrap();
     env.clock.advance(9 * 60_000);
     env.sub.alarms().fire_due().await.unwrap();
-    assert_eq!(status("exec_b").await.0, ExecStatus::Running, "9 minutes is not stale");
+    assert_eq!(
+        status("exec_b").await.0,
+        ExecStatus::Running,
+        "9 minutes is not stale"
+    );
     // The reaper runs every 5 minutes: the next run, 14 minutes in, finds it stale.
     env.clock.advance(5 * 60_000);
     env.sub.alarms().fire_due().await.unwrap();
-    assert_eq!(status("exec_b").await, (ExecStatus::Failed, Some("no heartbeat".into())));
+    assert_eq!(
+        status("exec_b").await,
+        (ExecStatus::Failed, Some("no heartbeat".into()))
+    );
     assert_eq!(active().await, None);
     // Both failures reached the callback queue.
     assert_eq!(env.deliver_callbacks().await, 2);
-    let statuses: Vec<Value> = env.receiver.received().iter().map(|(p, _)| p["status"].clone()).collect();
+    let statuses: Vec<Value> = env
+        .receiver
+        .received()
+        .iter()
+        .map(|(p, _)| p["status"].clone())
+        .collect();
     assert_eq!(statuses, [json!("failed"), json!("failed")]);
     // Late events of a failed execution are refused: terminal states are final.
     let late = SessionCall::Ingest {
@@ -622,14 +886,41 @@ async fn reaper(postgres: bool) {
         events: vec![NewEvent::new("complete", json!({"exitCode": 0}))],
         items: Vec::new(),
     };
-    assert!(actors.call::<SessionActor>(&key, late).await.unwrap().is_err());
+    assert!(
+        actors
+            .call::<SessionActor>(&key, late)
+            .await
+            .unwrap()
+            .is_err()
+    );
     // Idle for 90 days: deleted with its workspace.
-    let view = env.agents.get(kilocloud_agent::Caller { user: env.user, org: None, bot: None }, &session).await.unwrap();
-    let workspace = env._sandboxes.path().join(&view.sandbox_id).join(view.workspace_path.trim_start_matches('/'));
+    let view = env
+        .agents
+        .get(
+            kilocloud_agent::Caller {
+                user: env.user,
+                org: None,
+                bot: None,
+            },
+            &session,
+        )
+        .await
+        .unwrap();
+    let workspace = env
+        ._sandboxes
+        .path()
+        .join(&view.sandbox_id)
+        .join(view.workspace_path.trim_start_matches('/'));
     assert!(workspace.join(".git").exists());
     env.clock.advance(90 * 24 * 3_600_000);
     env.sub.alarms().fire_due().await.unwrap();
-    let (status, _) = env.request(reqwest::Method::GET, &format!("/api/sessions/{session}"), None).await;
+    let (status, _) = env
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{session}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 404);
     assert!(!workspace.exists());
 }
@@ -639,9 +930,16 @@ async fn reaper(postgres: bool) {
 async fn callback_retries_and_dead_letter(postgres: bool) {
     let env = env(postgres).await;
     env.receiver.statuses.lock().unwrap().extend([500, 429]);
-    env.upstream.push(tool("finish", json!({"summary": "done"})));
+    env.upstream
+        .push(tool("finish", json!({"summary": "done"})));
     let session = env.prepare(json!({"autoCommit": false})).await;
-    let (_, started) = env.request(reqwest::Method::POST, &format!("/api/sessions/{session}/initiate"), None).await;
+    let (_, started) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
+        .await;
     let execution = started["executionId"].as_str().unwrap().to_owned();
     env.until_terminal(&session, &execution).await;
     assert_eq!(env.deliver_callbacks().await, 1, "first attempt: 500");
@@ -654,36 +952,68 @@ async fn callback_retries_and_dead_letter(postgres: bool) {
     env.clock.advance(1);
     assert_eq!(env.deliver_callbacks().await, 1, "third attempt: 200");
     assert_eq!(env.receiver.received().len(), 3);
-    assert!(env.sub.queues().dead_letters(CALLBACK_QUEUE, 0, 10).await.unwrap().is_empty());
+    assert!(
+        env.sub
+            .queues()
+            .dead_letters(CALLBACK_QUEUE, 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Always failing: five deliveries, then the dead-letter queue.
     env.receiver.statuses.lock().unwrap().extend([503; 5]);
-    env.upstream.push(tool("finish", json!({"summary": "again"})));
+    env.upstream
+        .push(tool("finish", json!({"summary": "again"})));
     let (_, next) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "again"})))
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "again"})),
+        )
         .await;
-    env.until_terminal(&session, next["executionId"].as_str().unwrap()).await;
+    env.until_terminal(&session, next["executionId"].as_str().unwrap())
+        .await;
     for wait in [0, 60_000, 120_000, 240_000, 480_000] {
         env.clock.advance(wait);
         assert_eq!(env.deliver_callbacks().await, 1);
     }
     assert_eq!(env.receiver.received().len(), 8);
-    let dead = env.sub.queues().dead_letters(CALLBACK_QUEUE, 0, 10).await.unwrap();
+    let dead = env
+        .sub
+        .queues()
+        .dead_letters(CALLBACK_QUEUE, 0, 10)
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 1);
     env.clock.advance(3_600_000);
     assert_eq!(env.deliver_callbacks().await, 0);
 
     // A plain refusal is final.
     env.receiver.statuses.lock().unwrap().push_back(404);
-    env.upstream.push(tool("finish", json!({"summary": "third"})));
+    env.upstream
+        .push(tool("finish", json!({"summary": "third"})));
     let (_, third) = env
-        .request(reqwest::Method::POST, &format!("/api/sessions/{session}/messages"), Some(json!({"prompt": "third"})))
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "third"})),
+        )
         .await;
-    env.until_terminal(&session, third["executionId"].as_str().unwrap()).await;
+    env.until_terminal(&session, third["executionId"].as_str().unwrap())
+        .await;
     assert_eq!(env.deliver_callbacks().await, 1);
     env.clock.advance(3_600_000);
     assert_eq!(env.deliver_callbacks().await, 0);
-    assert_eq!(env.sub.queues().dead_letters(CALLBACK_QUEUE, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        env.sub
+            .queues()
+            .dead_letters(CALLBACK_QUEUE, 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 on_both_backends!(

@@ -221,8 +221,10 @@ async fn point_reads_and_key_listing(kind: Kind) {
     let scan = |after: &'static str, limit| {
         let sub = sub.clone();
         async move {
-            let rows: Vec<(String, String)> =
-                sub.actor_scan("scratch", "k1", "ev/", after, limit).await.unwrap();
+            let rows: Vec<(String, String)> = sub
+                .actor_scan("scratch", "k1", "ev/", after, limit)
+                .await
+                .unwrap();
             rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
         }
     };

@@ -69,7 +69,10 @@ impl GitServer {
         let encode = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let state = Arc::new(ServerState {
             root: root.clone(),
-            expected: format!("Basic {}", encode(format!("x-access-token:{token}").as_bytes())),
+            expected: format!(
+                "Basic {}",
+                encode(format!("x-access-token:{token}").as_bytes())
+            ),
             seen_auth: Mutex::new(Vec::new()),
             seen_uris: Mutex::new(Vec::new()),
         });
@@ -77,9 +80,7 @@ impl GitServer {
             .await
             .expect("bind");
         let base_url = format!("http://{}", listener.local_addr().expect("addr"));
-        let app = axum::Router::new()
-            .fallback(cgi)
-            .with_state(state.clone());
+        let app = axum::Router::new().fallback(cgi).with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

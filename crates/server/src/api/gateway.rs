@@ -1163,7 +1163,6 @@ pub async fn put_policy(
     Ok(Json(policy))
 }
 
-
 /// Body of `POST /api/admin/credits`.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -31,21 +31,33 @@ impl From<AgentError> for ApiError {
         let message = e.to_string();
         match e {
             AgentError::Invalid(_) => ApiError::bad_request(message),
-            AgentError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "session_not_found", message),
+            AgentError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "session_not_found", message)
+            }
             AgentError::Conflict { active, .. } => {
-                let code = if active.is_some() { "execution_in_progress" } else { "conflict" };
+                let code = if active.is_some() {
+                    "execution_in_progress"
+                } else {
+                    "conflict"
+                };
                 ApiError {
                     details: active.map(|a| serde_json::json!({"activeExecutionId": a})),
                     ..ApiError::new(StatusCode::CONFLICT, code, message)
                 }
             }
-            AgentError::SetupFailed(_) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "setup_command_failed", message)
-            }
+            AgentError::SetupFailed(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "setup_command_failed",
+                message,
+            ),
             AgentError::Unavailable { retryable, .. } => ApiError {
                 details: Some(serde_json::json!({"retryable": retryable})),
                 retry_after_secs: retryable.then_some(1),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandbox_unavailable", message)
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sandbox_unavailable",
+                    message,
+                )
             },
             AgentError::Internal(_) => {
                 tracing::error!(error = %message, "cloud agent failure");
@@ -98,7 +110,10 @@ pub async fn prepare(
 #[utoipa::path(get, path = "/api/sessions", tag = "sessions",
     responses((status = 200, body = Vec<SessionSummary>), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list(State(s): State<AppState>, scope: OwnerScope) -> Result<Json<Vec<SessionSummary>>, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+) -> Result<Json<Vec<SessionSummary>>, ApiError> {
     Ok(Json(agents(&s)?.list(caller(&scope)).await?))
 }
 
@@ -262,7 +277,10 @@ pub async fn events(
     let (events, next_from_id) = agents
         .events(&key, &id, q.from_id, &q.filter(), REPLAY_BATCH_BYTES)
         .await?;
-    Ok(Json(EventPage { events, next_from_id }))
+    Ok(Json(EventPage {
+        events,
+        next_from_id,
+    }))
 }
 
 /// `GET /api/sessions/{id}/stream?ticket=…[&fromId&executionIds&eventTypes&organizationId]`:
@@ -289,11 +307,18 @@ pub async fn stream(
         .ticket
         .as_deref()
         .ok_or_else(|| ApiError::unauthorized("a ticket is required (POST /api/tickets)"))?;
-    let user = s.identity.redeem_ticket(ticket, &format!("session:{id}")).await?;
+    let user = s
+        .identity
+        .redeem_ticket(ticket, &format!("session:{id}"))
+        .await?;
     if let Some(org) = q.organization_id
         && s.identity.org_role(org, user).await?.is_none()
     {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "session not found"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "session_not_found",
+            "session not found",
+        ));
     }
     let caller = Caller {
         user,

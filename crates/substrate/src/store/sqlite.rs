@@ -836,7 +836,8 @@ impl Backend for SqliteBackend {
                 "SELECT key, value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2
                  AND key > ?3 AND substr(key, 1, length(?4)) = ?4 ORDER BY key LIMIT ?5",
             )?;
-            let rows = stmt.query_map(params![t, k, a, p, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows =
+                stmt.query_map(params![t, k, a, p, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
