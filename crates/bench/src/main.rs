@@ -16,6 +16,7 @@ mod auth;
 mod gateway;
 mod queue;
 mod report;
+mod sandbox;
 
 use std::sync::Arc;
 
@@ -31,7 +32,7 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, actors, alarms, auth, gateway). Default: all.
+    /// Run only these groups (queue, actors, alarms, auth, gateway, sandbox). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
@@ -112,6 +113,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("gateway") {
         out += &gateway::run(&args).await?;
+    }
+    if wants("sandbox") {
+        out += &sandbox::run(&args).await?;
     }
     println!("{out}");
     Ok(())
