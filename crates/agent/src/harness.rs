@@ -73,6 +73,9 @@ pub struct GatewayAccess {
     pub token: String,
     /// The organization the session belongs to (sent as `X-KiloCode-OrganizationId`).
     pub org: Option<uuid::Uuid>,
+    /// For the external harness: the gateway's address on the host, forwarded into the
+    /// sandbox (where `base_url` points at the forward).
+    pub forward: Option<std::net::SocketAddr>,
 }
 
 /// Everything one execution's harness needs.
@@ -604,6 +607,7 @@ async fn exec(
         cwd: None,
         timeout: Duration::from_secs(60),
         output_cap: cap,
+        forward: None,
     };
     let out = turn
         .sandbox
@@ -621,8 +625,8 @@ async fn exec(
 /// `data`). Its last non-empty line is the summary; exit code 0 completes the execution,
 /// anything else fails it.
 ///
-/// The sandbox has no network, so the gateway must be reachable by other means: the caller
-/// provides `gateway.base_url` as seen from inside (see `runner::GatewayBridge`).
+/// The sandbox has no network: the gateway's address is forwarded into it
+/// ([`crate::sandbox::ExecRequest::forward`]) and `gateway.base_url` is the URL inside.
 pub async fn run_external(turn: Turn<'_>) -> (Result<Outcome, HarnessError>, NewMessages) {
     let user = json!({"role": "user", "content": turn.prompt});
     let result = external(&turn).await;
@@ -667,6 +671,7 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
         cwd: None,
         timeout: Duration::from_millis(turn.config.external_timeout_ms),
         output_cap: 4 << 20,
+        forward: turn.gateway.forward,
     };
     let out = turn
         .sandbox

@@ -216,13 +216,37 @@ async fn execute(
         )
         .await
         .map_err(|e| HarnessError(format!("cannot issue a gateway credential: {e}")))?;
-    let gateway = GatewayAccess {
-        base_url: format!(
-            "{}/api/gateway/v1",
-            agents.gateway_url().trim_end_matches('/')
-        ),
-        token,
-        org: meta.org_id,
+    let host_url = format!(
+        "{}/api/gateway/v1",
+        agents.gateway_url().trim_end_matches('/')
+    );
+    let gateway = match inner.config.harness.kind {
+        // The built-in agent runs in the server and calls the gateway directly.
+        HarnessKind::Builtin => GatewayAccess {
+            base_url: host_url,
+            token,
+            org: meta.org_id,
+            forward: None,
+        },
+        // The external CLI runs in the sandbox: only the gateway is forwarded in.
+        HarnessKind::External => {
+            let url = url::Url::parse(&host_url)
+                .map_err(|e| HarnessError(format!("agent.gateway_url is not a URL: {e}")))?;
+            let addr = tokio::net::lookup_host((
+                url.host_str().unwrap_or("127.0.0.1"),
+                url.port_or_known_default().unwrap_or(80),
+            ))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| HarnessError(format!("cannot resolve the gateway at {host_url}")))?;
+            GatewayAccess {
+                base_url: inner.sandbox.forwarded_url(&url).to_string(),
+                token,
+                org: meta.org_id,
+                forward: Some(addr),
+            }
+        }
     };
     let env = agents.session_env(meta)?;
     let history: Vec<Value> = inner

@@ -12,6 +12,7 @@
 //! or hooks.
 
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -107,6 +108,9 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Most bytes kept of each of stdout and stderr; the rest is read and dropped.
     pub output_cap: usize,
+    /// A server on the host (the model gateway) the command may reach, at
+    /// [`SandboxProvider::forwarded_url`]; nothing else is reachable.
+    pub forward: Option<std::net::SocketAddr>,
 }
 
 impl ExecRequest {
@@ -119,6 +123,7 @@ impl ExecRequest {
             cwd: None,
             timeout,
             output_cap,
+            forward: None,
         }
     }
 }
@@ -205,7 +210,15 @@ pub trait SandboxProvider: Send + Sync + 'static {
     /// Removes the session's workspace and home (and the sandbox when it has no other
     /// session). Missing directories are not an error.
     async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError>;
+
+    /// The URL at which a command whose request sets `forward` reaches `url` (a server on the
+    /// host at that address): the same URL without a network namespace; under `local`, the
+    /// same path on `127.0.0.1:`[`FORWARD_PORT`] inside the sandbox's own loopback.
+    fn forwarded_url(&self, url: &url::Url) -> url::Url;
 }
+
+/// The port inside a `local` sandbox where a forwarded host server is reachable.
+pub const FORWARD_PORT: u16 = 8787;
 
 /// The provider `config` names, with sandboxes under `root`.
 ///
@@ -438,14 +451,37 @@ impl SandboxProvider for LocalSandbox {
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
         let mut command = tokio::process::Command::new(&self.bwrap);
+        // With a forward, bubblewrap reports the sandbox's pid on one pipe and waits on
+        // another until the forward listens inside the sandbox's network namespace.
+        let bridge = match request.forward {
+            Some(target) => Some(Bridge::new(target)?),
+            None => None,
+        };
+        if let Some(bridge) = &bridge {
+            command.args([
+                "--info-fd".to_owned(),
+                bridge.info_w.as_raw_fd().to_string(),
+                "--block-fd".to_owned(),
+                bridge.block_r.as_raw_fd().to_string(),
+            ]);
+        }
         command.args(self.args(mount, &request));
         let joins = match &self.cgroups {
             Some(cgroups) => cgroups.open_procs(&mount.sandbox_id)?,
             None => Vec::new(),
         };
         let memory = (self.cgroups.is_none()).then_some(self.memory_limit_bytes);
-        confine(&mut command, joins.iter().map(raw_fd).collect(), memory);
-        let result = run(command, request, cancel).await;
+        let inherit = bridge
+            .as_ref()
+            .map(|b| vec![b.info_w.as_raw_fd(), b.block_r.as_raw_fd()])
+            .unwrap_or_default();
+        confine(
+            &mut command,
+            joins.iter().map(raw_fd).collect(),
+            inherit,
+            memory,
+        );
+        let result = run(command, request, cancel, bridge).await;
         drop(joins);
         if let Err(SandboxError::Io(e)) = &result
             && e.kind() == std::io::ErrorKind::NotFound
@@ -457,6 +493,14 @@ impl SandboxProvider for LocalSandbox {
             )));
         }
         result
+    }
+
+    fn forwarded_url(&self, url: &url::Url) -> url::Url {
+        let mut inside = url.clone();
+        let _ = inside.set_scheme("http");
+        let _ = inside.set_host(Some("127.0.0.1"));
+        let _ = inside.set_port(Some(FORWARD_PORT));
+        inside
     }
 
     async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError> {
@@ -495,23 +539,118 @@ async fn remove_dir(path: &Path) -> Result<(), SandboxError> {
 }
 
 fn raw_fd(file: &std::fs::File) -> i32 {
-    use std::os::fd::AsRawFd;
     file.as_raw_fd()
+}
+
+/// A forward of one host address into a sandbox's network namespace: the pipes bubblewrap
+/// reports on and waits on, opened close-on-exec (only the sandbox's bubblewrap inherits them,
+/// see [`confine`]).
+struct Bridge {
+    target: std::net::SocketAddr,
+    info_r: OwnedFd,
+    info_w: OwnedFd,
+    block_r: OwnedFd,
+    block_w: OwnedFd,
+}
+
+impl Bridge {
+    fn new(target: std::net::SocketAddr) -> std::io::Result<Self> {
+        let (info_r, info_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (block_r, block_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(Self {
+            target,
+            info_r,
+            info_w,
+            block_r,
+            block_w,
+        })
+    }
+
+    /// After bubblewrap started: reads the sandbox's pid, binds `127.0.0.1:FORWARD_PORT` in
+    /// its network namespace, lets the command start, and returns the task forwarding each
+    /// connection to the target.
+    async fn open(self) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let Bridge {
+            target,
+            info_r,
+            info_w,
+            block_r,
+            block_w,
+        } = self;
+        drop((info_w, block_r));
+        let listener =
+            tokio::task::spawn_blocking(move || -> std::io::Result<std::net::TcpListener> {
+                let mut info = std::fs::File::from(info_r);
+                let mut text = Vec::new();
+                let pid = loop {
+                    let mut buf = [0u8; 1024];
+                    let n = std::io::Read::read(&mut info, &mut buf)?;
+                    if n == 0 {
+                        return Err(std::io::Error::other(
+                            "bubblewrap exited before reporting its pid",
+                        ));
+                    }
+                    text.extend_from_slice(&buf[..n]);
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
+                        break v["child-pid"].as_i64().ok_or_else(|| {
+                            std::io::Error::other("no child-pid from bubblewrap")
+                        })?;
+                    }
+                };
+                let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+                // setns changes only the calling thread's namespace: a thread of its own, which
+                // ends right after binding; the socket stays in the sandbox's namespace.
+                std::thread::spawn(move || {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    let listener = std::net::TcpListener::bind(("127.0.0.1", FORWARD_PORT))?;
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                })
+                .join()
+                .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        nix::unistd::write(&block_w, b"x")?;
+        Ok(tokio::spawn(async move {
+            while let Ok((mut inside, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut host) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut host).await;
+                    }
+                });
+            }
+        }))
+    }
 }
 
 /// Between fork and exec of `command`: joins the cgroups whose `cgroup.procs` are open as
 /// `joins` (writing "0" moves the writing process), so everything the sandbox starts is
 /// counted there from its first instruction; or, without cgroups, caps the address space at
-/// `memory` bytes. Also disables core dumps.
+/// `memory` bytes. Clears close-on-exec on `inherit` (the bridge's pipes) so bubblewrap gets
+/// them and no other child does. Also disables core dumps.
 #[allow(unsafe_code)]
-fn confine(command: &mut tokio::process::Command, joins: Vec<i32>, memory: Option<u64>) {
+fn confine(
+    command: &mut tokio::process::Command,
+    joins: Vec<i32>,
+    inherit: Vec<i32>,
+    memory: Option<u64>,
+) {
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // functions may be called: it calls only write(2) on descriptors opened by the parent
-    // (kept open by the caller until spawn returns) and setrlimit(2); it allocates nothing.
+    // functions may be called: it calls only write(2) and fcntl(2) on descriptors opened by
+    // the parent (kept open by the caller until spawn returns) and setrlimit(2); it allocates
+    // nothing.
     unsafe {
         command.pre_exec(move || {
             for fd in &joins {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for fd in &inherit {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -538,6 +677,7 @@ async fn run(
     mut command: tokio::process::Command,
     request: ExecRequest,
     cancel: &CancellationToken,
+    bridge: Option<Bridge>,
 ) -> Result<ExecOutput, SandboxError> {
     command
         .stdin(if request.stdin.is_some() {
@@ -552,6 +692,18 @@ async fn run(
     let started = Instant::now();
     let mut child = command.spawn()?;
     let pid = child.id();
+    let _forwarding = match bridge {
+        None => None,
+        Some(bridge) => match bridge.open().await {
+            Ok(task) => Some(AbortOnDrop(task)),
+            Err(e) => {
+                if let Some(pid) = pid {
+                    kill_group(pid);
+                }
+                return Err(SandboxError::Io(e));
+            }
+        },
+    };
     if let (Some(input), Some(mut stdin)) = (request.stdin, child.stdin.take()) {
         // A command that does not read its input must not block us: write in the background.
         tokio::spawn(async move {
@@ -594,6 +746,15 @@ async fn run(
     out.truncated = sot || set;
     out.duration_ms = started.elapsed().as_millis() as u64;
     Ok(out)
+}
+
+/// Aborts a task when dropped (the forward of one command).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn kill_group(pid: u32) {
@@ -775,11 +936,15 @@ impl SandboxProvider for ProcessSandbox {
             .env("TMPDIR", std::env::temp_dir())
             .envs(request.env.iter().map(|(k, v)| (k, v)))
             .current_dir(request.cwd.as_deref().unwrap_or(&mount.workspace));
-        run(command, request, cancel).await
+        run(command, request, cancel, None).await
     }
 
     async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError> {
         remove_dir(&mount.host_workspace).await?;
         remove_dir(&mount.host_home).await
+    }
+
+    fn forwarded_url(&self, url: &url::Url) -> url::Url {
+        url.clone()
     }
 }

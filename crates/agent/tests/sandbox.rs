@@ -289,3 +289,51 @@ async fn removal_deletes_the_session_directories() {
     assert!(!env.a.host_home.exists());
     assert!(env.b.host_workspace.exists());
 }
+
+#[tokio::test]
+async fn only_the_forwarded_server_is_reachable() {
+    let env = env().await;
+    // The gateway stand-in on the host's loopback, and another host service.
+    let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (gateway_addr, other_port) = (
+        gateway.local_addr().unwrap(),
+        other.local_addr().unwrap().port(),
+    );
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = gateway.accept().await {
+            let mut buf = [0u8; 5];
+            let _ = s.read_exact(&mut buf).await;
+            let _ = s.write_all(b"pong\n").await;
+        }
+    });
+    let url = url::Url::parse(&format!("http://{gateway_addr}/api/gateway/v1")).unwrap();
+    let inside = env.sandbox.forwarded_url(&url);
+    assert_eq!(inside.as_str(), "http://127.0.0.1:8787/api/gateway/v1");
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/8787 && echo ping >&3 && head -1 <&3; \
+         (exec 4<>/dev/tcp/127.0.0.1/{other_port}) 2>/dev/null && echo REACHED-OTHER; \
+         (exec 5<>/dev/tcp/1.1.1.1/80) 2>/dev/null && echo REACHED-REMOTE; true"
+    );
+    let out = env
+        .sandbox
+        .exec(
+            &env.a,
+            ExecRequest {
+                argv: vec!["bash".into(), "-c".into(), script],
+                forward: Some(gateway_addr),
+                ..ExecRequest::shell("", Duration::from_secs(10), 4096)
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let text = text(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pong",
+        "{text}"
+    );
+    assert!(!text.contains("REACHED"), "{text}");
+}

@@ -31,7 +31,8 @@ use crate::{Args, Backend};
 pub async fn run(args: &Args) -> anyhow::Result<String> {
     let mut out = String::from("\n## Sandbox start and session start\n\n");
     out += &sandbox_start(if args.quick { 50 } else { 500 }).await?;
-    out += "\n| backend | session create → first event p50 | p99 | executions |\n|---|---|---|---|\n";
+    out +=
+        "\n| backend | session create → first event p50 | p99 | executions |\n|---|---|---|---|\n";
     for postgres in [false, true] {
         let n = if args.quick { 20 } else { 200 };
         let (p50, p99) = first_event(postgres, n).await?;
@@ -50,20 +51,42 @@ async fn sandbox_start(n: usize) -> anyhow::Result<String> {
     let (user, session) = (Uuid::new_v4(), new_session_id());
     let id = sandbox_id(None, user, None, SandboxPolicy::Shared, &session);
     let mount = local
-        .prepare(&id, &workspace_path(None, user, &session), &home_path(&session))
+        .prepare(
+            &id,
+            &workspace_path(None, user, &session),
+            &home_path(&session),
+        )
         .await?;
     let cancel = CancellationToken::new();
     let (mut ours, mut plain) = (histogram(), histogram());
     for i in 0..n + 20 {
         let t = Instant::now();
         let out = local
-            .exec(&mount, ExecRequest::shell("true", Duration::from_secs(10), 1024), &cancel)
+            .exec(
+                &mount,
+                ExecRequest::shell("true", Duration::from_secs(10), 1024),
+                &cancel,
+            )
             .await?;
         let ours_us = t.elapsed().as_micros() as u64;
-        anyhow::ensure!(out.success(), "sandboxed `true` failed: {}", out.combined_text());
+        anyhow::ensure!(
+            out.success(),
+            "sandboxed `true` failed: {}",
+            out.combined_text()
+        );
         let t = Instant::now();
         let status = tokio::process::Command::new("bwrap")
-            .args(["--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "--", "sh", "-c", "true"])
+            .args([
+                "--ro-bind",
+                "/",
+                "/",
+                "--unshare-all",
+                "--die-with-parent",
+                "--",
+                "sh",
+                "-c",
+                "true",
+            ])
             .status()
             .await?;
         let plain_us = t.elapsed().as_micros() as u64;
@@ -153,7 +176,12 @@ async fn first_event(postgres: bool, n: usize) -> anyhow::Result<(f64, f64)> {
         request_id: None,
     };
     let (user, _, _) = identity
-        .create_user(&format!("bench-{}@example.com", Uuid::new_v4()), "bench", false, &system)
+        .create_user(
+            &format!("bench-{}@example.com", Uuid::new_v4()),
+            "bench",
+            false,
+            &system,
+        )
         .await?;
     let git = GitServer::start("bench-token").await;
     let repo = git.create_repo("bench", &[("README.md", "# bench\n")]);
@@ -202,9 +230,12 @@ async fn first_event(postgres: bool, n: usize) -> anyhow::Result<(f64, f64)> {
             if first.is_none() && events.iter().any(|e| e.stream_event_type == "started") {
                 first = Some(t.elapsed());
             }
-            let done = events
-                .iter()
-                .any(|e| matches!(e.stream_event_type.as_str(), "complete" | "error" | "interrupted"));
+            let done = events.iter().any(|e| {
+                matches!(
+                    e.stream_event_type.as_str(),
+                    "complete" | "error" | "interrupted"
+                )
+            });
             if done {
                 break;
             }

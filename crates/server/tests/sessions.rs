@@ -89,6 +89,10 @@ struct Env {
 }
 
 async fn env(postgres: bool) -> Env {
+    env_with(postgres, |_| {}).await
+}
+
+async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> Env {
     let store = TestStore::new(postgres).await;
     let clock = Arc::new(ManualClock::new(1_798_804_800_000));
     let sub = store.open(clock.clone()).await;
@@ -132,6 +136,7 @@ async fn env(postgres: bool) -> Env {
     };
     agent_config.git.allow_http = true;
     agent_config.git.allow_private_hosts = true;
+    tweak(&mut agent_config);
     let sandbox = Arc::new(LocalSandbox::new(
         &SandboxConfig::default(),
         sandboxes.path().to_path_buf(),
@@ -1016,7 +1021,66 @@ async fn callback_retries_and_dead_letter(postgres: bool) {
     );
 }
 
+/// The external CLI harness: a command line run in the sandbox with `OPENAI_BASE_URL` and
+/// `OPENAI_API_KEY` pointing at the gateway, forwarded into the sandbox's otherwise empty
+/// network; its JSON output lines become events, its last line the summary.
+async fn external_cli_harness(postgres: bool) {
+    let script = r#"curl -sS -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d "{\"model\":\"$KILO_MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" "$OPENAI_BASE_URL/chat/completions"; echo; printf '%s\n' "$1" > prompt.txt; echo "wrote the prompt""#;
+    let env = env_with(postgres, |config| {
+        config.harness.kind = kilocloud_agent::harness::HarnessKind::External;
+        config.harness.external_command = vec![
+            "sh".into(),
+            "-c".into(),
+            script.into(),
+            "sh".into(),
+            "{prompt}".into(),
+        ];
+    })
+    .await;
+    env.upstream.push(Reply::text("hello from the model", 7, 3));
+    let session = env.prepare(json!({})).await;
+    let (_, started) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
+        .await;
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    let view = env.until_terminal(&session, &execution).await;
+    assert_eq!(view["executions"][0]["status"], "completed", "{view}");
+    let events = env.events(&session, 0).await;
+    let reply = events
+        .iter()
+        .find(|e| e["streamEventType"] == "output" && e["data"]["object"] == "chat.completion")
+        .unwrap_or_else(|| panic!("no model reply among {events:?}"));
+    assert_eq!(
+        reply["data"]["choices"][0]["message"]["content"],
+        "hello from the model"
+    );
+    let complete = events.last().unwrap();
+    assert_eq!(complete["data"]["summary"], "wrote the prompt");
+    let branch = format!("session/{session}");
+    assert_eq!(
+        env.git.file_at("demo", &branch, "prompt.txt").unwrap(),
+        "Change the greeting to kilo and record that you ran\n"
+    );
+    env.gateway.settle().await;
+    let usage = env
+        .gateway
+        .ledger
+        .usage(
+            Owner::User(env.user),
+            kilocloud_gateway::UsageFilter::default(),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(usage.len(), 1, "the CLI's call was metered to the owner");
+}
+
 on_both_backends!(
+    external_cli_harness,
     main_path,
     conflict_and_interrupt,
     bad_input_and_scoping,
