@@ -286,6 +286,7 @@ async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcom
                     }
                     Ok(ToolResult::Output(ok, text)) => (ok, text),
                     Err(ToolStop::Interrupted) => return Ok(Outcome::Interrupted),
+                    Err(ToolStop::Stopped(s)) => return Err(s.into()),
                     Err(ToolStop::Sandbox(e)) => {
                         return Err(HarnessError(format!("sandbox failure: {e}")));
                     }
@@ -378,6 +379,8 @@ enum ToolResult {
 
 enum ToolStop {
     Interrupted,
+    /// Events could not be recorded (the execution ended meanwhile, or storage failed).
+    Stopped(Stopped),
     Sandbox(crate::sandbox::SandboxError),
 }
 
@@ -417,7 +420,11 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
         )),
         "read_file" => {
             let path = path!("path", None);
-            let out = exec(turn, vec!["cat".into(), "--".into(), path], None, cap).await?;
+            let out = exec(
+                turn,
+                file_tool(vec!["cat".into(), "--".into(), path], None, cap),
+            )
+            .await?;
             if !out.success() {
                 return text(false, out.combined_text());
             }
@@ -440,13 +447,15 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
             let path = path!("path", Some("."));
             let out = exec(
                 turn,
-                [
-                    "find", &path, "-path", "*/.git", "-prune", "-o", "-type", "f", "-print",
-                ]
-                .map(String::from)
-                .to_vec(),
-                None,
-                cap,
+                file_tool(
+                    [
+                        "find", &path, "-path", "*/.git", "-prune", "-o", "-type", "f", "-print",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    None,
+                    cap,
+                ),
             )
             .await?;
             if !out.success() {
@@ -473,17 +482,19 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
             };
             let out = exec(
                 turn,
-                vec![
-                    "grep".into(),
-                    "-rnIE".into(),
-                    "--exclude-dir=.git".into(),
-                    "-e".into(),
-                    pattern.into(),
-                    "--".into(),
-                    path,
-                ],
-                None,
-                cap,
+                file_tool(
+                    vec![
+                        "grep".into(),
+                        "-rnIE".into(),
+                        "--exclude-dir=.git".into(),
+                        "-e".into(),
+                        pattern.into(),
+                        "--".into(),
+                        path,
+                    ],
+                    None,
+                    cap,
+                ),
             )
             .await?;
             // grep exits 1 when nothing matched.
@@ -509,9 +520,11 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
             };
             let out = exec(
                 turn,
-                vec!["cat".into(), "--".into(), path.clone()],
-                None,
-                16 << 20,
+                file_tool(
+                    vec!["cat".into(), "--".into(), path.clone()],
+                    None,
+                    16 << 20,
+                ),
             )
             .await?;
             if !out.success() {
@@ -541,19 +554,12 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
                     json!({"message": format!("running: {}", preview(command, 200))}),
                 )
                 .await
-                .map_err(|_| ToolStop::Interrupted)?;
+                .map_err(ToolStop::Stopped)?;
             let request = ExecRequest {
                 env: turn.env.to_vec(),
                 ..ExecRequest::shell(command, Duration::from_millis(timeout), cap)
             };
-            let out = turn
-                .sandbox
-                .exec(turn.mount, request, turn.cancel)
-                .await
-                .map_err(ToolStop::Sandbox)?;
-            if out.cancelled {
-                return Err(ToolStop::Interrupted);
-            }
+            let out = exec(turn, request).await?;
             let combined = out.combined_text();
             turn.emit
                 .emit(
@@ -561,7 +567,7 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
                     json!({"command": command, "exitCode": out.exit_code, "output": preview(&combined, 16 * 1024)}),
                 )
                 .await
-                .map_err(|_| ToolStop::Interrupted)?;
+                .map_err(ToolStop::Stopped)?;
             let status = match out.exit_code {
                 Some(code) => format!("exit code {code}"),
                 None => "killed".into(),
@@ -574,17 +580,10 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
 
 async fn write(turn: &Turn<'_>, path: &str, content: &str) -> Result<ToolResult, ToolStop> {
     let script = "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\"";
+    let argv = ["sh", "-c", script, "sh", path].map(String::from).to_vec();
     let out = exec(
         turn,
-        vec![
-            "sh".into(),
-            "-c".into(),
-            script.into(),
-            "sh".into(),
-            path.into(),
-        ],
-        Some(content.as_bytes().to_vec()),
-        4096,
+        file_tool(argv, Some(content.as_bytes().to_vec()), 4096),
     )
     .await?;
     Ok(if out.success() {
@@ -594,13 +593,9 @@ async fn write(turn: &Turn<'_>, path: &str, content: &str) -> Result<ToolResult,
     })
 }
 
-async fn exec(
-    turn: &Turn<'_>,
-    argv: Vec<String>,
-    stdin: Option<Vec<u8>>,
-    cap: usize,
-) -> Result<crate::sandbox::ExecOutput, ToolStop> {
-    let request = ExecRequest {
+/// A file tool's command: `argv` with `stdin`, a 60 s limit and `cap` bytes of output.
+fn file_tool(argv: Vec<String>, stdin: Option<Vec<u8>>, cap: usize) -> ExecRequest {
+    ExecRequest {
         argv,
         env: Vec::new(),
         stdin,
@@ -608,7 +603,15 @@ async fn exec(
         timeout: Duration::from_secs(60),
         output_cap: cap,
         forward: None,
-    };
+    }
+}
+
+/// Runs one tool's command in the session's sandbox; an interrupt that killed it stops the
+/// tool.
+async fn exec(
+    turn: &Turn<'_>,
+    request: ExecRequest,
+) -> Result<crate::sandbox::ExecOutput, ToolStop> {
     let out = turn
         .sandbox
         .exec(turn.mount, request, turn.cancel)

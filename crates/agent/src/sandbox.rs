@@ -295,6 +295,15 @@ impl LocalSandbox {
         self.cgroups.is_some()
     }
 
+    fn not_installed(&self) -> SandboxError {
+        SandboxError::Unavailable(format!(
+            "bubblewrap (`{}`) is not installed: install it (Debian/Ubuntu: `apt-get install \
+             bubblewrap`; Fedora: `dnf install bubblewrap`) or set agent.sandbox.bwrap to its \
+             path",
+            self.bwrap.display()
+        ))
+    }
+
     fn args(&self, mount: &SessionMount, request: &ExecRequest) -> Vec<OsString> {
         let mut args: Vec<OsString> = [
             "--die-with-parent",
@@ -398,14 +407,7 @@ impl SandboxProvider for LocalSandbox {
             .await;
         match probe {
             Ok(out) if out.status.success() => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(SandboxError::Unavailable(format!(
-                    "bubblewrap (`{}`) is not installed: install it (Debian/Ubuntu: `apt-get \
-                     install bubblewrap`; Fedora: `dnf install bubblewrap`) or set \
-                     agent.sandbox.bwrap to its path",
-                    self.bwrap.display()
-                )))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(self.not_installed()),
             Err(e) => Err(SandboxError::Unavailable(format!(
                 "cannot run bubblewrap (`{}`): {e}",
                 self.bwrap.display()
@@ -426,16 +428,15 @@ impl SandboxProvider for LocalSandbox {
         workspace: &str,
         home: &str,
     ) -> Result<SessionMount, SandboxError> {
-        let base = self.root.join(sandbox_id);
+        let (host_workspace, host_home) =
+            session_dirs(&self.root, sandbox_id, workspace, home).await?;
         let mount = SessionMount {
             sandbox_id: sandbox_id.to_owned(),
-            host_workspace: base.join(workspace.trim_start_matches('/')),
-            host_home: base.join(home.trim_start_matches('/')),
+            host_workspace,
+            host_home,
             workspace: workspace.to_owned(),
             home: home.to_owned(),
         };
-        tokio::fs::create_dir_all(&mount.host_workspace).await?;
-        tokio::fs::create_dir_all(&mount.host_home).await?;
         // The sandbox user (uid 1000 inside) is root outside: writes land as root on the
         // host, so the directories need no special ownership.
         if let Some(cgroups) = &self.cgroups {
@@ -486,11 +487,7 @@ impl SandboxProvider for LocalSandbox {
         if let Err(SandboxError::Io(e)) = &result
             && e.kind() == std::io::ErrorKind::NotFound
         {
-            return Err(SandboxError::Unavailable(format!(
-                "bubblewrap (`{}`) is not installed: install it (Debian/Ubuntu: `apt-get \
-                 install bubblewrap`) or set agent.sandbox.bwrap to its path",
-                self.bwrap.display()
-            )));
+            return Err(self.not_installed());
         }
         result
     }
@@ -515,6 +512,22 @@ impl SandboxProvider for LocalSandbox {
         }
         Ok(())
     }
+}
+
+/// Creates (idempotently) a session's workspace and home under `root/<sandbox_id>`, at the
+/// host paths mirroring `workspace` and `home` (paths inside the sandbox); returns them.
+async fn session_dirs(
+    root: &Path,
+    sandbox_id: &str,
+    workspace: &str,
+    home: &str,
+) -> std::io::Result<(PathBuf, PathBuf)> {
+    let base = root.join(sandbox_id);
+    let host_workspace = base.join(workspace.trim_start_matches('/'));
+    let host_home = base.join(home.trim_start_matches('/'));
+    tokio::fs::create_dir_all(&host_workspace).await?;
+    tokio::fs::create_dir_all(&host_home).await?;
+    Ok((host_workspace, host_home))
 }
 
 /// Whether any `sessions/*` directory remains under the sandbox directory `base`.
@@ -904,11 +917,8 @@ impl SandboxProvider for ProcessSandbox {
         workspace: &str,
         home: &str,
     ) -> Result<SessionMount, SandboxError> {
-        let base = self.root.join(sandbox_id);
-        let host_workspace = base.join(workspace.trim_start_matches('/'));
-        let host_home = base.join(home.trim_start_matches('/'));
-        tokio::fs::create_dir_all(&host_workspace).await?;
-        tokio::fs::create_dir_all(&host_home).await?;
+        let (host_workspace, host_home) =
+            session_dirs(&self.root, sandbox_id, workspace, home).await?;
         Ok(SessionMount {
             sandbox_id: sandbox_id.to_owned(),
             workspace: host_workspace.to_string_lossy().into_owned(),
