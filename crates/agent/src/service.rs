@@ -164,6 +164,10 @@ pub struct PrepareRequest {
     pub auto_commit: bool,
     /// Where terminal transitions are reported.
     pub callback_target: Option<CallbackTarget>,
+    /// In-process subscriber to terminal transitions (services only; not part of the API).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub notify: Option<crate::session::CompletionNotice>,
 }
 
 /// Body of `POST /api/sessions/{id}/messages` (follow-up).
@@ -655,6 +659,7 @@ impl Agents {
             prompt: req.prompt.clone(),
             auto_commit: req.auto_commit,
             callback,
+            notify: req.notify.clone(),
             sandbox_id: sandbox_id.clone(),
             workspace_path: workspace.clone(),
             home_path: home,
@@ -843,6 +848,7 @@ impl Agents {
             last_heartbeat: None,
             error: None,
             exit_code: None,
+            summary: None,
         }
     }
 

@@ -115,6 +115,9 @@ pub struct SessionMeta {
     pub auto_commit: bool,
     /// Callback target.
     pub callback: Option<SealedCallback>,
+    /// In-process subscriber to terminal transitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<CompletionNotice>,
     /// The sandbox the session runs in.
     pub sandbox_id: String,
     /// Workspace path inside the sandbox.
@@ -211,6 +214,9 @@ pub struct Execution {
     pub error: Option<String>,
     /// The harness's exit code, when completed.
     pub exit_code: Option<i32>,
+    /// The agent's final summary, when completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
 }
 
 /// An event as stored under `ev/<id>`.
@@ -284,6 +290,29 @@ pub struct CallbackPayload {
     /// The branch the agent left its work on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen_branch: Option<String>,
+    /// The agent's final summary (its last message), when completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+}
+
+/// An in-process subscriber to a session's terminal transitions: the [`CompletionMessage`]
+/// is sent to `queue` in the same actor call as the transition (at least once), so services
+/// built on sessions (triggers, reviews) learn of the end without an HTTP round trip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionNotice {
+    /// A declared queue.
+    pub queue: String,
+    /// Opaque to the session; given back in the message.
+    pub context: Value,
+}
+
+/// What a [`CompletionNotice`] sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionMessage {
+    /// The notice's context.
+    pub context: Value,
+    /// The transition, as a callback would get it.
+    pub payload: CallbackPayload,
 }
 
 /// Calls of the session actor.
@@ -542,6 +571,7 @@ impl SessionActor {
                 "complete" => {
                     branch = event.data["currentBranch"].as_str().map(str::to_owned);
                     exec.exit_code = event.data["exitCode"].as_i64().map(|c| c as i32);
+                    exec.summary = event.data["summary"].as_str().map(str::to_owned);
                     Some(ExecStatus::Completed)
                 }
                 "interrupted" => {
@@ -597,6 +627,27 @@ impl SessionActor {
                 meta.last_branch = branch;
                 ctx.put("meta", &meta)?;
             }
+            let payload = CallbackPayload {
+                session_id: meta.session_id.clone(),
+                execution_id: exec.execution_id.clone(),
+                status: exec.status,
+                error_message: exec.error.clone(),
+                last_seen_branch: meta.last_branch.clone(),
+                summary: exec.summary.clone(),
+            };
+            // Both are sent before this call commits: if the commit then fails, the transition
+            // is retried and they are sent again (receivers get at-least-once anyway); sent
+            // after, a crash in between would lose them.
+            if let Some(notice) = &meta.notify {
+                let message = CompletionMessage {
+                    context: notice.context.clone(),
+                    payload: payload.clone(),
+                };
+                self.substrate
+                    .queues()
+                    .send(&notice.queue, &message, 0)
+                    .await?;
+            }
             if let Some(target) = &meta.callback {
                 let job = CallbackJob {
                     target: target.clone(),
@@ -605,17 +656,8 @@ impl SessionActor {
                         &meta.session_id,
                         "callbackHeaders",
                     ),
-                    payload: CallbackPayload {
-                        session_id: meta.session_id.clone(),
-                        execution_id: exec.execution_id.clone(),
-                        status: exec.status,
-                        error_message: exec.error.clone(),
-                        last_seen_branch: meta.last_branch.clone(),
-                    },
+                    payload,
                 };
-                // Sent before this call commits: if the commit then fails, the transition is
-                // retried and the callback sent again (receivers get at-least-once anyway);
-                // sent after, a crash in between would lose it.
                 self.substrate
                     .queues()
                     .send(CALLBACK_QUEUE, &job, 0)

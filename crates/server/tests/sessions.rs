@@ -801,6 +801,7 @@ async fn reaper(postgres: bool) {
         last_heartbeat: None,
         error: None,
         exit_code: None,
+        summary: None,
     };
     let actors = env.sub.actors();
     let status = |id: &'static str| {
