@@ -29,8 +29,9 @@ pub const TOKEN_MIN_CACHEABLE: Duration = Duration::from_secs(60);
 /// Timeout of one GitHub API request.
 pub const API_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Settings of the GitHub App (`github.*` in the configuration).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Settings of the GitHub App (`github.*` in the configuration). `Debug` leaves the key and
+/// the secrets out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GitHubConfig {
     /// The app's id; 0 disables the integration (webhooks answer 503 `github_disabled`).
@@ -44,6 +45,18 @@ pub struct GitHubConfig {
     pub webhook_secrets: Vec<String>,
     /// REST API base URL. Default `https://api.github.com`.
     pub api_url: String,
+}
+
+impl std::fmt::Debug for GitHubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitHubConfig")
+            .field("app_id", &self.app_id)
+            .field("private_key", &"<redacted>")
+            .field("private_key_path", &self.private_key_path)
+            .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("api_url", &self.api_url)
+            .finish()
+    }
 }
 
 impl Default for GitHubConfig {

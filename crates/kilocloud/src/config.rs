@@ -117,6 +117,10 @@ pub struct Config {
     pub gateway: kilocloud_gateway::GatewayConfig,
     /// The Cloud Agent: sandboxes, git, the agent harness (see `docs/sessions.md`).
     pub agent: kilocloud_agent::AgentConfig,
+    /// The GitHub App: id, private key, webhook secrets, API URL (see `docs/github.md`).
+    pub github: kilocloud_automation::GitHubConfig,
+    /// Code review defaults (see `docs/review.md`).
+    pub review: kilocloud_automation::ReviewConfig,
 }
 
 impl Default for Config {
@@ -141,6 +145,8 @@ impl Default for Config {
             substrate: Tuning::default(),
             gateway: kilocloud_gateway::GatewayConfig::default(),
             agent: kilocloud_agent::AgentConfig::default(),
+            github: kilocloud_automation::GitHubConfig::default(),
+            review: kilocloud_automation::ReviewConfig::default(),
         }
     }
 }
@@ -177,6 +183,8 @@ fn is_config_key(key: &str) -> bool {
             | "bootstrap_admin_email"
             | "gateway"
             | "agent"
+            | "github"
+            | "review"
             | "shutdown_grace_ms"
             | "sqlite"
             | "postgres"

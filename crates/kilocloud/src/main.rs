@@ -441,7 +441,7 @@ async fn issue_key(identity: &Identity, email: Option<String>) -> anyhow::Result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let (sub, identity, gateway, agents) = {
+    let (sub, identity, gateway, agents, automation) = {
         let sub = open(&config).await?;
         probe::register(&sub)?;
         let identity = Identity::new(&sub, config.identity()?);
@@ -456,9 +456,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.data_dir.join("sandboxes"),
         )
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let automation = kilocloud_automation::Automation::new(
+            &sub,
+            identity.clone(),
+            agents.clone(),
+            kilocloud_automation::AutomationConfig {
+                github: config.github.clone(),
+                review: config.review.clone(),
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         sub.start().await?;
         agents.start();
-        (sub, identity, gateway, agents)
+        automation.start();
+        (sub, identity, gateway, agents, automation)
     };
     if let Err(e) = agents.sandbox().check().await {
         // Sessions will fail with this message too; the server is still useful without them.
@@ -484,7 +495,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             auth_failures_per_minute: config.auth_failures_per_minute,
         },
     )
-    .with_agents(agents.clone());
+    .with_agents(agents.clone())
+    .with_automation(automation);
     // Tests and scripts read this line to find the port (`--listen 127.0.0.1:0`).
     println!("kilocloud listening on http://{addr}");
     std::io::stdout().flush()?;

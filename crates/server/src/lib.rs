@@ -45,6 +45,9 @@ pub struct AppState {
     pub gateway: Arc<api::gateway::GatewayState>,
     /// The Cloud Agent; `None` answers its routes with 503 `agent_disabled`.
     pub agents: Option<kilocloud_agent::Agents>,
+    /// Triggers, the GitHub App and code review; `None` answers their routes with 503
+    /// `automation_disabled`.
+    pub automation: Option<kilocloud_automation::Automation>,
     /// Per-IP budget of failed authentications.
     pub auth_limiter: Arc<auth::AuthFailureLimiter>,
     /// Prometheus exposition handle.
@@ -83,6 +86,7 @@ impl AppState {
             identity,
             gateway,
             agents: None,
+            automation: None,
             admin_token_sha256: Some(options.admin_token.as_str())
                 .filter(|t| !t.is_empty())
                 .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),
@@ -99,6 +103,12 @@ impl AppState {
     /// With the Cloud Agent's routes served by `agents`.
     pub fn with_agents(mut self, agents: kilocloud_agent::Agents) -> Self {
         self.agents = Some(agents);
+        self
+    }
+
+    /// With the automation routes served by `automation`.
+    pub fn with_automation(mut self, automation: kilocloud_automation::Automation) -> Self {
+        self.automation = Some(automation);
         self
     }
 

@@ -324,6 +324,14 @@ enum Access {
     /// The session stream: a WebSocket opened with a single-use ticket instead of a bearer
     /// credential; a plain request gets 426 (the ticket checks are in `sessions.rs`).
     SessionStream,
+    /// An automation route (triggers, review, installations), owner-scoped like `OrgHeader`
+    /// with at least `min`. This matrix runs without automation, so a caller who passes the
+    /// checks gets 503 `automation_disabled`; the owners each route reaches are tested in
+    /// `automation.rs`.
+    Automation(Role),
+    /// An inbound webhook (GitHub's, a trigger's): no bearer credential, authenticated by
+    /// its signature or secret (tested in `automation.rs`); 503 `automation_disabled` here.
+    Webhook,
 }
 
 struct Route {
@@ -714,6 +722,118 @@ fn routes() -> Vec<Route> {
             uri: |_| format!("/api/sessions/{}/stream", SESSION_ID),
             body: none,
         },
+        Route {
+            method: "POST",
+            path: "/api/github/webhook",
+            access: Webhook,
+            uri: |_| "/api/github/webhook".into(),
+            body: |_| Some(json!({"zen": "z"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/github/installations",
+            access: Automation(Role::Member),
+            uri: |_| "/api/github/installations".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/github/installations",
+            access: Automation(Role::Admin),
+            uri: |_| "/api/github/installations".into(),
+            body: |_| Some(json!({"installationId": 1})),
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/github/installations/{id}",
+            access: Automation(Role::Admin),
+            uri: |_| "/api/github/installations/1".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/triggers",
+            access: Automation(Role::Admin),
+            uri: |_| "/api/triggers".into(),
+            body: |_| Some(json!({"id": "t", "destination": {"type": "chat", "messageTemplate": "m"}, "activation": {"type": "webhook"}})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/triggers",
+            access: Automation(Role::Member),
+            uri: |_| "/api/triggers".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/triggers/{id}",
+            access: Automation(Role::Member),
+            uri: |_| "/api/triggers/t".into(),
+            body: none,
+        },
+        Route {
+            method: "PUT",
+            path: "/api/triggers/{id}",
+            access: Automation(Role::Admin),
+            uri: |_| "/api/triggers/t".into(),
+            body: |_| Some(json!({"id": "t", "destination": {"type": "chat", "messageTemplate": "m"}, "activation": {"type": "webhook"}})),
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/triggers/{id}",
+            access: Automation(Role::Admin),
+            uri: |_| "/api/triggers/t".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/triggers/{id}/requests",
+            access: Automation(Role::Member),
+            uri: |_| "/api/triggers/t/requests".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/triggers/{id}/requests/{request_id}",
+            access: Automation(Role::Member),
+            uri: |_| "/api/triggers/t/requests/req_1".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/hooks/{owner_type}/{owner_id}/{trigger_id}",
+            access: Webhook,
+            uri: |f| format!("/hooks/org/{}/t", f.org),
+            body: |_| Some(json!({"a": 1})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/review/settings",
+            access: Automation(Role::Member),
+            uri: |_| "/api/review/settings".into(),
+            body: none,
+        },
+        Route {
+            method: "PUT",
+            path: "/api/review/settings",
+            access: Automation(Role::Admin),
+            uri: |_| "/api/review/settings".into(),
+            body: |_| Some(json!({"enabled": true})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/reviews",
+            access: Automation(Role::Member),
+            uri: |_| "/api/reviews".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/reviews/{id}",
+            access: Automation(Role::Member),
+            uri: |_| "/api/reviews/rev_1".into(),
+            body: none,
+        },
     ]
 }
 
@@ -742,7 +862,10 @@ async fn matrix_covers_every_route(e: &Env) -> Vec<Route> {
         let public = table.iter().any(|r| {
             r.method == method
                 && r.path == path
-                && matches!(r.access, Access::Public | Access::SessionStream)
+                && matches!(
+                    r.access,
+                    Access::Public | Access::SessionStream | Access::Webhook
+                )
         });
         assert_eq!(
             *secured, !public,
@@ -789,6 +912,16 @@ async fn access_matrix(pg: bool) {
             assert_eq!(r.status, StatusCode::OK, "{label} is public: {}", r.body);
             continue;
         }
+        if matches!(route.access, Access::Webhook) {
+            let r = call(None, None).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::SERVICE_UNAVAILABLE, "automation_disabled"),
+                "{label}: {}",
+                r.body
+            );
+            continue;
+        }
         if matches!(route.access, Access::SessionStream) {
             let r = call(None, None).await;
             assert_eq!(
@@ -823,7 +956,34 @@ async fn access_matrix(pg: bool) {
         }
 
         match route.access {
-            Access::Public | Access::SessionStream => unreachable!("answered above"),
+            Access::Public | Access::SessionStream | Access::Webhook => {
+                unreachable!("answered above")
+            }
+            Access::Automation(min) => {
+                let r = call(Some(&f.stranger), Some(&org)).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::FORBIDDEN, "not_a_member"),
+                    "{label} as stranger: {}",
+                    r.body
+                );
+                if let Some((token, role)) = below(&f, min) {
+                    let r = call(Some(token), Some(&org)).await;
+                    assert_eq!(
+                        (r.status, r.code()),
+                        (StatusCode::FORBIDDEN, "insufficient_role"),
+                        "{label} as {role}: {}",
+                        r.body
+                    );
+                }
+                let r = call(Some(&f.owner), Some(&org)).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::SERVICE_UNAVAILABLE, "automation_disabled"),
+                    "{label} as owner: {}",
+                    r.body
+                );
+            }
             Access::Session => {
                 let r = call(Some(&f.stranger), Some(&org)).await;
                 assert_eq!(

@@ -5,6 +5,7 @@
 //! Routes are registered through `utoipa_axum`'s `OpenApiRouter`, so every route is in the
 //! document; the access-matrix test walks the document to check every owner-scoped route.
 
+pub mod automation;
 mod bots;
 pub mod gateway;
 mod orgs;
@@ -50,7 +51,8 @@ pub struct ErrorDetail {
     modifiers(&Security),
     tags(
         (name = "users"), (name = "organizations"), (name = "tokens"),
-        (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway"), (name = "sessions")
+        (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway"), (name = "sessions"),
+        (name = "github"), (name = "triggers"), (name = "review")
     )
 )]
 struct ApiDoc;
@@ -116,6 +118,27 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(sessions::export))
         .routes(routes!(sessions::events))
         .routes(routes!(sessions::stream))
+        .routes(routes!(automation::github_webhook))
+        .routes(routes!(
+            automation::list_installations,
+            automation::claim_installation
+        ))
+        .routes(routes!(automation::release_installation))
+        .routes(routes!(automation::create_trigger, automation::list_triggers))
+        .routes(routes!(
+            automation::get_trigger,
+            automation::update_trigger,
+            automation::delete_trigger
+        ))
+        .routes(routes!(automation::trigger_requests))
+        .routes(routes!(automation::trigger_request))
+        .routes(routes!(automation::inbound))
+        .routes(routes!(
+            automation::get_review_settings,
+            automation::put_review_settings
+        ))
+        .routes(routes!(automation::list_reviews))
+        .routes(routes!(automation::get_review))
         .split_for_parts()
 }
 

@@ -99,9 +99,23 @@ fn caller(scope: &OwnerScope) -> Caller {
 pub async fn prepare(
     State(s): State<AppState>,
     scope: OwnerScope,
-    Json(body): Json<PrepareRequest>,
+    Json(mut body): Json<PrepareRequest>,
 ) -> Result<(StatusCode, Json<Prepared>), ApiError> {
-    let prepared = agents(&s)?.prepare(caller(&scope), body).await?;
+    let agents = agents(&s)?;
+    // A GitHub repository without a token is cloned with the owner's GitHub App installation
+    // token when the owner has an installation there (reference §9), else anonymously.
+    if let (Some(repo), None, Some(automation)) =
+        (&body.github_repo, &body.git_token, &s.automation)
+        && automation.github().is_some()
+    {
+        match automation.token_for_repo(scope.owner(), repo).await {
+            Ok((_, token)) => body.git_token = Some(token.token),
+            Err(kilocloud_automation::AutomationError::NotFound(_))
+            | Err(kilocloud_automation::AutomationError::Invalid(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let prepared = agents.prepare(caller(&scope), body).await?;
     Ok((StatusCode::CREATED, Json(prepared)))
 }
 
