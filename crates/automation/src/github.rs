@@ -308,10 +308,7 @@ impl GitHubApp {
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
-            account_type: v["account"]["type"]
-                .as_str()
-                .unwrap_or("User")
-                .to_owned(),
+            account_type: v["account"]["type"].as_str().unwrap_or("User").to_owned(),
             suspended: !v["suspended_at"].is_null(),
         })
     }
@@ -341,7 +338,10 @@ impl GitHubApp {
         }
         let minted: InstallationToken = self
             .app
-            .post(format!("/app/installations/{id}/access_tokens"), None::<&()>)
+            .post(
+                format!("/app/installations/{id}/access_tokens"),
+                None::<&()>,
+            )
             .await?;
         let expires_at_ms = minted
             .expires_at
@@ -409,7 +409,10 @@ impl GitHubApp {
         split_repo(repo)?;
         Ok(self
             .as_installation(token)?
-            .post(format!("/repos/{repo}/pulls/{number}/reviews"), Some(review))
+            .post(
+                format!("/repos/{repo}/pulls/{number}/reviews"),
+                Some(review),
+            )
             .await?)
     }
 }
@@ -434,7 +437,11 @@ mod tests {
         let secrets = vec![b"old".to_vec(), b"new".to_vec()];
         assert!(verify_signature(&secrets, Some(&sign(b"new", body)), body));
         assert!(verify_signature(&secrets, Some(&sign(b"old", body)), body));
-        assert!(!verify_signature(&secrets, Some(&sign(b"other", body)), body));
+        assert!(!verify_signature(
+            &secrets,
+            Some(&sign(b"other", body)),
+            body
+        ));
         assert!(!verify_signature(&secrets, None, body));
         assert!(!verify_signature(&secrets, Some("sha256=zz"), body));
         assert!(!verify_signature(&secrets, Some("sha1=00"), body));

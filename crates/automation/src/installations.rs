@@ -344,9 +344,7 @@ impl Automation {
             .installations(owner)
             .await?
             .into_iter()
-            .find(|i| {
-                i.account_login.eq_ignore_ascii_case(account) && i.active_owner().is_some()
-            })
+            .find(|i| i.account_login.eq_ignore_ascii_case(account) && i.active_owner().is_some())
             .ok_or(AutomationError::NotFound("GitHub App installation"))?;
         Ok((
             installation.id,

@@ -444,8 +444,7 @@ impl Actor for ReviewOwnerActor {
                 comments_posted,
                 default_slots,
             } => {
-                let Some(mut record) = ctx.get::<ReviewRecord>(&format!("rev/{id}")).await?
-                else {
+                let Some(mut record) = ctx.get::<ReviewRecord>(&format!("rev/{id}")).await? else {
                     return Ok(Err(AutomationRefusal::NotFound));
                 };
                 if record.status.is_terminal() {
@@ -473,8 +472,7 @@ impl Actor for ReviewOwnerActor {
                 default_slots,
             } => {
                 if let Some(id) = ctx.get::<String>(&format!("pr/{repo}#{number}")).await?
-                    && let Some(mut record) =
-                        ctx.get::<ReviewRecord>(&format!("rev/{id}")).await?
+                    && let Some(mut record) = ctx.get::<ReviewRecord>(&format!("rev/{id}")).await?
                     && !record.status.is_terminal()
                 {
                     let reason = Some("the pull request was closed".to_owned());
@@ -804,7 +802,11 @@ impl Automation {
                 owner: owner.to_string(),
                 id: record.id.clone(),
             };
-            self.inner.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
+            self.inner
+                .sub
+                .queues()
+                .send(DISPATCH_QUEUE, &msg, 0)
+                .await?;
         }
         for record in &reply.stopped {
             if let Some(session) = &record.session_id {
@@ -960,7 +962,11 @@ impl Automation {
     }
 
     /// Dispatch: the orchestrator, the diff, the session.
-    async fn start_review(&self, owner: Owner, id: &str) -> std::result::Result<(), AutomationError> {
+    async fn start_review(
+        &self,
+        owner: Owner,
+        id: &str,
+    ) -> std::result::Result<(), AutomationError> {
         let Some(record) = self.review(owner, id).await? else {
             return Ok(());
         };
@@ -984,7 +990,9 @@ impl Automation {
                 let token = github.installation_token(record.installation_id).await?;
                 let settings = self.review_settings(owner).await?;
                 let ignore = settings.ignore_set().map_err(AutomationError::Invalid)?;
-                let diff = github.pull_diff(&token, &record.repo, record.number).await?;
+                let diff = github
+                    .pull_diff(&token, &record.repo, record.number)
+                    .await?;
                 let diff = truncate_diff(
                     &filter_diff(&diff, &ignore),
                     self.inner.config.review.max_diff_bytes,
@@ -1068,7 +1076,9 @@ impl Automation {
         let token = github.installation_token(record.installation_id).await?;
         let settings = self.review_settings(owner).await?;
         let ignore = settings.ignore_set().map_err(AutomationError::Invalid)?;
-        let diff = github.pull_diff(&token, &record.repo, record.number).await?;
+        let diff = github
+            .pull_diff(&token, &record.repo, record.number)
+            .await?;
         let findings = parse_findings(msg.payload.summary.as_deref().unwrap_or_default());
         let mut review = build_review(
             &findings,

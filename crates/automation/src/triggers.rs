@@ -478,7 +478,10 @@ impl Actor for TriggerActor {
                     }
                     _ => return Ok(Err(AutomationRefusal::NotFound)),
                 }
-                Ok(self.capture(ctx, *request).await?.map(TriggerReply::Captured))
+                Ok(self
+                    .capture(ctx, *request)
+                    .await?
+                    .map(TriggerReply::Captured))
             }
             TriggerCall::Begin(id) => {
                 let (Some(config), Some(mut request)) = (config, Self::request(ctx, &id).await?)
@@ -686,9 +689,7 @@ impl Consumer for DeliveryConsumer {
             Ok(Delivered::Message(m)) => (RequestStatus::Success, None, Some(m), false),
             Err(e) => {
                 let transient = match &e {
-                    AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => {
-                        *retryable
-                    }
+                    AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => *retryable,
                     AutomationError::GitHub(g) => g.is_transient(),
                     AutomationError::Agent(AgentError::Substrate(_))
                     | AutomationError::Substrate(_) => true,
@@ -843,7 +844,9 @@ impl Automation {
                 if let Some(auth) = auth {
                     let header = auth.header.trim().to_ascii_lowercase();
                     if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                        return bad(format!("activation.auth.header: {header:?} is not a header name"));
+                        return bad(format!(
+                            "activation.auth.header: {header:?} is not a header name"
+                        ));
                     }
                     if !(8..=512).contains(&auth.secret.len()) {
                         return bad("activation.auth.secret: 8–512 bytes".into());
@@ -855,14 +858,18 @@ impl Automation {
                         AuthKind::Header => StoredAuth {
                             kind: auth.kind,
                             header,
-                            secret_sha256: Some(hex::encode(Sha256::digest(auth.secret.as_bytes()))),
+                            secret_sha256: Some(hex::encode(Sha256::digest(
+                                auth.secret.as_bytes(),
+                            ))),
                             sealed_key: None,
                         },
                         AuthKind::Hmac => StoredAuth {
                             kind: auth.kind,
                             header,
                             secret_sha256: None,
-                            sealed_key: Some(self.inner.identity.seal(auth.secret.as_bytes(), &context)),
+                            sealed_key: Some(
+                                self.inner.identity.seal(auth.secret.as_bytes(), &context),
+                            ),
                         },
                     });
                 }
@@ -890,7 +897,10 @@ impl Automation {
     ) -> std::result::Result<TriggerConfig, AutomationError> {
         let config = self.trigger_config(owner, user, spec)?;
         let key = format!("{owner}/{}", config.id);
-        match self.trigger_call(&key, TriggerCall::Create(Box::new(config))).await? {
+        match self
+            .trigger_call(&key, TriggerCall::Create(Box::new(config)))
+            .await?
+        {
             TriggerReply::Config(c) => Ok(*c),
             _ => Err(AutomationError::NotFound("trigger")),
         }
@@ -906,12 +916,19 @@ impl Automation {
         id: &str,
         spec: TriggerSpec,
     ) -> std::result::Result<TriggerConfig, AutomationError> {
-        let config = self.trigger_config(owner, user, TriggerSpec {
-            id: id.to_owned(),
-            ..spec
-        })?;
+        let config = self.trigger_config(
+            owner,
+            user,
+            TriggerSpec {
+                id: id.to_owned(),
+                ..spec
+            },
+        )?;
         match self
-            .trigger_call(&format!("{owner}/{id}"), TriggerCall::Update(Box::new(config)))
+            .trigger_call(
+                &format!("{owner}/{id}"),
+                TriggerCall::Update(Box::new(config)),
+            )
             .await?
         {
             TriggerReply::Config(c) => Ok(*c),
@@ -962,13 +979,22 @@ impl Automation {
         let mut out = Vec::new();
         let mut after = prefix.clone();
         loop {
-            let keys = self.inner.sub.actor_keys(TRIGGER_ACTOR, &after, 200).await?;
+            let keys = self
+                .inner
+                .sub
+                .actor_keys(TRIGGER_ACTOR, &after, 200)
+                .await?;
             let full = keys.len() == 200;
             for key in &keys {
                 if !key.starts_with(&prefix) {
                     return Ok(out);
                 }
-                if let Some(c) = self.inner.sub.actor_read(TRIGGER_ACTOR, key, "config").await? {
+                if let Some(c) = self
+                    .inner
+                    .sub
+                    .actor_read(TRIGGER_ACTOR, key, "config")
+                    .await?
+                {
                     out.push(c);
                 }
             }
@@ -992,7 +1018,13 @@ impl Automation {
         let mut all: Vec<TriggerRequest> = self
             .inner
             .sub
-            .actor_scan(TRIGGER_ACTOR, &format!("{owner}/{id}"), "req/", "", KEPT_REQUESTS as u32 + MAX_IN_FLIGHT as u32)
+            .actor_scan(
+                TRIGGER_ACTOR,
+                &format!("{owner}/{id}"),
+                "req/",
+                "",
+                KEPT_REQUESTS as u32 + MAX_IN_FLIGHT as u32,
+            )
             .await?
             .into_iter()
             .map(|(_, r)| r)
@@ -1060,7 +1092,9 @@ impl Automation {
         if ["multipart/", "image/", "audio/", "video/"]
             .iter()
             .any(|p| ct.starts_with(p))
-            || ["octet-stream", "pdf", "zip"].iter().any(|p| ct.contains(p))
+            || ["octet-stream", "pdf", "zip"]
+                .iter()
+                .any(|p| ct.contains(p))
         {
             return Err(AutomationError::UnsupportedMediaType(content_type));
         }
@@ -1150,8 +1184,7 @@ impl Automation {
                 return Ok(Delivered::Nothing);
             }
         };
-        let (github_repo, git_url, mode, model, template, auto_commit) = match &config.destination
-        {
+        let (github_repo, git_url, mode, model, template, auto_commit) = match &config.destination {
             Destination::Chat { message_template } => {
                 return render(message_template, &request)
                     .map(Delivered::Message)
@@ -1164,7 +1197,14 @@ impl Automation {
                 model,
                 prompt_template,
                 auto_commit,
-            } => (github_repo, git_url, mode, model, prompt_template, auto_commit),
+            } => (
+                github_repo,
+                git_url,
+                mode,
+                model,
+                prompt_template,
+                auto_commit,
+            ),
         };
         let caller = self.acting_caller(owner, config.created_by).await?;
         let session_id = match &request.session_id {

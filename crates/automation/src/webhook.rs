@@ -241,10 +241,8 @@ impl Automation {
                 let Some(id) = installation["id"].as_u64() else {
                     return Ok("ignored: no installation in the payload".into());
                 };
-                let Some((owner, user)) = self
-                    .installation(id)
-                    .await?
-                    .and_then(|i| i.active_owner())
+                let Some((owner, user)) =
+                    self.installation(id).await?.and_then(|i| i.active_owner())
                 else {
                     return Ok(format!(
                         "ignored: installation {id} is not claimed by an owner"

@@ -263,6 +263,12 @@ impl Config {
                 provider.api_key = "***".into();
             }
         }
+        if !shown.github.private_key.is_empty() {
+            shown.github.private_key = "***".into();
+        }
+        for secret in &mut shown.github.webhook_secrets {
+            *secret = "***".into();
+        }
         if !shown.database_url.is_empty() {
             shown.database_url =
                 kilocloud_substrate::store::postgres::redact_url(&shown.database_url);

@@ -2,6 +2,7 @@
 //! configuration and database (see `docs/cli.md`).
 
 mod account;
+mod automation;
 mod client;
 mod config;
 mod session;
@@ -88,6 +89,15 @@ enum Command {
     /// delete.
     #[command(subcommand)]
     Session(session::SessionCommand),
+    /// Triggers: webhooks and schedules that start Cloud Agent sessions.
+    #[command(subcommand)]
+    Trigger(automation::TriggerCommand),
+    /// Code review of pull requests: settings, reviews.
+    #[command(subcommand)]
+    Review(automation::ReviewCommand),
+    /// GitHub App installations of the owner.
+    #[command(subcommand)]
+    Github(automation::GitHubCommand),
 }
 
 #[derive(Subcommand)]
@@ -269,6 +279,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Credits(c) => account::credits(c).await,
         Command::Usage(a) => account::usage(a).await,
         Command::Session(c) => session::run(c).await,
+        Command::Trigger(c) => automation::trigger(c).await,
+        Command::Review(c) => automation::review(c).await,
+        Command::Github(c) => automation::github(c).await,
         Command::Actor(ActorCommand::Show { actor_type, key }) => {
             let sub = open(&config).await?;
             let snap = sub.actor_snapshot(&actor_type, &key).await?;

@@ -755,7 +755,11 @@ fn routes() -> Vec<Route> {
             path: "/api/triggers",
             access: Automation(Role::Admin),
             uri: |_| "/api/triggers".into(),
-            body: |_| Some(json!({"id": "t", "destination": {"type": "chat", "messageTemplate": "m"}, "activation": {"type": "webhook"}})),
+            body: |_| {
+                Some(
+                    json!({"id": "t", "destination": {"type": "chat", "messageTemplate": "m"}, "activation": {"type": "webhook"}}),
+                )
+            },
         },
         Route {
             method: "GET",
@@ -776,7 +780,11 @@ fn routes() -> Vec<Route> {
             path: "/api/triggers/{id}",
             access: Automation(Role::Admin),
             uri: |_| "/api/triggers/t".into(),
-            body: |_| Some(json!({"id": "t", "destination": {"type": "chat", "messageTemplate": "m"}, "activation": {"type": "webhook"}})),
+            body: |_| {
+                Some(
+                    json!({"id": "t", "destination": {"type": "chat", "messageTemplate": "m"}, "activation": {"type": "webhook"}}),
+                )
+            },
         },
         Route {
             method: "DELETE",

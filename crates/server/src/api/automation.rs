@@ -31,7 +31,9 @@ impl From<AutomationError> for ApiError {
         match e {
             AutomationError::Invalid(_) => ApiError::bad_request(message),
             AutomationError::NotFound(_) => ApiError::not_found(message),
-            AutomationError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            AutomationError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
             AutomationError::Unauthorized(_) => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message)
             }
@@ -55,7 +57,11 @@ impl From<AutomationError> for ApiError {
             }
             AutomationError::GitHub(g) if g.is_transient() => ApiError {
                 retry_after_secs: Some(5),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "github_unavailable", message)
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "github_unavailable",
+                    message,
+                )
             },
             AutomationError::GitHub(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "github_error", message)
@@ -238,7 +244,9 @@ pub async fn get_trigger(
     scope: OwnerScope,
     Path(id): Path<String>,
 ) -> Result<Json<TriggerView>, ApiError> {
-    Ok(Json(automation(&s)?.trigger(scope.owner(), &id).await?.into()))
+    Ok(Json(
+        automation(&s)?.trigger(scope.owner(), &id).await?.into(),
+    ))
 }
 
 /// `PUT /api/triggers/{id}`: replaces a trigger's configuration (the body's `id` is ignored).

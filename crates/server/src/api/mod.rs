@@ -124,7 +124,10 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             automation::claim_installation
         ))
         .routes(routes!(automation::release_installation))
-        .routes(routes!(automation::create_trigger, automation::list_triggers))
+        .routes(routes!(
+            automation::create_trigger,
+            automation::list_triggers
+        ))
         .routes(routes!(
             automation::get_trigger,
             automation::update_trigger,
