@@ -20,8 +20,8 @@ pub mod sandbox;
 pub mod service;
 pub mod session;
 
-pub use session::{CompletionMessage, CompletionNotice};
 pub use service::{
     AgentConfig, AgentError, Agents, CallbackTarget, Caller, EventFilter, EventFrame, FollowUp,
     PrepareRequest, Prepared, SessionExport, SessionSummary, SessionView, Started,
 };
+pub use session::{CompletionMessage, CompletionNotice};

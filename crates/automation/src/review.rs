@@ -594,7 +594,7 @@ impl Actor for ReviewActor {
             .parse()
             .map_err(|_| kilocloud_substrate::Error::Handler("bad owner in a review".into()))?;
         automation
-            .settle(
+            .settle_record(
                 owner,
                 &state.record.id,
                 Settled::Failed(error),
@@ -930,6 +930,24 @@ impl Automation {
         how: Settled,
         session_id: Option<String>,
     ) -> std::result::Result<(), AutomationError> {
+        self.settle_record(owner, id, how, session_id).await?;
+        self.inner
+            .sub
+            .actors()
+            .call::<ReviewActor>(&format!("{owner}/{id}"), ReviewCall::Finish)
+            .await?;
+        Ok(())
+    }
+
+    /// [`Automation::settle`] without finishing the orchestrator (for the orchestrator's own
+    /// alarm, which must not call itself).
+    async fn settle_record(
+        &self,
+        owner: Owner,
+        id: &str,
+        how: Settled,
+        session_id: Option<String>,
+    ) -> std::result::Result<(), AutomationError> {
         let (status, error, review_url, comments_posted) = match how {
             Settled::Completed { url, comments } => (ReviewStatus::Completed, None, url, comments),
             Settled::Failed(e) => (ReviewStatus::Failed, Some(e), None, 0),
@@ -953,11 +971,6 @@ impl Automation {
             other => other?,
         };
         self.apply(owner, &reply).await?;
-        self.inner
-            .sub
-            .actors()
-            .call::<ReviewActor>(&format!("{owner}/{id}"), ReviewCall::Finish)
-            .await?;
         Ok(())
     }
 

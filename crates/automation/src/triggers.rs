@@ -207,9 +207,17 @@ pub struct TriggerConfig {
     pub created_at: i64,
     /// Last change, ms.
     pub updated_at: i64,
-    #[serde(default, skip_serializing)]
+    /// Stored with the trigger; never returned by the service (see [`TriggerConfig::shown`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(ignore)]
     auth: Option<StoredAuth>,
+}
+
+impl TriggerConfig {
+    /// The configuration as the API shows it: without the stored secret material.
+    fn shown(self) -> Self {
+        Self { auth: None, ..self }
+    }
 }
 
 /// Status of a request.
@@ -901,7 +909,7 @@ impl Automation {
             .trigger_call(&key, TriggerCall::Create(Box::new(config)))
             .await?
         {
-            TriggerReply::Config(c) => Ok(*c),
+            TriggerReply::Config(c) => Ok(c.shown()),
             _ => Err(AutomationError::NotFound("trigger")),
         }
     }
@@ -931,7 +939,7 @@ impl Automation {
             )
             .await?
         {
-            TriggerReply::Config(c) => Ok(*c),
+            TriggerReply::Config(c) => Ok(c.shown()),
             _ => Err(AutomationError::NotFound("trigger")),
         }
     }
@@ -952,10 +960,19 @@ impl Automation {
             .map(|_| ())
     }
 
-    /// Trigger `id` of `owner`.
+    /// Trigger `id` of `owner` (secrets left out).
     ///
     /// Errors: [`AutomationError::NotFound`].
     pub async fn trigger(
+        &self,
+        owner: Owner,
+        id: &str,
+    ) -> std::result::Result<TriggerConfig, AutomationError> {
+        Ok(self.stored_trigger(owner, id).await?.shown())
+    }
+
+    /// Trigger `id` of `owner` as stored, with its authentication.
+    async fn stored_trigger(
         &self,
         owner: Owner,
         id: &str,
@@ -992,10 +1009,10 @@ impl Automation {
                 if let Some(c) = self
                     .inner
                     .sub
-                    .actor_read(TRIGGER_ACTOR, key, "config")
+                    .actor_read::<TriggerConfig>(TRIGGER_ACTOR, key, "config")
                     .await?
                 {
-                    out.push(c);
+                    out.push(c.shown());
                 }
             }
             match keys.last() {
@@ -1070,7 +1087,7 @@ impl Automation {
         id: &str,
         incoming: IncomingRequest,
     ) -> std::result::Result<String, AutomationError> {
-        let config = match self.trigger(owner, id).await {
+        let config = match self.stored_trigger(owner, id).await {
             Ok(c) if c.active && c.activation_type == "webhook" => c,
             Ok(_) | Err(AutomationError::NotFound(_)) => {
                 return Err(AutomationError::NotFound("trigger"));

@@ -14,7 +14,7 @@ use crate::account::{Common, client, print_json, s, table, time};
 pub enum TriggerCommand {
     /// Create a trigger that starts a Cloud Agent session (or stores a chat message) when its
     /// webhook is called or its schedule fires.
-    Create(TriggerArgs),
+    Create(Box<TriggerArgs>),
     /// The owner's triggers.
     List {
         #[command(flatten)]
@@ -249,7 +249,7 @@ pub async fn trigger(command: TriggerCommand) -> anyhow::Result<()> {
     match command {
         TriggerCommand::Create(args) => {
             let common = args.common.clone();
-            let body = trigger_body(args)?;
+            let body = trigger_body(*args)?;
             let t = client(&common)?
                 .call(Method::POST, "/api/triggers", Some(body))
                 .await?;

@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use kilocloud_agent::session::{ExecStatus, Execution, Mode, NewEvent, SessionActor, SessionCall};
 
 /// Prepare → initiate → the built-in agent reads, edits, runs a command and finishes through
 /// the gateway → events → commit and push to `session/<id>` → callback with its headers; the

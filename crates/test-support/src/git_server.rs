@@ -135,6 +135,53 @@ impl GitServer {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Commits `files` (path, content) on a new branch `branch` started from `base` of
+    /// repository `name`, as a pull request's head. Returns the base and head commit ids and
+    /// `git diff base...branch` (what GitHub's diff media type returns).
+    pub fn push_branch(
+        &self,
+        name: &str,
+        base: &str,
+        branch: &str,
+        files: &[(&str, &str)],
+    ) -> (String, String, String) {
+        let bare = self.root.join(format!("{name}.git"));
+        let work = self.root.join(format!("{name}-{branch}-work"));
+        git(
+            &self.root,
+            &[
+                "clone",
+                "--quiet",
+                "--branch",
+                base,
+                bare.to_str().expect("utf-8"),
+                work.to_str().expect("utf-8"),
+            ],
+        );
+        git(&work, &["checkout", "--quiet", "-b", branch]);
+        for (path, content) in files {
+            let file = work.join(path);
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("dirs");
+            std::fs::write(file, content).expect("write");
+        }
+        git(&work, &["add", "--all"]);
+        git(&work, &["commit", "--quiet", "-m", "changes"]);
+        git(&work, &["push", "--quiet", "origin", branch]);
+        let out = |args: &[&str]| {
+            let o = std::process::Command::new("git")
+                .current_dir(&work)
+                .args(args)
+                .output()
+                .expect("git runs");
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let base_sha = out(&["rev-parse", base]).trim().to_owned();
+        let head_sha = out(&["rev-parse", "HEAD"]).trim().to_owned();
+        let diff = out(&["diff", &format!("{base}...{branch}")]);
+        std::fs::remove_dir_all(&work).expect("remove work tree");
+        (base_sha, head_sha, diff)
+    }
+
     /// The subject of the last commit of `branch`, if it exists.
     pub fn last_subject(&self, name: &str, branch: &str) -> Option<String> {
         let out = std::process::Command::new("git")

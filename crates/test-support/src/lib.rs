@@ -10,10 +10,14 @@
 //! - [`TestStore`]: both together: a substrate on a fresh SQLite file or PostgreSQL schema.
 //!
 //! - [`fake_openai`], [`fake_anthropic`]: fake model providers with scripted replies.
+//! - [`fake_github`]: the GitHub REST API of one GitHub App (JWT and installation-token
+//!   authentication, pull requests, reviews, checks, labels, comments, refs) with fault
+//!   injection; [`git_server`]: a real git smart-HTTP server.
 //!
 //! Fakes of external services live here; product code never depends on this crate.
 
 pub mod fake_anthropic;
+pub mod fake_github;
 pub mod fake_openai;
 pub mod git_server;
 

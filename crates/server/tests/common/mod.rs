@@ -10,9 +10,7 @@ pub use std::time::Duration;
 
 pub use futures::StreamExt;
 pub use kilocloud_agent::sandbox::{LocalSandbox, SandboxConfig};
-pub use kilocloud_agent::session::{
-    CALLBACK_QUEUE, ExecStatus, Execution, Mode, NewEvent, SessionActor, SessionCall,
-};
+pub use kilocloud_agent::session::CALLBACK_QUEUE;
 pub use kilocloud_agent::{AgentConfig, Agents};
 pub use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
 pub use kilocloud_identity::envelope::{MasterKey, MasterKeys};
@@ -77,8 +75,10 @@ pub struct Env {
     pub upstream: FakeOpenAi,
     pub git: GitServer,
     pub agents: Agents,
+    pub automation: Option<kilocloud_automation::Automation>,
     pub gateway: Arc<gateway::GatewayState>,
     pub identity: Identity,
+    pub master_keys: MasterKeys,
     pub base: String,
     pub key: String,
     pub user: Uuid,
@@ -87,22 +87,37 @@ pub struct Env {
     pub callback_url: String,
 }
 
+/// The identity service of the test server on `sub` (also for a restarted node).
+pub fn identity_on(sub: &Substrate, master_keys: &MasterKeys) -> Identity {
+    Identity::new(
+        sub,
+        IdentityConfig {
+            jwt_secret: b"sessions-test-secret".to_vec(),
+            master_keys: master_keys.clone(),
+            internal_api_secret: None,
+        },
+    )
+}
+
 pub async fn env(postgres: bool) -> Env {
     env_with(postgres, |_| {}).await
 }
 
 pub async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> Env {
+    env_full(postgres, tweak, None).await
+}
+
+/// [`env_with`], with automation when `automation` is given.
+pub async fn env_full(
+    postgres: bool,
+    tweak: impl FnOnce(&mut AgentConfig),
+    automation: Option<kilocloud_automation::AutomationConfig>,
+) -> Env {
     let store = TestStore::new(postgres).await;
     let clock = Arc::new(ManualClock::new(1_798_804_800_000));
     let sub = store.open(clock.clone()).await;
-    let identity = Identity::new(
-        &sub,
-        IdentityConfig {
-            jwt_secret: b"sessions-test-secret".to_vec(),
-            master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
-            internal_api_secret: None,
-        },
-    );
+    let master_keys = MasterKeys::new(MasterKey::generate().0, vec![]);
+    let identity = identity_on(&sub, &master_keys);
     let upstream = FakeOpenAi::start().await;
     let config = GatewayConfig {
         providers: vec![ProviderConfig {
@@ -134,6 +149,9 @@ pub async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> E
         ..AgentConfig::default()
     };
     agent_config.git.allow_http = true;
+    // `githubRepo` sessions (reviews, triggers) clone from the test git server.
+    let git = GitServer::start(GIT_TOKEN).await;
+    agent_config.git.github_base = git.base_url.clone();
     agent_config.git.allow_private_hosts = true;
     tweak(&mut agent_config);
     let sandbox = Arc::new(LocalSandbox::new(
@@ -141,6 +159,10 @@ pub async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> E
         sandboxes.path().to_path_buf(),
     ));
     let agents = Agents::with_sandbox(&sub, identity.clone(), agent_config, sandbox);
+    let automation = automation.map(|config| {
+        kilocloud_automation::Automation::new(&sub, identity.clone(), agents.clone(), config)
+            .unwrap()
+    });
     let system = Initiator {
         user: Uuid::nil(),
         request_id: None,
@@ -161,6 +183,10 @@ pub async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> E
         &ServerOptions::default(),
     )
     .with_agents(agents.clone());
+    let state = match &automation {
+        Some(a) => state.with_automation(a.clone()),
+        None => state,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");
@@ -179,10 +205,12 @@ pub async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> E
         sub,
         clock,
         upstream,
-        git: GitServer::start(GIT_TOKEN).await,
+        git,
         agents,
+        automation,
         gateway,
         identity,
+        master_keys,
         base,
         key,
         user: user.id,
