@@ -13,10 +13,12 @@
 mod actors;
 mod alarms;
 mod auth;
+mod automation;
 mod gateway;
 mod queue;
 mod report;
 mod sandbox;
+mod stack;
 
 use std::sync::Arc;
 
@@ -32,7 +34,7 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, actors, alarms, auth, gateway, sandbox). Default: all.
+    /// Run only these groups (queue, actors, alarms, auth, gateway, sandbox, automation). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
@@ -116,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("sandbox") {
         out += &sandbox::run(&args).await?;
+    }
+    if wants("automation") {
+        out += &automation::run(&args).await?;
     }
     println!("{out}");
     Ok(())

@@ -9,23 +9,19 @@
 //!    being readable in the log (sandbox prepared, execution running), excluding model time.
 //!    Each waits for the previous execution to end.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kilocloud_agent::ids::{SandboxPolicy, home_path, new_session_id, sandbox_id, workspace_path};
 use kilocloud_agent::sandbox::{ExecRequest, LocalSandbox, SandboxConfig, SandboxProvider};
-use kilocloud_agent::{AgentConfig, Agents, Caller, EventFilter, FollowUp, PrepareRequest};
-use kilocloud_gateway::config::{GatewayConfig, ModelConfig, ProviderConfig, ProviderKind};
-use kilocloud_identity::envelope::{MasterKey, MasterKeys};
-use kilocloud_identity::model::Initiator;
-use kilocloud_identity::{Identity, IdentityConfig};
-use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+use kilocloud_agent::{Caller, EventFilter, FollowUp, PrepareRequest};
+use kilocloud_test_support::fake_openai::Reply;
 use kilocloud_test_support::git_server::GitServer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::Args;
 use crate::report::{histogram, p50_p99};
-use crate::{Args, Backend};
+use crate::stack::AgentStack;
 
 /// Runs both measurements; returns the report section.
 pub async fn run(args: &Args) -> anyhow::Result<String> {
@@ -112,77 +108,13 @@ async fn sandbox_start(n: usize) -> anyhow::Result<String> {
 }
 
 async fn first_event(postgres: bool, n: usize) -> anyhow::Result<(f64, f64)> {
-    let backend = Backend::open(postgres).await?;
-    let sub = backend.substrate.clone();
-    let identity = Identity::new(
-        &sub,
-        IdentityConfig {
-            jwt_secret: b"bench-secret".to_vec(),
-            master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
-            internal_api_secret: None,
-        },
-    );
-    let upstream = FakeOpenAi::start().await;
-    let gateway_config = GatewayConfig {
-        providers: vec![ProviderConfig {
-            id: "fake".into(),
-            kind: ProviderKind::OpenaiCompatible,
-            base_url: upstream.base_url.clone(),
-            api_key: "k".into(),
-            api_key_env: String::new(),
-            byok_family: String::new(),
-            models: vec![ModelConfig {
-                id: "vendor/free".into(),
-                upstream_id: "free".into(),
-                context_length: 100_000,
-                input_price: 0.0,
-                output_price: 0.0,
-                cache_read_price: 0.0,
-                cache_write_price: 0.0,
-                free: true,
-                fallback_providers: Vec::new(),
-            }],
-        }],
-        ..GatewayConfig::default()
-    };
-    let gateway = kilocloud_server::api::gateway::state(&sub, &gateway_config, |_| None)
-        .map_err(|e| anyhow::anyhow!(e))?;
-    let dir = tempfile::tempdir()?;
-    let mut config = AgentConfig {
-        default_model: "vendor/free".into(),
-        ..AgentConfig::default()
-    };
-    config.git.allow_http = true;
-    config.git.allow_private_hosts = true;
-    let sandbox = Arc::new(LocalSandbox::new(&config.sandbox, dir.path().to_path_buf()));
-    let agents = Agents::with_sandbox(&sub, identity.clone(), config, sandbox);
-    let state = kilocloud_server::AppState::new(
-        sub.clone(),
-        identity.clone(),
-        gateway,
-        &kilocloud_server::ServerOptions::default(),
-    )
-    .with_agents(agents.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    agents.set_server_url(&format!("http://{}", listener.local_addr()?));
-    let server = tokio::spawn(kilocloud_server::serve(
-        listener,
-        kilocloud_server::router(state),
-        std::future::pending(),
-        Duration::from_secs(1),
-    ));
-    let system = Initiator {
-        user: Uuid::nil(),
-        request_id: None,
-    };
-    let (user, _, _) = identity
-        .create_user(
-            &format!("bench-{}@example.com", Uuid::new_v4()),
-            "bench",
-            false,
-            &system,
-        )
-        .await?;
+    let stack = AgentStack::start(postgres, |_| {}, |_, _, _, state| state).await?;
+    let AgentStack {
+        agents,
+        upstream,
+        user,
+        ..
+    } = &stack;
     let git = GitServer::start("bench-token").await;
     let repo = git.create_repo("bench", &[("README.md", "# bench\n")]);
     let caller = Caller {
@@ -245,6 +177,5 @@ async fn first_event(postgres: bool, n: usize) -> anyhow::Result<(f64, f64)> {
             h.record(first.expect("a started event").as_micros() as u64)?;
         }
     }
-    server.abort();
     Ok(p50_p99(&h))
 }
