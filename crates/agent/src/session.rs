@@ -295,6 +295,18 @@ pub struct CallbackPayload {
     pub summary: Option<String>,
 }
 
+/// Most bytes of the summary carried by a callback or completion notice (queue messages are
+/// at most 128 KiB); a longer summary is cut on a character boundary.
+pub const MAX_NOTIFIED_SUMMARY_BYTES: usize = 64 * 1024;
+
+fn capped_summary(summary: &str) -> String {
+    let mut end = summary.len().min(MAX_NOTIFIED_SUMMARY_BYTES);
+    while !summary.is_char_boundary(end) {
+        end -= 1;
+    }
+    summary[..end].to_owned()
+}
+
 /// An in-process subscriber to a session's terminal transitions: the [`CompletionMessage`]
 /// is sent to `queue` in the same actor call as the transition (at least once), so services
 /// built on sessions (triggers, reviews) learn of the end without an HTTP round trip.
@@ -633,7 +645,7 @@ impl SessionActor {
                 status: exec.status,
                 error_message: exec.error.clone(),
                 last_seen_branch: meta.last_branch.clone(),
-                summary: exec.summary.clone(),
+                summary: exec.summary.as_deref().map(capped_summary),
             };
             // Both are sent before this call commits: if the commit then fails, the transition
             // is retried and they are sent again (receivers get at-least-once anyway); sent
@@ -671,6 +683,15 @@ impl SessionActor {
 #[cfg(test)]
 mod tests {
     use super::ExecStatus::*;
+
+    #[test]
+    fn notified_summaries_fit_a_queue_message() {
+        let long = "é".repeat(super::MAX_NOTIFIED_SUMMARY_BYTES);
+        let capped = super::capped_summary(&long);
+        assert!(capped.len() <= super::MAX_NOTIFIED_SUMMARY_BYTES);
+        assert!(capped.len() > super::MAX_NOTIFIED_SUMMARY_BYTES - 2);
+        assert_eq!(super::capped_summary("short"), "short");
+    }
 
     #[test]
     fn the_state_machine_has_no_exits_from_terminal_states() {

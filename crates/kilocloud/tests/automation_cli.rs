@@ -257,6 +257,13 @@ api_url = "{api}"
     let mut node = node;
     assert!(node.sigterm().success());
     let node = Node::start_with(&store, "node2.log", &["--config", &config_arg]);
+    let (ok, _, err) = cli(
+        &store,
+        &creds,
+        &["login", "--url", &node.url(""), "--token", &admin_key],
+    )
+    .await;
+    assert!(ok, "{err}");
     let before = fired(&store, &creds).await.len();
     node.wait_until(
         "the schedule fires after the restart",

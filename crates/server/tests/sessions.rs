@@ -139,7 +139,8 @@ async fn main_path(postgres: bool) {
     assert_eq!(secret.as_deref(), Some("callback-secret"));
     assert_eq!(
         payload,
-        &json!({"sessionId": session, "executionId": execution, "status": "completed", "lastSeenBranch": branch})
+        &json!({"sessionId": session, "executionId": execution, "status": "completed",
+            "lastSeenBranch": branch, "summary": "Changed the greeting"})
     );
 
     // Replay over the WebSocket after an event id, as after a reconnect.
