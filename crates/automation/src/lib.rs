@@ -90,6 +90,21 @@ pub enum AutomationError {
     Substrate(#[from] kilocloud_substrate::Error),
 }
 
+impl AutomationError {
+    /// Whether a later attempt may pass: GitHub network failures, 429, 5xx and rate limits; a
+    /// sandbox that is unavailable for now; storage failures.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AutomationError::GitHub(g) => g.is_transient(),
+            AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => *retryable,
+            AutomationError::Agent(AgentError::Substrate(_)) | AutomationError::Substrate(_) => {
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The automation service. Cheap to clone.
 #[derive(Clone)]
 pub struct Automation {

@@ -659,16 +659,6 @@ pub(crate) fn start(automation: &Automation) {
     );
 }
 
-/// Whether a failure may pass on a later attempt.
-fn transient(e: &AutomationError) -> bool {
-    match e {
-        AutomationError::GitHub(g) => g.is_transient(),
-        AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => *retryable,
-        AutomationError::Agent(AgentError::Substrate(_)) | AutomationError::Substrate(_) => true,
-        _ => false,
-    }
-}
-
 /// Consumes [`DISPATCH_QUEUE`]: starts a review's session.
 pub struct DispatchConsumer(pub Automation);
 
@@ -681,7 +671,7 @@ impl Consumer for DispatchConsumer {
         };
         match self.0.start_review(owner, &msg.id).await {
             Ok(()) => Ok(()),
-            Err(e) if transient(&e) && delivery.attempts < MAX_ATTEMPTS => {
+            Err(e) if e.is_transient() && delivery.attempts < MAX_ATTEMPTS => {
                 Err(kilocloud_substrate::Error::Handler(e.to_string()))
             }
             Err(e) => {
@@ -710,7 +700,7 @@ impl Consumer for CompletionConsumer {
         };
         match self.0.finish_review(owner, &ctx.id, &msg).await {
             Ok(()) => Ok(()),
-            Err(e) if transient(&e) && delivery.attempts < MAX_ATTEMPTS => {
+            Err(e) if e.is_transient() && delivery.attempts < MAX_ATTEMPTS => {
                 Err(kilocloud_substrate::Error::Handler(e.to_string()))
             }
             Err(e) => {

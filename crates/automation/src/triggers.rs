@@ -566,25 +566,11 @@ impl Actor for TriggerActor {
             return Ok(());
         }
         let scheduled = CronSchedule::parse(cron, tz)?;
-        let request = TriggerRequest {
-            id: new_request_id(),
-            seq: 0,
-            received_at: alarm.scheduled_at,
+        let firing = IncomingRequest {
             method: "SCHEDULE".into(),
-            path: String::new(),
-            query: String::new(),
-            headers: BTreeMap::new(),
-            body: String::new(),
-            content_type: String::new(),
-            source_ip: String::new(),
-            status: RequestStatus::Captured,
-            session_id: None,
-            started_at: None,
-            completed_at: None,
-            error: None,
-            message: None,
-            dead_lettered: false,
+            ..IncomingRequest::default()
         };
+        let request = TriggerRequest::captured(alarm.scheduled_at, firing, String::new());
         match self.capture(ctx, request).await? {
             Ok(id) => tracing::info!(trigger = %ctx.key(), request = %id, "schedule fired"),
             Err(_) => tracing::warn!(trigger = %ctx.key(),
@@ -610,8 +596,29 @@ fn schedule(ctx: &mut ActorContext, mut config: TriggerConfig) -> Result<Trigger
     Ok(config)
 }
 
-fn new_request_id() -> String {
-    format!("req_{}", Uuid::new_v4().simple())
+impl TriggerRequest {
+    /// A new `captured` request (its `seq` is set when stored).
+    fn captured(received_at: i64, incoming: IncomingRequest, content_type: String) -> Self {
+        Self {
+            id: format!("req_{}", Uuid::new_v4().simple()),
+            seq: 0,
+            received_at,
+            method: incoming.method,
+            path: incoming.path,
+            query: incoming.query,
+            headers: incoming.headers,
+            body: String::from_utf8_lossy(&incoming.body).into_owned(),
+            content_type,
+            source_ip: incoming.source_ip,
+            status: RequestStatus::Captured,
+            session_id: None,
+            started_at: None,
+            completed_at: None,
+            error: None,
+            message: None,
+            dead_lettered: false,
+        }
+    }
 }
 
 /// Renders a trigger template with MiniJinja. Variables: `body` (text), `bodyJson` (the
@@ -696,13 +703,7 @@ impl Consumer for DeliveryConsumer {
             Ok(Delivered::Started) | Ok(Delivered::Nothing) => return Ok(()),
             Ok(Delivered::Message(m)) => (RequestStatus::Success, None, Some(m), false),
             Err(e) => {
-                let transient = match &e {
-                    AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => *retryable,
-                    AutomationError::GitHub(g) => g.is_transient(),
-                    AutomationError::Agent(AgentError::Substrate(_))
-                    | AutomationError::Substrate(_) => true,
-                    _ => false,
-                };
+                let transient = e.is_transient();
                 (RequestStatus::Failed, Some(e.to_string()), None, transient)
             }
         };
@@ -1141,25 +1142,15 @@ impl Automation {
                 ));
             }
         }
-        let request = TriggerRequest {
-            id: new_request_id(),
-            seq: 0,
-            received_at: self.inner.sub.clock().now_ms(),
-            method: incoming.method,
-            path: incoming.path,
-            query: incoming.query,
-            headers,
-            body: String::from_utf8_lossy(&incoming.body).into_owned(),
+        let received_at = self.inner.sub.clock().now_ms();
+        let request = TriggerRequest::captured(
+            received_at,
+            IncomingRequest {
+                headers,
+                ..incoming
+            },
             content_type,
-            source_ip: incoming.source_ip,
-            status: RequestStatus::Captured,
-            session_id: None,
-            started_at: None,
-            completed_at: None,
-            error: None,
-            message: None,
-            dead_lettered: false,
-        };
+        );
         let reply = self
             .inner
             .sub

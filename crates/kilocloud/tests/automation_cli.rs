@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Node, Store};
+use common::{Node, Store, cli_as as cli};
 use kilocloud_automation::github::sign;
 use kilocloud_test_support::fake_github::{APP_PRIVATE_KEY_PEM, FakeGitHub, FakePull};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
@@ -19,23 +19,6 @@ use std::time::Duration;
 const TOKEN: &str = "ghs_automation_cli_token";
 const SECRET: &str = "webhook-secret-cli";
 const REPO: &str = "Codertocat/Hello-World";
-
-async fn cli(store: &Store, creds: &str, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(common::bin())
-        .args(args)
-        .args(store.args())
-        .envs(store.env())
-        .env("KILOCLOUD_CREDENTIALS", creds)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run kilocloud");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Pushes branch `branch` changing `src/lib.rs`, records pull request `number` on the fake
 /// GitHub, and returns its signed `pull_request.opened` delivery body.
@@ -127,25 +110,11 @@ async fn done_when(store: Store) {
 
     let key_path = store.dir().join("app.pem");
     std::fs::write(&key_path, APP_PRIVATE_KEY_PEM).unwrap();
-    let config = store.dir().join("automation.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[gateway]
-[[gateway.providers]]
-id = "fake"
-kind = "openai-compatible"
-base_url = "{upstream}"
-api_key = "upstream-key"
-[[gateway.providers.models]]
-id = "vendor/paid"
-input_price = 3.0
-output_price = 15.0
-
-[agent]
-default_model = "vendor/paid"
-[agent.git]
+    let config = common::agent_config(
+        &store,
+        &upstream.base_url,
+        &format!(
+            r#"[agent.git]
 allow_http = true
 allow_private_hosts = true
 github_base = "{git}"
@@ -156,50 +125,14 @@ private_key_path = "{key}"
 webhook_secrets = ["{SECRET}"]
 api_url = "{api}"
 "#,
-            upstream = upstream.base_url,
             git = git.base_url,
             key = key_path.display(),
             api = github.base_url,
         ),
-    )
-    .unwrap();
+    );
     let config_arg = config.to_str().unwrap().to_owned();
     let node = Node::start_with(&store, "node.log", &["--config", &config_arg]);
-    let log = std::fs::read_to_string(store.dir().join("node.log")).unwrap();
-    let admin_key = log
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("kc_"))
-        .expect("bootstrap key")
-        .to_owned();
-    let me: Value = node
-        .http
-        .get(node.url("/api/users/me"))
-        .bearer_auth(&admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let owner = format!("user:{}", me["user"]["id"].as_str().unwrap());
-    let granted = node
-        .http
-        .post(node.url("/api/admin/credits"))
-        .bearer_auth(&admin_key)
-        .json(&json!({"owner": owner, "amountMicrodollars": 5_000_000, "note": "automation"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(granted.status(), 200);
-    let creds = store.dir().join("credentials.json").display().to_string();
-    let (ok, _, err) = cli(
-        &store,
-        &creds,
-        &["login", "--url", &node.url(""), "--token", &admin_key],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let (admin_key, creds) = common::admin_login(&store, &node, "node.log").await;
     let (ok, _, err) = cli(&store, &creds, &["github", "claim", "77"]).await;
     assert!(
         ok && err.contains("Claimed installation 77 on Codertocat"),
@@ -257,13 +190,7 @@ api_url = "{api}"
     let mut node = node;
     assert!(node.sigterm().success());
     let node = Node::start_with(&store, "node2.log", &["--config", &config_arg]);
-    let (ok, _, err) = cli(
-        &store,
-        &creds,
-        &["login", "--url", &node.url(""), "--token", &admin_key],
-    )
-    .await;
-    assert!(ok, "{err}");
+    common::login(&store, &node, &admin_key, &creds).await;
     let before = fired(&store, &creds).await.len();
     node.wait_until(
         "the schedule fires after the restart",

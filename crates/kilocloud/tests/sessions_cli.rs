@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{Node, Store};
+use common::{Node, Store, cli_as as cli};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
 use kilocloud_test_support::git_server::GitServer;
 use serde_json::{Value, json};
@@ -21,25 +21,6 @@ fn tool(name: &str, args: Value) -> Reply {
         name: name.into(),
         arguments: args.to_string(),
     }
-}
-
-/// Runs the CLI as the holder of `creds` without blocking the runtime (the fakes answer on
-/// it); returns (success, stdout, stderr).
-async fn cli(store: &Store, creds: &str, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(common::bin())
-        .args(args)
-        .args(store.args())
-        .envs(store.env())
-        .env("KILOCLOUD_CREDENTIALS", creds)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run kilocloud");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 async fn done_when(store: Store) {
@@ -62,68 +43,13 @@ async fn done_when(store: Store) {
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let config = store.dir().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[gateway]
-[[gateway.providers]]
-id = "fake"
-kind = "openai-compatible"
-base_url = "{}"
-api_key = "upstream-key"
-[[gateway.providers.models]]
-id = "vendor/paid"
-input_price = 3.0
-output_price = 15.0
-
-[agent]
-default_model = "vendor/paid"
-allow_private_callbacks = true
-[agent.git]
-allow_http = true
-allow_private_hosts = true
-"#,
-            upstream.base_url
-        ),
-    )
-    .unwrap();
-    let node = Node::start_with(&store, "node.log", &["--config", config.to_str().unwrap()]);
-    let log = std::fs::read_to_string(store.dir().join("node.log")).unwrap();
-    let admin_key = log
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("kc_"))
-        .expect("bootstrap key")
-        .to_owned();
-    let http = reqwest::Client::new();
-    let me: Value = http
-        .get(node.url("/api/users/me"))
-        .bearer_auth(&admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let owner = format!("user:{}", me["user"]["id"].as_str().unwrap());
-    let granted = http
-        .post(node.url("/api/admin/credits"))
-        .bearer_auth(&admin_key)
-        .json(&json!({"owner": owner, "amountMicrodollars": 5_000_000, "note": "agent test"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(granted.status(), 200);
-    let creds = store.dir().join("credentials.json").display().to_string();
-    let (ok, _, err) = cli(
+    let config = common::agent_config(
         &store,
-        &creds,
-        &["login", "--url", &node.url(""), "--token", &admin_key],
-    )
-    .await;
-    assert!(ok, "{err}");
+        &upstream.base_url,
+        "allow_private_callbacks = true\n[agent.git]\nallow_http = true\nallow_private_hosts = true",
+    );
+    let node = Node::start_with(&store, "node.log", &["--config", config.to_str().unwrap()]);
+    let (_, creds) = common::admin_login(&store, &node, "node.log").await;
 
     for reply in [
         tool("list_files", json!({})),

@@ -84,42 +84,26 @@ impl Auto {
         assert_eq!(body["accountLogin"], "Codertocat");
     }
 
-    /// Handles every deliverable message of `queue` until none is left.
+    /// Handles every deliverable message of `queue` until none is left, with the consumer
+    /// the server runs for it.
     async fn drain(&self, queue: &str) -> usize {
         let a = self.automation().clone();
+        let consumer: Box<dyn kilocloud_substrate::Consumer> = match queue {
+            DISPATCH_QUEUE => Box::new(DispatchConsumer(a)),
+            REVIEW_DONE => Box::new(ReviewDone(a)),
+            DELIVERY_QUEUE => Box::new(DeliveryConsumer(a)),
+            TRIGGER_DONE => Box::new(TriggerDone(a)),
+            other => panic!("unknown queue {other}"),
+        };
         let mut total = 0;
         loop {
-            let n = match queue {
-                DISPATCH_QUEUE => self
-                    .env
-                    .sub
-                    .queues()
-                    .process_batch(queue, &DispatchConsumer(a.clone()))
-                    .await
-                    .unwrap(),
-                REVIEW_DONE => self
-                    .env
-                    .sub
-                    .queues()
-                    .process_batch(queue, &ReviewDone(a.clone()))
-                    .await
-                    .unwrap(),
-                DELIVERY_QUEUE => self
-                    .env
-                    .sub
-                    .queues()
-                    .process_batch(queue, &DeliveryConsumer(a.clone()))
-                    .await
-                    .unwrap(),
-                TRIGGER_DONE => self
-                    .env
-                    .sub
-                    .queues()
-                    .process_batch(queue, &TriggerDone(a.clone()))
-                    .await
-                    .unwrap(),
-                other => panic!("unknown queue {other}"),
-            };
+            let n = self
+                .env
+                .sub
+                .queues()
+                .process_batch(queue, consumer.as_ref())
+                .await
+                .unwrap();
             if n == 0 {
                 return total;
             }

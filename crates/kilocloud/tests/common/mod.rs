@@ -281,3 +281,99 @@ impl Client {
             .await
     }
 }
+
+/// Runs the CLI as the holder of the credentials file `creds` without blocking the runtime
+/// (fakes served on it keep answering); returns (success, stdout, stderr).
+pub async fn cli_as(store: &Store, creds: &str, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin())
+        .args(args)
+        .args(store.args())
+        .envs(store.env())
+        .env("KILOCLOUD_CREDENTIALS", creds)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run kilocloud");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `[gateway]` and `[agent]` configuration of a node whose model provider is the fake
+/// OpenAI upstream at `upstream` (model `vendor/paid`) and whose agent may clone over http
+/// from loopback; `extra` is appended.
+pub fn agent_config(store: &Store, upstream: &str, extra: &str) -> PathBuf {
+    let path = store.dir().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[gateway]
+[[gateway.providers]]
+id = "fake"
+kind = "openai-compatible"
+base_url = "{upstream}"
+api_key = "upstream-key"
+[[gateway.providers.models]]
+id = "vendor/paid"
+input_price = 3.0
+output_price = 15.0
+
+[agent]
+default_model = "vendor/paid"
+{extra}
+"#
+        ),
+    )
+    .expect("write the config");
+    path
+}
+
+/// The administrator of a freshly started `node` (its key read from `log`), granted $5 of
+/// credit and logged in through the CLI into a credentials file; returns (key, credentials
+/// file).
+pub async fn admin_login(store: &Store, node: &Node, log: &str) -> (String, String) {
+    let text = std::fs::read_to_string(store.dir().join(log)).expect("node log");
+    let key = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("kc_"))
+        .expect("bootstrap key")
+        .to_owned();
+    let me: Value = node
+        .http
+        .get(node.url("/api/users/me"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let owner = format!("user:{}", me["user"]["id"].as_str().unwrap());
+    let granted = node
+        .http
+        .post(node.url("/api/admin/credits"))
+        .bearer_auth(&key)
+        .json(&json!({"owner": owner, "amountMicrodollars": 5_000_000, "note": "test credit"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(granted.status(), 200);
+    let creds = store.dir().join("credentials.json").display().to_string();
+    login(store, node, &key, &creds).await;
+    (key, creds)
+}
+
+/// Logs the CLI in to `node` with `key` (again after a restart: the port changes).
+pub async fn login(store: &Store, node: &Node, key: &str, creds: &str) {
+    let (ok, _, err) = cli_as(
+        store,
+        creds,
+        &["login", "--url", &node.url(""), "--token", key],
+    )
+    .await;
+    assert!(ok, "{err}");
+}
