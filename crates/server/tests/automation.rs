@@ -850,6 +850,45 @@ async fn webhook_limits(postgres: bool) {
             .await
             .is_err()
     );
+    // A shared secret in a header: stored only as its hash; wrong or missing → 401.
+    let (status, created) = a
+        .env
+        .request(
+            reqwest::Method::POST,
+            "/api/triggers",
+            Some(json!({
+                "id": "guarded",
+                "destination": {"type": "chat", "messageTemplate": "{{ body }}"},
+                "activation": {"type": "webhook",
+                    "auth": {"kind": "header", "header": "X-Hook-Token", "secret": "s3cret-hook-token"}},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["authKind"], "header");
+    assert!(!created.to_string().contains("s3cret"));
+    let guarded = format!("{}/hooks/user/{}/guarded", a.env.base, a.env.user);
+    for (token, want) in [
+        (None, 401),
+        (Some("wrong-token-value"), 401),
+        (Some("s3cret-hook-token"), 202),
+    ] {
+        let mut req = a.env.http.post(&guarded).body("hello");
+        if let Some(t) = token {
+            req = req.header("x-hook-token", t);
+        }
+        assert_eq!(req.send().await.unwrap().status(), want, "{token:?}");
+    }
+    a.drain(DELIVERY_QUEUE).await;
+    let got = a
+        .automation()
+        .trigger_requests(owner, "guarded", 10)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.as_deref(), Some("hello"));
+    assert!(!got[0].headers.contains_key("x-hook-token"));
+
     // Inactive: 404.
     let mut inactive = spec.clone();
     inactive["active"] = json!(false);
