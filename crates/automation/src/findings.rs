@@ -1,9 +1,9 @@
 //! A review agent's findings, and their placement on the lines of a pull request's diff.
 //!
 //! The agent ends with a JSON object `{"summary": "...", "comments": [{"path", "line",
-//! "body"}]}`, in a fenced block or inline in its last message; the first JSON object that
-//! has a `summary` or `comments` field is taken (fenced blocks first, then objects found in
-//! the text), and text without one becomes the summary with no comments. GitHub accepts an
+//! "body"}]}`, in a fenced block or inline in its last message; the last JSON object that
+//! has a `summary` or `comments` field is taken (an earlier one may be quoted from the code),
+//! and text without one becomes the summary with no comments. GitHub accepts an
 //! inline comment only on a line the diff shows (REST API "Create a review for a pull
 //! request": otherwise 422 "Line could not be resolved"), so each comment is checked against
 //! the right-hand lines of the diff's hunks; comments that do not map are listed in the
@@ -54,14 +54,20 @@ pub fn parse_findings(text: &str) -> Findings {
             .unwrap_or(block)
     });
     let inline = text.match_indices('{').map(|(i, _)| &text[i..]);
-    for candidate in fenced.chain(inline) {
-        let mut values = serde_json::Deserializer::from_str(candidate.trim()).into_iter::<Value>();
-        if let Some(Ok(value)) = values.next()
-            && (value.get("summary").is_some() || value.get("comments").is_some())
-            && let Ok(findings) = serde_json::from_value::<Findings>(value)
-        {
-            return findings;
-        }
+    // The agent ends with its findings: an earlier object (quoted from the code) loses.
+    let last = fenced
+        .chain(inline)
+        .filter_map(|candidate| {
+            let mut values =
+                serde_json::Deserializer::from_str(candidate.trim()).into_iter::<Value>();
+            let value = values.next()?.ok()?;
+            (value.get("summary").is_some() || value.get("comments").is_some())
+                .then(|| serde_json::from_value::<Findings>(value).ok())
+                .flatten()
+        })
+        .last();
+    if let Some(findings) = last {
+        return findings;
     }
     Findings {
         summary: text.trim().to_owned(),
@@ -108,7 +114,11 @@ impl DiffLines {
             } else if text.starts_with("diff --git ") {
                 current = None;
             } else if let Some(path) = text.strip_prefix("+++ ") {
-                current = path.strip_prefix("b/").map(str::to_owned);
+                // git ends a name holding a space with a tab.
+                current = path
+                    .trim_end_matches('\t')
+                    .strip_prefix("b/")
+                    .map(str::to_owned);
             } else if let Some(header) = text.strip_prefix("@@ ") {
                 let range = |sign: char| -> (u64, u64) {
                     let r = header
@@ -239,6 +249,12 @@ Binary files a/logo.png and b/logo.png differ
         assert!(lines.contains("README.md", 1));
         assert!(lines.contains("README.md", 2));
         assert!(!lines.contains("logo.png", 1));
+    }
+
+    #[test]
+    fn the_last_findings_object_wins() {
+        let text = "The fixture holds ```json\n{\"summary\": \"quoted\", \"comments\": []}\n``` so:\n{\"summary\": \"final\", \"comments\": []}";
+        assert_eq!(parse_findings(text).summary, "final");
     }
 
     #[test]

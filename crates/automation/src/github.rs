@@ -45,6 +45,11 @@ pub struct GitHubConfig {
     pub webhook_secrets: Vec<String>,
     /// REST API base URL. Default `https://api.github.com`.
     pub api_url: String,
+    /// Lets any owner's admin claim an unclaimed installation. Default false: only site
+    /// administrators claim, because nothing yet proves that a user administers the GitHub
+    /// account an installation is on (the reference checks it with the user's GitHub OAuth
+    /// token).
+    pub allow_self_claim: bool,
 }
 
 impl std::fmt::Debug for GitHubConfig {
@@ -55,6 +60,7 @@ impl std::fmt::Debug for GitHubConfig {
             .field("private_key_path", &self.private_key_path)
             .field("webhook_secrets", &self.webhook_secrets.len())
             .field("api_url", &self.api_url)
+            .field("allow_self_claim", &self.allow_self_claim)
             .finish()
     }
 }
@@ -67,6 +73,7 @@ impl Default for GitHubConfig {
             private_key_path: String::new(),
             webhook_secrets: Vec::new(),
             api_url: "https://api.github.com".into(),
+            allow_self_claim: false,
         }
     }
 }

@@ -241,18 +241,29 @@ impl Automation {
         Ok(record)
     }
 
-    /// Claims installation `id` for `owner` after checking with GitHub that it exists.
+    /// Claims installation `id` for `owner` after checking with GitHub that it exists. Only a
+    /// site administrator (`site_admin`) may, unless `github.allow_self_claim` is set.
     ///
-    /// Errors: [`AutomationError::NotFound`] when GitHub does not know it;
+    /// Errors: [`AutomationError::Forbidden`] for a claim not allowed;
+    /// [`AutomationError::NotFound`] when GitHub does not know it;
     /// [`AutomationError::Conflict`] when another owner claimed it;
     /// [`AutomationError::Disabled`] without a GitHub App.
     pub async fn claim_installation(
         &self,
         owner: Owner,
         by: Uuid,
+        site_admin: bool,
         id: u64,
     ) -> Result<Installation, AutomationError> {
         let github = self.github_or_disabled()?;
+        if !site_admin && !self.inner.config.github.allow_self_claim {
+            return Err(AutomationError::Forbidden(
+                "claiming a GitHub App installation needs a site administrator (set \
+                 github.allow_self_claim to let owners claim their own): nothing proves yet that \
+                 you administer the GitHub account it is installed on"
+                    .into(),
+            ));
+        }
         let info = match github.installation(id).await {
             Ok(info) => info,
             Err(e) if e.is_not_found() => return Err(AutomationError::NotFound("installation")),

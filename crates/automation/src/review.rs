@@ -251,6 +251,8 @@ pub struct PullRequestEvent {
     pub head_ref: String,
     /// Base branch.
     pub base_ref: String,
+    /// The head's repository, when GitHub names it (another one for a fork).
+    pub head_repo: Option<String>,
 }
 
 impl PullRequestEvent {
@@ -269,6 +271,7 @@ impl PullRequestEvent {
             head_sha: pr["head"]["sha"].as_str()?.to_owned(),
             head_ref: pr["head"]["ref"].as_str()?.to_owned(),
             base_ref: pr["base"]["ref"].as_str().unwrap_or_default().to_owned(),
+            head_repo: pr["head"]["repo"]["full_name"].as_str().map(str::to_owned),
         })
     }
 }
@@ -278,8 +281,8 @@ impl PullRequestEvent {
 pub enum OwnerCall {
     /// The settings.
     Settings,
-    /// Replaces the settings.
-    PutSettings(ReviewSettings),
+    /// Replaces the settings (with the configured default of slots).
+    PutSettings(ReviewSettings, u32),
     /// A new review; supersedes the pull request's earlier one unless it is for the same
     /// head commit (then nothing happens).
     Submit {
@@ -321,8 +324,6 @@ pub enum OwnerCall {
 pub struct OwnerReply {
     /// The review the call was about, as it is now.
     pub record: Option<ReviewRecord>,
-    /// Reviews that got a slot: send them to the dispatch queue.
-    pub dispatch: Vec<ReviewRecord>,
     /// Reviews that lost theirs (superseded or cancelled): interrupt their sessions.
     pub stopped: Vec<ReviewRecord>,
     /// The settings (for `Settings` and `PutSettings`).
@@ -334,6 +335,7 @@ pub struct OwnerReply {
 /// holding a slot, `pr/<repo>#<number>` → the pull request's latest review.
 pub struct ReviewOwnerActor {
     retention_ms: i64,
+    sub: Substrate,
 }
 
 impl ReviewOwnerActor {
@@ -360,12 +362,14 @@ impl ReviewOwnerActor {
         ctx.put(&format!("rev/{}", record.id), record)
     }
 
-    /// Gives free slots to waiting reviews, oldest first.
-    async fn fill(ctx: &mut ActorContext, default_slots: u32) -> Result<Vec<ReviewRecord>> {
+    /// Gives free slots to waiting reviews, oldest first, and sends each to the dispatch
+    /// queue before the call commits (an outbox: if the commit then fails, the dispatch finds
+    /// the review not queued and drops the message; sent after, a failure in between would
+    /// leave a slot held by a review nobody starts).
+    async fn fill(&self, ctx: &mut ActorContext, default_slots: u32) -> Result<()> {
         let settings = Self::settings(ctx).await?;
         let limit = settings.max_concurrent.unwrap_or(default_slots).max(1) as usize;
         let mut held = ctx.list::<bool>("slot/").await?.len();
-        let mut out = Vec::new();
         for (key, id) in ctx.list::<String>("wait/").await? {
             if held >= limit {
                 break;
@@ -382,9 +386,13 @@ impl ReviewOwnerActor {
             ctx.put(&format!("rev/{id}"), &record)?;
             ctx.put(&format!("slot/{id}"), &true)?;
             held += 1;
-            out.push(record);
+            let msg = DispatchMessage {
+                owner: ctx.key().to_owned(),
+                id,
+            };
+            self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
         }
-        Ok(out)
+        Ok(())
     }
 
     fn arm_cleanup(&self, ctx: &mut ActorContext) {
@@ -402,8 +410,10 @@ impl Actor for ReviewOwnerActor {
         let mut reply = OwnerReply::default();
         match call {
             OwnerCall::Settings => reply.settings = Some(Self::settings(ctx).await?),
-            OwnerCall::PutSettings(settings) => {
+            OwnerCall::PutSettings(settings, default_slots) => {
                 ctx.put("settings", &settings)?;
+                // More slots take effect at once.
+                self.fill(ctx, default_slots).await?;
                 reply.settings = Some(settings);
             }
             OwnerCall::Submit {
@@ -432,7 +442,7 @@ impl Actor for ReviewOwnerActor {
                 if ctx.alarm().await?.is_none() {
                     self.arm_cleanup(ctx);
                 }
-                reply.dispatch = Self::fill(ctx, default_slots).await?;
+                self.fill(ctx, default_slots).await?;
                 reply.record = ctx.get(&format!("rev/{}", record.id)).await?;
             }
             OwnerCall::Update {
@@ -458,7 +468,7 @@ impl Actor for ReviewOwnerActor {
                     record.review_url = review_url;
                     record.comments_posted = comments_posted;
                     Self::end(ctx, &mut record, status, error).await?;
-                    reply.dispatch = Self::fill(ctx, default_slots).await?;
+                    self.fill(ctx, default_slots).await?;
                 } else {
                     record.status = status;
                     record.updated_at = ctx.now_ms();
@@ -479,7 +489,7 @@ impl Actor for ReviewOwnerActor {
                     let had_slot = record.status.holds_slot();
                     Self::end(ctx, &mut record, ReviewStatus::Cancelled, reason).await?;
                     if had_slot {
-                        reply.dispatch = Self::fill(ctx, default_slots).await?;
+                        self.fill(ctx, default_slots).await?;
                     }
                     reply.stopped.push(record.clone());
                     reply.record = Some(record);
@@ -631,7 +641,10 @@ pub(crate) fn register(sub: &Substrate, service: Weak<Inner>) {
     let retention_ms = upgrade(&service)
         .map(|a| a.inner.config.review.retention_ms as i64)
         .unwrap_or(7 * 24 * 3_600_000);
-    sub.actors().register(ReviewOwnerActor { retention_ms });
+    sub.actors().register(ReviewOwnerActor {
+        retention_ms,
+        sub: sub.clone(),
+    });
     sub.actors().register(ReviewActor { service });
     for name in [DISPATCH_QUEUE, COMPLETION_QUEUE] {
         sub.queues()
@@ -784,20 +797,9 @@ impl Automation {
             .map_err(|r| r.into_error("review"))
     }
 
-    /// Sends the reviews given a slot to the dispatch queue and interrupts the sessions of
-    /// the reviews that lost theirs.
+    /// Interrupts the sessions of the reviews that lost their slot and finishes their
+    /// orchestrators.
     async fn apply(&self, owner: Owner, reply: &OwnerReply) -> Result<()> {
-        for record in &reply.dispatch {
-            let msg = DispatchMessage {
-                owner: owner.to_string(),
-                id: record.id.clone(),
-            };
-            self.inner
-                .sub
-                .queues()
-                .send(DISPATCH_QUEUE, &msg, 0)
-                .await?;
-        }
         for record in &reply.stopped {
             if let Some(session) = &record.session_id {
                 self.interrupt_review_session(owner, record.acting_user, session)
@@ -863,6 +865,15 @@ impl Automation {
         }
         if pr.draft && settings.skip_drafts {
             return Ok("skipped: draft pull request".into());
+        }
+        if let Some(head) = pr
+            .head_repo
+            .as_deref()
+            .filter(|h| !h.eq_ignore_ascii_case(&pr.repo))
+        {
+            return Ok(format!(
+                "skipped: the pull request comes from the fork {head} (not reviewed yet)"
+            ));
         }
         let now = self.inner.sub.clock().now_ms();
         let record = ReviewRecord {
@@ -964,6 +975,29 @@ impl Automation {
         Ok(())
     }
 
+    /// An installation token for `record`, after checking that its installation still belongs
+    /// to the review's owner and is active (it may have been released, suspended, uninstalled
+    /// or claimed by another owner since the webhook).
+    async fn review_token(
+        &self,
+        owner: Owner,
+        record: &ReviewRecord,
+    ) -> std::result::Result<crate::github::AccessToken, AutomationError> {
+        let github = self.github_or_disabled()?;
+        let usable = self
+            .installation(record.installation_id)
+            .await?
+            .and_then(|i| i.active_owner())
+            .is_some_and(|(o, _)| o == owner);
+        if !usable {
+            return Err(AutomationError::Forbidden(format!(
+                "GitHub App installation {} no longer belongs to this owner or is not active",
+                record.installation_id
+            )));
+        }
+        Ok(github.installation_token(record.installation_id).await?)
+    }
+
     /// Dispatch: the orchestrator, the diff, the session.
     async fn start_review(
         &self,
@@ -990,7 +1024,7 @@ impl Automation {
             Some(s) => s,
             None => {
                 let github = self.github_or_disabled()?;
-                let token = github.installation_token(record.installation_id).await?;
+                let token = self.review_token(owner, &record).await?;
                 let settings = self.review_settings(owner).await?;
                 let ignore = settings.ignore_set().map_err(AutomationError::Invalid)?;
                 let diff = github
@@ -1076,7 +1110,7 @@ impl Automation {
             return self.settle(owner, id, Settled::Failed(why), session).await;
         }
         let github = self.github_or_disabled()?;
-        let token = github.installation_token(record.installation_id).await?;
+        let token = self.review_token(owner, &record).await?;
         let settings = self.review_settings(owner).await?;
         let ignore = settings.ignore_set().map_err(AutomationError::Invalid)?;
         let diff = github
@@ -1138,7 +1172,10 @@ impl Automation {
     ) -> std::result::Result<ReviewSettings, AutomationError> {
         settings.validate().map_err(AutomationError::Invalid)?;
         Ok(self
-            .owner_call(owner, OwnerCall::PutSettings(settings))
+            .owner_call(
+                owner,
+                OwnerCall::PutSettings(settings, self.default_slots()),
+            )
             .await?
             .settings
             .unwrap_or_default())

@@ -185,7 +185,8 @@ pub struct TriggerConfig {
     pub id: String,
     /// `user:<id>` / `org:<id>`.
     pub owner: String,
-    /// The user who created it; its sessions act as this user.
+    /// The user who created it or last replaced its configuration; its sessions act as this
+    /// user.
     pub created_by: Uuid,
     /// What it does.
     pub destination: Destination,
@@ -457,9 +458,9 @@ impl Actor for TriggerActor {
                 let Some(old) = config else {
                     return Ok(Err(AutomationRefusal::NotFound));
                 };
+                // Sessions act as whoever configured the trigger last.
                 let new = TriggerConfig {
                     created_at: old.created_at,
-                    created_by: old.created_by,
                     ..*new
                 };
                 let new = schedule(ctx, new)?;
@@ -516,7 +517,10 @@ impl Actor for TriggerActor {
                 Ok(Ok(TriggerReply::Begin(Box::new(config), Box::new(request))))
             }
             TriggerCall::SetSession(id, session) => {
-                let Some(mut request) = Self::request(ctx, &id).await? else {
+                let Some(mut request) = Self::request(ctx, &id)
+                    .await?
+                    .filter(|r| r.status.in_flight())
+                else {
                     return Ok(Err(AutomationRefusal::NotFound));
                 };
                 request.status = RequestStatus::Inprogress;
@@ -571,10 +575,17 @@ impl Actor for TriggerActor {
             ..IncomingRequest::default()
         };
         let request = TriggerRequest::captured(alarm.scheduled_at, firing, String::new());
-        match self.capture(ctx, request).await? {
-            Ok(id) => tracing::info!(trigger = %ctx.key(), request = %id, "schedule fired"),
-            Err(_) => tracing::warn!(trigger = %ctx.key(),
+        match self.capture(ctx, request).await {
+            Ok(Ok(id)) => tracing::info!(trigger = %ctx.key(), request = %id, "schedule fired"),
+            Ok(Err(_)) => tracing::warn!(trigger = %ctx.key(),
                 "schedule fired with {MAX_IN_FLIGHT} requests in flight; this firing is skipped"),
+            Err(e) => {
+                // Storage trouble: this firing is lost, the schedule is not (a failed alarm
+                // run is retried only six times, then it would stop for good).
+                ctx.rollback();
+                tracing::error!(trigger = %ctx.key(), error = %e,
+                    "schedule fired but the request could not be queued; this firing is skipped");
+            }
         }
         config.next_fire_at = Some(ctx.schedule_cron(&scheduled)?);
         ctx.put("config", &config)
@@ -915,7 +926,8 @@ impl Automation {
         }
     }
 
-    /// Replaces trigger `id`'s configuration (the id, creator and creation time stay).
+    /// Replaces trigger `id`'s configuration (the id and creation time stay; sessions act as
+    /// `user` from now on).
     ///
     /// Errors: as [`Automation::create_trigger`], and [`AutomationError::NotFound`].
     pub async fn update_trigger(

@@ -22,6 +22,8 @@ use crate::{Automation, AutomationError};
 pub const DELIVERY_ACTOR: &str = "github_delivery";
 /// How long a delivery id is remembered, ms (24 h).
 pub const DEDUP_WINDOW_MS: i64 = 24 * 3_600_000;
+/// A delivery still `processing` this long after its claim may be claimed again, ms.
+pub const STALE_CLAIM_MS: i64 = 60_000;
 /// Largest webhook body accepted, bytes (GitHub caps payloads at 25 MB; we take 5 MiB).
 pub const MAX_WEBHOOK_BYTES: usize = 5 << 20;
 
@@ -69,7 +71,13 @@ impl Actor for DeliveryActor {
         match call {
             DeliveryCall::Claim(record) => {
                 if let Some(seen) = ctx.get::<DeliveryRecord>("record").await? {
-                    return Ok(Some(seen));
+                    // A claim still `processing` after a minute belongs to a node that died
+                    // mid-delivery: the redelivery takes it over.
+                    let stale = seen.outcome == "processing"
+                        && record.received_at - seen.received_at > STALE_CLAIM_MS;
+                    if !stale {
+                        return Ok(Some(seen));
+                    }
                 }
                 ctx.put("record", &record)?;
                 ctx.set_alarm(record.received_at + DEDUP_WINDOW_MS);

@@ -81,7 +81,7 @@ async fn measure(postgres: bool, n: usize) -> anyhow::Result<String> {
     let automation = automation.expect("built");
     let owner = Owner::User(stack.user.id);
     automation
-        .claim_installation(owner, stack.user.id, 5)
+        .claim_installation(owner, stack.user.id, true, 5)
         .await
         .map_err(|e| anyhow::anyhow!("claim: {e}"))?;
     automation

@@ -154,6 +154,12 @@ impl Auto {
 }
 
 async fn auto(postgres: bool, review: ReviewConfig) -> Auto {
+    auto_with(postgres, review, true).await
+}
+
+/// [`auto`]; `self_claim`: whether owners (not only site administrators) may claim
+/// installations.
+async fn auto_with(postgres: bool, review: ReviewConfig, self_claim: bool) -> Auto {
     let github = FakeGitHub::start(APP_ID).await;
     github.set_fixed_token(Some(GIT_TOKEN.to_owned()));
     github.add_installation(INSTALLATION, "Codertocat", "User");
@@ -164,6 +170,7 @@ async fn auto(postgres: bool, review: ReviewConfig) -> Auto {
             private_key_path: String::new(),
             webhook_secrets: vec!["whsec-previous".into(), WEBHOOK_SECRET.into()],
             api_url: github.base_url.clone(),
+            allow_self_claim: self_claim,
         },
         review,
     };
@@ -187,7 +194,22 @@ fn examples() -> Vec<(String, Value)> {
 /// Every example payload signed with a configured secret gets 2xx; with a wrong or missing
 /// signature 401 and no trace; a repeated delivery id is processed once.
 async fn every_example_payload(postgres: bool) {
-    let a = auto(postgres, ReviewConfig::default()).await;
+    let a = auto_with(postgres, ReviewConfig::default(), false).await;
+    // By default only site administrators claim installations (nothing proves yet that a user
+    // administers the GitHub account).
+    let (status, body) = a
+        .env
+        .request(
+            reqwest::Method::POST,
+            "/api/github/installations",
+            Some(json!({"installationId": INSTALLATION})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
     let examples = examples();
     assert_eq!(examples.len(), 329);
     for (i, (event, body)) in examples.iter().enumerate() {

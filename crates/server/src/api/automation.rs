@@ -144,8 +144,10 @@ pub async fn list_installations(
 
 /// `POST /api/github/installations`: claims an installation of the app for the owner, after
 /// checking with GitHub that it exists. Automation for the owner acts as the claiming user.
+/// Site administrators only, unless `github.allow_self_claim` is set (403 otherwise).
 #[utoipa::path(post, path = "/api/github/installations", tag = "github", request_body = ClaimInstallation,
-    responses((status = 201, body = Installation), (status = 404, description = "GitHub does not know it", body = ErrorBody),
+    responses((status = 201, body = Installation), (status = 403, description = "not a site administrator", body = ErrorBody),
+        (status = 404, description = "GitHub does not know it", body = ErrorBody),
         (status = 409, description = "another owner claimed it", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn claim_installation(
@@ -158,6 +160,7 @@ pub async fn claim_installation(
         .claim_installation(
             scope.owner(),
             scope.auth.principal.user,
+            scope.auth.principal.is_admin,
             body.installation_id,
         )
         .await?;
