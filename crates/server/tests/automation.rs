@@ -276,10 +276,13 @@ async fn every_example_payload(postgres: bool) {
 /// A repository with a pull request from `changes` (adding `div`), recorded on the fake
 /// GitHub as #2; returns the `pull_request.opened` example adapted to it.
 fn pull_request(a: &Auto, number: u64, branch: &str, action: &str) -> (String, Value) {
+    // The branch name in the content: two pushes in one second must not make the same
+    // commit (same tree, parent, author and time give the same id).
+    let content = format!("{LIB_AFTER}// {branch}\n");
     let (_, head, diff) = a
         .env
         .git
-        .push_branch(REPO, "main", branch, &[("src/lib.rs", LIB_AFTER)]);
+        .push_branch(REPO, "main", branch, &[("src/lib.rs", &content)]);
     a.github.add_pull(
         "Codertocat",
         "Hello-World",
