@@ -281,6 +281,9 @@ impl PullRequestEvent {
 pub enum OwnerCall {
     /// The settings.
     Settings,
+    /// One review, read in turn with the calls on the owner (so after the call that queued
+    /// it has committed).
+    Get(String),
     /// Replaces the settings (with the configured default of slots).
     PutSettings(ReviewSettings, u32),
     /// A new review; supersedes the pull request's earlier one unless it is for the same
@@ -410,6 +413,7 @@ impl Actor for ReviewOwnerActor {
         let mut reply = OwnerReply::default();
         match call {
             OwnerCall::Settings => reply.settings = Some(Self::settings(ctx).await?),
+            OwnerCall::Get(id) => reply.record = ctx.get(&format!("rev/{id}")).await?,
             OwnerCall::PutSettings(settings, default_slots) => {
                 ctx.put("settings", &settings)?;
                 // More slots take effect at once.
@@ -1004,7 +1008,13 @@ impl Automation {
         owner: Owner,
         id: &str,
     ) -> std::result::Result<(), AutomationError> {
-        let Some(record) = self.review(owner, id).await? else {
+        // Through the owner actor, not a lock-free read: the dispatch message is sent before
+        // the call that queued the review commits, and must see that commit.
+        let Some(record) = self
+            .owner_call(owner, OwnerCall::Get(id.to_owned()))
+            .await?
+            .record
+        else {
             return Ok(());
         };
         if record.status != ReviewStatus::Queued && record.status != ReviewStatus::Running {

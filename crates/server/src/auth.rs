@@ -150,6 +150,29 @@ where
     }
 }
 
+/// Runs a webhook's own authentication (a signature or shared secret the service checks)
+/// under the per-IP failure limiter of credentials: a blocked address gets 429 before the
+/// check, and a 401 from it counts as a failure.
+pub async fn limited_webhook<T, F>(parts: &Parts, state: &AppState, check: F) -> Result<T, ApiError>
+where
+    F: Future<Output = Result<T, ApiError>>,
+{
+    let ip = client_ip(parts);
+    if let Some(secs) = state.auth_limiter.blocked_for(ip) {
+        return Err(too_many(secs));
+    }
+    match check.await {
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            metrics::counter!("kilocloud_auth_failures_total", "code" => e.code).increment(1);
+            match state.auth_limiter.record_failure(ip) {
+                Some(secs) => Err(too_many(secs)),
+                None => Err(e),
+            }
+        }
+        other => other,
+    }
+}
+
 /// An authenticated caller (user JWT or API key, `Authorization: Bearer …`).
 #[derive(Debug, Clone)]
 pub struct AuthUser {

@@ -154,12 +154,17 @@ impl Auto {
 }
 
 async fn auto(postgres: bool, review: ReviewConfig) -> Auto {
-    auto_with(postgres, review, true).await
+    auto_with(postgres, review, true, ServerOptions::default()).await
 }
 
 /// [`auto`]; `self_claim`: whether owners (not only site administrators) may claim
 /// installations.
-async fn auto_with(postgres: bool, review: ReviewConfig, self_claim: bool) -> Auto {
+async fn auto_with(
+    postgres: bool,
+    review: ReviewConfig,
+    self_claim: bool,
+    options: ServerOptions,
+) -> Auto {
     let github = FakeGitHub::start(APP_ID).await;
     github.set_fixed_token(Some(GIT_TOKEN.to_owned()));
     github.add_installation(INSTALLATION, "Codertocat", "User");
@@ -174,7 +179,7 @@ async fn auto_with(postgres: bool, review: ReviewConfig, self_claim: bool) -> Au
         },
         review,
     };
-    let env = env_full(postgres, |_| {}, Some(config.clone())).await;
+    let env = env_full(postgres, |_| {}, Some(config.clone()), options).await;
     Auto {
         env,
         github,
@@ -194,7 +199,12 @@ fn examples() -> Vec<(String, Value)> {
 /// Every example payload signed with a configured secret gets 2xx; with a wrong or missing
 /// signature 401 and no trace; a repeated delivery id is processed once.
 async fn every_example_payload(postgres: bool) {
-    let a = auto_with(postgres, ReviewConfig::default(), false).await;
+    // 658 bad signatures from one address: above the failure limiter's budget on purpose.
+    let options = ServerOptions {
+        auth_failures_per_minute: 100_000,
+        ..ServerOptions::default()
+    };
+    let a = auto_with(postgres, ReviewConfig::default(), false, options).await;
     // By default only site administrators claim installations (nothing proves yet that a user
     // administers the GitHub account).
     let (status, body) = a
@@ -940,6 +950,25 @@ async fn webhook_limits(postgres: bool) {
         .request_as(&other, reqwest::Method::GET, "/api/triggers/notes", None)
         .await;
     assert_eq!(status, 404);
+    // Guessing the secret is limited per address like credentials (30 failures a minute; two
+    // were spent above; the address is then blocked for every authentication).
+    let mut statuses = Vec::new();
+    for _ in 0..31 {
+        let res = a
+            .env
+            .http
+            .post(&guarded)
+            .header("x-hook-token", "guess")
+            .body("x")
+            .send();
+        statuses.push(res.await.unwrap().status().as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        28,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&429));
 }
 
 /// A scheduled trigger fires on time (not a millisecond early) and starts a session; after a

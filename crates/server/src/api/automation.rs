@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::ErrorBody;
-use crate::auth::{Admin, OwnerScope, RequireRole};
+use crate::auth::{Admin, OwnerScope, RequireRole, limited_webhook};
 use crate::{ApiError, AppState, Json};
 
 impl From<AutomationError> for ApiError {
@@ -110,17 +110,21 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         (status = 413, body = ErrorBody), (status = 503, description = "no GitHub App configured", body = ErrorBody)))]
 pub async fn github_webhook(
     State(s): State<AppState>,
-    headers: HeaderMap,
     request: Request,
 ) -> Result<Json<DeliveryRecord>, ApiError> {
     let automation = automation(&s)?;
-    let body = read_body(request.into_body(), MAX_WEBHOOK_BYTES).await?;
+    let (parts, body) = request.into_parts();
+    let body = read_body(body, MAX_WEBHOOK_BYTES).await?;
     let headers = WebhookHeaders {
-        event: header(&headers, "x-github-event"),
-        delivery: header(&headers, "x-github-delivery"),
-        signature: header(&headers, "x-hub-signature-256"),
+        event: header(&parts.headers, "x-github-event"),
+        delivery: header(&parts.headers, "x-github-delivery"),
+        signature: header(&parts.headers, "x-hub-signature-256"),
     };
-    Ok(Json(automation.github_webhook(headers, &body).await?))
+    let record = limited_webhook(&parts, &s, async {
+        Ok(automation.github_webhook(headers, &body).await?)
+    })
+    .await?;
+    Ok(Json(record))
 }
 
 /// Body of `POST /api/github/installations`.
@@ -393,7 +397,10 @@ pub async fn inbound(
         body: body.to_vec(),
         source_ip,
     };
-    let request_id = automation.capture(owner, &trigger_id, incoming).await?;
+    let request_id = limited_webhook(&parts, &s, async {
+        Ok(automation.capture(owner, &trigger_id, incoming).await?)
+    })
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Captured {

@@ -104,7 +104,7 @@ pub async fn env(postgres: bool) -> Env {
 }
 
 pub async fn env_with(postgres: bool, tweak: impl FnOnce(&mut AgentConfig)) -> Env {
-    env_full(postgres, tweak, None).await
+    env_full(postgres, tweak, None, ServerOptions::default()).await
 }
 
 /// [`env_with`], with automation when `automation` is given.
@@ -112,6 +112,7 @@ pub async fn env_full(
     postgres: bool,
     tweak: impl FnOnce(&mut AgentConfig),
     automation: Option<kilocloud_automation::AutomationConfig>,
+    options: ServerOptions,
 ) -> Env {
     let store = TestStore::new(postgres).await;
     let clock = Arc::new(ManualClock::new(1_798_804_800_000));
@@ -176,13 +177,8 @@ pub async fn env_full(
         .grant(Owner::User(user.id), 10_000_000, "test", &system)
         .await
         .unwrap();
-    let state = AppState::new(
-        sub.clone(),
-        identity.clone(),
-        gateway.clone(),
-        &ServerOptions::default(),
-    )
-    .with_agents(agents.clone());
+    let state = AppState::new(sub.clone(), identity.clone(), gateway.clone(), &options)
+        .with_agents(agents.clone());
     let state = match &automation {
         Some(a) => state.with_automation(a.clone()),
         None => state,
