@@ -53,6 +53,8 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 pub const MAX_IN_FLIGHT: usize = 20;
 /// Requests kept per trigger (reference §4: the newest 100 not in flight).
 pub const KEPT_REQUESTS: usize = 100;
+/// A request still in flight this long after it arrived is failed, ms (24 h).
+pub const STALE_AFTER_MS: i64 = 24 * 3_600_000;
 /// Deliveries of a captured request before it is failed and dead-lettered.
 pub const DELIVERY_ATTEMPTS: u32 = 3;
 
@@ -351,6 +353,14 @@ pub enum TriggerReply {
     Done,
 }
 
+/// A request's status and arrival (ms) under `st/<seq>`: the small index that counts requests
+/// in flight and trims old ones without reading their bodies.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StatusEntry {
+    s: RequestStatus,
+    at: i64,
+}
+
 /// A message of [`DELIVERY_QUEUE`] and the context of a trigger session's notice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct RequestRef {
@@ -364,13 +374,29 @@ pub struct TriggerActor {
 }
 
 impl TriggerActor {
+    /// Requests captured or in progress. One in flight for more than [`STALE_AFTER_MS`] (its
+    /// session never reported back: deleted, or its notice lost) is failed here, so it stops
+    /// counting against [`MAX_IN_FLIGHT`].
     async fn in_flight(ctx: &mut ActorContext) -> Result<usize> {
-        Ok(ctx
-            .list::<RequestStatus>("st/")
-            .await?
-            .iter()
-            .filter(|(_, s)| s.in_flight())
-            .count())
+        let now = ctx.now_ms();
+        let mut count = 0;
+        for (key, entry) in ctx.list::<StatusEntry>("st/").await? {
+            if !entry.s.in_flight() {
+                continue;
+            }
+            if now - entry.at <= STALE_AFTER_MS {
+                count += 1;
+                continue;
+            }
+            let seq = &key["st/".len()..];
+            if let Some(mut r) = ctx.get::<TriggerRequest>(&format!("req/{seq}")).await? {
+                r.status = RequestStatus::Failed;
+                r.error = Some("no outcome within 24 h; given up".into());
+                r.completed_at = Some(now);
+                Self::store(ctx, &r)?;
+            }
+        }
+        Ok(count)
     }
 
     async fn request(ctx: &mut ActorContext, id: &str) -> Result<Option<TriggerRequest>> {
@@ -382,7 +408,11 @@ impl TriggerActor {
 
     fn store(ctx: &mut ActorContext, r: &TriggerRequest) -> Result<()> {
         ctx.put(&format!("req/{:020}", r.seq), r)?;
-        ctx.put(&format!("st/{:020}", r.seq), &r.status)?;
+        let entry = StatusEntry {
+            s: r.status,
+            at: r.received_at,
+        };
+        ctx.put(&format!("st/{:020}", r.seq), &entry)?;
         ctx.put(&format!("rid/{}", r.id), &r.seq)
     }
 
@@ -404,13 +434,13 @@ impl TriggerActor {
         ctx.put("next_seq", &(seq + 1))?;
         request.seq = seq;
         Self::store(ctx, &request)?;
-        let statuses = ctx.list::<RequestStatus>("st/").await?;
+        let statuses = ctx.list::<StatusEntry>("st/").await?;
         let mut excess = statuses.len().saturating_sub(KEPT_REQUESTS);
-        for (key, status) in statuses {
+        for (key, entry) in statuses {
             if excess == 0 {
                 break;
             }
-            if status.in_flight() {
+            if entry.s.in_flight() {
                 continue;
             }
             let old_seq = &key["st/".len()..];

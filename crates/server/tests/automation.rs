@@ -950,6 +950,44 @@ async fn webhook_limits(postgres: bool) {
         .request_as(&other, reqwest::Method::GET, "/api/triggers/notes", None)
         .await;
     assert_eq!(status, 404);
+    // Requests whose sessions never report back stop counting after 24 h.
+    let (status, _) = a
+        .env
+        .request(
+            reqwest::Method::POST,
+            "/api/triggers",
+            Some(json!({
+                "id": "stuck",
+                "destination": {"type": "chat", "messageTemplate": "x"},
+                "activation": {"type": "webhook"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let stuck = format!("{}/hooks/user/{}/stuck", a.env.base, a.env.user);
+    let mut first_stuck = None;
+    for _ in 0..20 {
+        let res = a.env.http.post(&stuck).body("{}").send().await.unwrap();
+        assert_eq!(res.status(), 202);
+        let v: Value = res.json().await.unwrap();
+        first_stuck.get_or_insert(v["requestId"].as_str().unwrap().to_owned());
+    }
+    let res = a.env.http.post(&stuck).body("{}").send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    a.env.clock.advance(24 * 3_600_000 + 1);
+    let res = a.env.http.post(&stuck).body("{}").send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let old = a
+        .automation()
+        .trigger_request(owner, "stuck", first_stuck.as_ref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        old.status,
+        kilocloud_automation::triggers::RequestStatus::Failed
+    );
+    assert!(old.error.unwrap().contains("24 h"));
+
     // Guessing the secret is limited per address like credentials (30 failures a minute; two
     // were spent above; the address is then blocked for every authentication).
     let mut statuses = Vec::new();
