@@ -327,7 +327,8 @@ pub enum OwnerCall {
 pub struct OwnerReply {
     /// The review the call was about, as it is now.
     pub record: Option<ReviewRecord>,
-    /// Reviews that lost theirs (superseded or cancelled): interrupt their sessions.
+    /// Reviews that lost their slot or place in line (superseded or cancelled): interrupt
+    /// their sessions.
     pub stopped: Vec<ReviewRecord>,
     /// The settings (for `Settings` and `PutSettings`).
     pub settings: Option<ReviewSettings>,
