@@ -45,6 +45,8 @@ pub const REVIEW_ACTOR: &str = "review";
 pub const DISPATCH_QUEUE: &str = "review-dispatch";
 /// Queue of finished review sessions.
 pub const COMPLETION_QUEUE: &str = "review-completions";
+/// How soon a timed-out review whose failure could not be recorded is tried again, ms.
+pub const TIMEOUT_RETRY_MS: i64 = 60_000;
 /// Deliveries of a dispatch or completion before the review is failed.
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -608,7 +610,7 @@ impl Actor for ReviewActor {
             .owner
             .parse()
             .map_err(|_| kilocloud_substrate::Error::Handler("bad owner in a review".into()))?;
-        automation
+        if let Err(e) = automation
             .settle_record(
                 owner,
                 &state.record.id,
@@ -616,7 +618,15 @@ impl Actor for ReviewActor {
                 state.session_id.clone(),
             )
             .await
-            .map_err(|e| kilocloud_substrate::Error::Handler(e.to_string()))?;
+        {
+            // Not an alarm failure: those are retried six times and then dropped, which would
+            // leave the review holding its slot for good. Try again in a minute, for as long
+            // as it takes.
+            tracing::error!(review = %state.record.id, error = %e,
+                "cannot fail a timed-out review; retrying in a minute");
+            ctx.set_alarm(ctx.now_ms() + TIMEOUT_RETRY_MS);
+            return Ok(());
+        }
         if let Some(session) = &state.session_id {
             automation
                 .interrupt_review_session(owner, state.record.acting_user, session)
