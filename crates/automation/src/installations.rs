@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::github::{AccessToken, InstallationInfo};
-use crate::{Automation, AutomationError};
+use crate::{Automation, AutomationError, AutomationRefusal};
 
 /// Actor type of one installation.
 pub const INSTALLATION_ACTOR: &str = "github_installation";
@@ -178,24 +178,6 @@ impl Actor for OwnerInstallationsActor {
                 ctx.delete(&format!("i/{id:020}"));
                 Ok(())
             }
-        }
-    }
-}
-
-/// A refusal by one of automation's actors.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AutomationRefusal {
-    /// Unknown, or another owner's.
-    NotFound,
-    /// A conflicting state.
-    Conflict(String),
-}
-
-impl AutomationRefusal {
-    pub(crate) fn into_error(self, what: &'static str) -> AutomationError {
-        match self {
-            AutomationRefusal::NotFound => AutomationError::NotFound(what),
-            AutomationRefusal::Conflict(m) => AutomationError::Conflict(m),
         }
     }
 }

@@ -105,6 +105,32 @@ impl AutomationError {
     }
 }
 
+/// A refusal by one of automation's actors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutomationRefusal {
+    /// Unknown, or another owner's.
+    NotFound,
+    /// A conflicting state.
+    Conflict(String),
+}
+
+impl AutomationRefusal {
+    pub(crate) fn into_error(self, what: &'static str) -> AutomationError {
+        match self {
+            AutomationRefusal::NotFound => AutomationError::NotFound(what),
+            AutomationRefusal::Conflict(m) => AutomationError::Conflict(m),
+        }
+    }
+}
+
+/// A failed piece of automation work, as a queue consumer or alarm reports it to the
+/// substrate (which retries it).
+impl From<AutomationError> for kilocloud_substrate::Error {
+    fn from(e: AutomationError) -> Self {
+        kilocloud_substrate::Error::Handler(e.to_string())
+    }
+}
+
 /// The automation service. Cheap to clone.
 #[derive(Clone)]
 pub struct Automation {

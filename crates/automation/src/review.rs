@@ -34,8 +34,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::findings::{DiffLines, build_review, filter_diff, parse_findings};
-use crate::installations::AutomationRefusal;
-use crate::{Automation, AutomationError, Inner, upgrade};
+use crate::{Automation, AutomationError, AutomationRefusal, Inner, upgrade};
 
 /// Actor type of an owner's reviews and settings.
 pub const OWNER_ACTOR: &str = "review_owner";
@@ -697,19 +696,17 @@ impl Consumer for DispatchConsumer {
         let Ok(owner) = msg.owner.parse::<Owner>() else {
             return Ok(());
         };
-        match self.0.start_review(owner, &msg.id).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_transient() && delivery.attempts < MAX_ATTEMPTS => {
-                Err(kilocloud_substrate::Error::Handler(e.to_string()))
-            }
-            Err(e) => {
-                tracing::warn!(review = %msg.id, error = %e, "review failed to start");
-                self.0
-                    .settle(owner, &msg.id, Settled::Failed(e.to_string()), None)
-                    .await
-                    .map_err(|e| kilocloud_substrate::Error::Handler(e.to_string()))
-            }
-        }
+        let outcome = self.0.start_review(owner, &msg.id).await;
+        self.0
+            .retry_or_fail(
+                delivery,
+                owner,
+                &msg.id,
+                outcome,
+                "starting the review",
+                None,
+            )
+            .await
     }
 }
 
@@ -726,24 +723,18 @@ impl Consumer for CompletionConsumer {
         let Ok(owner) = ctx.owner.parse::<Owner>() else {
             return Ok(());
         };
-        match self.0.finish_review(owner, &ctx.id, &msg).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_transient() && delivery.attempts < MAX_ATTEMPTS => {
-                Err(kilocloud_substrate::Error::Handler(e.to_string()))
-            }
-            Err(e) => {
-                tracing::warn!(review = %ctx.id, error = %e, "review could not be posted");
-                self.0
-                    .settle(
-                        owner,
-                        &ctx.id,
-                        Settled::Failed(format!("posting the review failed: {e}")),
-                        Some(msg.payload.session_id.clone()),
-                    )
-                    .await
-                    .map_err(|e| kilocloud_substrate::Error::Handler(e.to_string()))
-            }
-        }
+        let outcome = self.0.finish_review(owner, &ctx.id, &msg).await;
+        let session = Some(msg.payload.session_id.clone());
+        self.0
+            .retry_or_fail(
+                delivery,
+                owner,
+                &ctx.id,
+                outcome,
+                "posting the review",
+                session,
+            )
+            .await
     }
 }
 
@@ -837,6 +828,29 @@ impl Automation {
         match self.inner.agents.interrupt(caller, session).await {
             Ok(_) | Err(AgentError::Conflict { .. }) | Err(AgentError::NotFound) => {}
             Err(e) => tracing::warn!(%session, error = %e, "cannot interrupt a review session"),
+        }
+    }
+
+    /// What a review consumer does with the outcome of `step`: a transient failure is
+    /// retried through the queue while attempts remain ([`MAX_ATTEMPTS`]); any other, or the
+    /// last, fails the review with the reason.
+    async fn retry_or_fail(
+        &self,
+        delivery: &Delivery,
+        owner: Owner,
+        id: &str,
+        outcome: std::result::Result<(), AutomationError>,
+        step: &str,
+        session_id: Option<String>,
+    ) -> Result<()> {
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_transient() && delivery.attempts < MAX_ATTEMPTS => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(review = %id, error = %e, "{step} failed");
+                let why = Settled::Failed(format!("{step} failed: {e}"));
+                Ok(self.settle(owner, id, why, session_id).await?)
+            }
         }
     }
 

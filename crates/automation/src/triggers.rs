@@ -38,8 +38,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::installations::AutomationRefusal;
-use crate::{Automation, AutomationError, Inner, upgrade};
+use crate::{Automation, AutomationError, AutomationRefusal, Inner, upgrade};
 
 /// Actor type of a trigger.
 pub const TRIGGER_ACTOR: &str = "trigger";

@@ -9,11 +9,12 @@
 //! applies to `total − prepare`. Times are wall-clock milliseconds read from the records, so
 //! they carry ±1 ms of rounding. Each request waits for the previous session to end.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kilocloud_agent::Caller;
 use kilocloud_automation::{Automation, AutomationConfig, GitHubConfig};
 use kilocloud_identity::Owner;
+use kilocloud_substrate::{Clock, SystemClock};
 use kilocloud_test_support::fake_github::{APP_PRIVATE_KEY_PEM, FakeGitHub};
 use kilocloud_test_support::git_server::GitServer;
 use serde_json::json;
@@ -39,13 +40,6 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
         out += &measure(postgres, n).await?;
     }
     Ok(out)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 async fn measure(postgres: bool, n: usize) -> anyhow::Result<String> {
@@ -107,7 +101,7 @@ async fn measure(postgres: bool, n: usize) -> anyhow::Result<String> {
     let (mut total, mut prepare, mut rest) = (histogram(), histogram(), histogram());
     let mut signal = stack.agents.event_signal();
     for i in 0..n + 3 {
-        let t0 = now_ms();
+        let t0 = SystemClock.now_ms();
         let res = http
             .post(&url)
             .header("content-type", "application/json")

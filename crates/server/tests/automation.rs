@@ -133,6 +133,16 @@ impl Auto {
         .expect("the condition was reached");
     }
 
+    /// Creates a trigger through the API (201); returns it.
+    async fn create_trigger(&self, spec: Value) -> Value {
+        let (status, created) = self
+            .env
+            .request(reqwest::Method::POST, "/api/triggers", Some(spec))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        created
+    }
+
     /// No review is waiting, queued or running.
     async fn settled(&self) -> bool {
         let counts = self.counts().await;
@@ -687,21 +697,15 @@ async fn webhook_trigger(postgres: bool) {
     let a = auto(postgres, ReviewConfig::default()).await;
     a.claim().await;
     seed_repo(&a);
-    let (status, created) = a
-        .env
-        .request(
-            reqwest::Method::POST,
-            "/api/triggers",
-            Some(json!({
-                "id": "issue-bot",
-                "destination": {"type": "cloud_agent", "githubRepo": REPO, "mode": "ask",
-                    "promptTemplate": "Look into: {{ payload.issue.title }} ({{ headers['x-event'] }})"},
-                "activation": {"type": "webhook",
-                    "auth": {"kind": "hmac", "header": "X-Signature-256", "secret": "trigger-secret-1"}},
-            })),
-        )
+    let created = a
+        .create_trigger(json!({
+            "id": "issue-bot",
+            "destination": {"type": "cloud_agent", "githubRepo": REPO, "mode": "ask",
+                "promptTemplate": "Look into: {{ payload.issue.title }} ({{ headers['x-event'] }})"},
+            "activation": {"type": "webhook",
+                "auth": {"kind": "hmac", "header": "X-Signature-256", "secret": "trigger-secret-1"}},
+        }))
         .await;
-    assert_eq!(status, 201, "{created}");
     assert!(created.get("auth").is_none() && !created.to_string().contains("trigger-secret-1"));
     let path = created["inboundPath"].as_str().unwrap().to_owned();
     assert_eq!(path, format!("/hooks/user/{}/issue-bot", a.env.user));
@@ -886,20 +890,14 @@ async fn webhook_limits(postgres: bool) {
             .is_err()
     );
     // A shared secret in a header: stored only as its hash; wrong or missing → 401.
-    let (status, created) = a
-        .env
-        .request(
-            reqwest::Method::POST,
-            "/api/triggers",
-            Some(json!({
-                "id": "guarded",
-                "destination": {"type": "chat", "messageTemplate": "{{ body }}"},
-                "activation": {"type": "webhook",
-                    "auth": {"kind": "header", "header": "X-Hook-Token", "secret": "s3cret-hook-token"}},
-            })),
-        )
+    let created = a
+        .create_trigger(json!({
+            "id": "guarded",
+            "destination": {"type": "chat", "messageTemplate": "{{ body }}"},
+            "activation": {"type": "webhook",
+                "auth": {"kind": "header", "header": "X-Hook-Token", "secret": "s3cret-hook-token"}},
+        }))
         .await;
-    assert_eq!(status, 201, "{created}");
     assert_eq!(created["authKind"], "header");
     assert!(!created.to_string().contains("s3cret"));
     let guarded = format!("{}/hooks/user/{}/guarded", a.env.base, a.env.user);
@@ -951,19 +949,13 @@ async fn webhook_limits(postgres: bool) {
         .await;
     assert_eq!(status, 404);
     // Requests whose sessions never report back stop counting after 24 h.
-    let (status, _) = a
-        .env
-        .request(
-            reqwest::Method::POST,
-            "/api/triggers",
-            Some(json!({
-                "id": "stuck",
-                "destination": {"type": "chat", "messageTemplate": "x"},
-                "activation": {"type": "webhook"},
-            })),
-        )
+    let _ = a
+        .create_trigger(json!({
+            "id": "stuck",
+            "destination": {"type": "chat", "messageTemplate": "x"},
+            "activation": {"type": "webhook"},
+        }))
         .await;
-    assert_eq!(status, 201);
     let stuck = format!("{}/hooks/user/{}/stuck", a.env.base, a.env.user);
     let mut first_stuck = None;
     for _ in 0..20 {
@@ -1015,20 +1007,14 @@ async fn scheduled_trigger(postgres: bool) {
     let a = auto(postgres, ReviewConfig::default()).await;
     a.claim().await;
     seed_repo(&a);
-    let (status, created) = a
-        .env
-        .request(
-            reqwest::Method::POST,
-            "/api/triggers",
-            Some(json!({
-                "id": "nightly",
-                "destination": {"type": "cloud_agent", "githubRepo": REPO, "mode": "ask",
-                    "promptTemplate": "Scheduled check at {{ timestamp }} ({{ method }})"},
-                "activation": {"type": "schedule", "cron": "*/15 * * * *", "timezone": "Europe/Paris"},
-            })),
-        )
+    let created = a
+        .create_trigger(json!({
+            "id": "nightly",
+            "destination": {"type": "cloud_agent", "githubRepo": REPO, "mode": "ask",
+                "promptTemplate": "Scheduled check at {{ timestamp }} ({{ method }})"},
+            "activation": {"type": "schedule", "cron": "*/15 * * * *", "timezone": "Europe/Paris"},
+        }))
         .await;
-    assert_eq!(status, 201, "{created}");
     let next = created["nextFireAt"].as_i64().unwrap();
     assert_eq!(next % (15 * 60_000), 0);
     let now = a.env.clock.now_ms();
