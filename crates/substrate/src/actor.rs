@@ -87,6 +87,8 @@ pub struct ActorContext {
     clock: Arc<dyn Clock>,
     /// Generation of the alarm being run, during an alarm run.
     firing: Option<i64>,
+    /// A checkpoint set the alarm: the scheduler is told when the call ends.
+    alarm_set: bool,
 }
 
 impl ActorContext {
@@ -157,6 +159,26 @@ impl ActorContext {
             .into_iter()
             .map(|(k, v)| Ok((k, serde_json::from_slice(&v)?)))
             .collect()
+    }
+
+    /// Commits the writes and alarm change buffered so far, keeping the actor's lock: the call
+    /// goes on, and its later writes commit when it returns `Ok` (an `Err` then discards only
+    /// those). For handlers that must persist an external effect before awaiting the next
+    /// one, as a Durable Object's storage write is durable before it awaits I/O: a machine id
+    /// right after creating the machine and before waiting for it to start (reference
+    /// kilo-cloud.md §13.3), pending-destroy ids before deleting. Calls on this key keep
+    /// waiting meanwhile; lock-free readers ([`crate::Substrate::actor_read`]) see the
+    /// checkpoint.
+    ///
+    /// Errors: [`Error::Storage`], the buffered writes being kept for the final commit.
+    pub async fn checkpoint(&mut self) -> Result<()> {
+        let writes = std::mem::take(&mut self.writes);
+        if let Err(e) = self.session.flush(writes.clone()).await {
+            self.writes = writes;
+            return Err(e);
+        }
+        self.alarm_set |= matches!(writes.alarm, Some(Some(_)));
+        Ok(())
     }
 
     /// Buffers removal of all storage and the alarm.
@@ -436,10 +458,11 @@ impl ActorSystem {
             writes: WriteSet::default(),
             clock: self.clock.clone(),
             firing: None,
+            alarm_set: false,
         };
         match f(&mut ctx).await {
             Ok((reply, completion)) => {
-                let sets_alarm = matches!(ctx.writes.alarm, Some(Some(_)));
+                let sets_alarm = ctx.alarm_set || matches!(ctx.writes.alarm, Some(Some(_)));
                 ctx.session.commit(ctx.writes, completion).await?;
                 if sets_alarm {
                     self.alarm_set.notify_one();
@@ -448,6 +471,9 @@ impl ActorSystem {
             }
             Err(e) => {
                 ctx.session.release().await;
+                if ctx.alarm_set {
+                    self.alarm_set.notify_one();
+                }
                 Err(e)
             }
         }

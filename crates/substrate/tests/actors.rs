@@ -35,6 +35,14 @@ enum ScratchCall {
     },
     Meet(Arc<tokio::sync::Barrier>),
     PutThenPanic,
+    /// Writes `kept` and an alarm, checkpoints, signals `entered`, waits for `release`, then
+    /// writes `discarded` and fails.
+    CheckpointThenFail {
+        kept: String,
+        discarded: String,
+        entered: tokio::sync::oneshot::Sender<()>,
+        release: tokio::sync::oneshot::Receiver<()>,
+    },
     /// Writes `discarded` and an alarm, rolls back, then writes `kept`.
     PutRollbackPut {
         discarded: String,
@@ -62,6 +70,21 @@ impl Actor for Scratch {
                 ctx.set_alarm(ctx.now_ms() + 1_000);
                 assert_eq!(ctx.get::<String>(&key).await?, Some(value));
                 return Err(Error::handler("deliberate failure"));
+            }
+            ScratchCall::CheckpointThenFail {
+                kept,
+                discarded,
+                entered,
+                release,
+            } => {
+                ctx.put(&kept, "k")?;
+                ctx.set_alarm(ctx.now_ms() + 60_000);
+                ctx.checkpoint().await?;
+                assert_eq!(ctx.get::<String>(&kept).await?, Some("k".into()));
+                let _ = entered.send(());
+                let _ = release.await;
+                ctx.put(&discarded, "d")?;
+                return Err(Error::handler("deliberate failure after a checkpoint"));
             }
             ScratchCall::PutRollbackPut { discarded, kept } => {
                 ctx.put(&discarded, "x")?;
@@ -252,6 +275,37 @@ async fn rollback_discards_only_earlier_writes(kind: Kind) {
     assert_eq!(alarm.unwrap(), ScratchReply::Alarm(None));
 }
 
+/// A checkpoint commits at once, visible to lock-free readers while the call still holds the
+/// key; a later failure discards only what came after it.
+async fn checkpoint_commits_while_the_call_goes_on(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    sub.actors().register(Scratch);
+    let actors = sub.actors().clone();
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (release, release_rx) = tokio::sync::oneshot::channel();
+    let call = ScratchCall::CheckpointThenFail {
+        kept: "a".into(),
+        discarded: "b".into(),
+        entered: entered_tx,
+        release: release_rx,
+    };
+    let running = tokio::spawn(async move { actors.call::<Scratch>("k", call).await });
+    entered.await.unwrap();
+    let seen: Option<String> = sub.actor_read("scratch", "k", "a").await.unwrap();
+    assert_eq!(seen.as_deref(), Some("k"), "the checkpoint is committed mid-call");
+    release.send(()).unwrap();
+    assert!(running.await.unwrap().is_err());
+    let actors = sub.actors();
+    let listed = actors
+        .call::<Scratch>("k", ScratchCall::List(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(listed, ScratchReply::List(vec![("a".into(), "k".into())]));
+    let alarm = actors.call::<Scratch>("k", ScratchCall::Alarm).await.unwrap();
+    assert!(matches!(alarm, ScratchReply::Alarm(Some(_))), "{alarm:?}");
+}
+
 async fn failed_call_is_rolled_back(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env.open().await;
@@ -407,6 +461,7 @@ on_every_backend!(
     calls_on_one_key_never_interleave,
     calls_on_different_keys_run_concurrently,
     failed_call_is_rolled_back,
+    checkpoint_commits_while_the_call_goes_on,
     rollback_discards_only_earlier_writes,
     point_reads_and_key_listing,
     storage_list_delete_and_delete_all,

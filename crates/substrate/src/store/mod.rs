@@ -208,6 +208,9 @@ pub trait ActorSession: Send {
     async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
     /// The committed alarm: `(fire_at, generation)`.
     async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>>;
+    /// Applies `writes` atomically and keeps the lock: the call goes on, and a later
+    /// [`ActorSession::commit`] or [`ActorSession::release`] ends it.
+    async fn flush(&mut self, writes: WriteSet) -> Result<()>;
     /// Applies `writes` (and, for an alarm run, `completion`) atomically, then releases the lock.
     async fn commit(
         self: Box<Self>,

@@ -294,6 +294,17 @@ impl PgSession {
         Ok(())
     }
 
+    /// Applies `writes` (and `completion`) in the cheapest atomic way; nothing for nothing.
+    async fn write(&mut self, writes: &WriteSet, completion: Option<AlarmCompletion>) -> Result<()> {
+        if writes.is_empty() && completion.is_none() {
+            Ok(())
+        } else if !writes.cleared && completion.is_none() {
+            self.apply_simple(writes).await
+        } else {
+            self.apply(writes, completion).await
+        }
+    }
+
     /// Ends the session: unlocks, or closes the connection (which drops the lock server-side)
     /// when unlocking fails.
     async fn finish(&mut self) {
@@ -347,18 +358,20 @@ impl ActorSession for PgSession {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
+    async fn flush(&mut self, writes: WriteSet) -> Result<()> {
+        self.write(&writes, None).await?;
+        if matches!(writes.alarm, Some(Some(_))) {
+            let _ = self.notify.send(Signal::Alarm);
+        }
+        Ok(())
+    }
+
     async fn commit(
         mut self: Box<Self>,
         writes: WriteSet,
         completion: Option<AlarmCompletion>,
     ) -> Result<()> {
-        let result = if writes.is_empty() && completion.is_none() {
-            Ok(())
-        } else if !writes.cleared && completion.is_none() {
-            self.apply_simple(&writes).await
-        } else {
-            self.apply(&writes, completion).await
-        };
+        let result = self.write(&writes, completion).await;
         self.finish().await;
         if result.is_ok() && matches!(writes.alarm, Some(Some(_))) {
             let _ = self.notify.send(Signal::Alarm);

@@ -418,6 +418,16 @@ impl ActorSession for SqliteSession {
             .read(|c| read_alarm(c, &self.actor_type, &self.key))
     }
 
+    async fn flush(&mut self, writes: WriteSet) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        self.backend
+            .write(move |c| apply_writes(c, &t, &k, &writes, None))
+            .await
+    }
+
     async fn commit(
         self: Box<Self>,
         writes: WriteSet,
