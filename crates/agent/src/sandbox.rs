@@ -304,7 +304,103 @@ impl LocalSandbox {
         ))
     }
 
-    fn args(&self, mount: &SessionMount, request: &ExecRequest) -> Vec<OsString> {
+    /// Maps "bwrap not found" to [`SandboxError::Unavailable`] saying what to install.
+    fn installed<T>(&self, result: Result<T, SandboxError>) -> Result<T, SandboxError> {
+        match result {
+            Err(SandboxError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(self.not_installed())
+            }
+            other => other,
+        }
+    }
+
+    /// The bubblewrap command running `request` for `mount`, confined to the sandbox's
+    /// cgroup, with `bridge`'s pipes and `ro_binds` (host path, path inside) added. Returns
+    /// the command and the open `cgroup.procs` files, to keep open until it is spawned.
+    fn command(
+        &self,
+        mount: &SessionMount,
+        request: &ExecRequest,
+        bridge: Option<&Bridge>,
+        ro_binds: &[(PathBuf, String)],
+    ) -> Result<(tokio::process::Command, Vec<std::fs::File>), SandboxError> {
+        let mut command = tokio::process::Command::new(&self.bwrap);
+        // With a bridge, bubblewrap reports the sandbox's pid on one pipe and waits on
+        // another until the forward listens inside the sandbox's network namespace.
+        if let Some(bridge) = bridge {
+            command.args([
+                "--info-fd".to_owned(),
+                bridge.info_w.as_raw_fd().to_string(),
+                "--block-fd".to_owned(),
+                bridge.block_r.as_raw_fd().to_string(),
+            ]);
+        }
+        command.args(self.args(mount, request, ro_binds));
+        let joins = match &self.cgroups {
+            Some(cgroups) => cgroups.open_procs(&mount.sandbox_id)?,
+            None => Vec::new(),
+        };
+        let memory = (self.cgroups.is_none()).then_some(self.memory_limit_bytes);
+        let inherit = bridge
+            .map(|b| vec![b.info_w.as_raw_fd(), b.block_r.as_raw_fd()])
+            .unwrap_or_default();
+        confine(
+            &mut command,
+            joins.iter().map(raw_fd).collect(),
+            inherit,
+            memory,
+        );
+        Ok((command, joins))
+    }
+
+    /// Starts `request.argv` as a long-running service in the sandbox of `mount` (its
+    /// `timeout`, `stdin` and `output_cap` are ignored): its own network namespace, where
+    /// `request.forward` (if any) is reachable at `127.0.0.1:`[`FORWARD_PORT`], and the
+    /// host paths of `ro_binds` mounted read-only at their paths inside. Output goes to `log`.
+    /// The service runs until [`SandboxedService::stop`] or until it is dropped.
+    ///
+    /// Errors: [`SandboxError::Unavailable`] without bubblewrap; [`SandboxError::Io`].
+    pub async fn spawn(
+        &self,
+        mount: &SessionMount,
+        request: &ExecRequest,
+        ro_binds: &[(PathBuf, String)],
+        log: std::fs::File,
+    ) -> Result<SandboxedService, SandboxError> {
+        let bridge = Bridge::new(request.forward)?;
+        let (mut command, joins) = self.command(mount, request, Some(&bridge), ro_binds)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = self.installed(command.spawn().map_err(SandboxError::from))?;
+        drop(joins);
+        let group = child.id();
+        let service = match bridge.open().await {
+            Ok((pid, forward)) => SandboxedService {
+                child,
+                group,
+                pid,
+                _forward: AbortOnDrop(forward),
+            },
+            Err(e) => {
+                if let Some(group) = group {
+                    kill_group(group);
+                }
+                return Err(SandboxError::Io(e));
+            }
+        };
+        Ok(service)
+    }
+
+    fn args(
+        &self,
+        mount: &SessionMount,
+        request: &ExecRequest,
+        ro_binds: &[(PathBuf, String)],
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = [
             "--die-with-parent",
             "--new-session",
@@ -333,6 +429,9 @@ impl LocalSandbox {
             push(&[&"--ro-bind", &git, &format!("{}/.git", mount.workspace)]);
         }
         push(&[&"--bind", &mount.host_home, &mount.home]);
+        for (host, inside) in ro_binds {
+            push(&[&"--ro-bind", host, inside]);
+        }
         // The root is bubblewrap's tmpfs holding the mount points: read-only too.
         push(&[&"--remount-ro", &"/"]);
         let cwd = request.cwd.as_deref().unwrap_or(&mount.workspace);
@@ -451,45 +550,14 @@ impl SandboxProvider for LocalSandbox {
         request: ExecRequest,
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
-        let mut command = tokio::process::Command::new(&self.bwrap);
-        // With a forward, bubblewrap reports the sandbox's pid on one pipe and waits on
-        // another until the forward listens inside the sandbox's network namespace.
         let bridge = match request.forward {
-            Some(target) => Some(Bridge::new(target)?),
+            Some(target) => Some(Bridge::new(Some(target))?),
             None => None,
         };
-        if let Some(bridge) = &bridge {
-            command.args([
-                "--info-fd".to_owned(),
-                bridge.info_w.as_raw_fd().to_string(),
-                "--block-fd".to_owned(),
-                bridge.block_r.as_raw_fd().to_string(),
-            ]);
-        }
-        command.args(self.args(mount, &request));
-        let joins = match &self.cgroups {
-            Some(cgroups) => cgroups.open_procs(&mount.sandbox_id)?,
-            None => Vec::new(),
-        };
-        let memory = (self.cgroups.is_none()).then_some(self.memory_limit_bytes);
-        let inherit = bridge
-            .as_ref()
-            .map(|b| vec![b.info_w.as_raw_fd(), b.block_r.as_raw_fd()])
-            .unwrap_or_default();
-        confine(
-            &mut command,
-            joins.iter().map(raw_fd).collect(),
-            inherit,
-            memory,
-        );
+        let (command, joins) = self.command(mount, &request, bridge.as_ref(), &[])?;
         let result = run(command, request, cancel, bridge).await;
         drop(joins);
-        if let Err(SandboxError::Io(e)) = &result
-            && e.kind() == std::io::ErrorKind::NotFound
-        {
-            return Err(self.not_installed());
-        }
-        result
+        self.installed(result)
     }
 
     fn forwarded_url(&self, url: &url::Url) -> url::Url {
@@ -559,7 +627,7 @@ fn raw_fd(file: &std::fs::File) -> i32 {
 /// reports on and waits on, opened close-on-exec (only the sandbox's bubblewrap inherits them,
 /// see [`confine`]).
 struct Bridge {
-    target: std::net::SocketAddr,
+    target: Option<std::net::SocketAddr>,
     info_r: OwnedFd,
     info_w: OwnedFd,
     block_r: OwnedFd,
@@ -567,7 +635,7 @@ struct Bridge {
 }
 
 impl Bridge {
-    fn new(target: std::net::SocketAddr) -> std::io::Result<Self> {
+    fn new(target: Option<std::net::SocketAddr>) -> std::io::Result<Self> {
         let (info_r, info_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (block_r, block_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         Ok(Self {
@@ -580,9 +648,9 @@ impl Bridge {
     }
 
     /// After bubblewrap started: reads the sandbox's pid, binds `127.0.0.1:FORWARD_PORT` in
-    /// its network namespace, lets the command start, and returns the task forwarding each
-    /// connection to the target.
-    async fn open(self) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    /// its network namespace when there is a target, lets the command start, and returns the
+    /// pid and the task forwarding each connection to the target.
+    async fn open(self) -> std::io::Result<(i32, tokio::task::JoinHandle<()>)> {
         let Bridge {
             target,
             info_r,
@@ -591,8 +659,8 @@ impl Bridge {
             block_w,
         } = self;
         drop((info_w, block_r));
-        let listener =
-            tokio::task::spawn_blocking(move || -> std::io::Result<std::net::TcpListener> {
+        let (pid, listener) = tokio::task::spawn_blocking(
+            move || -> std::io::Result<(i32, Option<std::net::TcpListener>)> {
                 let mut info = std::fs::File::from(info_r);
                 let mut text = Vec::new();
                 let pid = loop {
@@ -607,35 +675,120 @@ impl Bridge {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
                         break v["child-pid"].as_i64().ok_or_else(|| {
                             std::io::Error::other("no child-pid from bubblewrap")
-                        })?;
+                        })? as i32;
                     }
                 };
-                let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-                // setns changes only the calling thread's namespace: a thread of its own, which
-                // ends right after binding; the socket stays in the sandbox's namespace.
-                std::thread::spawn(move || {
-                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
+                if target.is_none() {
+                    return Ok((pid, None));
+                }
+                let listener = in_netns(pid, || {
                     let listener = std::net::TcpListener::bind(("127.0.0.1", FORWARD_PORT))?;
                     listener.set_nonblocking(true)?;
                     Ok(listener)
-                })
-                .join()
-                .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+                })?;
+                Ok((pid, Some(listener)))
+            },
+        )
+        .await
+        .map_err(std::io::Error::other)??;
         nix::unistd::write(&block_w, b"x")?;
-        Ok(tokio::spawn(async move {
-            while let Ok((mut inside, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if let Ok(mut host) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut host).await;
-                    }
-                });
+        let (Some(listener), Some(target)) = (listener, target) else {
+            return Ok((pid, tokio::spawn(async {})));
+        };
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        Ok((
+            pid,
+            tokio::spawn(async move {
+                while let Ok((mut inside, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        if let Ok(mut host) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inside, &mut host).await;
+                        }
+                    });
+                }
+            }),
+        ))
+    }
+}
+
+/// Runs `f` on a thread of its own inside the network namespace of process `pid`: setns
+/// changes only the calling thread's namespace, so the thread ends right after; sockets it
+/// created stay in that namespace.
+fn in_netns<T: Send + 'static>(
+    pid: i32,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        f()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+}
+
+/// A long-running command in a sandbox ([`LocalSandbox::spawn`]): its process group is
+/// killed when this is dropped.
+pub struct SandboxedService {
+    child: tokio::process::Child,
+    /// bubblewrap's pid, its process group's id.
+    group: Option<u32>,
+    /// The sandboxed command's pid (in the host's pid namespace).
+    pid: i32,
+    _forward: AbortOnDrop,
+}
+
+impl SandboxedService {
+    /// Whether the service has exited (crashed, or stopped on its own).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Connects to `127.0.0.1:port` inside the service's network namespace, which nothing
+    /// outside can otherwise reach.
+    ///
+    /// Errors: the connection's (refused while the service is not listening yet), or the
+    /// namespace being gone with the service.
+    pub async fn connect(&self, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+        let pid = self.pid;
+        let stream = tokio::task::spawn_blocking(move || {
+            in_netns(pid, move || {
+                std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_secs(5),
+                )
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        tokio::net::TcpStream::from_std(stream)
+    }
+
+    /// Stops the service: SIGTERM to its process group, SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(group) = self.group {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            if let Some(group) = self.group {
+                kill_group(group);
             }
-        }))
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+impl Drop for SandboxedService {
+    fn drop(&mut self) {
+        if let Some(group) = self.group {
+            kill_group(group);
+        }
     }
 }
 
@@ -708,7 +861,7 @@ async fn run(
     let _forwarding = match bridge {
         None => None,
         Some(bridge) => match bridge.open().await {
-            Ok(task) => Some(AbortOnDrop(task)),
+            Ok((_, task)) => Some(AbortOnDrop(task)),
             Err(e) => {
                 if let Some(pid) = pid {
                     kill_group(pid);
