@@ -353,6 +353,25 @@ impl LocalSandbox {
         Ok((command, joins))
     }
 
+    /// [`SandboxProvider::exec`] with the host paths of `ro_binds` mounted read-only at their
+    /// paths inside.
+    pub async fn exec_with_binds(
+        &self,
+        mount: &SessionMount,
+        request: ExecRequest,
+        ro_binds: &[(PathBuf, String)],
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, SandboxError> {
+        let bridge = match request.forward {
+            Some(target) => Some(Bridge::new(Some(target))?),
+            None => None,
+        };
+        let (command, joins) = self.command(mount, &request, bridge.as_ref(), ro_binds)?;
+        let result = run(command, request, cancel, bridge).await;
+        drop(joins);
+        self.installed(result)
+    }
+
     /// Starts `request.argv` as a long-running service in the sandbox of `mount` (its
     /// `timeout`, `stdin` and `output_cap` are ignored): its own network namespace, where
     /// `request.forward` (if any) is reachable at `127.0.0.1:`[`FORWARD_PORT`], and the
@@ -550,14 +569,7 @@ impl SandboxProvider for LocalSandbox {
         request: ExecRequest,
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
-        let bridge = match request.forward {
-            Some(target) => Some(Bridge::new(Some(target))?),
-            None => None,
-        };
-        let (command, joins) = self.command(mount, &request, bridge.as_ref(), &[])?;
-        let result = run(command, request, cancel, bridge).await;
-        drop(joins);
-        self.installed(result)
+        self.exec_with_binds(mount, request, &[], cancel).await
     }
 
     fn forwarded_url(&self, url: &url::Url) -> url::Url {
@@ -673,9 +685,10 @@ impl Bridge {
                     }
                     text.extend_from_slice(&buf[..n]);
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
-                        break v["child-pid"].as_i64().ok_or_else(|| {
-                            std::io::Error::other("no child-pid from bubblewrap")
-                        })? as i32;
+                        break v["child-pid"]
+                            .as_i64()
+                            .ok_or_else(|| std::io::Error::other("no child-pid from bubblewrap"))?
+                            as i32;
                     }
                 };
                 if target.is_none() {
@@ -745,12 +758,45 @@ impl SandboxedService {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Connects to `127.0.0.1:port` inside the service's network namespace, which nothing
-    /// outside can otherwise reach.
+    /// A handle that opens connections inside the service's network namespace, usable
+    /// without holding the service.
+    pub fn connector(&self) -> NamespaceConnector {
+        NamespaceConnector { pid: self.pid }
+    }
+
+    /// Stops the service: SIGTERM to its process group, SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(group) = self.group {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            if let Some(group) = self.group {
+                kill_group(group);
+            }
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// Opens TCP connections inside a [`SandboxedService`]'s network namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct NamespaceConnector {
+    pid: i32,
+}
+
+impl NamespaceConnector {
+    /// Connects to `127.0.0.1:port` inside the namespace, which nothing outside can
+    /// otherwise reach.
     ///
     /// Errors: the connection's (refused while the service is not listening yet), or the
     /// namespace being gone with the service.
-    pub async fn connect(&self, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    pub async fn connect(self, port: u16) -> std::io::Result<tokio::net::TcpStream> {
         let pid = self.pid;
         let stream = tokio::task::spawn_blocking(move || {
             in_netns(pid, move || {
@@ -765,22 +811,6 @@ impl SandboxedService {
         stream.set_nonblocking(true)?;
         stream.set_nodelay(true)?;
         tokio::net::TcpStream::from_std(stream)
-    }
-
-    /// Stops the service: SIGTERM to its process group, SIGKILL after `grace`.
-    pub async fn stop(mut self, grace: Duration) {
-        if let Some(group) = self.group {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(group as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
-            if let Some(group) = self.group {
-                kill_group(group);
-            }
-            let _ = self.child.wait().await;
-        }
     }
 }
 

@@ -85,10 +85,17 @@ impl Client {
         })
     }
 
+    /// The URL of `path` (with its query) on the server.
+    pub fn url(&self, path: &str) -> anyhow::Result<reqwest::Url> {
+        Ok(reqwest::Url::parse(&format!(
+            "{}{path}",
+            self.creds.url.trim_end_matches('/')
+        ))?)
+    }
+
     /// The WebSocket URL of `path` on the server (`ws://` or `wss://`).
     pub fn ws_url(&self, path: &str) -> anyhow::Result<reqwest::Url> {
-        let mut url =
-            reqwest::Url::parse(&format!("{}{path}", self.creds.url.trim_end_matches('/')))?;
+        let mut url = self.url(path)?;
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
         url.set_scheme(scheme)
             .map_err(|()| anyhow::anyhow!("cannot make a WebSocket URL of {url}"))?;

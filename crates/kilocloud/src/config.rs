@@ -121,6 +121,8 @@ pub struct Config {
     pub github: kilocloud_automation::GitHubConfig,
     /// Code review defaults (see `docs/review.md`).
     pub review: kilocloud_automation::ReviewConfig,
+    /// KiloClaw assistant runtimes: provider, regions, cadence (see `docs/claw.md`).
+    pub claw: kilocloud_claw::ClawConfig,
 }
 
 impl Default for Config {
@@ -147,6 +149,7 @@ impl Default for Config {
             agent: kilocloud_agent::AgentConfig::default(),
             github: kilocloud_automation::GitHubConfig::default(),
             review: kilocloud_automation::ReviewConfig::default(),
+            claw: kilocloud_claw::ClawConfig::default(),
         }
     }
 }
@@ -185,6 +188,7 @@ fn is_config_key(key: &str) -> bool {
             | "agent"
             | "github"
             | "review"
+            | "claw"
             | "shutdown_grace_ms"
             | "sqlite"
             | "postgres"
@@ -269,6 +273,14 @@ impl Config {
         for secret in &mut shown.github.webhook_secrets {
             *secret = "***".into();
         }
+        for secret in [
+            &mut shown.claw.gateway_token_secret,
+            &mut shown.claw.fly.api_token,
+        ] {
+            if !secret.is_empty() {
+                *secret = "***".into();
+            }
+        }
         if !shown.database_url.is_empty() {
             shown.database_url =
                 kilocloud_substrate::store::postgres::redact_url(&shown.database_url);
@@ -346,6 +358,30 @@ impl Config {
             master_keys: MasterKeys::new(current, previous),
             internal_api_secret: Some(self.internal_api_secret.0.clone()),
         })
+    }
+
+    /// KiloClaw's settings, with the gateway-token key filled in: when `claw.gateway_token_secret`
+    /// is unset it is derived from the master key (HMAC-SHA256 over a fixed label), so every
+    /// node sharing the master key derives the same one.
+    ///
+    /// Errors: as [`Config::identity`].
+    pub fn claw(&self) -> anyhow::Result<kilocloud_claw::ClawConfig> {
+        use hmac::Mac;
+        let mut claw = self.claw.clone();
+        if claw.gateway_token_secret.is_empty() {
+            let master = if self.master_key.is_empty() {
+                self.identity()?;
+                self.generated_secrets()?.master_key
+            } else {
+                self.master_key.clone()
+            };
+            let mut mac =
+                <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(master.expose().as_bytes())
+                    .expect("HMAC takes any key length");
+            mac.update(b"kiloclaw gateway token secret v1");
+            claw.gateway_token_secret = hex::encode(mac.finalize().into_bytes());
+        }
+        Ok(claw)
     }
 
     fn generated_secrets(&self) -> anyhow::Result<GeneratedSecrets> {

@@ -3,6 +3,7 @@
 
 mod account;
 mod automation;
+mod claw;
 mod client;
 mod config;
 mod session;
@@ -98,6 +99,17 @@ enum Command {
     /// GitHub App installations of the owner.
     #[command(subcommand)]
     Github(automation::GitHubCommand),
+    /// KiloClaw assistant runtimes: create, list, status, start, stop, destroy, open.
+    #[command(subcommand)]
+    Claw(claw::ClawCommand),
+    /// The built-in KiloClaw runtime, run inside an instance's sandbox (not for direct use):
+    /// decrypts its env (failing closed without the key) and serves on port 18789;
+    /// `doctor` checks the same and prints a report.
+    #[command(hide = true)]
+    ClawRuntime {
+        /// `doctor` to check instead of serving.
+        mode: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,6 +193,9 @@ enum ActorCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::ClawRuntime { mode } = &cli.command {
+        return claw_runtime(mode.as_deref());
+    }
     let listen = match &cli.command {
         Command::Serve(a) => a.listen,
         _ => None,
@@ -233,6 +248,89 @@ fn init_logging(config: &Config) -> Result<(), tracing_subscriber::filter::Parse
     Ok(())
 }
 
+/// `kilocloud claw-runtime [doctor]`, inside a KiloClaw sandbox: no configuration file, logs
+/// to stderr (the machine's log).
+fn claw_runtime(mode: Option<&str>) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .init();
+    let doctor = match mode {
+        None => false,
+        Some("doctor") => true,
+        Some(other) => {
+            eprintln!("error: unknown mode `{other}` (expected `doctor`)");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(kilocloud_claw::run_runtime(doctor)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// KiloClaw on `sub`, or `None` when `claw.enabled` is false. `gateway` is this server's
+/// address, forwarded into local sandboxes for the runtimes' model calls.
+fn claw_service(
+    config: &Config,
+    sub: &Substrate,
+    identity: &Identity,
+    gateway: std::net::SocketAddr,
+) -> anyhow::Result<Option<kilocloud_claw::Claw>> {
+    use kilocloud_claw::provider::ComputeProvider;
+    let claw = config.claw()?;
+    if !claw.enabled {
+        return Ok(None);
+    }
+    let (provider, api_base_url): (Arc<dyn ComputeProvider>, String) = match claw.provider {
+        kilocloud_claw::ProviderKind::Local => {
+            let root = config.data_dir.join("claw");
+            let sandbox = kilocloud_agent::sandbox::LocalSandbox::new(
+                &config.agent.sandbox,
+                root.join("sandboxes"),
+            );
+            let forward = std::net::SocketAddr::new(
+                if gateway.ip().is_unspecified() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    gateway.ip()
+                },
+                gateway.port(),
+            );
+            let provider = kilocloud_claw::local::LocalProvider::new(
+                root,
+                sandbox,
+                claw.runtime_command.clone(),
+                Some(forward),
+            )
+            .map_err(|e| anyhow::anyhow!("claw: {e}"))?;
+            let inside = format!(
+                "http://127.0.0.1:{}/api/openrouter/",
+                kilocloud_agent::sandbox::FORWARD_PORT
+            );
+            (Arc::new(provider), inside)
+        }
+        kilocloud_claw::ProviderKind::Fly => {
+            let provider = kilocloud_claw::fly::FlyProvider::new(claw.fly.clone())
+                .map_err(|e| anyhow::anyhow!("invalid claw.fly configuration: {e}"))?;
+            (Arc::new(provider), claw.api_base_url.clone())
+        }
+    };
+    Ok(Some(kilocloud_claw::Claw::new(
+        sub,
+        identity.clone(),
+        claw,
+        provider,
+        api_base_url,
+    )))
+}
+
 async fn open(config: &Config) -> anyhow::Result<Substrate> {
     Ok(Substrate::open(
         &config.database(),
@@ -282,6 +380,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Trigger(c) => automation::trigger(c).await,
         Command::Review(c) => automation::review(c).await,
         Command::Github(c) => automation::github(c).await,
+        Command::Claw(c) => claw::claw(c).await,
+        Command::ClawRuntime { .. } => unreachable!("run before the configuration is loaded"),
         Command::Actor(ActorCommand::Show { actor_type, key }) => {
             let sub = open(&config).await?;
             let snap = sub.actor_snapshot(&actor_type, &key).await?;
@@ -454,7 +554,12 @@ async fn issue_key(identity: &Identity, email: Option<String>) -> anyhow::Result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let (sub, identity, gateway, agents, automation) = {
+    // Bound first: KiloClaw's local runtimes reach the model gateway at this address.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (sub, identity, gateway, agents, automation, claw) = {
         let sub = open(&config).await?;
         probe::register(&sub)?;
         let identity = Identity::new(&sub, config.identity()?);
@@ -479,10 +584,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             },
         )
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let claw = claw_service(&config, &sub, &identity, addr)?;
         sub.start().await?;
         agents.start();
         automation.start();
-        (sub, identity, gateway, agents, automation)
+        (sub, identity, gateway, agents, automation, claw)
     };
     if let Err(e) = agents.sandbox().check().await {
         // Sessions will fail with this message too; the server is still useful without them.
@@ -492,10 +598,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     bootstrap(&identity, &config.bootstrap_admin_email).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
     agents.set_server_url(&format!("http://{addr}"));
     probe::start(&sub);
     let recordings = gateway.clone();
@@ -510,6 +612,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .with_agents(agents.clone())
     .with_automation(automation);
+    let state = match claw {
+        Some(claw) => state.with_claw(claw, config.claw.secure_cookie),
+        None => state,
+    };
     // Tests and scripts read this line to find the port (`--listen 127.0.0.1:0`).
     println!("kilocloud listening on http://{addr}");
     std::io::stdout().flush()?;

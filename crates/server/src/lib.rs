@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod claw_proxy;
 pub mod error;
 pub mod observability;
 pub mod probe;
@@ -48,6 +49,12 @@ pub struct AppState {
     /// Triggers, the GitHub App and code review; `None` answers their routes with 503
     /// `automation_disabled`.
     pub automation: Option<kilocloud_automation::Automation>,
+    /// KiloClaw; `None` answers its routes with 503 `claw_disabled`.
+    pub claw: Option<kilocloud_claw::Claw>,
+    /// Idle connections from the KiloClaw proxy to runtimes.
+    pub claw_pool: Arc<claw_proxy::UpstreamPool>,
+    /// Whether the access cookie is marked `Secure` (set when served over HTTPS).
+    pub claw_cookie_secure: bool,
     /// Per-IP budget of failed authentications.
     pub auth_limiter: Arc<auth::AuthFailureLimiter>,
     /// Prometheus exposition handle.
@@ -87,6 +94,9 @@ impl AppState {
             gateway,
             agents: None,
             automation: None,
+            claw: None,
+            claw_pool: Arc::default(),
+            claw_cookie_secure: false,
             admin_token_sha256: Some(options.admin_token.as_str())
                 .filter(|t| !t.is_empty())
                 .map(|t| Arc::new(Sha256::digest(t.as_bytes()).into())),
@@ -103,6 +113,14 @@ impl AppState {
     /// With the Cloud Agent's routes served by `agents`.
     pub fn with_agents(mut self, agents: kilocloud_agent::Agents) -> Self {
         self.agents = Some(agents);
+        self
+    }
+
+    /// With KiloClaw's routes and proxy served by `claw`; `secure_cookie` marks the access
+    /// cookie `Secure` (the server is reached over HTTPS).
+    pub fn with_claw(mut self, claw: kilocloud_claw::Claw, secure_cookie: bool) -> Self {
+        self.claw = Some(claw);
+        self.claw_cookie_secure = secure_cookie;
         self
     }
 
@@ -145,6 +163,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/api/admin", admin::routes())
+        .merge(claw_proxy::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -293,7 +293,11 @@ async fn checkpoint_commits_while_the_call_goes_on(kind: Kind) {
     let running = tokio::spawn(async move { actors.call::<Scratch>("k", call).await });
     entered.await.unwrap();
     let seen: Option<String> = sub.actor_read("scratch", "k", "a").await.unwrap();
-    assert_eq!(seen.as_deref(), Some("k"), "the checkpoint is committed mid-call");
+    assert_eq!(
+        seen.as_deref(),
+        Some("k"),
+        "the checkpoint is committed mid-call"
+    );
     release.send(()).unwrap();
     assert!(running.await.unwrap().is_err());
     let actors = sub.actors();
@@ -302,7 +306,10 @@ async fn checkpoint_commits_while_the_call_goes_on(kind: Kind) {
         .await
         .unwrap();
     assert_eq!(listed, ScratchReply::List(vec![("a".into(), "k".into())]));
-    let alarm = actors.call::<Scratch>("k", ScratchCall::Alarm).await.unwrap();
+    let alarm = actors
+        .call::<Scratch>("k", ScratchCall::Alarm)
+        .await
+        .unwrap();
     assert!(matches!(alarm, ScratchReply::Alarm(Some(_))), "{alarm:?}");
 }
 

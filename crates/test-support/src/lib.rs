@@ -13,10 +13,13 @@
 //! - [`fake_github`]: the GitHub REST API of one GitHub App (JWT and installation-token
 //!   authentication, pull requests, reviews, checks, labels, comments, refs) with fault
 //!   injection; [`git_server`]: a real git smart-HTTP server.
+//! - [`fake_flyio`]: the Fly Machines REST API (apps, secrets, machines, volumes) with fault
+//!   injection.
 //!
 //! Fakes of external services live here; product code never depends on this crate.
 
 pub mod fake_anthropic;
+pub mod fake_flyio;
 pub mod fake_github;
 pub mod fake_openai;
 pub mod git_server;

@@ -7,6 +7,7 @@
 
 pub mod automation;
 mod bots;
+pub mod claw;
 pub mod gateway;
 mod orgs;
 mod secrets;
@@ -52,7 +53,7 @@ pub struct ErrorDetail {
     tags(
         (name = "users"), (name = "organizations"), (name = "tokens"),
         (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway"), (name = "sessions"),
-        (name = "github"), (name = "triggers"), (name = "review")
+        (name = "github"), (name = "triggers"), (name = "review"), (name = "claw")
     )
 )]
 struct ApiDoc;
@@ -118,6 +119,22 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(sessions::export))
         .routes(routes!(sessions::events))
         .routes(routes!(sessions::stream))
+        .routes(routes!(claw::list_instances, claw::create_instance))
+        .routes(routes!(claw::get_instance, claw::destroy_instance))
+        .routes(routes!(claw::instance_status))
+        .routes(routes!(claw::start_instance))
+        .routes(routes!(claw::stop_instance))
+        .routes(routes!(claw::restart_instance))
+        .routes(routes!(claw::issue_access_code))
+        .routes(routes!(claw::platform_provision))
+        .routes(routes!(claw::platform_start))
+        .routes(routes!(claw::platform_stop))
+        .routes(routes!(claw::platform_destroy))
+        .routes(routes!(claw::platform_doctor))
+        .routes(routes!(claw::platform_status))
+        .routes(routes!(claw::platform_gateway_token))
+        .routes(routes!(claw::platform_kilocode_config))
+        .routes(routes!(claw::platform_channels))
         .routes(routes!(automation::github_webhook))
         .routes(routes!(
             automation::list_installations,

@@ -295,7 +295,11 @@ impl PgSession {
     }
 
     /// Applies `writes` (and `completion`) in the cheapest atomic way; nothing for nothing.
-    async fn write(&mut self, writes: &WriteSet, completion: Option<AlarmCompletion>) -> Result<()> {
+    async fn write(
+        &mut self,
+        writes: &WriteSet,
+        completion: Option<AlarmCompletion>,
+    ) -> Result<()> {
         if writes.is_empty() && completion.is_none() {
             Ok(())
         } else if !writes.cleared && completion.is_none() {

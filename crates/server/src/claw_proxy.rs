@@ -1,0 +1,744 @@
+//! The KiloClaw proxy and access gateway (reference kilo-cloud.md §2 "Catch-all proxy" and
+//! "Public (no auth)" routes).
+//!
+//! `/i/{instanceId}/…` relays HTTP and WebSocket traffic both ways to the instance's runtime;
+//! `/claw/…` does the same for the caller's legacy per-user instance. The caller proves who
+//! they are with a user JWT (`Authorization: Bearer`, or the `kiloclaw-auth` cookie the access
+//! gateway sets), checked with the strict pepper rule; the instance must be theirs or their
+//! organization's, else 404 (existence is not revealed). A destroying instance answers 409,
+//! one without a machine 404 `not_provisioned`. When a running instance's runtime does not
+//! answer, it is started again once and the request retried (the HTTP body is buffered for
+//! that, at most [`MAX_PROXY_BODY_BYTES`]); otherwise 503. The caller's credential and cookie
+//! never reach the runtime. WebSocket frames from the runtime whose error says the gateway
+//! token is missing or mismatched are rewritten to a reconnect message (close reasons too,
+//! cut to 123 bytes); an error on one side closes the other with 1011.
+//!
+//! `GET /kilo-access-gateway?instance&user[&code]` serves the access-code form; `POST`
+//! redeems the code (single use, 10 min), sets the 24 h `kiloclaw-auth` cookie and sends the
+//! browser to `/i/<id>/#token=<gateway token>` (the token travels in the fragment, never to a
+//! server log).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame as AxumClose, Message as AxumMsg, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{any, get};
+use axum::{Form, Router};
+use futures::{SinkExt as _, StreamExt as _};
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use kilocloud_claw::instance::Status;
+use kilocloud_claw::{ACCESS_COOKIE, ACCESS_COOKIE_TTL_S, Claw, ClawError, InstanceRef};
+use kilocloud_identity::Owner;
+use serde::Deserialize;
+use tokio_tungstenite::tungstenite::Message as UpMsg;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as UpClose;
+use uuid::Uuid;
+
+use crate::api::claw::claw;
+use crate::{ApiError, AppState};
+
+/// Largest HTTP request body relayed, bytes (buffered so a retry can replay it).
+pub const MAX_PROXY_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// What a gateway-token error from the runtime is rewritten to.
+const RECONNECT_MESSAGE: &str = "Gateway authentication failed. Please reconnect.";
+/// Idle upstream connections kept per machine.
+const POOL_PER_MACHINE: usize = 32;
+
+/// The proxy's routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/i/{id}", any(redirect_to_slash))
+        .route("/i/{id}/", any(proxy_instance_root))
+        .route("/i/{id}/{*rest}", any(proxy_instance))
+        .route("/claw", any(proxy_legacy_root))
+        .route("/claw/{*rest}", any(proxy_legacy))
+        .route("/kilo-access-gateway", get(access_form).post(access_redeem))
+}
+
+/// Idle HTTP/1 connections to runtimes, per machine.
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: Mutex<HashMap<String, Vec<http1::SendRequest<Full<Bytes>>>>>,
+}
+
+impl UpstreamPool {
+    fn take(&self, machine: &str) -> Option<http1::SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.lock().unwrap();
+        let senders = idle.get_mut(machine)?;
+        while let Some(sender) = senders.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, machine: &str, sender: http1::SendRequest<Full<Bytes>>) {
+        let mut idle = self.idle.lock().unwrap();
+        let senders = idle.entry(machine.to_owned()).or_default();
+        senders.retain(|s| !s.is_closed());
+        if senders.len() < POOL_PER_MACHINE {
+            senders.push(sender);
+        }
+    }
+
+    fn forget(&self, machine: &str) {
+        self.idle.lock().unwrap().remove(machine);
+    }
+}
+
+async fn redirect_to_slash(Path(id): Path<String>) -> Redirect {
+    Redirect::permanent(&format!("/i/{id}/"))
+}
+
+async fn proxy_instance_root(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    proxy(s, Target::Instance(id), String::new(), request).await
+}
+
+async fn proxy_instance(
+    State(s): State<AppState>,
+    Path((id, rest)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    proxy(s, Target::Instance(id), rest, request).await
+}
+
+async fn proxy_legacy_root(State(s): State<AppState>, request: Request) -> Response {
+    proxy(s, Target::Legacy, String::new(), request).await
+}
+
+async fn proxy_legacy(
+    State(s): State<AppState>,
+    Path(rest): Path<String>,
+    request: Request,
+) -> Response {
+    proxy(s, Target::Legacy, rest, request).await
+}
+
+enum Target {
+    Instance(String),
+    Legacy,
+}
+
+/// The caller's user id from a bearer JWT or the access cookie (strict pepper check).
+async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Uuid, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let token = match bearer {
+        Some(t) => Some(t.to_owned()),
+        None => cookie(headers, ACCESS_COOKIE),
+    };
+    let Some(token) = token else {
+        return Err(ApiError::unauthorized(
+            "sign in: a bearer JWT, or an access code redeemed at /kilo-access-gateway \
+             (`kilocloud claw open` prints one)",
+        ));
+    };
+    Ok(s.identity.authenticate_jwt(&token).await?.user)
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+async fn proxy(s: AppState, target: Target, rest: String, request: Request) -> Response {
+    match relay(&s, target, rest, request).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn relay(
+    s: &AppState,
+    target: Target,
+    rest: String,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let claw = claw(s)?.clone();
+    let user = caller(s, request.headers()).await?;
+    let found = match target {
+        Target::Instance(id) => {
+            let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("instance not found"))?;
+            claw.find_for_user(user, id).await?
+        }
+        Target::Legacy => claw.find(Owner::User(user), user).await?,
+    };
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    let is_upgrade = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_upgrade {
+        let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, s)
+            .await
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let upstream = connect_ws(&claw, &found, &path_and_query, &parts.headers).await?;
+        return Ok(upgrade
+            .protocols(requested_protocols(&parts.headers))
+            .on_upgrade(move |client| relay_ws(client, upstream)));
+    }
+    let body = axum::body::to_bytes(body, MAX_PROXY_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is over the proxy's limit of {MAX_PROXY_BODY_BYTES} bytes"),
+            )
+        })?;
+    let headers = forwarded_headers(&parts.headers);
+    let method = parts.method.clone();
+    let pool = s.claw_pool.clone();
+    let send = |machine: (String, String)| {
+        let (claw, pool, headers, body, method, path) = (
+            claw.clone(),
+            pool.clone(),
+            headers.clone(),
+            body.clone(),
+            method.clone(),
+            path_and_query.clone(),
+        );
+        async move { send_http(&claw, &pool, machine, method, &path, headers, body).await }
+    };
+    let machine = machine_of(&claw, &found).await?;
+    match send(machine.clone()).await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            let machine = recover(&claw, &found, &machine.1, e).await?;
+            pool.forget(&machine.1);
+            send(machine).await.map_err(|e| unreachable_error(&e))
+        }
+    }
+}
+
+/// The instance's app and machine, refusing destroying (409) and unprovisioned (404)
+/// instances.
+async fn machine_of(claw: &Claw, found: &InstanceRef) -> Result<(String, String), ApiError> {
+    let state = claw.state(&found.key).await?;
+    if state.status == Some(Status::Destroying) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "instance_destroying",
+            "the instance is being destroyed",
+        ));
+    }
+    match state.machine_id {
+        Some(m) => Ok((state.app_name, m)),
+        None => Err(ClawError::NotProvisioned.into()),
+    }
+}
+
+/// After a failed attempt: a running instance is started again (once) and its machine
+/// returned for the retry; otherwise 503.
+async fn recover(
+    claw: &Claw,
+    found: &InstanceRef,
+    machine: &str,
+    cause: String,
+) -> Result<(String, String), ApiError> {
+    let state = claw.state(&found.key).await?;
+    if state.status != Some(Status::Running) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "instance_not_reachable",
+            "Instance not reachable: it is not running (start it first)",
+        ));
+    }
+    tracing::warn!(instance = %found.row.id, %machine, error = %cause, "runtime did not answer: restarting it once");
+    claw.start(found).await?;
+    machine_of(claw, found).await
+}
+
+fn unreachable_error(cause: &str) -> ApiError {
+    ApiError {
+        retry_after_secs: Some(5),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "instance_not_reachable",
+            format!("the instance's runtime did not answer after a restart: {cause}"),
+        )
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and what must not reach the runtime.
+fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    let listed: Vec<String> = incoming
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in incoming {
+        let n = name.as_str();
+        let hop = matches!(
+            n,
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "host"
+                | "authorization"
+                | "cookie"
+                | "content-length"
+        ) || n.starts_with("sec-websocket-")
+            || listed.iter().any(|l| l == n);
+        if !hop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(cookies) = cookie_without_access(incoming) {
+        out.insert(header::COOKIE, cookies);
+    }
+    out
+}
+
+/// The caller's cookies minus the access cookie (the runtime may set its own).
+fn cookie_without_access(incoming: &HeaderMap) -> Option<HeaderValue> {
+    let kept: Vec<String> = incoming
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && !kv.starts_with(&format!("{ACCESS_COOKIE}=")))
+        .map(str::to_owned)
+        .collect();
+    (!kept.is_empty())
+        .then(|| HeaderValue::from_str(&kept.join("; ")).ok())
+        .flatten()
+}
+
+/// One HTTP exchange with the runtime over a pooled or new connection. Errors (as text)
+/// mean the runtime did not answer: nothing was relayed yet, so a retry is safe.
+async fn send_http(
+    claw: &Claw,
+    pool: &UpstreamPool,
+    (app, machine): (String, String),
+    method: http::Method,
+    path: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, String> {
+    let provider = claw.provider();
+    let target = provider.upstream(&app, &machine);
+    let mut sender = match pool.take(&machine) {
+        Some(s) => s,
+        None => {
+            let io = provider
+                .dial(&app, &machine)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (sender, conn) = http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            sender
+        }
+    };
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    *request.headers_mut() = headers;
+    let h = request.headers_mut();
+    h.insert(
+        header::HOST,
+        HeaderValue::from_str(&target.host).map_err(|e| e.to_string())?,
+    );
+    for (k, v) in &target.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            h.insert(k, v);
+        }
+    }
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    pool.put(&machine, sender);
+    let (mut parts, body) = response.into_parts();
+    for hop in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("keep-alive"),
+    ] {
+        parts.headers.remove(hop);
+    }
+    Ok(Response::from_parts(
+        parts,
+        Body::new(body.map_err(axum::Error::new)),
+    ))
+}
+
+fn requested_protocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+type UpstreamWs = tokio_tungstenite::WebSocketStream<Box<dyn kilocloud_claw::provider::UpstreamIo>>;
+
+/// Opens the runtime's side of a WebSocket, with the same restart-and-retry rule.
+async fn connect_ws(
+    claw: &Claw,
+    found: &InstanceRef,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<UpstreamWs, ApiError> {
+    let machine = machine_of(claw, found).await?;
+    match open_ws(claw, &machine, path, headers).await {
+        Ok(ws) => Ok(ws),
+        Err(e) => {
+            let machine = recover(claw, found, &machine.1, e).await?;
+            open_ws(claw, &machine, path, headers)
+                .await
+                .map_err(|e| unreachable_error(&e))
+        }
+    }
+}
+
+async fn open_ws(
+    claw: &Claw,
+    (app, machine): &(String, String),
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<UpstreamWs, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let provider = claw.provider();
+    let target = provider.upstream(app, machine);
+    let mut request = format!("ws://{}{path}", target.host)
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    let h = request.headers_mut();
+    for (k, v) in forwarded_headers(headers) {
+        if let Some(k) = k {
+            h.insert(k, v);
+        }
+    }
+    let protocols = requested_protocols(headers);
+    if !protocols.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&protocols.join(", "))
+    {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    for (k, v) in &target.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            h.insert(k, v);
+        }
+    }
+    let io = provider
+        .dial(app, machine)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(request, io)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// Whether a runtime message reports a missing or mismatched gateway token.
+fn is_gateway_token_error(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("gateway token missing") || lower.contains("gateway token mismatch")
+}
+
+/// A text frame from the runtime, with a gateway-token error rewritten.
+fn rewrite_text(text: &str) -> String {
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return text.to_owned();
+    };
+    let message = v.pointer("/error/message").and_then(|m| m.as_str());
+    if message.is_some_and(is_gateway_token_error) {
+        v["error"]["message"] = RECONNECT_MESSAGE.into();
+        return v.to_string();
+    }
+    text.to_owned()
+}
+
+/// A close reason from the runtime: rewritten likewise, cut to 123 bytes (the most a close
+/// frame carries, RFC 6455 §5.5).
+fn rewrite_reason(reason: &str) -> String {
+    let reason = if is_gateway_token_error(reason) {
+        RECONNECT_MESSAGE
+    } else {
+        reason
+    };
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+/// Relays frames both ways until either side closes.
+async fn relay_ws(client: WebSocket, upstream: UpstreamWs) {
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut up_tx, mut up_rx) = upstream.split();
+    let to_upstream = async {
+        while let Some(msg) = client_rx.next().await {
+            let msg = match msg {
+                Ok(AxumMsg::Text(t)) => UpMsg::text(t.as_str()),
+                Ok(AxumMsg::Binary(b)) => UpMsg::binary(b),
+                Ok(AxumMsg::Ping(b)) => UpMsg::Ping(b),
+                Ok(AxumMsg::Pong(b)) => UpMsg::Pong(b),
+                Ok(AxumMsg::Close(frame)) => {
+                    let close = frame.map(|f| UpClose {
+                        code: f.code.into(),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = up_tx.send(UpMsg::Close(close)).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = up_tx
+                        .send(UpMsg::Close(Some(UpClose {
+                            code: 1011u16.into(),
+                            reason: "client error".into(),
+                        })))
+                        .await;
+                    return;
+                }
+            };
+            if up_tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    };
+    let to_client = async {
+        while let Some(msg) = up_rx.next().await {
+            let msg = match msg {
+                Ok(UpMsg::Text(t)) => AxumMsg::Text(rewrite_text(t.as_str()).into()),
+                Ok(UpMsg::Binary(b)) => AxumMsg::Binary(b),
+                Ok(UpMsg::Ping(b)) => AxumMsg::Ping(b),
+                Ok(UpMsg::Pong(b)) => AxumMsg::Pong(b),
+                Ok(UpMsg::Close(frame)) => {
+                    let close = frame.map(|f| AxumClose {
+                        code: f.code.into(),
+                        reason: rewrite_reason(f.reason.as_str()).into(),
+                    });
+                    let _ = client_tx.send(AxumMsg::Close(close)).await;
+                    return;
+                }
+                Ok(UpMsg::Frame(_)) => continue,
+                Err(_) => {
+                    let _ = client_tx
+                        .send(AxumMsg::Close(Some(AxumClose {
+                            code: 1011,
+                            reason: "upstream error".into(),
+                        })))
+                        .await;
+                    return;
+                }
+            };
+            if client_tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = to_upstream => {},
+        () = to_client => {},
+    }
+}
+
+// ----- the access gateway -----
+
+/// `GET /kilo-access-gateway` query.
+#[derive(Debug, Deserialize)]
+pub struct AccessQuery {
+    instance: Uuid,
+    user: Uuid,
+    #[serde(default)]
+    code: String,
+}
+
+/// `POST /kilo-access-gateway` form.
+#[derive(Debug, Deserialize)]
+pub struct AccessForm {
+    instance: Uuid,
+    user: Uuid,
+    code: String,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn form_page(q: &AccessQuery, error: Option<&str>) -> Html<String> {
+    let error = error
+        .map(|e| format!("<p class=\"error\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>KiloClaw access</title>\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}}\
+         input{{font-size:1.4rem;letter-spacing:.15em;width:100%;padding:.4rem}}\
+         button{{font-size:1.1rem;margin-top:1rem;padding:.4rem 1.2rem}}.error{{color:#b00}}</style>\
+         </head><body><h1>Open your assistant</h1>\
+         <p>Enter the access code from <code>kilocloud claw open</code> (valid 10 minutes, once).</p>{error}\
+         <form method=\"post\" action=\"/kilo-access-gateway\">\
+         <input type=\"hidden\" name=\"instance\" value=\"{}\"><input type=\"hidden\" name=\"user\" value=\"{}\">\
+         <input name=\"code\" value=\"{}\" placeholder=\"XXXXX-XXXXX\" autocomplete=\"one-time-code\" autofocus>\
+         <button type=\"submit\">Open</button></form></body></html>",
+        q.instance,
+        q.user,
+        escape(&q.code)
+    ))
+}
+
+/// `GET /kilo-access-gateway`: with a valid access cookie for that user, straight to the
+/// instance; otherwise the code form (never redeems: link previews must not burn codes).
+async fn access_form(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<AccessQuery>,
+) -> Response {
+    if let Ok(claw) = claw(&s)
+        && let Some(token) = cookie(&headers, ACCESS_COOKIE)
+        && let Ok(p) = s.identity.authenticate_jwt(&token).await
+        && p.user == q.user
+        && let Ok(found) = claw.find_for_user(q.user, q.instance).await
+    {
+        return open_instance(claw, &found).into_response();
+    }
+    form_page(&q, None).into_response()
+}
+
+fn open_instance(claw: &Claw, found: &InstanceRef) -> Response {
+    let token = claw.gateway_token(&found.row.sandbox_id);
+    let target = format!("/i/{}/#token={token}", found.row.id);
+    // A page, not a 302: the fragment must survive, and the token stays out of Location logs.
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Opening…</title></head>\
+         <body><p>Opening your assistant…</p><script>location.replace({});</script></body></html>",
+        serde_json::to_string(&target).unwrap_or_default()
+    ))
+    .into_response()
+}
+
+/// `POST /kilo-access-gateway`: redeems the code; 401 with the form again on failure.
+async fn access_redeem(State(s): State<AppState>, Form(f): Form<AccessForm>) -> Response {
+    let q = AccessQuery {
+        instance: f.instance,
+        user: f.user,
+        code: String::new(),
+    };
+    let claw = match claw(&s) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let by = kilocloud_identity::model::Initiator {
+        user: f.user,
+        request_id: None,
+    };
+    let found = match claw.find_for_user(f.user, f.instance).await {
+        Ok(found) => found,
+        Err(_) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                form_page(&q, Some("That code is not valid.")),
+            )
+                .into_response();
+        }
+    };
+    match claw.redeem_access_code(f.user, &f.code, &by).await {
+        Ok(jwt) => {
+            let secure = if s.claw_cookie_secure { "; Secure" } else { "" };
+            let cookie = format!(
+                "{ACCESS_COOKIE}={jwt}; Max-Age={ACCESS_COOKIE_TTL_S}; Path=/; HttpOnly; SameSite=Lax{secure}"
+            );
+            let mut response = open_instance(claw, &found);
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            response
+        }
+        Err(_) => (
+            StatusCode::UNAUTHORIZED,
+            form_page(
+                &q,
+                Some(
+                    "That code is wrong, used or expired. Run `kilocloud claw open` for a new one.",
+                ),
+            ),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_token_errors_are_rewritten() {
+        let t = rewrite_text(r#"{"type":"error","error":{"message":"gateway token mismatch"}}"#);
+        assert!(t.contains(RECONNECT_MESSAGE), "{t}");
+        let plain = r#"{"type":"reply","text":"gateway token mismatch is a phrase"}"#;
+        assert_eq!(rewrite_text(plain), plain);
+        assert_eq!(rewrite_reason("Gateway token missing"), RECONNECT_MESSAGE);
+        assert_eq!(rewrite_reason(&"é".repeat(100)).len(), 122);
+    }
+
+    #[test]
+    fn credentials_and_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
+        h.insert(
+            header::COOKIE,
+            "a=1; kiloclaw-auth=jwt; b=2".parse().unwrap(),
+        );
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let out = forwarded_headers(&h);
+        assert!(out.get(header::AUTHORIZATION).is_none());
+        assert!(out.get("x-private").is_none());
+        assert_eq!(out.get(header::COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(out.get("x-kept").unwrap(), "1");
+    }
+}
