@@ -353,6 +353,24 @@ impl LocalSandbox {
         Ok((command, joins))
     }
 
+    /// Creates (idempotently) the cgroup of `sandbox_id` with the configured limits, for
+    /// sandboxes whose directories the caller manages itself (no [`SandboxProvider::prepare`]).
+    ///
+    /// Errors: [`SandboxError::Io`] when the cgroup cannot be set up.
+    pub fn ensure_limits(&self, sandbox_id: &str) -> Result<(), SandboxError> {
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.ensure(sandbox_id, self.memory_limit_bytes, self.pids_limit)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroup of `sandbox_id` (after its last process ended).
+    pub fn release_limits(&self, sandbox_id: &str) {
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove(sandbox_id);
+        }
+    }
+
     /// [`SandboxProvider::exec`] with the host paths of `ro_binds` mounted read-only at their
     /// paths inside.
     pub async fn exec_with_binds(

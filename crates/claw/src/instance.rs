@@ -370,7 +370,7 @@ impl Op<'_> {
 
     /// Regions to try, in order: the instance's, else the configured list.
     fn regions(&self, state: &InstanceState) -> Vec<String> {
-        let mut regions = self.s.config.regions.clone();
+        let mut regions = self.s.config.effective_regions();
         if let Some(r) = state.config.region.clone() {
             regions.retain(|x| *x != r);
             regions.insert(0, r);

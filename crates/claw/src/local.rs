@@ -138,6 +138,18 @@ impl LocalProvider {
         self.root.join("volumes").join(id)
     }
 
+    /// Machine `id` with `volume` as its `/root` and `/root/clawd` as its workspace.
+    fn mount(&self, id: &str, volume: &str) -> SessionMount {
+        let host_home = self.volume_dir(volume);
+        SessionMount {
+            sandbox_id: format!("claw-{id}"),
+            host_workspace: host_home.join("clawd"),
+            host_home,
+            workspace: format!("{MOUNT_PATH}/clawd"),
+            home: MOUNT_PATH.to_owned(),
+        }
+    }
+
     fn log_path(&self, id: &str) -> PathBuf {
         self.root.join("logs").join(format!("{id}.log"))
     }
@@ -199,8 +211,7 @@ impl LocalProvider {
             .iter()
             .find(|m| m.path == MOUNT_PATH)
             .ok_or_else(|| err(op, 400, "no volume mounted at /root"))?;
-        let host_home = self.volume_dir(&volume.volume);
-        if !host_home.is_dir() {
+        if !self.volume_dir(&volume.volume).is_dir() {
             return Err(err(op, 400, format!("volume {} not found", volume.volume)));
         }
         let (secrets, version) = self.read(|r| {
@@ -212,15 +223,8 @@ impl LocalProvider {
         if spec.min_secrets_version.is_some_and(|v| v > version) {
             return Err(err(op, 400, "min_secrets_version not met"));
         }
-        let host_workspace = host_home.join("clawd");
-        std::fs::create_dir_all(&host_workspace).map_err(|e| io_err(op, e))?;
-        let mount = SessionMount {
-            sandbox_id: format!("claw-{id}"),
-            host_workspace,
-            host_home,
-            workspace: format!("{MOUNT_PATH}/clawd"),
-            home: MOUNT_PATH.to_owned(),
-        };
+        let mount = self.mount(id, &volume.volume);
+        std::fs::create_dir_all(&mount.host_workspace).map_err(|e| io_err(op, e))?;
         let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
         env.extend(secrets);
         let request = ExecRequest {
@@ -240,6 +244,9 @@ impl LocalProvider {
             .open(&log_path)
             .map_err(|e| io_err(op, e))?;
         self.stop_process(id).await;
+        self.sandbox
+            .ensure_limits(&mount.sandbox_id)
+            .map_err(|e| io_err(op, e))?;
         let service = self
             .sandbox
             .spawn(&mount, &request, &self.ro_binds, log)
@@ -581,6 +588,7 @@ impl ComputeProvider for LocalProvider {
             }
             Ok(())
         })?;
+        self.sandbox.release_limits(&format!("claw-{id}"));
         let _ = tokio::fs::remove_file(self.log_path(id)).await;
         Ok(())
     }
@@ -648,14 +656,7 @@ impl ComputeProvider for LocalProvider {
             .mounts
             .first()
             .ok_or_else(|| err(op, 400, "no volume"))?;
-        let host_home = self.volume_dir(&volume.volume);
-        let mount = SessionMount {
-            sandbox_id: format!("claw-{id}"),
-            host_workspace: host_home.join("clawd"),
-            host_home,
-            workspace: format!("{MOUNT_PATH}/clawd"),
-            home: MOUNT_PATH.to_owned(),
-        };
+        let mount = self.mount(id, &volume.volume);
         let argv = match argv.first().map(String::as_str) {
             // The built-in runtime's commands run the same binary.
             Some("claw-runtime") if !self.ro_binds.is_empty() => {

@@ -275,7 +275,9 @@ async fn remember(rt: &Runtime, conversation: &mut Vec<ChatMessage>, message: Ch
             .append(true)
             .open(&rt.log)
             .await?;
-        file.write_all(line.as_bytes()).await
+        file.write_all(line.as_bytes()).await?;
+        // A tokio file writes in the background: flush so the line is on disk on return.
+        file.flush().await
     };
     if let Err(e) = written.await {
         tracing::warn!(file = %rt.log.display(), error = %e, "cannot append to the conversation");
