@@ -62,15 +62,16 @@ async fn get(node: &Node, path: &str, auth: Option<&str>) -> (u16, String) {
     (res.status().as_u16(), res.text().await.unwrap())
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(node: &Node, path: &str, cookie: &str) -> Ws {
     let url = node.url(path).replacen("http://", "ws://", 1);
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert("cookie", cookie.parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("WebSocket through the proxy");
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("WebSocket through the proxy");
     ws
 }
 
@@ -87,7 +88,13 @@ async fn next_json(ws: &mut Ws) -> Value {
 
 /// Creates an instance through the CLI and returns its JSON.
 async fn create(store: &Store, creds: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["claw", "create", "--model", "kilocode/vendor/paid", "--json"];
+    let mut args = vec![
+        "claw",
+        "create",
+        "--model",
+        "kilocode/vendor/paid",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let (ok, out, err) = cli(store, creds, &args).await;
     assert!(ok, "claw create failed: {err}");
@@ -112,7 +119,13 @@ async fn open(node: &Node, store: &Store, creds: &str, id: &str) -> (String, Str
     let form = node.http.get(&url).send().await.unwrap();
     assert_eq!(form.status(), 200);
     assert!(form.text().await.unwrap().contains("<form"));
-    let user = url.split("user=").nth(1).unwrap().split('&').next().unwrap();
+    let user = url
+        .split("user=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
     let redeem = |code: String| {
         node.http
             .post(node.url("/kilo-access-gateway"))
@@ -130,7 +143,10 @@ async fn open(node: &Node, store: &Store, creds: &str, id: &str) -> (String, Str
         .to_str()
         .unwrap()
         .to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("Max-Age=86400"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Max-Age=86400"),
+        "{cookie}"
+    );
     let page = res.text().await.unwrap();
     let token = page
         .split("#token=")
@@ -154,19 +170,34 @@ async fn done_when(store: Store) {
     let (admin_key, creds) = common::admin_login(&store, &node, "node.log").await;
     let owner_jwt = jwt(&node, &admin_key).await;
 
-    let created = create(&store, &creds, &["--name", "mine", "--secret", "API_TOKEN=s3cr3t"]).await;
+    let created = create(
+        &store,
+        &creds,
+        &["--name", "mine", "--secret", "API_TOKEN=s3cr3t"],
+    )
+    .await;
     let id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["status"], "running", "{created}");
     assert_eq!(created["provider"], "local");
     assert!(created["sandboxId"].as_str().unwrap().starts_with("ki_"));
-    assert!(!created.to_string().contains("s3cr3t"), "secret values are never shown");
+    assert!(
+        !created.to_string().contains("s3cr3t"),
+        "secret values are never shown"
+    );
 
     // HTTP through the proxy, with the owner's JWT.
     let (status, body) = get(&node, &format!("/i/{id}/health"), Some(&owner_jwt)).await;
-    assert_eq!((status, body.contains("kiloclaw-runtime")), (200, true), "{body}");
+    assert_eq!(
+        (status, body.contains("kiloclaw-runtime")),
+        (200, true),
+        "{body}"
+    );
     let (status, page) = get(&node, &format!("/i/{id}/"), Some(&owner_jwt)).await;
     assert_eq!(status, 200);
-    assert!(page.contains("<html") || page.contains("<!doctype"), "{page}");
+    assert!(
+        page.contains("<html") || page.contains("<!doctype"),
+        "{page}"
+    );
 
     // The browser's way in: access code, cookie, gateway token in the fragment.
     let (cookie, token) = open(&node, &store, &creds, &id).await;
@@ -176,13 +207,20 @@ async fn done_when(store: Store) {
     // WebSocket both ways: echo, then a chat through the model gateway.
     let mut socket = ws(&node, &format!("/i/{id}/ws?token={token}"), &cookie).await;
     socket
-        .send(Message::text(json!({"type": "ping", "data": {"n": 7}}).to_string()))
+        .send(Message::text(
+            json!({"type": "ping", "data": {"n": 7}}).to_string(),
+        ))
         .await
         .unwrap();
-    assert_eq!(next_json(&mut socket).await, json!({"type": "pong", "data": {"n": 7}}));
+    assert_eq!(
+        next_json(&mut socket).await,
+        json!({"type": "pong", "data": {"n": 7}})
+    );
     upstream.push(Reply::text("hello from the gateway", 5, 4));
     socket
-        .send(Message::text(json!({"type": "chat", "text": "hi"}).to_string()))
+        .send(Message::text(
+            json!({"type": "chat", "text": "hi"}).to_string(),
+        ))
         .await
         .unwrap();
     let reply = next_json(&mut socket).await;
@@ -201,10 +239,21 @@ async fn done_when(store: Store) {
     // Ownership: another user and anonymous callers get nothing.
     let (other_id, other_key) = user(&node, &admin_key, "other@example.com").await;
     let other_jwt = jwt(&node, &other_key).await;
-    assert_eq!(get(&node, &format!("/i/{id}/health"), Some(&other_jwt)).await.0, 404);
+    assert_eq!(
+        get(&node, &format!("/i/{id}/health"), Some(&other_jwt))
+            .await
+            .0,
+        404
+    );
     assert_eq!(get(&node, &format!("/i/{id}/health"), None).await.0, 401);
     assert_eq!(
-        get(&node, &format!("/i/{}/health", uuid::Uuid::new_v4()), Some(&owner_jwt)).await.0,
+        get(
+            &node,
+            &format!("/i/{}/health", uuid::Uuid::new_v4()),
+            Some(&owner_jwt)
+        )
+        .await
+        .0,
         404
     );
     // An organization's instance: its members reach it.
@@ -228,20 +277,47 @@ async fn done_when(store: Store) {
         .send()
         .await
         .unwrap();
-    assert!(added.status().is_success(), "{}", added.text().await.unwrap());
-    let team = create(&store, &creds, &["--name", "team", "--org", &org_id, "--no-start"]).await;
+    assert!(
+        added.status().is_success(),
+        "{}",
+        added.text().await.unwrap()
+    );
+    let team = create(
+        &store,
+        &creds,
+        &["--name", "team", "--org", &org_id, "--no-start"],
+    )
+    .await;
     let team_id = team["id"].as_str().unwrap().to_owned();
     assert_eq!(team["status"], "provisioned");
-    let (ok, out, err) = cli(&store, &creds, &["claw", "start", &team_id, "--org", &org_id]).await;
+    let (ok, out, err) = cli(
+        &store,
+        &creds,
+        &["claw", "start", &team_id, "--org", &org_id],
+    )
+    .await;
     assert!(ok && out.contains("running"), "{out}\n{err}");
-    assert_eq!(get(&node, &format!("/i/{team_id}/health"), Some(&other_jwt)).await.0, 200);
+    assert_eq!(
+        get(&node, &format!("/i/{team_id}/health"), Some(&other_jwt))
+            .await
+            .0,
+        200
+    );
     let (ok, out, _) = cli(&store, &creds, &["claw", "list"]).await;
-    assert!(ok && out.contains(&id) && !out.contains(&team_id), "personal list: {out}");
+    assert!(
+        ok && out.contains(&id) && !out.contains(&team_id),
+        "personal list: {out}"
+    );
 
     // Stop and start keep the volume: the conversation survives.
     let (ok, out, err) = cli(&store, &creds, &["claw", "stop", &id]).await;
     assert!(ok && out.contains("stopped"), "{out}\n{err}");
-    assert_eq!(get(&node, &format!("/i/{id}/health"), Some(&owner_jwt)).await.0, 503);
+    assert_eq!(
+        get(&node, &format!("/i/{id}/health"), Some(&owner_jwt))
+            .await
+            .0,
+        503
+    );
     let (ok, _, err) = cli(&store, &creds, &["claw", "start", &id]).await;
     assert!(ok, "{err}");
     let (status, history) = get(&node, &format!("/i/{id}/api/history"), Some(&owner_jwt)).await;
@@ -254,17 +330,31 @@ async fn done_when(store: Store) {
             args.extend(["--org", org]);
         }
         let (ok, out, err) = cli(&store, &creds, &args).await;
-        assert!(ok && out.contains("machine and volume deleted"), "{out}\n{err}");
+        assert!(
+            ok && out.contains("machine and volume deleted"),
+            "{out}\n{err}"
+        );
     }
-    assert_eq!(get(&node, &format!("/i/{id}/health"), Some(&owner_jwt)).await.0, 404);
-    assert_eq!(get(&node, &format!("/i/{team_id}/health"), Some(&other_jwt)).await.0, 404);
-    let state: Value = serde_json::from_slice(
-        &std::fs::read(store.dir().join("claw/state.json")).unwrap(),
-    )
-    .unwrap();
+    assert_eq!(
+        get(&node, &format!("/i/{id}/health"), Some(&owner_jwt))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        get(&node, &format!("/i/{team_id}/health"), Some(&other_jwt))
+            .await
+            .0,
+        404
+    );
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(store.dir().join("claw/state.json")).unwrap())
+            .unwrap();
     assert_eq!(state["machines"], json!({}), "{state}");
     assert_eq!(state["volumes"], json!({}), "{state}");
-    let volumes = std::fs::read_dir(store.dir().join("claw/volumes")).unwrap().count();
+    let volumes = std::fs::read_dir(store.dir().join("claw/volumes"))
+        .unwrap()
+        .count();
     assert_eq!(volumes, 0, "volume directories are removed");
     let (ok, out, _) = cli(&store, &creds, &["claw", "list", "--json"]).await;
     assert!(ok);

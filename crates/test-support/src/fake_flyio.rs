@@ -432,7 +432,7 @@ impl FakeFly {
     }
 
     /// Seeds a machine in `state` whose `config.metadata` is `metadata` and which mounts
-    /// `volume_id` at `/data` (the volume must exist in the app; it becomes attached).
+    /// `volume_id` at `/root` (the volume must exist in the app; it becomes attached).
     /// Creates the app (organization `personal`) if needed. Returns the machine's id.
     pub fn insert_machine(
         &self,
@@ -459,7 +459,7 @@ impl FakeFly {
                 app.volumes.iter().any(|v| v.id == vol),
                 "insert_machine: no volume {vol} in the app"
             );
-            config["mounts"] = json!([{"volume": vol, "path": "/data"}]);
+            config["mounts"] = json!([{"volume": vol, "path": "/root"}]);
         }
         let machine = new_machine(name, region, state, config, ip);
         let id = machine.id.clone();
