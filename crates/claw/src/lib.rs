@@ -617,7 +617,7 @@ impl Claw {
             };
             out.push(self.view(&found).await?);
         }
-        out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        out.sort_by_key(|v| std::cmp::Reverse(v.created_at));
         Ok(out)
     }
 

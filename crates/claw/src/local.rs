@@ -548,7 +548,7 @@ impl ComputeProvider for LocalProvider {
     ) -> ProviderResult<Machine> {
         let op = "update machine";
         self.update(op, |r| {
-            if !r.machines.get(id).is_some_and(|m| m.app == app) {
+            if r.machines.get(id).is_none_or(|m| m.app != app) {
                 return Err(err(op, 404, "machine not found"));
             }
             Self::attach(r, app, id, spec, op)?;

@@ -172,11 +172,6 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// Byte comparison whose time depends only on the lengths.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "service": "kiloclaw-runtime" }))
 }
@@ -187,7 +182,12 @@ async fn history(State(rt): State<Arc<Runtime>>, headers: HeaderMap) -> Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(t) if ct_eq(t.as_bytes(), rt.config.gateway_token.as_bytes()) => {
+        Some(t)
+            if kilocloud_identity::credential::secrets_equal(
+                t.as_bytes(),
+                rt.config.gateway_token.as_bytes(),
+            ) =>
+        {
             let messages = rt.conversation.lock().await.clone();
             Json(json!({ "messages": messages })).into_response()
         }
@@ -202,7 +202,12 @@ async fn ws(
 ) -> Response {
     let refusal = match query.get("token") {
         None => Some("gateway token missing"),
-        Some(t) if !ct_eq(t.as_bytes(), rt.config.gateway_token.as_bytes()) => {
+        Some(t)
+            if !kilocloud_identity::credential::secrets_equal(
+                t.as_bytes(),
+                rt.config.gateway_token.as_bytes(),
+            ) =>
+        {
             Some("gateway token mismatch")
         }
         Some(_) => None,

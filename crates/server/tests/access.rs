@@ -329,6 +329,12 @@ enum Access {
     /// checks gets 503 `automation_disabled`; the owners each route reaches are tested in
     /// `automation.rs`.
     Automation(Role),
+    /// A KiloClaw user route, owner-scoped like `Automation`; without KiloClaw here, a caller
+    /// who passes the checks gets 503 `claw_disabled` (which instances each owner reaches is
+    /// tested in the `kilocloud` crate's `claw.rs`).
+    Claw(Role),
+    /// A KiloClaw platform route: the internal secret, then 503 `claw_disabled` here.
+    ClawInternal,
     /// An inbound webhook (GitHub's, a trigger's): no bearer credential, authenticated by
     /// its signature or secret (tested in `automation.rs`); 503 `automation_disabled` here.
     Webhook,
@@ -842,6 +848,134 @@ fn routes() -> Vec<Route> {
             uri: |_| "/api/reviews/rev_1".into(),
             body: none,
         },
+        Route {
+            method: "GET",
+            path: "/api/claw/instances",
+            access: Claw(Role::Member),
+            uri: |_| "/api/claw/instances".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/claw/instances",
+            access: Claw(Role::Admin),
+            uri: |_| "/api/claw/instances".into(),
+            body: |_| Some(json!({"name": "c"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/claw/instances/{id}",
+            access: Claw(Role::Member),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001".into(),
+            body: none,
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/claw/instances/{id}",
+            access: Claw(Role::Admin),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/claw/instances/{id}/status",
+            access: Claw(Role::Member),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001/status".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/claw/instances/{id}/start",
+            access: Claw(Role::Admin),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001/start".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/claw/instances/{id}/stop",
+            access: Claw(Role::Admin),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001/stop".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/claw/instances/{id}/restart",
+            access: Claw(Role::Admin),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001/restart".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/claw/instances/{id}/access-code",
+            access: Claw(Role::Member),
+            uri: |_| "/api/claw/instances/00000000-0000-4000-8000-000000000001/access-code".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/platform/provision",
+            access: ClawInternal,
+            uri: |_| "/api/platform/provision".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/platform/start",
+            access: ClawInternal,
+            uri: |_| "/api/platform/start".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/platform/stop",
+            access: ClawInternal,
+            uri: |_| "/api/platform/stop".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/platform/destroy",
+            access: ClawInternal,
+            uri: |_| "/api/platform/destroy".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/platform/doctor",
+            access: ClawInternal,
+            uri: |_| "/api/platform/doctor".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/platform/status",
+            access: ClawInternal,
+            uri: |_| "/api/platform/status?userId=00000000-0000-4000-8000-000000000002".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/platform/gateway-token",
+            access: ClawInternal,
+            uri: |_| {
+                "/api/platform/gateway-token?userId=00000000-0000-4000-8000-000000000002".into()
+            },
+            body: none,
+        },
+        Route {
+            method: "PATCH",
+            path: "/api/platform/kilocode-config",
+            access: ClawInternal,
+            uri: |_| "/api/platform/kilocode-config".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
+        Route {
+            method: "PATCH",
+            path: "/api/platform/channels",
+            access: ClawInternal,
+            uri: |_| "/api/platform/channels".into(),
+            body: |_| Some(json!({"userId": "00000000-0000-4000-8000-000000000002"})),
+        },
     ]
 }
 
@@ -955,7 +1089,7 @@ async fn access_matrix(pg: bool) {
                 "{label} without credentials: {}",
                 r.body
             );
-            let want = if matches!(route.access, Access::Internal) {
+            let want = if matches!(route.access, Access::Internal | Access::ClawInternal) {
                 "internal_key_invalid"
             } else {
                 "unauthenticated"
@@ -967,7 +1101,12 @@ async fn access_matrix(pg: bool) {
             Access::Public | Access::SessionStream | Access::Webhook => {
                 unreachable!("answered above")
             }
-            Access::Automation(min) => {
+            Access::Automation(min) | Access::Claw(min) => {
+                let disabled = if matches!(route.access, Access::Claw(_)) {
+                    "claw_disabled"
+                } else {
+                    "automation_disabled"
+                };
                 let r = call(Some(&f.stranger), Some(&org)).await;
                 assert_eq!(
                     (r.status, r.code()),
@@ -987,8 +1126,29 @@ async fn access_matrix(pg: bool) {
                 let r = call(Some(&f.owner), Some(&org)).await;
                 assert_eq!(
                     (r.status, r.code()),
-                    (StatusCode::SERVICE_UNAVAILABLE, "automation_disabled"),
+                    (StatusCode::SERVICE_UNAVAILABLE, disabled),
                     "{label} as owner: {}",
+                    r.body
+                );
+            }
+            Access::ClawInternal => {
+                let mut req = request(route.method, &uri, Some(&f.owner), None, body.as_ref());
+                req.headers_mut()
+                    .insert("x-internal-api-key", "wrong".parse().unwrap());
+                let r = send(&e.app, req).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::UNAUTHORIZED, "internal_key_invalid"),
+                    "{label}"
+                );
+                let mut req = request(route.method, &uri, None, None, body.as_ref());
+                req.headers_mut()
+                    .insert("x-internal-api-key", INTERNAL.parse().unwrap());
+                let r = send(&e.app, req).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::SERVICE_UNAVAILABLE, "claw_disabled"),
+                    "{label}: {}",
                     r.body
                 );
             }
