@@ -1,6 +1,7 @@
 //! `kilocloud-bench`: measures the substrate against its targets (DESIGN.md §6) with NATS
-//! JetStream measured in the same run as the queue reference, and the cost of authentication
-//! beside signature-only JWT verification, and prints a Markdown report for BENCHMARKS.md.
+//! JetStream measured in the same run as the queue reference, the cost of authentication
+//! beside signature-only JWT verification and the KiloClaw proxy beside nginx, and prints a
+//! Markdown report for BENCHMARKS.md.
 //!
 //! ```text
 //! cargo run --release -p kilocloud-bench            # everything (≈ 3–5 minutes)
@@ -14,6 +15,7 @@ mod actors;
 mod alarms;
 mod auth;
 mod automation;
+mod claw;
 mod gateway;
 mod queue;
 mod report;
@@ -34,7 +36,7 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, actors, alarms, auth, gateway, sandbox, automation). Default: all.
+    /// Run only these groups (queue, actors, alarms, auth, gateway, sandbox, automation, claw). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
@@ -121,6 +123,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("automation") {
         out += &automation::run(&args).await?;
+    }
+    if wants("claw") {
+        out += &claw::run(&args).await?;
     }
     println!("{out}");
     Ok(())

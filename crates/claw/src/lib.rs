@@ -363,14 +363,25 @@ impl Claw {
             .unwrap_or_default())
     }
 
-    /// The registry row of `id` in `owner`'s registry, if active.
+    /// The registry row of `id` in `owner`'s registry, if the instance is active or still
+    /// being destroyed (so callers see `destroying`, and the proxy answers 409, until the
+    /// provider confirmed every delete).
     async fn row(&self, owner: &str, id: Uuid) -> Result<Option<InstanceRow>> {
         let row: Option<InstanceRow> = self
             .inner
             .sub
             .actor_read(RegistryActor::TYPE, owner, &format!("{ROW_PREFIX}{id}"))
             .await?;
-        Ok(row.filter(|r| r.destroyed_at.is_none()))
+        match row {
+            Some(r) if r.destroyed_at.is_some() => Ok(self.visible(r).await?),
+            other => Ok(other),
+        }
+    }
+
+    /// A soft-deleted row stays visible while its instance is destroying.
+    async fn visible(&self, row: InstanceRow) -> Result<Option<InstanceRow>> {
+        let state = self.state(&row.id.to_string()).await?;
+        Ok((state.status == Some(Status::Destroying)).then_some(row))
     }
 
     /// Finds an instance `owner` has, else [`ClawError::NotFound`] (also for another
@@ -596,7 +607,7 @@ impl Claw {
         )
     }
 
-    /// Active instances of `owner`, newest first.
+    /// Instances of `owner` (active, or still being destroyed), newest first.
     pub async fn list(&self, owner: Owner) -> Result<Vec<InstanceView>> {
         let rows: Vec<(String, InstanceRow)> = self
             .inner
@@ -610,7 +621,14 @@ impl Claw {
             )
             .await?;
         let mut out = Vec::new();
-        for (_, row) in rows.into_iter().filter(|(_, r)| r.destroyed_at.is_none()) {
+        for (_, row) in rows {
+            let row = match row.destroyed_at {
+                None => row,
+                Some(_) => match self.visible(row).await? {
+                    Some(row) => row,
+                    None => continue,
+                },
+            };
             let found = InstanceRef {
                 key: row.id.to_string(),
                 row,

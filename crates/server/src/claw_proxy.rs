@@ -354,22 +354,6 @@ async fn send_http(
 ) -> Result<Response, String> {
     let provider = claw.provider();
     let target = provider.upstream(&app, &machine);
-    let mut sender = match pool.take(&machine) {
-        Some(s) => s,
-        None => {
-            let io = provider
-                .dial(&app, &machine)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (sender, conn) = http1::handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            sender
-        }
-    };
     let mut request = http::Request::builder()
         .method(method)
         .uri(path)
@@ -386,10 +370,35 @@ async fn send_http(
             h.insert(k, v);
         }
     }
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
+    // A pooled connection the runtime has closed is not a runtime that does not answer: such
+    // a failure is retried once on a new connection before the caller may restart anything.
+    let pooled = match pool.take(&machine) {
+        Some(mut sender) => match sender.send_request(request.clone()).await {
+            Ok(response) => Some((sender, response)),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let (sender, response) = match pooled {
+        Some(done) => done,
+        None => {
+            let io = provider
+                .dial(&app, &machine)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sender, conn) = http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            (sender, response)
+        }
+    };
     pool.put(&machine, sender);
     let (mut parts, body) = response.into_parts();
     for hop in [
