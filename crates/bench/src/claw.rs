@@ -5,10 +5,11 @@
 //! authenticated with a user JWT, the instance found and its machine read before the relay);
 //! and through nginx (`/usr/sbin/nginx`, one process, keep-alive to the upstream) when it is
 //! installed. The same client for each: 16 keep-alive connections in a closed loop (each sends
-//! its next request when the previous answer is read) for a fixed time after a warm-up; then
-//! 16 WebSocket connections each doing sequential ping → pong round trips. "Added" is a path's
-//! latency minus the direct path's at the same percentile. A request that fails counts as an
-//! error. Nothing is asserted: the report shows the ratios to nginx.
+//! its next request when the previous answer is read) for a fixed time after a warm-up, then
+//! one connection the same way (latency without queueing); then 16 WebSocket connections each
+//! doing sequential ping → pong round trips. "Added" is a path's latency minus the direct
+//! path's at the same percentile. A request that fails counts as an error. Nothing is
+//! asserted: the report shows the ratios to nginx.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +33,7 @@ use kilocloud_substrate::{
 use kilocloud_test_support::fake_flyio::FakeFly;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use uuid::Uuid;
 
 use crate::Args;
@@ -151,7 +153,10 @@ async fn ws_connect(t: &Target) -> anyhow::Result<Socket> {
             .headers_mut()
             .insert("authorization", format!("Bearer {b}").parse()?);
     }
-    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+    // A small read buffer: tungstenite zero-fills the free part of it on every read (128 KiB
+    // by default), which would make the load generator the bottleneck.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
         .await
         .with_context(|| format!("{}: WebSocket connect", t.name))?;
     Ok(socket)
@@ -440,6 +445,13 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
         http_load(&clients, t, warm).await;
         http.push(http_load(&clients, t, secs).await);
     }
+    // One connection: the added latency without queueing behind the other connections.
+    let mut http_one = Vec::new();
+    for t in &targets {
+        let client = [reqwest::Client::builder().tcp_nodelay(true).build()?];
+        http_load(&client, t, warm).await;
+        http_one.push(http_load(&client, t, secs).await);
+    }
     let mut ws = Vec::new();
     for t in &targets {
         ws_load(t, warm).await?;
@@ -457,7 +469,8 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
          nginx (one process, `keepalive 32` to the upstream). {CONNECTIONS} keep-alive \
          connections in a closed loop for {} s per cell after a {} ms warm-up; the client, the \
          upstream and the proxy share the cores (nginx runs in its own process). Added = \
-         path − direct at the same percentile.{}\n",
+         path − direct at the same percentile; the one-connection table shows it without \
+         queueing.{}\n",
         secs.as_secs(),
         warm.as_millis(),
         if nginx_missing(&targets) {
@@ -468,6 +481,7 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
     );
     for (title, unit, rows) in [
         ("HTTP `GET /health`", "req/s", &http),
+        ("HTTP `GET /health`, one connection", "req/s", &http_one),
         (
             "WebSocket ping → pong (sequential per connection)",
             "round trips/s",

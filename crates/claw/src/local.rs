@@ -297,11 +297,7 @@ impl LocalProvider {
                 return Err(err(op, 409, "volume is attached to another machine"));
             }
         }
-        for v in r.volumes.values_mut() {
-            if v.volume.attached_machine_id.as_deref() == Some(id) {
-                v.volume.attached_machine_id = None;
-            }
-        }
+        detach(r, id);
         for m in &spec.mounts {
             if let Some(v) = r.volumes.get_mut(&m.volume) {
                 v.volume.attached_machine_id = Some(id.to_owned());
@@ -337,6 +333,21 @@ impl LocalProvider {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// Detaches whatever volume machine `id` has.
+fn detach(r: &mut Records, id: &str) {
+    for v in r.volumes.values_mut() {
+        if v.volume.attached_machine_id.as_deref() == Some(id) {
+            v.volume.attached_machine_id = None;
+        }
+    }
+}
+
+/// Removes machine `id`'s record and detaches its volume.
+fn forget_machine(r: &mut Records, id: &str) {
+    r.machines.remove(id);
+    detach(r, id);
 }
 
 fn save(root: &Path, records: &Records) -> std::io::Result<()> {
@@ -524,13 +535,16 @@ impl ComputeProvider for LocalProvider {
             r.machines.insert(id.clone(), record.clone());
             Ok(())
         })?;
-        let launched = self.launch(app, &id, spec).await;
-        if launched.is_ok() {
-            self.set_state(&id, "started", op)?;
+        if let Err(e) = self.launch(app, &id, spec).await {
+            // Create is all or nothing: a machine that did not start is removed, so the
+            // caller (who never learnt its id) can create again with the same volume.
+            self.update(op, |r| {
+                forget_machine(r, &id);
+                Ok(())
+            })?;
+            return Err(e);
         }
-        // The machine exists either way (as Fly's would, `created`); the caller sees why it
-        // did not start.
-        launched?;
+        self.set_state(&id, "started", op)?;
         let record = self.machine_record(app, &id, op)?;
         Ok(self.report(&id, &record).await)
     }
@@ -580,12 +594,7 @@ impl ComputeProvider for LocalProvider {
         self.machine_record(app, id, op)?;
         self.stop_process(id).await;
         self.update(op, |r| {
-            r.machines.remove(id);
-            for v in r.volumes.values_mut() {
-                if v.volume.attached_machine_id.as_deref() == Some(id) {
-                    v.volume.attached_machine_id = None;
-                }
-            }
+            forget_machine(r, id);
             Ok(())
         })?;
         self.sandbox.release_limits(&format!("claw-{id}"));

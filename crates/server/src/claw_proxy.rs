@@ -130,8 +130,24 @@ enum Target {
     Legacy,
 }
 
-/// The caller's user id from a bearer JWT or the access cookie (strict pepper check).
-async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Uuid, ApiError> {
+/// How the caller proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// The access cookie: an `Authorization` header is the runtime's own (its gateway token)
+    /// and is relayed.
+    Cookie,
+    /// A bearer JWT: the header is ours and never reaches the runtime.
+    Bearer,
+}
+
+/// The caller's user id from the access cookie or else a bearer JWT (strict pepper check
+/// either way).
+async fn caller(s: &AppState, headers: &HeaderMap) -> Result<(Uuid, Proof), ApiError> {
+    if let Some(token) = cookie(headers, ACCESS_COOKIE)
+        && let Ok(p) = s.identity.authenticate_jwt(&token).await
+    {
+        return Ok((p.user, Proof::Cookie));
+    }
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -140,17 +156,16 @@ async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Uuid, ApiError> {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let token = match bearer {
-        Some(t) => Some(t.to_owned()),
-        None => cookie(headers, ACCESS_COOKIE),
-    };
-    let Some(token) = token else {
+    let Some(token) = bearer else {
         return Err(ApiError::unauthorized(
             "sign in: a bearer JWT, or an access code redeemed at /kilo-access-gateway \
              (`kilocloud claw open` prints one)",
         ));
     };
-    Ok(s.identity.authenticate_jwt(&token).await?.user)
+    Ok((
+        s.identity.authenticate_jwt(token).await?.user,
+        Proof::Bearer,
+    ))
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -178,7 +193,7 @@ async fn relay(
     request: Request,
 ) -> Result<Response, ApiError> {
     let claw = claw(s)?.clone();
-    let user = caller(s, request.headers()).await?;
+    let (user, proof) = caller(s, request.headers()).await?;
     let found = match target {
         Target::Instance(id) => {
             let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("instance not found"))?;
@@ -200,9 +215,12 @@ async fn relay(
         let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, s)
             .await
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let upstream = connect_ws(&claw, &found, &path_and_query, &parts.headers).await?;
+        let protocols = requested_protocols(&parts.headers);
+        let forwarded = forwarded_headers(&parts.headers, proof);
+        let upstream = connect_ws(&claw, &found, &path_and_query, &forwarded, &protocols).await?;
         return Ok(upgrade
-            .protocols(requested_protocols(&parts.headers))
+            .read_buffer_size(RELAY_READ_BUFFER_BYTES)
+            .protocols(protocols)
             .on_upgrade(move |client| relay_ws(client, upstream)));
     }
     let body = axum::body::to_bytes(body, MAX_PROXY_BODY_BYTES)
@@ -214,7 +232,7 @@ async fn relay(
                 format!("the body is over the proxy's limit of {MAX_PROXY_BODY_BYTES} bytes"),
             )
         })?;
-    let headers = forwarded_headers(&parts.headers);
+    let headers = forwarded_headers(&parts.headers, proof);
     let method = parts.method.clone();
     let pool = s.claw_pool.clone();
     let send = |machine: (String, String)| {
@@ -288,8 +306,9 @@ fn unreachable_error(cause: &str) -> ApiError {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and what must not reach the runtime.
-fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
+/// The request headers for the runtime: without hop-by-hop headers (RFC 9110 §7.6.1), the
+/// access cookie, and the `Authorization` header when it carried the caller's JWT.
+fn forwarded_headers(incoming: &HeaderMap, proof: Proof) -> HeaderMap {
     let mut out = HeaderMap::new();
     let listed: Vec<String> = incoming
         .get_all(header::CONNECTION)
@@ -310,10 +329,10 @@ fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
                 | "transfer-encoding"
                 | "upgrade"
                 | "host"
-                | "authorization"
                 | "cookie"
                 | "content-length"
-        ) || n.starts_with("sec-websocket-")
+        ) || (n == "authorization" && proof == Proof::Bearer)
+            || n.starts_with("sec-websocket-")
             || listed.iter().any(|l| l == n);
         if !hop {
             out.append(name.clone(), value.clone());
@@ -433,24 +452,39 @@ async fn connect_ws(
     found: &InstanceRef,
     path: &str,
     headers: &HeaderMap,
+    protocols: &[String],
 ) -> Result<UpstreamWs, ApiError> {
     let machine = machine_of(claw, found).await?;
-    match open_ws(claw, &machine, path, headers).await {
+    match open_ws(claw, &machine, path, headers, protocols).await {
         Ok(ws) => Ok(ws),
         Err(e) => {
             let machine = recover(claw, found, &machine.1, e).await?;
-            open_ws(claw, &machine, path, headers)
+            open_ws(claw, &machine, path, headers, protocols)
                 .await
                 .map_err(|e| unreachable_error(&e))
         }
     }
 }
 
+/// Read buffer of each side of a relayed WebSocket, in bytes. tungstenite zero-fills the free
+/// part of its read buffer on every read; at its 128 KiB default that was about a fifth of
+/// the relay's CPU in the `bench claw` profile (BENCHMARKS.md). Frames larger than this are
+/// still read whole, in several reads.
+const RELAY_READ_BUFFER_BYTES: usize = 8 * 1024;
+
+fn relay_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(RELAY_READ_BUFFER_BYTES)
+}
+
+/// Opens a WebSocket to the runtime with the (already filtered) `headers` and the
+/// subprotocols the client asked for.
 async fn open_ws(
     claw: &Claw,
     (app, machine): &(String, String),
     path: &str,
     headers: &HeaderMap,
+    protocols: &[String],
 ) -> Result<UpstreamWs, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let provider = claw.provider();
@@ -459,12 +493,9 @@ async fn open_ws(
         .into_client_request()
         .map_err(|e| e.to_string())?;
     let h = request.headers_mut();
-    for (k, v) in forwarded_headers(headers) {
-        if let Some(k) = k {
-            h.insert(k, v);
-        }
+    for (k, v) in headers {
+        h.append(k.clone(), v.clone());
     }
-    let protocols = requested_protocols(headers);
     if !protocols.is_empty()
         && let Ok(v) = HeaderValue::from_str(&protocols.join(", "))
     {
@@ -479,7 +510,7 @@ async fn open_ws(
         .dial(app, machine)
         .await
         .map_err(|e| e.to_string())?;
-    let (ws, _) = tokio_tungstenite::client_async(request, io)
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, io, Some(relay_ws_config()))
         .await
         .map_err(|e| e.to_string())?;
     Ok(ws)
@@ -744,8 +775,17 @@ mod tests {
         h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
         h.insert("x-private", "1".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
-        let out = forwarded_headers(&h);
-        assert!(out.get(header::AUTHORIZATION).is_none());
+        let out = forwarded_headers(&h, Proof::Bearer);
+        assert!(
+            out.get(header::AUTHORIZATION).is_none(),
+            "the caller's JWT stays here"
+        );
+        let from_cookie = forwarded_headers(&h, Proof::Cookie);
+        assert_eq!(
+            from_cookie.get(header::AUTHORIZATION).unwrap(),
+            "Bearer x",
+            "the runtime's own token is relayed"
+        );
         assert!(out.get("x-private").is_none());
         assert_eq!(out.get(header::COOKIE).unwrap(), "a=1; b=2");
         assert_eq!(out.get("x-kept").unwrap(), "1");
