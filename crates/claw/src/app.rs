@@ -30,7 +30,6 @@ struct AppState {
     ipv6_allocated: bool,
     /// The env key (base64 of 32 bytes), sealed with the master key.
     env_key: Option<Envelope>,
-    env_key_set: bool,
     secrets_version: u64,
 }
 
@@ -151,7 +150,6 @@ impl AppActor {
             None => {
                 let key = crypto::generate_env_key();
                 state.env_key = Some(self.shared.identity.seal(key.as_bytes(), &context));
-                state.env_key_set = false;
                 ctx.put(STATE, state)?;
                 ctx.checkpoint().await?;
                 key
@@ -160,7 +158,6 @@ impl AppActor {
         state.secrets_version = provider
             .set_secret(&app, crypto::ENV_KEY_SECRET, &key)
             .await?;
-        state.env_key_set = true;
         Ok(AppKeys {
             env_key: key,
             secrets_version: state.secrets_version,

@@ -209,6 +209,10 @@ pub enum InstanceCall {
     Restore(InstanceIdentity),
     /// Starts (creating the machine when needed).
     Start,
+    /// Starts the instance again because its runtime on this machine did not answer, only
+    /// while it is still running on that machine: a stop or a replacement since then wins
+    /// (the reply's state shows which).
+    Recover(String),
     /// Stops the machine.
     Stop,
     /// Stops, rebuilds the env and config, and starts again. Only when running.
@@ -271,6 +275,12 @@ impl Actor for InstanceActor {
             InstanceCall::Provision(who, config) => op.provision(&mut state, who, *config).await,
             InstanceCall::Restore(who) => op.restore(&mut state, who).await,
             InstanceCall::Start => op.start(&mut state).await,
+            InstanceCall::Recover(machine) => match state.status {
+                Some(Status::Running) if state.machine_id.as_deref() == Some(&machine) => {
+                    op.start(&mut state).await
+                }
+                _ => Ok(()),
+            },
             InstanceCall::Stop => op.stop(&mut state).await,
             InstanceCall::Restart => op.restart(&mut state).await,
             InstanceCall::Destroy => return op.destroy(&mut state).await.map(Ok),
@@ -428,6 +438,22 @@ impl Op<'_> {
         if state.status.is_some() {
             return Ok(());
         }
+        // Checked inside the call: a destroy soft-deletes the row before its own call on this
+        // actor, so a restore that raced it either sees the row gone or runs before that
+        // destroy, which then removes what it restored.
+        let id = who.instance_id.unwrap_or(who.user_id);
+        let row: Option<crate::registry::InstanceRow> = self
+            .s
+            .sub
+            .actor_read(
+                crate::registry::RegistryActor::TYPE,
+                &who.owner,
+                &format!("{}{id}", crate::registry::ROW_PREFIX),
+            )
+            .await?;
+        if row.is_none_or(|r| r.destroyed_at.is_some()) {
+            return Err(ClawError::NotFound);
+        }
         *state = InstanceState::default();
         adopt_identity(state, who);
         state.status = Some(Status::Provisioned);
@@ -457,8 +483,19 @@ impl Op<'_> {
         state: &mut InstanceState,
         source: Option<String>,
     ) -> OpResult {
+        let regions = self.regions(state);
+        self.create_volume_in(state, source, regions).await
+    }
+
+    /// Creates the volume in the first of `regions` with capacity.
+    async fn create_volume_in(
+        &mut self,
+        state: &mut InstanceState,
+        source: Option<String>,
+        regions: Vec<String>,
+    ) -> OpResult {
         let mut last = None;
-        for region in self.regions(state) {
+        for region in regions {
             let spec = VolumeSpec {
                 name: crate::ids::volume_name(&state.sandbox_id),
                 size_gb: self.s.config.volume_size_gb,
@@ -620,11 +657,11 @@ impl Op<'_> {
             state.machine_id = None;
             self.persist(state).await?;
         }
-        let failed = state.region.clone();
-        if let Some(region) = &failed {
-            let mut regions = self.regions(state);
-            regions.retain(|r| r != region);
-            regions.push(region.clone());
+        // The failed region goes to the end of the list for this attempt (reference §2).
+        let mut regions = self.regions(state);
+        if let Some(region) = state.region.clone() {
+            regions.retain(|r| *r != region);
+            regions.push(region);
             state.config.region = regions.first().cloned();
         }
         let old = state.volume_id.take();
@@ -638,7 +675,8 @@ impl Op<'_> {
                 Err(e) => return Err(provider_err(e)),
             }
         }
-        self.create_volume(state, source.clone()).await?;
+        self.create_volume_in(state, source.clone(), regions)
+            .await?;
         if let Some(old) = source
             && let Err(e) = self.provider().delete_volume(&app, &old).await
             && !e.is_not_found()
@@ -716,7 +754,9 @@ impl Op<'_> {
 
     /// Phase 1 persists the pending ids and `destroying`; phase 2 runs the deletes.
     async fn destroy(&mut self, state: &mut InstanceState) -> Result<InstanceReply> {
-        if state.status.is_none() {
+        // A provision interrupted after creating its volume leaves an id without a status:
+        // that volume is destroyed too.
+        if state.status.is_none() && state.volume_id.is_none() && state.machine_id.is_none() {
             self.ctx.delete_all();
             return Ok(InstanceReply::Destroyed { complete: true });
         }

@@ -37,7 +37,7 @@ use crate::instance::{
     ConfigPatch, InstanceActor, InstanceCall, InstanceConfig, InstanceIdentity, InstanceReply,
     InstanceState, ModelEntry, Status,
 };
-use crate::provider::{ComputeProvider, Guest, ProviderError};
+use crate::provider::{ComputeProvider, CpuKind, Guest, ProviderError};
 use crate::registry::{InstanceRow, ROW_PREFIX, RegistryActor, RegistryCall};
 
 /// Lifetime of the model-gateway key minted for an instance, s (reference: a 30-day JWT).
@@ -98,8 +98,9 @@ pub struct ClawConfig {
     /// command that listens on port 18789 inside the sandbox works (e.g. an OpenClaw
     /// gateway installed on the host).
     pub runtime_command: Vec<String>,
-    /// HMAC key of gateway tokens. Empty: generated and kept in the data directory on
-    /// SQLite; required on PostgreSQL (all nodes must agree).
+    /// HMAC key of gateway tokens (all nodes must agree). The binary derives it from the
+    /// master key when `claw.gateway_token_secret` is unset; [`Claw::new`] refuses an empty
+    /// one.
     pub gateway_token_secret: String,
     /// App name prefix: `acct` (production) or `dev`.
     pub app_prefix: String,
@@ -291,6 +292,9 @@ pub struct Claw {
 impl Claw {
     /// Registers KiloClaw's actors on `sub` (before [`Substrate::start`]). `api_base_url` is
     /// the model gateway's base URL as runtimes see it.
+    ///
+    /// Panics when `config.gateway_token_secret` is empty (every gateway token would be
+    /// derivable by anyone).
     pub fn new(
         sub: &Substrate,
         identity: Identity,
@@ -298,6 +302,10 @@ impl Claw {
         provider: Arc<dyn ComputeProvider>,
         api_base_url: String,
     ) -> Self {
+        assert!(
+            !config.gateway_token_secret.is_empty(),
+            "claw.gateway_token_secret must not be empty"
+        );
         let inner = Arc::new(Shared {
             sub: sub.clone(),
             identity,
@@ -437,8 +445,9 @@ impl Claw {
     /// key for the runtime, then start unless `start: false`. A failed provision marks the
     /// row destroyed and destroys what was created.
     ///
-    /// Errors: [`ClawError::Invalid`] for bad names or env; [`ClawError::Limit`] beyond
-    /// `max_instances_per_owner`; provider errors.
+    /// Errors: [`ClawError::Invalid`] for bad names or env, or a `machine_size` beyond
+    /// `claw.guest` (only the platform routes size machines beyond it);
+    /// [`ClawError::Limit`] beyond `max_instances_per_owner`; provider errors.
     pub async fn create(
         &self,
         owner: Owner,
@@ -446,6 +455,23 @@ impl Claw {
         request: CreateInstance,
         by: &Initiator,
     ) -> Result<InstanceView> {
+        if let Some(size) = &request.machine_size {
+            let max = &self.inner.config.guest;
+            let bigger_kind =
+                size.cpu_kind == CpuKind::Performance && max.cpu_kind == CpuKind::Shared;
+            if size.cpus == 0
+                || size.memory_mb == 0
+                || size.cpus > max.cpus
+                || size.memory_mb > max.memory_mb
+                || bigger_kind
+            {
+                return Err(ClawError::Invalid(format!(
+                    "machineSize: at most {} {:?} vCPUs and {} MB (claw.guest); larger machines \
+                     are set through the platform API",
+                    max.cpus, max.cpu_kind, max.memory_mb
+                )));
+            }
+        }
         self.provision_instance(owner, user, Uuid::new_v4(), request, by)
             .await
     }
@@ -490,10 +516,17 @@ impl Claw {
             Owner::Org(o) => Some(o),
             Owner::User(_) => None,
         };
+        let owner_key = owner.to_string();
+        let key = id.to_string();
+        let current = self.state(&key).await?;
+        if current.status.is_some() && current.owner != owner_key {
+            return Err(ClawError::Conflict(
+                "the instance belongs to another owner".into(),
+            ));
+        }
         let config = self
             .instance_config(&sandbox_id, user, org, &request, by)
             .await?;
-        let owner_key = owner.to_string();
         let exists = self.row(&owner_key, id).await?.is_some();
         let row = InstanceRow {
             id,
@@ -525,12 +558,15 @@ impl Claw {
             name,
             app_name: ids::app_name(&self.inner.config.app_prefix, &owner_key),
         };
-        let key = id.to_string();
         let provisioned = self
             .call(&key, InstanceCall::Provision(who, Box::new(config)))
             .await;
         if let Err(e) = provisioned {
-            if !exists {
+            if !exists && matches!(e, ClawError::Conflict(_)) {
+                // Refused before anything was created (another owner's instance, raced in
+                // since the check above): only the row added here goes.
+                let _ = self.registry(&owner_key, RegistryCall::Remove { id }).await;
+            } else if !exists {
                 tracing::warn!(instance = %id, error = %e, "provision failed: destroying what was created");
                 let _ = self
                     .registry(
@@ -727,6 +763,19 @@ impl Claw {
         }
         self.call(&found.key, InstanceCall::Start).await?;
         self.view(found).await
+    }
+
+    /// Starts the instance again after its runtime on `machine` did not answer (the proxy's
+    /// one restart), unless it was stopped or moved to another machine since. Returns the
+    /// state afterwards.
+    pub async fn recover(&self, found: &InstanceRef, machine: &str) -> Result<InstanceState> {
+        match self
+            .call(&found.key, InstanceCall::Recover(machine.to_owned()))
+            .await?
+        {
+            InstanceReply::State(state) => Ok(*state),
+            _ => Err(ClawError::Invalid("unexpected reply".into())),
+        }
     }
 
     /// Stops the instance.

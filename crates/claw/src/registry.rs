@@ -38,7 +38,9 @@ pub struct InstanceRow {
 /// A call on an owner's registry.
 #[derive(Debug)]
 pub enum RegistryCall {
-    /// Adds a row; refused beyond `limit` active rows or for a duplicate id.
+    /// Adds a row, replacing a destroyed one with the same id (a legacy instance's id is its
+    /// user's, reused after a destroy); refused beyond `limit` active rows or for an active
+    /// duplicate id.
     Insert {
         /// The row.
         row: InstanceRow,
@@ -51,6 +53,11 @@ pub enum RegistryCall {
         id: Uuid,
         /// The time, or `None` to restore the row.
         at: Option<UnixMs>,
+    },
+    /// Removes a row outright (a provision that was refused before it created anything).
+    Remove {
+        /// Instance id.
+        id: Uuid,
     },
 }
 
@@ -70,7 +77,11 @@ impl Actor for RegistryActor {
         match call {
             RegistryCall::Insert { row, limit } => {
                 let key = format!("{ROW_PREFIX}{}", row.id);
-                if ctx.get::<InstanceRow>(&key).await?.is_some() {
+                if ctx
+                    .get::<InstanceRow>(&key)
+                    .await?
+                    .is_some_and(|r| r.destroyed_at.is_none())
+                {
                     return Ok(Err(ClawError::Conflict(format!(
                         "instance {} already exists",
                         row.id
@@ -96,6 +107,10 @@ impl Actor for RegistryActor {
                 };
                 row.destroyed_at = at;
                 ctx.put(&key, &row)?;
+                Ok(Ok(()))
+            }
+            RegistryCall::Remove { id } => {
+                ctx.delete(&format!("{ROW_PREFIX}{id}"));
                 Ok(Ok(()))
             }
         }

@@ -12,7 +12,9 @@ use kilocloud_claw::fly::{FlyConfig, FlyProvider};
 use kilocloud_claw::instance::{InstanceState, Status};
 use kilocloud_claw::provider::{ComputeProvider, Guest, VolumeSpec};
 use kilocloud_claw::registry::{InstanceRow, RegistryActor, RegistryCall};
-use kilocloud_claw::{AlarmCadence, Claw, ClawConfig, CreateInstance, InstanceRef, ProviderKind};
+use kilocloud_claw::{
+    AlarmCadence, Claw, ClawConfig, ClawError, CreateInstance, InstanceRef, ProviderKind,
+};
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner};
@@ -461,9 +463,58 @@ async fn restore_after_state_loss(pg: bool) {
     assert_eq!((e.fly.machine_count(), e.fly.volume_count()), (1, 1));
     assert!(e.claw.destroy(&found).await.unwrap());
     assert_eq!((e.fly.machine_count(), e.fly.volume_count()), (0, 0));
+    // A start that comes after the destroy (it raced it, holding the old row) restores
+    // nothing.
+    assert!(matches!(
+        e.claw.start(&found).await,
+        Err(ClawError::NotFound)
+    ));
+    assert_eq!((e.fly.machine_count(), e.fly.volume_count()), (0, 0));
+    assert_eq!(e.state(&found).await.status, None);
+}
+
+/// Provisioning an id another owner holds is refused without touching that instance; a
+/// destroyed legacy instance (its id is the user's) can be provisioned again.
+async fn provisioning_ids(pg: bool) {
+    let e = env(pg).await;
+    let victim = e.create(true).await;
+    let org = Owner::Org(Uuid::new_v4());
+    let taken = e
+        .claw
+        .provision_instance(org, e.user, victim.row.id, CreateInstance::default(), &e.by)
+        .await;
+    assert!(matches!(taken, Err(ClawError::Conflict(_))), "{taken:?}");
+    let s = e.state(&victim).await;
+    assert_eq!(
+        s.status,
+        Some(Status::Running),
+        "the owner's instance is intact"
+    );
+    assert_eq!(e.fly.machine_count(), 1);
+    assert!(
+        e.claw.list(org).await.unwrap().is_empty(),
+        "no row left behind"
+    );
+
+    let legacy = e
+        .claw
+        .provision_legacy(e.user, CreateInstance::default(), &e.by)
+        .await
+        .unwrap();
+    assert_eq!(legacy.id, e.user);
+    let found = e.claw.find(Owner::User(e.user), e.user).await.unwrap();
+    assert!(e.claw.destroy(&found).await.unwrap());
+    let again = e
+        .claw
+        .provision_legacy(e.user, CreateInstance::default(), &e.by)
+        .await
+        .unwrap();
+    assert_eq!(again.id, e.user);
+    assert_eq!(again.sandbox_id, legacy.sandbox_id);
 }
 
 on_both_backends!(
+    provisioning_ids,
     lifecycle_and_env_encryption,
     destroy_under_injected_failures_leaves_nothing,
     reconciliation_rules,

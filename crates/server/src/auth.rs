@@ -196,16 +196,7 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let bearer = parts.headers.get(http::header::AUTHORIZATION).map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
-                .map(str::trim)
-                .unwrap_or("")
-        });
+        let bearer = bearer_token(&parts.headers);
         let principal = limited(parts, state, async {
             match bearer {
                 None => Err(kilocloud_identity::credential::AuthError::Missing.into()),
@@ -279,6 +270,25 @@ impl FromRequestParts<AppState> for PersonalAuth {
         require_personal(&auth)?;
         Ok(PersonalAuth(auth))
     }
+}
+
+/// The token of an `Authorization: Bearer …` header: `None` without the header, `Some("")`
+/// when it has another scheme or is not text (so it fails as an invalid credential).
+pub(crate) fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(http::header::AUTHORIZATION).map(bearer_value)
+}
+
+/// The token of one `Authorization` value (`Bearer <token>`), `""` for another scheme.
+pub(crate) fn bearer_value(value: &http::HeaderValue) -> &str {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("")
 }
 
 fn require_personal(auth: &AuthUser) -> Result<(), ApiError> {

@@ -24,6 +24,7 @@ use std::sync::Mutex;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{CloseFrame as AxumClose, Message as AxumMsg, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{any, get};
@@ -34,13 +35,14 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use kilocloud_claw::instance::Status;
 use kilocloud_claw::{ACCESS_COOKIE, ACCESS_COOKIE_TTL_S, Claw, ClawError, InstanceRef};
-use kilocloud_identity::Owner;
+use kilocloud_identity::{Owner, Principal};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as UpMsg;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as UpClose;
 use uuid::Uuid;
 
 use crate::api::claw::claw;
+use crate::auth::{bearer_token, bearer_value, limited_webhook};
 use crate::{ApiError, AppState};
 
 /// Largest HTTP request body relayed, bytes (buffered so a retry can replay it).
@@ -54,9 +56,9 @@ const POOL_PER_MACHINE: usize = 32;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/i/{id}", any(redirect_to_slash))
-        .route("/i/{id}/", any(proxy_instance_root))
+        .route("/i/{id}/", any(proxy_instance))
         .route("/i/{id}/{*rest}", any(proxy_instance))
-        .route("/claw", any(proxy_legacy_root))
+        .route("/claw", any(proxy_legacy))
         .route("/claw/{*rest}", any(proxy_legacy))
         .route("/kilo-access-gateway", get(access_form).post(access_redeem))
 }
@@ -93,79 +95,99 @@ impl UpstreamPool {
     }
 }
 
-async fn redirect_to_slash(Path(id): Path<String>) -> Redirect {
-    Redirect::permanent(&format!("/i/{id}/"))
-}
-
-async fn proxy_instance_root(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    request: Request,
-) -> Response {
-    proxy(s, Target::Instance(id), String::new(), request).await
+/// `/i/{id}` → `/i/{id}/`, keeping the query.
+async fn redirect_to_slash(Path(id): Path<String>, request: Request) -> Redirect {
+    match request.uri().query() {
+        Some(q) => Redirect::permanent(&format!("/i/{id}/?{q}")),
+        None => Redirect::permanent(&format!("/i/{id}/")),
+    }
 }
 
 async fn proxy_instance(
     State(s): State<AppState>,
-    Path((id, rest)): Path<(String, String)>,
+    Path(params): Path<HashMap<String, String>>,
     request: Request,
 ) -> Response {
-    proxy(s, Target::Instance(id), rest, request).await
+    let id = params.get("id").cloned().unwrap_or_default();
+    proxy(s, Target::Instance(id), request).await
 }
 
-async fn proxy_legacy_root(State(s): State<AppState>, request: Request) -> Response {
-    proxy(s, Target::Legacy, String::new(), request).await
-}
-
-async fn proxy_legacy(
-    State(s): State<AppState>,
-    Path(rest): Path<String>,
-    request: Request,
-) -> Response {
-    proxy(s, Target::Legacy, rest, request).await
+async fn proxy_legacy(State(s): State<AppState>, request: Request) -> Response {
+    proxy(s, Target::Legacy, request).await
 }
 
 enum Target {
+    /// `/i/{id}/…`: the instance's id as given (validated as a UUID).
     Instance(String),
+    /// `/claw/…`: the caller's legacy instance.
     Legacy,
+}
+
+impl Target {
+    /// The path the runtime sees: the request's path as sent (still percent-encoded) minus
+    /// the `/i/{id}` or `/claw` prefix, with the query.
+    fn upstream_path(&self, uri: &http::Uri) -> String {
+        let prefix_segments = match self {
+            Target::Instance(_) => 2,
+            Target::Legacy => 1,
+        };
+        let mut rest = uri.path().trim_start_matches('/');
+        for _ in 0..prefix_segments {
+            rest = rest.split_once('/').map_or("", |(_, tail)| tail);
+        }
+        match uri.query() {
+            Some(q) => format!("/{rest}?{q}"),
+            None => format!("/{rest}"),
+        }
+    }
 }
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Proof {
     /// The access cookie: an `Authorization` header is the runtime's own (its gateway token)
-    /// and is relayed.
+    /// and is relayed, unless it is one of our credentials (see [`forwarded_headers`]).
     Cookie,
     /// A bearer JWT: the header is ours and never reaches the runtime.
     Bearer,
 }
 
-/// The caller's user id from the access cookie or else a bearer JWT (strict pepper check
-/// either way).
-async fn caller(s: &AppState, headers: &HeaderMap) -> Result<(Uuid, Proof), ApiError> {
-    if let Some(token) = cookie(headers, ACCESS_COOKIE)
-        && let Ok(p) = s.identity.authenticate_jwt(&token).await
-    {
-        return Ok((p.user, Proof::Cookie));
-    }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(token) = bearer else {
-        return Err(ApiError::unauthorized(
-            "sign in: a bearer JWT, or an access code redeemed at /kilo-access-gateway \
-             (`kilocloud claw open` prints one)",
+/// The caller from the access cookie or else a bearer JWT (strict pepper check either way;
+/// API keys are not accepted), under the per-address failure limiter (a failed bearer check
+/// counts; a stale cookie next to a valid bearer does not).
+async fn caller(s: &AppState, parts: &Parts) -> Result<(Principal, Proof), ApiError> {
+    limited_webhook(parts, s, async {
+        if let Some(token) = cookie(&parts.headers, ACCESS_COOKIE)
+            && let Ok(p) = s.identity.authenticate_jwt(&token).await
+        {
+            return Ok((p, Proof::Cookie));
+        }
+        let Some(token) = bearer_token(&parts.headers) else {
+            return Err(ApiError::unauthorized(
+                "sign in: a bearer JWT, or an access code redeemed at /kilo-access-gateway \
+                 (`kilocloud claw open` prints one)",
+            ));
+        };
+        Ok((s.identity.authenticate_jwt(token).await?, Proof::Bearer))
+    })
+    .await
+}
+
+/// Whether `caller` may reach `found` beyond ownership (which `find_for_user` checked): a
+/// bot's token never does (403), and a token pinned to an organization reaches only that
+/// organization's instances (404 otherwise, as for anyone else's).
+fn check_credential(caller: &Principal, found: &InstanceRef) -> Result<(), ApiError> {
+    if caller.bot.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "personal_credential_required",
+            "a bot's token cannot open an instance; sign in as the user",
         ));
-    };
-    Ok((
-        s.identity.authenticate_jwt(token).await?.user,
-        Proof::Bearer,
-    ))
+    }
+    match caller.pinned_org {
+        Some(org) if found.row.org_id != Some(org) => Err(ClawError::NotFound.into()),
+        _ => Ok(()),
+    }
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -179,21 +201,19 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-async fn proxy(s: AppState, target: Target, rest: String, request: Request) -> Response {
-    match relay(&s, target, rest, request).await {
+async fn proxy(s: AppState, target: Target, request: Request) -> Response {
+    match relay(&s, target, request).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn relay(
-    s: &AppState,
-    target: Target,
-    rest: String,
-    request: Request,
-) -> Result<Response, ApiError> {
+async fn relay(s: &AppState, target: Target, request: Request) -> Result<Response, ApiError> {
     let claw = claw(s)?.clone();
-    let (user, proof) = caller(s, request.headers()).await?;
+    let (mut parts, body) = request.into_parts();
+    let (principal, proof) = caller(s, &parts).await?;
+    let user = principal.user;
+    let path_and_query = target.upstream_path(&parts.uri);
     let found = match target {
         Target::Instance(id) => {
             let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("instance not found"))?;
@@ -201,11 +221,7 @@ async fn relay(
         }
         Target::Legacy => claw.find(Owner::User(user), user).await?,
     };
-    let (mut parts, body) = request.into_parts();
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("/{rest}?{q}"),
-        None => format!("/{rest}"),
-    };
+    check_credential(&principal, &found)?;
     let is_upgrade = parts
         .headers
         .get(header::UPGRADE)
@@ -217,10 +233,13 @@ async fn relay(
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let protocols = requested_protocols(&parts.headers);
         let forwarded = forwarded_headers(&parts.headers, proof);
-        let upstream = connect_ws(&claw, &found, &path_and_query, &forwarded, &protocols).await?;
+        let (upstream, chosen) =
+            connect_ws(&claw, &found, &path_and_query, &forwarded, &protocols).await?;
+        // The client is answered with the subprotocol the runtime chose (RFC 6455 §4.2.2),
+        // none when it chose none.
         return Ok(upgrade
             .read_buffer_size(RELAY_READ_BUFFER_BYTES)
-            .protocols(protocols)
+            .protocols(chosen)
             .on_upgrade(move |client| relay_ws(client, upstream)));
     }
     let body = axum::body::to_bytes(body, MAX_PROXY_BODY_BYTES)
@@ -274,15 +293,17 @@ async fn machine_of(claw: &Claw, found: &InstanceRef) -> Result<(String, String)
     }
 }
 
-/// After a failed attempt: a running instance is started again (once) and its machine
-/// returned for the retry; otherwise 503.
+/// After a failed attempt: a running instance is started again (once, and only if it is
+/// still running on the machine that did not answer) and its machine returned for the retry;
+/// otherwise 503.
 async fn recover(
     claw: &Claw,
     found: &InstanceRef,
     machine: &str,
     cause: String,
 ) -> Result<(String, String), ApiError> {
-    let state = claw.state(&found.key).await?;
+    tracing::warn!(instance = %found.row.id, %machine, error = %cause, "runtime did not answer: restarting it once");
+    let state = claw.recover(found, machine).await?;
     if state.status != Some(Status::Running) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -290,8 +311,6 @@ async fn recover(
             "Instance not reachable: it is not running (start it first)",
         ));
     }
-    tracing::warn!(instance = %found.row.id, %machine, error = %cause, "runtime did not answer: restarting it once");
-    claw.start(found).await?;
     machine_of(claw, found).await
 }
 
@@ -307,7 +326,9 @@ fn unreachable_error(cause: &str) -> ApiError {
 }
 
 /// The request headers for the runtime: without hop-by-hop headers (RFC 9110 §7.6.1), the
-/// access cookie, and the `Authorization` header when it carried the caller's JWT.
+/// access cookie, and an `Authorization` header that carried the caller's JWT or looks like
+/// any credential of ours (a JWT or an API key), whoever sent it: the runtime's own token
+/// (hex) passes.
 fn forwarded_headers(incoming: &HeaderMap, proof: Proof) -> HeaderMap {
     let mut out = HeaderMap::new();
     let listed: Vec<String> = incoming
@@ -331,7 +352,8 @@ fn forwarded_headers(incoming: &HeaderMap, proof: Proof) -> HeaderMap {
                 | "host"
                 | "cookie"
                 | "content-length"
-        ) || (n == "authorization" && proof == Proof::Bearer)
+        ) || (n == "authorization"
+            && (proof == Proof::Bearer || is_our_credential(value)))
             || n.starts_with("sec-websocket-")
             || listed.iter().any(|l| l == n);
         if !hop {
@@ -342,6 +364,15 @@ fn forwarded_headers(incoming: &HeaderMap, proof: Proof) -> HeaderMap {
         out.insert(header::COOKIE, cookies);
     }
     out
+}
+
+/// Whether an `Authorization` value is shaped like a credential of ours: a JWT (three
+/// dot-separated parts) or an API key or ticket (`kc_…`, `kt_…`).
+fn is_our_credential(value: &HeaderValue) -> bool {
+    let token = bearer_value(value);
+    token.split('.').count() == 3
+        || token.starts_with(kilocloud_identity::credential::API_KEY_PREFIX)
+        || token.starts_with(kilocloud_identity::credential::TICKET_PREFIX)
 }
 
 /// The caller's cookies minus the access cookie (the runtime may set its own).
@@ -401,13 +432,16 @@ async fn send_http(
     let (sender, response) = match pooled {
         Some(done) => done,
         None => {
-            let io = provider
-                .dial(&app, &machine)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (mut sender, conn) = http1::handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (mut sender, conn) = connect_within(async {
+                let io = provider
+                    .dial(&app, &machine)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -427,10 +461,33 @@ async fn send_http(
     ] {
         parts.headers.remove(hop);
     }
+    drop_access_cookie(&mut parts.headers);
     Ok(Response::from_parts(
         parts,
         Body::new(body.map_err(axum::Error::new)),
     ))
+}
+
+/// Removes any `Set-Cookie` of the access cookie from a runtime's response: every runtime
+/// shares this origin, and one must not replace the caller's sign-in with another user's.
+fn drop_access_cookie(headers: &mut HeaderMap) {
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v
+                .to_str()
+                .ok()
+                .and_then(|v| v.split_once('='))
+                .map(|(name, _)| name.trim());
+            name != Some(ACCESS_COOKIE)
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
 }
 
 fn requested_protocols(headers: &HeaderMap) -> Vec<String> {
@@ -446,6 +503,20 @@ fn requested_protocols(headers: &HeaderMap) -> Vec<String> {
 
 type UpstreamWs = tokio_tungstenite::WebSocketStream<Box<dyn kilocloud_claw::provider::UpstreamIo>>;
 
+/// How long reaching a runtime (dial plus HTTP or WebSocket handshake) may take before it
+/// counts as not answering, in seconds.
+const CONNECT_TIMEOUT_S: u64 = 10;
+
+/// Runs a dial-and-handshake under [`CONNECT_TIMEOUT_S`].
+async fn connect_within<T>(connect: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(std::time::Duration::from_secs(CONNECT_TIMEOUT_S), connect)
+        .await
+        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT_S} s"))?
+}
+
+/// The runtime's side of a WebSocket and the subprotocol it chose.
+type Opened = (UpstreamWs, Option<String>);
+
 /// Opens the runtime's side of a WebSocket, with the same restart-and-retry rule.
 async fn connect_ws(
     claw: &Claw,
@@ -453,7 +524,7 @@ async fn connect_ws(
     path: &str,
     headers: &HeaderMap,
     protocols: &[String],
-) -> Result<UpstreamWs, ApiError> {
+) -> Result<Opened, ApiError> {
     let machine = machine_of(claw, found).await?;
     match open_ws(claw, &machine, path, headers, protocols).await {
         Ok(ws) => Ok(ws),
@@ -485,7 +556,7 @@ async fn open_ws(
     path: &str,
     headers: &HeaderMap,
     protocols: &[String],
-) -> Result<UpstreamWs, String> {
+) -> Result<Opened, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let provider = claw.provider();
     let target = provider.upstream(app, machine);
@@ -506,14 +577,22 @@ async fn open_ws(
             h.insert(k, v);
         }
     }
-    let io = provider
-        .dial(app, machine)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (ws, _) = tokio_tungstenite::client_async_with_config(request, io, Some(relay_ws_config()))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(ws)
+    let (ws, response) = connect_within(async {
+        let io = provider
+            .dial(app, machine)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio_tungstenite::client_async_with_config(request, io, Some(relay_ws_config()))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    let chosen = response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Ok((ws, chosen))
 }
 
 /// Whether a runtime message reports a missing or mismatched gateway token.
@@ -789,5 +868,54 @@ mod tests {
         assert!(out.get("x-private").is_none());
         assert_eq!(out.get(header::COOKIE).unwrap(), "a=1; b=2");
         assert_eq!(out.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn the_upstream_path_keeps_its_encoding() {
+        let instance = Target::Instance("abc".into());
+        let uri = |u: &str| u.parse::<http::Uri>().unwrap();
+        assert_eq!(
+            instance.upstream_path(&uri("/i/abc/a%20b/c%3Fd?x=1")),
+            "/a%20b/c%3Fd?x=1"
+        );
+        assert_eq!(instance.upstream_path(&uri("/i/abc/")), "/");
+        assert_eq!(Target::Legacy.upstream_path(&uri("/claw")), "/");
+        assert_eq!(Target::Legacy.upstream_path(&uri("/claw/x%2Fy")), "/x%2Fy");
+    }
+
+    #[test]
+    fn a_runtime_cannot_set_the_access_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            format!("{ACCESS_COOKIE}=stolen; Path=/").parse().unwrap(),
+        );
+        h.append(header::SET_COOKIE, "session=1; Path=/i/x/".parse().unwrap());
+        drop_access_cookie(&mut h);
+        let left: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(left, ["session=1; Path=/i/x/"]);
+    }
+
+    #[test]
+    fn our_credentials_never_reach_the_runtime() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer a.b.c".parse().unwrap());
+        assert!(
+            forwarded_headers(&h, Proof::Cookie)
+                .get(header::AUTHORIZATION)
+                .is_none()
+        );
+        h.insert(header::AUTHORIZATION, "Bearer kc_abc".parse().unwrap());
+        assert!(
+            forwarded_headers(&h, Proof::Cookie)
+                .get(header::AUTHORIZATION)
+                .is_none()
+        );
+        h.insert(header::AUTHORIZATION, "Bearer 0123abcd".parse().unwrap());
+        assert!(
+            forwarded_headers(&h, Proof::Cookie)
+                .get(header::AUTHORIZATION)
+                .is_some()
+        );
     }
 }

@@ -143,8 +143,13 @@ async fn proxy_state_rules(pg: bool) {
             .unwrap()
     });
 
-    let state = AppState::new(sub.clone(), identity, gateway, &ServerOptions::default())
-        .with_claw(claw.clone(), false);
+    let state = AppState::new(
+        sub.clone(),
+        identity.clone(),
+        gateway,
+        &ServerOptions::default(),
+    )
+    .with_claw(claw.clone(), false);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -187,6 +192,56 @@ async fn proxy_state_rules(pg: bool) {
     let body: Value = res.json().await.unwrap();
     assert_eq!(code(&body), "instance_not_reachable", "{body}");
     drops.store(0, Ordering::SeqCst);
+
+    // The path is relayed as sent: an encoded space reaches the runtime (its 404), not a
+    // failed request that would restart it.
+    let before = machine_gets();
+    let res = http
+        .get(format!("{base}/i/{}/no%20such", running.id))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404, "the runtime's own answer");
+    assert_eq!(machine_gets(), before, "no restart");
+
+    // A token pinned to an organization reaches only that organization's instances; a bot's
+    // token none.
+    let org = identity.create_org("acme", &by).await.unwrap();
+    let (pinned, _) = identity
+        .issue_jwt(user.id, Some(org.id), None, 3600, &by)
+        .await
+        .unwrap();
+    let res = http
+        .get(format!("{base}/i/{}/health", running.id))
+        .bearer_auth(&pinned)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        404,
+        "a personal instance with an org-pinned token"
+    );
+    let bot = identity
+        .create_bot(Owner::User(user.id), "helper", &by)
+        .await
+        .unwrap();
+    let (bot_token, _) = identity
+        .issue_jwt(user.id, None, Some(bot.id), 3600, &by)
+        .await
+        .unwrap();
+    let res = http
+        .get(format!("{base}/i/{}/health", running.id))
+        .bearer_auth(&bot_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        code(&res.json().await.unwrap()),
+        "personal_credential_required"
+    );
 
     // No machine yet: 404 not_provisioned.
     let idle = claw

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::ErrorBody;
-use crate::auth::{Admin, Internal, Member, RequireRole};
+use crate::auth::{Admin, Internal, Member, PersonalRole, RequireRole};
 use crate::{ApiError, AppState, Json};
 
 impl From<ClawError> for ApiError {
@@ -104,7 +104,9 @@ pub async fn list_instances(
         (status = 503, body = ErrorBody)))]
 pub async fn create_instance(
     State(s): State<AppState>,
-    RequireRole(scope, _): RequireRole<Admin>,
+    // Personal: the runtime gets a 30-day key of the caller's, which an org's key or a bot
+    // must not be able to mint.
+    PersonalRole(scope, _): PersonalRole<Admin>,
     Json(request): Json<CreateInstance>,
 ) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
     let claw = claw(&s)?;
@@ -213,7 +215,8 @@ pub async fn restart_instance(
     responses((status = 200, body = AccessCodeView), (status = 404, body = ErrorBody)))]
 pub async fn issue_access_code(
     State(s): State<AppState>,
-    RequireRole(scope, _): RequireRole<Member>,
+    // Personal: redeeming the code mints a 24-hour user JWT (the access cookie).
+    PersonalRole(scope, _): PersonalRole<Member>,
     Path(id): Path<String>,
 ) -> Result<Json<AccessCodeView>, ApiError> {
     let (claw, found) = found(&s, scope.owner(), &id).await?;
