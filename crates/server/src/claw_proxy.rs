@@ -779,13 +779,27 @@ fn open_instance(claw: &Claw, found: &InstanceRef) -> Response {
     .into_response()
 }
 
-/// `POST /kilo-access-gateway`: redeems the code; 401 with the form again on failure.
-async fn access_redeem(State(s): State<AppState>, Form(f): Form<AccessForm>) -> Response {
+/// `POST /kilo-access-gateway`: redeems an access code (form `instance`, `user`, `code`), sets
+/// the access cookie and opens the instance; 401 with the form again on failure. A cross-site form post is refused (403; login CSRF: another site must not sign
+/// a browser in as someone else), and wrong codes count against the per-address
+/// authentication failure limit (then 429).
+async fn access_redeem(
+    State(s): State<AppState>,
+    parts: Parts,
+    Form(f): Form<AccessForm>,
+) -> Response {
     let q = AccessQuery {
         instance: f.instance,
         user: f.user,
         code: String::new(),
     };
+    if is_cross_site(&parts.headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            form_page(&q, Some("Open this page from this site to sign in.")),
+        )
+            .into_response();
+    }
     let claw = match claw(&s) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
@@ -794,18 +808,25 @@ async fn access_redeem(State(s): State<AppState>, Form(f): Form<AccessForm>) -> 
         user: f.user,
         request_id: None,
     };
-    let found = match claw.find_for_user(f.user, f.instance).await {
-        Ok(found) => found,
-        Err(_) => {
-            return (
-                StatusCode::UNAUTHORIZED,
-                form_page(&q, Some("That code is not valid.")),
+    let redeemed = limited_webhook(&parts, &s, async {
+        let wrong = || {
+            ApiError::unauthorized(
+                "That code is wrong, used or expired. Run `kilocloud claw open` for a new one.",
             )
-                .into_response();
-        }
-    };
-    match claw.redeem_access_code(f.user, &f.code, &by).await {
-        Ok(jwt) => {
+        };
+        let found = claw
+            .find_for_user(f.user, f.instance)
+            .await
+            .map_err(|_| wrong())?;
+        let jwt = claw
+            .redeem_access_code(f.user, &f.code, &by)
+            .await
+            .map_err(|_| wrong())?;
+        Ok((found, jwt))
+    })
+    .await;
+    match redeemed {
+        Ok((found, jwt)) => {
             let secure = if s.claw_cookie_secure { "; Secure" } else { "" };
             let cookie = format!(
                 "{ACCESS_COOKIE}={jwt}; Max-Age={ACCESS_COOKIE_TTL_S}; Path=/; HttpOnly; SameSite=Lax{secure}"
@@ -816,16 +837,32 @@ async fn access_redeem(State(s): State<AppState>, Form(f): Form<AccessForm>) -> 
             }
             response
         }
-        Err(_) => (
-            StatusCode::UNAUTHORIZED,
-            form_page(
-                &q,
-                Some(
-                    "That code is wrong, used or expired. Run `kilocloud claw open` for a new one.",
-                ),
-            ),
-        )
-            .into_response(),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            (StatusCode::UNAUTHORIZED, form_page(&q, Some(&e.message))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Whether a browser says the request comes from another site: `Sec-Fetch-Site: cross-site`,
+/// or an `Origin` whose host is not the request's `Host`. Clients that send neither (curl,
+/// the CLI) are not refused.
+fn is_cross_site(headers: &HeaderMap) -> bool {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if text(HeaderName::from_static("sec-fetch-site")) == Some("cross-site") {
+        return true;
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+            !origin_host.eq_ignore_ascii_case(host)
+        }
+        (Some(_), None) => true,
+        _ => false,
     }
 }
 
@@ -868,6 +905,27 @@ mod tests {
         assert!(out.get("x-private").is_none());
         assert_eq!(out.get(header::COOKIE).unwrap(), "a=1; b=2");
         assert_eq!(out.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn cross_site_form_posts_are_recognised() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        assert!(!is_cross_site(&headers(&[])), "curl and the CLI");
+        assert!(!is_cross_site(&headers(&[
+            ("origin", "https://claw.example.com"),
+            ("host", "claw.example.com"),
+        ])));
+        assert!(is_cross_site(&headers(&[
+            ("origin", "https://evil.example"),
+            ("host", "claw.example.com"),
+        ])));
+        assert!(is_cross_site(&headers(&[("sec-fetch-site", "cross-site")])));
     }
 
     #[test]
