@@ -70,15 +70,14 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
+    /// A connection ready for a request. Connections still streaming a response body stay
+    /// pooled (they are ready again once it ends); closed ones are dropped.
     fn take(&self, machine: &str) -> Option<http1::SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.lock().unwrap();
         let senders = idle.get_mut(machine)?;
-        while let Some(sender) = senders.pop() {
-            if sender.is_ready() {
-                return Some(sender);
-            }
-        }
-        None
+        senders.retain(|s| !s.is_closed());
+        let ready = senders.iter().position(|s| s.is_ready())?;
+        Some(senders.swap_remove(ready))
     }
 
     fn put(&self, machine: &str, sender: http1::SendRequest<Full<Bytes>>) {
