@@ -63,10 +63,67 @@ pub fn routes() -> Router<AppState> {
         .route("/kilo-access-gateway", get(access_form).post(access_redeem))
 }
 
-/// Idle HTTP/1 connections to runtimes, per machine.
+/// Idle HTTP/1 connections to runtimes, per machine, and the callers verified recently.
 #[derive(Default)]
 pub struct UpstreamPool {
     idle: Mutex<HashMap<String, Vec<http1::SendRequest<Full<Bytes>>>>>,
+    verified: VerifiedCache,
+}
+
+/// How long a verified caller and the instance they may reach are taken as read, in ms. A
+/// revoked token (pepper rotated), a lost membership or a destroyed registry row takes effect
+/// at the proxy within this time; the instance's state (destroying, its machine) is read on
+/// every request regardless. Measured: it lifts concurrent HTTP throughput by about 30 %
+/// (BENCHMARKS.md).
+const VERIFIED_TTL_MS: i64 = 1_000;
+/// Most entries kept; beyond it the cache starts over.
+const VERIFIED_MAX: usize = 10_000;
+
+/// Credentials the proxy verified recently, with the instance each may reach: the JWT check
+/// (signature and pepper read) and the registry lookup are then skipped for
+/// [`VERIFIED_TTL_MS`]. Keyed by the exact credentials sent and the target; only successes
+/// are kept. Memory only, per node; times come from the substrate's clock.
+#[derive(Default)]
+struct VerifiedCache {
+    entries: Mutex<HashMap<String, Verified>>,
+}
+
+/// A cache entry: when it was verified and until when the credential is valid (ms since the
+/// epoch), how, and the instance.
+struct Verified {
+    at_ms: i64,
+    expires_at_ms: Option<i64>,
+    proof: Proof,
+    found: InstanceRef,
+}
+
+impl VerifiedCache {
+    /// The access cookie's and the bearer token's values, and the target.
+    fn key(headers: &HeaderMap, target: &Target) -> String {
+        let cookie = cookie(headers, ACCESS_COOKIE).unwrap_or_default();
+        let bearer = bearer_token(headers).unwrap_or_default();
+        match target {
+            Target::Instance(id) => format!("{cookie}\n{bearer}\ni/{id}"),
+            Target::Legacy => format!("{cookie}\n{bearer}\nclaw"),
+        }
+    }
+
+    fn get(&self, key: &str, now_ms: i64) -> Option<(Proof, InstanceRef)> {
+        let entries = self.entries.lock().unwrap();
+        let v = entries.get(key)?;
+        let fresh = now_ms >= v.at_ms
+            && now_ms - v.at_ms < VERIFIED_TTL_MS
+            && v.expires_at_ms.is_none_or(|exp| exp > now_ms);
+        fresh.then(|| (v.proof, v.found.clone()))
+    }
+
+    fn put(&self, key: String, verified: Verified) {
+        let mut entries = self.entries.lock().unwrap();
+        if entries.len() >= VERIFIED_MAX {
+            entries.clear();
+        }
+        entries.insert(key, verified);
+    }
 }
 
 impl UpstreamPool {
@@ -210,17 +267,35 @@ async fn proxy(s: AppState, target: Target, request: Request) -> Response {
 async fn relay(s: &AppState, target: Target, request: Request) -> Result<Response, ApiError> {
     let claw = claw(s)?.clone();
     let (mut parts, body) = request.into_parts();
-    let (principal, proof) = caller(s, &parts).await?;
-    let user = principal.user;
     let path_and_query = target.upstream_path(&parts.uri);
-    let found = match target {
-        Target::Instance(id) => {
-            let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("instance not found"))?;
-            claw.find_for_user(user, id).await?
+    let cache_key = VerifiedCache::key(&parts.headers, &target);
+    let now_ms = s.substrate.clock().now_ms();
+    let (proof, found) = match s.claw_pool.verified.get(&cache_key, now_ms) {
+        Some(hit) => hit,
+        None => {
+            let (principal, proof) = caller(s, &parts).await?;
+            let user = principal.user;
+            let found = match target {
+                Target::Instance(id) => {
+                    let id = Uuid::parse_str(&id)
+                        .map_err(|_| ApiError::not_found("instance not found"))?;
+                    claw.find_for_user(user, id).await?
+                }
+                Target::Legacy => claw.find(Owner::User(user), user).await?,
+            };
+            check_credential(&principal, &found)?;
+            s.claw_pool.verified.put(
+                cache_key,
+                Verified {
+                    at_ms: now_ms,
+                    expires_at_ms: principal.expires_at_ms,
+                    proof,
+                    found: found.clone(),
+                },
+            );
+            (proof, found)
         }
-        Target::Legacy => claw.find(Owner::User(user), user).await?,
     };
-    check_credential(&principal, &found)?;
     let is_upgrade = parts
         .headers
         .get(header::UPGRADE)
@@ -904,6 +979,61 @@ mod tests {
         assert!(out.get("x-private").is_none());
         assert_eq!(out.get(header::COOKIE).unwrap(), "a=1; b=2");
         assert_eq!(out.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn verified_callers_are_kept_one_second_and_never_past_expiry() {
+        let cache = VerifiedCache::default();
+        let found = InstanceRef {
+            key: "k".into(),
+            row: kilocloud_claw::registry::InstanceRow {
+                id: Uuid::nil(),
+                owner: "user".into(),
+                user_id: Uuid::nil(),
+                org_id: None,
+                sandbox_id: "ki_0".into(),
+                name: "n".into(),
+                created_at: 0,
+                destroyed_at: None,
+            },
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer a.b.c".parse().unwrap());
+        let key = VerifiedCache::key(&headers, &Target::Instance("i".into()));
+        cache.put(
+            key.clone(),
+            Verified {
+                at_ms: 10_000,
+                expires_at_ms: Some(10_500),
+                proof: Proof::Bearer,
+                found: found.clone(),
+            },
+        );
+        assert_eq!(
+            cache.get(&key, 10_499),
+            Some((Proof::Bearer, found.clone()))
+        );
+        assert_eq!(cache.get(&key, 10_500), None, "the token expired");
+        let other = VerifiedCache::key(&headers, &Target::Legacy);
+        assert_eq!(cache.get(&other, 10_001), None, "another target");
+        cache.put(
+            key.clone(),
+            Verified {
+                at_ms: 20_000,
+                expires_at_ms: None,
+                proof: Proof::Bearer,
+                found: found.clone(),
+            },
+        );
+        assert!(cache.get(&key, 20_999).is_some());
+        assert_eq!(
+            cache.get(&key, 21_000),
+            None,
+            "verified again after a second"
+        );
+        headers.insert(header::AUTHORIZATION, "Bearer d.e.f".parse().unwrap());
+        let changed = VerifiedCache::key(&headers, &Target::Instance("i".into()));
+        assert_eq!(cache.get(&changed, 20_001), None, "another credential");
     }
 
     #[test]
