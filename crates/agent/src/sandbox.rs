@@ -713,7 +713,7 @@ impl Bridge {
                     return Ok((pid, None));
                 }
                 let listener = in_netns(pid, || {
-                    let listener = std::net::TcpListener::bind(("127.0.0.1", FORWARD_PORT))?;
+                    let listener = bind_loopback(FORWARD_PORT)?;
                     listener.set_nonblocking(true)?;
                     Ok(listener)
                 })?;
@@ -739,6 +739,24 @@ impl Bridge {
                 }
             }),
         ))
+    }
+}
+
+/// Binds `127.0.0.1:port` in the calling thread's network namespace. bubblewrap's child brings
+/// the sandbox's loopback up after it has reported its pid, so right after that the address
+/// may not exist yet (`EADDRNOTAVAIL`): retried every millisecond for up to a second.
+fn bind_loopback(port: u16) -> std::io::Result<std::net::TcpListener> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
+        }
     }
 }
 
