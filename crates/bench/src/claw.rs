@@ -1,8 +1,9 @@
 //! KiloClaw proxy overhead: one local upstream (the built-in KiloClaw runtime, `GET /health`
 //! and the `GET /ws` ping → pong socket) reached three ways in the same run: directly;
 //! through the server's `/i/<id>/…` proxy (the real router, SQLite, KiloClaw on the `fly`
-//! provider against the fake Fly API, whose `app_url` is the upstream, so every request is
-//! authenticated with a user JWT, the instance found and its machine read before the relay);
+//! provider against the fake Fly API, whose `app_url` is the upstream; every request carries
+//! a user JWT, verified with the instance it may reach at most once a second, and the
+//! instance's machine is read before the relay);
 //! and through nginx (`/usr/sbin/nginx`, one process, keep-alive to the upstream) when it is
 //! installed. The same client for each: 16 keep-alive connections in a closed loop (each sends
 //! its next request when the previous answer is read) for a fixed time after a warm-up, then

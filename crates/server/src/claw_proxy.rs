@@ -63,18 +63,25 @@ pub fn routes() -> Router<AppState> {
         .route("/kilo-access-gateway", get(access_form).post(access_redeem))
 }
 
-/// Idle HTTP/1 connections to runtimes, per machine, and the callers verified recently.
+/// The proxy's per-node memory: idle connections to runtimes and the callers verified
+/// recently. Cheap to share (`Arc` in [`AppState`]).
 #[derive(Default)]
-pub struct UpstreamPool {
-    idle: Mutex<HashMap<String, Vec<http1::SendRequest<Full<Bytes>>>>>,
+pub struct ProxyState {
+    pool: UpstreamPool,
     verified: VerifiedCache,
+}
+
+/// Idle HTTP/1 connections to runtimes, per machine.
+#[derive(Default)]
+struct UpstreamPool {
+    idle: Mutex<HashMap<String, Vec<http1::SendRequest<Full<Bytes>>>>>,
 }
 
 /// How long a verified caller and the instance they may reach are taken as read, in ms. A
 /// revoked token (pepper rotated), a lost membership or a destroyed registry row takes effect
 /// at the proxy within this time; the instance's state (destroying, its machine) is read on
-/// every request regardless. Measured: it lifts concurrent HTTP throughput by about 30 %
-/// (BENCHMARKS.md).
+/// every request regardless. Its effect on concurrent HTTP throughput is smaller than the
+/// benchmark's run-to-run spread (BENCHMARKS.md).
 const VERIFIED_TTL_MS: i64 = 1_000;
 /// Most entries kept; beyond it the cache starts over.
 const VERIFIED_MAX: usize = 10_000;
@@ -270,7 +277,7 @@ async fn relay(s: &AppState, target: Target, request: Request) -> Result<Respons
     let path_and_query = target.upstream_path(&parts.uri);
     let cache_key = VerifiedCache::key(&parts.headers, &target);
     let now_ms = s.substrate.clock().now_ms();
-    let (proof, found) = match s.claw_pool.verified.get(&cache_key, now_ms) {
+    let (proof, found) = match s.claw_proxy.verified.get(&cache_key, now_ms) {
         Some(hit) => hit,
         None => {
             let (principal, proof) = caller(s, &parts).await?;
@@ -284,7 +291,7 @@ async fn relay(s: &AppState, target: Target, request: Request) -> Result<Respons
                 Target::Legacy => claw.find(Owner::User(user), user).await?,
             };
             check_credential(&principal, &found)?;
-            s.claw_pool.verified.put(
+            s.claw_proxy.verified.put(
                 cache_key,
                 Verified {
                     at_ms: now_ms,
@@ -327,17 +334,17 @@ async fn relay(s: &AppState, target: Target, request: Request) -> Result<Respons
         })?;
     let headers = forwarded_headers(&parts.headers, proof);
     let method = parts.method.clone();
-    let pool = s.claw_pool.clone();
+    let proxy = s.claw_proxy.clone();
+    let pool = &proxy.pool;
     let send = |machine: (String, String)| {
-        let (claw, pool, headers, body, method, path) = (
+        let (claw, headers, body, method, path) = (
             claw.clone(),
-            pool.clone(),
             headers.clone(),
             body.clone(),
             method.clone(),
             path_and_query.clone(),
         );
-        async move { send_http(&claw, &pool, machine, method, &path, headers, body).await }
+        async move { send_http(&claw, pool, machine, method, &path, headers, body).await }
     };
     let machine = machine_of(&claw, &found).await?;
     match send(machine.clone()).await {
@@ -854,9 +861,10 @@ fn open_instance(claw: &Claw, found: &InstanceRef) -> Response {
 }
 
 /// `POST /kilo-access-gateway`: redeems an access code (form `instance`, `user`, `code`), sets
-/// the access cookie and opens the instance; 401 with the form again on failure. A cross-site form post is refused (403; login CSRF: another site must not sign
-/// a browser in as someone else), and wrong codes count against the per-address
-/// authentication failure limit (then 429).
+/// the access cookie and opens the instance; 401 with the form again on failure. A
+/// cross-site form post is refused (403; login CSRF: another site must not sign a browser in
+/// as someone else), and wrong codes count against the per-address authentication failure
+/// limit (then 429).
 async fn access_redeem(
     State(s): State<AppState>,
     parts: Parts,

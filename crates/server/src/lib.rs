@@ -51,8 +51,9 @@ pub struct AppState {
     pub automation: Option<kilocloud_automation::Automation>,
     /// KiloClaw; `None` answers its routes with 503 `claw_disabled`.
     pub claw: Option<kilocloud_claw::Claw>,
-    /// Idle connections from the KiloClaw proxy to runtimes.
-    pub claw_pool: Arc<claw_proxy::UpstreamPool>,
+    /// The KiloClaw proxy's per-node memory (idle connections to runtimes, callers verified
+    /// in the last second).
+    pub claw_proxy: Arc<claw_proxy::ProxyState>,
     /// Whether the access cookie is marked `Secure` (set when served over HTTPS).
     pub claw_cookie_secure: bool,
     /// Per-IP budget of failed authentications.
@@ -95,7 +96,7 @@ impl AppState {
             agents: None,
             automation: None,
             claw: None,
-            claw_pool: Arc::default(),
+            claw_proxy: Arc::default(),
             claw_cookie_secure: false,
             admin_token_sha256: Some(options.admin_token.as_str())
                 .filter(|t| !t.is_empty())

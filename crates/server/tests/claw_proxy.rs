@@ -161,11 +161,13 @@ async fn proxy_state_rules(pg: bool) {
         .unwrap()
     });
     let http = reqwest::Client::new();
-    let get = |id: Uuid| {
-        http.get(format!("{base}/i/{id}/health"))
-            .bearer_auth(&jwt)
+    // `GET /i/{id}/{path}` with `token`.
+    let get_as = |id: Uuid, path: &str, token: &str| {
+        http.get(format!("{base}/i/{id}/{path}"))
+            .bearer_auth(token)
             .send()
     };
+    let get = |id: Uuid| get_as(id, "health", &jwt);
     let code = |body: &Value| body["error"]["code"].as_str().unwrap_or("").to_owned();
 
     // Answers; then the runtime crashes (its connections close, the next one is refused): a
@@ -196,12 +198,7 @@ async fn proxy_state_rules(pg: bool) {
     // The path is relayed as sent: an encoded space reaches the runtime (its 404), not a
     // failed request that would restart it.
     let before = machine_gets();
-    let res = http
-        .get(format!("{base}/i/{}/no%20such", running.id))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(running.id, "no%20such", &jwt).await.unwrap();
     assert_eq!(res.status(), 404, "the runtime's own answer");
     assert_eq!(machine_gets(), before, "no restart");
 
@@ -212,12 +209,7 @@ async fn proxy_state_rules(pg: bool) {
         .issue_jwt(user.id, Some(org.id), None, 3600, &by)
         .await
         .unwrap();
-    let res = http
-        .get(format!("{base}/i/{}/health", running.id))
-        .bearer_auth(&pinned)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(running.id, "health", &pinned).await.unwrap();
     assert_eq!(
         res.status(),
         404,
@@ -231,12 +223,7 @@ async fn proxy_state_rules(pg: bool) {
         .issue_jwt(user.id, None, Some(bot.id), 3600, &by)
         .await
         .unwrap();
-    let res = http
-        .get(format!("{base}/i/{}/health", running.id))
-        .bearer_auth(&bot_token)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(running.id, "health", &bot_token).await.unwrap();
     assert_eq!(res.status(), 403);
     assert_eq!(
         code(&res.json().await.unwrap()),
