@@ -479,38 +479,71 @@ impl ActorSystem {
         }
     }
 
-    /// Runs a claimed alarm on its actor. Returns `Ok(true)` when the handler ran and committed,
-    /// `Ok(false)` when the alarm was replaced or deleted before it could run.
-    pub(crate) async fn run_alarm(&self, row: &crate::store::AlarmRow) -> Result<bool> {
-        let (actor_type, actor) = self
+    /// Runs a claimed alarm on its actor and says how it went; only an error of the handler
+    /// itself is an [`AlarmRun::HandlerFailed`] (what counts against the alarm's retries).
+    pub(crate) async fn run_alarm(&self, row: &crate::store::AlarmRow) -> AlarmRun {
+        let found = self
             .actors
             .read()
             .unwrap()
             .get_key_value(row.actor_type.as_str())
-            .map(|(t, a)| (*t, a.clone()))
-            .ok_or_else(|| Error::NotFound {
+            .map(|(t, a)| (*t, a.clone()));
+        let Some((actor_type, actor)) = found else {
+            return AlarmRun::NotRun(Error::NotFound {
                 what: "actor type",
                 name: row.actor_type.clone(),
-            })?;
-        let guard = self.admit(actor_type, &row.actor_key, Admission::Always)?;
+            });
+        };
+        let guard = match self.admit(actor_type, &row.actor_key, Admission::Always) {
+            Ok(guard) => guard,
+            Err(e) => return AlarmRun::NotRun(e),
+        };
         let (fire_at, generation, retry_count) = (row.fire_at, row.generation, row.retry_count);
         let lag_clock = self.clock.clone();
-        self.run(guard, move |ctx| {
-            Box::pin(async move {
-                if ctx.session.alarm().await? != Some((fire_at, generation)) {
-                    return Ok((false, None));
-                }
-                ctx.firing = Some(generation);
-                let lag_ms = (lag_clock.now_ms() - fire_at).max(0);
-                metrics::histogram!("kilocloud_alarm_lag_seconds").record(lag_ms as f64 / 1000.0);
-                let info = AlarmInfo {
-                    scheduled_at: fire_at,
-                    retry_count,
-                };
-                actor.alarm(ctx, info).await?;
-                Ok((true, Some(AlarmCompletion { generation })))
+        let handler_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = handler_failed.clone();
+        let result = self
+            .run(guard, move |ctx| {
+                Box::pin(async move {
+                    if ctx.session.alarm().await? != Some((fire_at, generation)) {
+                        return Ok((false, None));
+                    }
+                    ctx.firing = Some(generation);
+                    let lag_ms = (lag_clock.now_ms() - fire_at).max(0);
+                    metrics::histogram!("kilocloud_alarm_lag_seconds")
+                        .record(lag_ms as f64 / 1000.0);
+                    let info = AlarmInfo {
+                        scheduled_at: fire_at,
+                        retry_count,
+                    };
+                    if let Err(e) = actor.alarm(ctx, info).await {
+                        failed.store(true, Ordering::SeqCst);
+                        return Err(e);
+                    }
+                    Ok((true, Some(AlarmCompletion { generation })))
+                })
             })
-        })
-        .await
+            .await;
+        match result {
+            Ok(true) => AlarmRun::Fired,
+            Ok(false) => AlarmRun::Stale,
+            Err(e) if handler_failed.load(Ordering::SeqCst) => AlarmRun::HandlerFailed(e),
+            Err(e) => AlarmRun::NotRun(e),
+        }
     }
+}
+
+/// How one run of a claimed alarm went.
+#[derive(Debug)]
+pub(crate) enum AlarmRun {
+    /// The handler ran and its writes (and the alarm's deletion) committed.
+    Fired,
+    /// The alarm was replaced or deleted before it could run.
+    Stale,
+    /// The handler returned an error (or panicked): counts against its retries.
+    HandlerFailed(Error),
+    /// The handler never ran or its commit failed (the actor was `Overloaded`, its lock or
+    /// session could not be had, the node is shutting down, the database failed): the alarm
+    /// runs again without using a retry.
+    NotRun(Error),
 }

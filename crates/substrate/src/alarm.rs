@@ -6,7 +6,13 @@
 //! alarm), at most `alarm_concurrency` at once. A successful run deletes the alarm in the same
 //! commit as the handler's writes (unless the handler set a new one). A failed or panicked run
 //! is rescheduled `2 s × 2^retry_count` later, at most [`ALARM_MAX_RETRIES`] times, then dropped
-//! with an error log — as Durable Object alarms are.
+//! with an error log — as Durable Object alarms are. Only a failure of the handler itself uses a
+//! retry: an alarm that could not run (its actor `Overloaded`, a lock or session timeout, a
+//! failed commit) runs again [`ALARM_RETRY_BASE_MS`] later with its count unchanged.
+//!
+//! A claim is a lease of [`ALARM_LEASE_MS`], renewed every third of it while the handler runs;
+//! an alarm whose lease expired (its node lost track of it, e.g. through a database outage that
+//! kept it from recording the outcome) is claimable again by any node.
 
 use std::sync::Arc;
 
@@ -15,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::actor::ActorSystem;
+use crate::actor::{ActorSystem, AlarmRun};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::{AlarmRow, Backend};
@@ -24,6 +30,9 @@ use crate::store::{AlarmRow, Backend};
 pub const ALARM_RETRY_BASE_MS: i64 = 2_000;
 /// Retries of a failed alarm before it is dropped.
 pub const ALARM_MAX_RETRIES: u32 = 6;
+/// How long a claim on an alarm lasts unless its node renews it (it does while the handler
+/// runs), ms.
+pub const ALARM_LEASE_MS: i64 = 60_000;
 const CLAIM_BATCH: usize = 256;
 
 /// What one [`Alarms::fire_due`] pass did.
@@ -127,9 +136,10 @@ impl Alarms {
             if free == 0 {
                 return Ok((runs, true));
             }
+            let now = self.clock.now_ms();
             let rows = self
                 .backend
-                .claim_due_alarms(&self.node_id, self.clock.now_ms(), free as u32, &types)
+                .claim_due_alarms(&self.node_id, now, now + ALARM_LEASE_MS, free as u32, &types)
                 .await?;
             let claimed = rows.len();
             for row in rows {
@@ -148,23 +158,66 @@ impl Alarms {
         }
     }
 
-    /// Runs one claimed alarm and records its outcome. The handler runs in a task of its own so
-    /// that a panic is a failure like any other.
+    /// Runs one claimed alarm and records its outcome, renewing the claim's lease while it
+    /// runs. The handler runs in a task of its own so that a panic is a failure like any other.
     async fn run(self: Arc<Self>, row: AlarmRow, permit: OwnedSemaphorePermit) -> Outcome {
         let actors = self.actors.clone();
         let claimed = row.clone();
-        let result = match tokio::spawn(async move { actors.run_alarm(&claimed).await }).await {
-            Ok(result) => result,
-            Err(e) => Err(Error::Internal(format!("alarm handler panicked: {e}"))),
-        };
+        let running = tokio::spawn(async move { actors.run_alarm(&claimed).await });
+        let result = self.renew_while(&row, running).await;
         let outcome = match result {
-            Ok(true) => Outcome::Fired,
-            Ok(false) => Outcome::Stale,
-            Err(e) => self.failed(&row, e).await,
+            Ok(AlarmRun::Fired) => Outcome::Fired,
+            Ok(AlarmRun::Stale) => Outcome::Stale,
+            Ok(AlarmRun::HandlerFailed(e)) => self.failed(&row, e).await,
+            Err(e) => {
+                let e = Error::Internal(format!("alarm handler panicked: {e}"));
+                self.failed(&row, e).await
+            }
+            Ok(AlarmRun::NotRun(e)) => self.not_run(&row, e).await,
         };
         drop(permit);
         self.wake.notify_one();
         outcome
+    }
+
+    /// Awaits a running alarm, extending its claim's lease every third of [`ALARM_LEASE_MS`].
+    async fn renew_while(
+        &self,
+        row: &AlarmRow,
+        mut running: JoinHandle<AlarmRun>,
+    ) -> std::result::Result<AlarmRun, tokio::task::JoinError> {
+        let every = ALARM_LEASE_MS / 3;
+        loop {
+            let next = self.clock.now_ms() + every;
+            tokio::select! {
+                done = &mut running => return done,
+                _ = self.clock.sleep_until(next, every as u64) => {}
+            }
+            let until = self.clock.now_ms() + ALARM_LEASE_MS;
+            if let Err(e) = self.backend.alarm_extend(row, &self.node_id, until).await {
+                tracing::warn!(actor_type = %row.actor_type, key = %row.actor_key, error = %e,
+                    "cannot renew the lease of a running alarm");
+            }
+        }
+    }
+
+    /// An alarm that could not run: again in [`ALARM_RETRY_BASE_MS`], its retries untouched
+    /// (on shutdown the claim is given back instead).
+    async fn not_run(&self, row: &AlarmRow, error: Error) -> Outcome {
+        tracing::warn!(actor_type = %row.actor_type, key = %row.actor_key, %error,
+            "alarm could not run; trying again without using a retry");
+        metrics::counter!("kilocloud_alarm_not_run_total").increment(1);
+        let recorded = if matches!(error, Error::ShuttingDown) {
+            self.backend.alarm_unclaim(row).await
+        } else {
+            let at = self.clock.now_ms() + ALARM_RETRY_BASE_MS;
+            self.backend.alarm_failed(row, Some(at), false).await
+        };
+        if let Err(e) = recorded {
+            tracing::error!(actor_type = %row.actor_type, key = %row.actor_key, error = %e,
+                "cannot reschedule the alarm; it is claimable again when its lease expires");
+        }
+        Outcome::Retried
     }
 
     async fn failed(&self, row: &AlarmRow, error: Error) -> Outcome {
@@ -184,13 +237,13 @@ impl Alarms {
             metrics::counter!("kilocloud_alarm_dropped_total").increment(1);
             (None, Outcome::Dropped)
         };
-        if let Err(e) = self.backend.alarm_failed(row, retry_at).await {
+        if let Err(e) = self.backend.alarm_failed(row, retry_at, true).await {
             // Could not record the failure: give the claim back so the alarm runs again.
             tracing::error!(actor_type = %row.actor_type, key = %row.actor_key, error = %e,
                 "cannot reschedule failed alarm; releasing its claim");
             if let Err(e) = self.backend.alarm_unclaim(row).await {
                 tracing::error!(error = %e,
-                    "cannot release alarm claim; it is retried when this node restarts or dies");
+                    "cannot release alarm claim; it is claimable again when its lease expires");
             }
         }
         outcome

@@ -29,14 +29,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use actor::{Actor, ActorContext, ActorSystem, AlarmInfo};
-pub use alarm::{ALARM_MAX_RETRIES, ALARM_RETRY_BASE_MS, Alarms, FireReport, alarm_retry_delay_ms};
+pub use alarm::{
+    ALARM_LEASE_MS, ALARM_MAX_RETRIES, ALARM_RETRY_BASE_MS, Alarms, FireReport, alarm_retry_delay_ms,
+};
 pub use blob::{BlobConfig, BlobMeta, Blobs};
 pub use clock::{Clock, ManualClock, SystemClock, UnixMs};
 pub use cron::CronSchedule;
 pub use error::{Error, Result};
 pub use kv::{KV_LIST_LIMIT, Kv};
 pub use queue::{
-    Consumer, Delivery, MAX_BATCH_MESSAGES, MAX_DELAY_MS, MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS,
+    Consumer, DELIVERIES_PER_ATTEMPT, Delivery, MAX_BATCH_MESSAGES, MAX_DELAY_MS, MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS,
     QueueConfig, Queues,
 };
 pub use store::sqlite::Synchronous;

@@ -2,10 +2,15 @@
 //!
 //! Semantics follow Cloudflare Queues (DESIGN.md §3): JSON messages up to [`MAX_MESSAGE_BYTES`],
 //! optional delivery delay up to [`MAX_DELAY_MS`], at-least-once delivery. A received message is
-//! hidden from other consumers for the queue's visibility timeout; the consumer acks it, or
-//! retries it with a delay and an error. When a message has had `max_attempts` deliveries, a
-//! further retry — or the expiry of its last visibility timeout — moves it to the dead-letter
-//! queue with its last error, where it can be listed and replayed.
+//! hidden from other consumers for the queue's visibility timeout, which the consumer loop
+//! extends while its handler runs (a heartbeat every third of the timeout); the consumer acks
+//! it, or retries it with a delay and an error. Attempts are counted at claim, but only
+//! *failed* deliveries (a handler error, or a visibility timeout that expired while the node
+//! was alive: a hung handler) count towards `max_attempts`; a delivery whose node died is
+//! released by the takeover and costs nothing. After `max_attempts` failures the message moves
+//! to the dead-letter queue with its last error, where it can be listed, replayed or deleted;
+//! one that was delivered [`DELIVERIES_PER_ATTEMPT`] × `max_attempts` times without any
+//! recorded outcome (it keeps crashing its node) is dead-lettered too.
 //!
 //! A delivery's receipt is `(id, attempts)`: an ack or retry from a consumer whose visibility
 //! timeout expired and whose message was delivered again is recognised as stale and ignored.
@@ -32,15 +37,21 @@ pub const MAX_DELAY_MS: u64 = 24 * 60 * 60 * 1000;
 pub const MAX_BATCH_MESSAGES: usize = 100;
 /// Longest default retry backoff, ms (10 min).
 pub const MAX_RETRY_BACKOFF_MS: u64 = 10 * 60 * 1000;
+/// Deliveries allowed per allowed failure before a message whose consumers keep disappearing
+/// without an outcome is dead-lettered anyway (a poison message that crashes its node).
+pub const DELIVERIES_PER_ATTEMPT: u32 = 3;
 
 /// Settings of one queue.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QueueConfig {
     /// Queue name.
     pub name: String,
-    /// Deliveries before a failing message is dead-lettered. Default 3.
+    /// Failed deliveries (handler errors, expired visibility timeouts) before a message is
+    /// dead-lettered. Default 3.
     pub max_attempts: u32,
-    /// How long a delivery hides the message from other consumers, ms. Default 30,000.
+    /// How long a delivery hides the message from other consumers, ms. Default 30,000. The
+    /// consumer loop extends it while the handler runs, so it bounds how long a *hung* node
+    /// holds a message, not how long a handler may take.
     pub visibility_timeout_ms: u64,
     /// Base of the default retry backoff (`base × 2^(attempts−1)`, capped at 10 min), ms.
     /// Default 1,000.
@@ -271,6 +282,7 @@ impl Queues {
                 limit: max,
                 visibility_timeout_ms: config.visibility_timeout_ms as i64,
                 max_attempts: config.max_attempts,
+                max_deliveries: config.max_attempts.saturating_mul(DELIVERIES_PER_ATTEMPT),
             })
             .await?;
         Ok(claimed
@@ -338,19 +350,61 @@ impl Queues {
         Ok(outcome)
     }
 
+    /// Extends a delivery's visibility timeout by the queue's timeout from now, while its
+    /// handler still runs. Returns false when the receipt is stale (the message was taken over
+    /// or settled meanwhile). The consumer loop calls this itself; handlers need not.
+    pub async fn extend(&self, delivery: &Delivery) -> Result<bool> {
+        let (config, _) = self.entry(&delivery.queue)?;
+        self.backend
+            .queue_extend(
+                &delivery.queue,
+                delivery.id,
+                delivery.attempts,
+                &self.node_id,
+                self.clock.now_ms() + config.visibility_timeout_ms as i64,
+            )
+            .await
+    }
+
+    /// Errors with [`Error::NotFound`] unless `queue` is declared on this node or has messages
+    /// or dead letters (operator commands run without the services' declarations).
+    async fn known(&self, queue: &str) -> Result<()> {
+        if self.entry(queue).is_ok() || self.backend.queue_exists(queue).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: "queue",
+                name: queue.to_owned(),
+            })
+        }
+    }
+
     /// Dead-lettered messages of `queue` with id above `after`, oldest first, at most `limit`.
+    /// Errors: [`Error::NotFound`] for a queue that is neither declared nor has rows.
     pub async fn dead_letters(
         &self,
         queue: &str,
         after: i64,
         limit: u32,
     ) -> Result<Vec<DeadLetter>> {
+        self.known(queue).await?;
         self.backend.dlq_list(queue, after, limit).await
+    }
+
+    /// Deletes dead letters of `queue` (all when `ids` is `None`: a purge). Returns how many
+    /// were deleted. Errors: [`Error::NotFound`] for an unknown queue.
+    pub async fn delete_dead_letters(&self, queue: &str, ids: Option<&[i64]>) -> Result<u64> {
+        self.known(queue).await?;
+        let n = self.backend.dlq_delete(queue, ids).await?;
+        tracing::info!(queue, deleted = n, "dead letters deleted");
+        Ok(n)
     }
 
     /// Moves dead letters of `queue` (all, or those with the given dead-letter ids) back to the
     /// queue as new messages with zero attempts. Returns how many moved.
+    /// Errors: [`Error::NotFound`] for an unknown queue.
     pub async fn replay(&self, queue: &str, ids: Option<&[i64]>) -> Result<u64> {
+        self.known(queue).await?;
         let n = self
             .backend
             .dlq_replay(queue, ids, self.clock.now_ms())
@@ -389,9 +443,37 @@ impl Queues {
         let batch = self.receive(queue, config.batch_size).await?;
         let n = batch.len();
         for d in batch {
-            self.settle(&d, consumer.handle(&d).await).await?;
+            let outcome = self.handle(&config, consumer, &d).await;
+            self.settle(&d, outcome).await?;
         }
         Ok(n)
+    }
+
+    /// Runs the handler, extending the delivery's visibility timeout every third of it while the
+    /// handler runs, so a slow handler keeps its message and a hung node loses it.
+    async fn handle<C: Consumer + ?Sized>(
+        &self,
+        config: &QueueConfig,
+        consumer: &C,
+        delivery: &Delivery,
+    ) -> Result<()> {
+        let every = config.visibility_timeout_ms / 3;
+        let handled = consumer.handle(delivery);
+        tokio::pin!(handled);
+        loop {
+            let next = self.clock.now_ms() + every as i64;
+            tokio::select! {
+                outcome = &mut handled => return outcome,
+                _ = self.clock.sleep_until(next, every) => {}
+            }
+            match self.extend(delivery).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(queue = %delivery.queue, id = delivery.id,
+                    "delivery was taken over while its handler runs"),
+                Err(e) => tracing::warn!(queue = %delivery.queue, id = delivery.id, error = %e,
+                    "cannot extend the visibility timeout"),
+            }
+        }
     }
 
     async fn settle(&self, delivery: &Delivery, outcome: Result<()>) -> Result<()> {
@@ -462,9 +544,9 @@ impl Queues {
                         .await
                         .expect("semaphore never closed"),
                 };
-                let (this, consumer) = (self.clone(), consumer.clone());
+                let (this, consumer, config) = (self.clone(), consumer.clone(), config.clone());
                 tasks.spawn(async move {
-                    let outcome = consumer.handle(&d).await;
+                    let outcome = this.handle(&config, consumer.as_ref(), &d).await;
                     if let Err(e) = this.settle(&d, outcome).await {
                         tracing::error!(queue = %d.queue, id = d.id, error = %e,
                             "cannot settle message; it will be redelivered after its visibility timeout");

@@ -14,7 +14,7 @@ pub(crate) struct Migration {
 }
 
 /// Newest schema version this binary knows.
-pub(crate) const LATEST: i64 = 1;
+pub(crate) const LATEST: i64 = 2;
 
 pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -125,6 +125,24 @@ CREATE TABLE nodes (
     started_at BIGINT NOT NULL,
     heartbeat_at BIGINT NOT NULL
 );
+"#,
+}, Migration {
+    version: 2,
+    name: "alarm leases, queue failures",
+    // `claimed_until`: an alarm's claim is a lease its node renews while the handler runs;
+    // claims from before this version are reclaimable at once. `failures`: deliveries that
+    // failed or timed out (dead-lettering counts these, not deliveries).
+    sqlite: r#"
+ALTER TABLE alarms ADD COLUMN claimed_until INTEGER;
+UPDATE alarms SET claimed_until = 0 WHERE claimed_by IS NOT NULL;
+CREATE INDEX alarms_leased ON alarms (claimed_until) WHERE claimed_by IS NOT NULL;
+ALTER TABLE queue_messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+"#,
+    postgres: r#"
+ALTER TABLE alarms ADD COLUMN claimed_until BIGINT;
+UPDATE alarms SET claimed_until = 0 WHERE claimed_by IS NOT NULL;
+CREATE INDEX alarms_leased ON alarms (claimed_until) WHERE claimed_by IS NOT NULL;
+ALTER TABLE queue_messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 "#,
 }];
 

@@ -93,8 +93,76 @@ pub struct ClaimRequest<'a> {
     pub limit: u32,
     /// How long the claim hides the messages from other consumers, ms.
     pub visibility_timeout_ms: i64,
-    /// Messages that already had this many deliveries go to the dead-letter queue instead.
+    /// Failed deliveries (handler errors and expired visibility timeouts) after which a message
+    /// goes to the dead-letter queue instead of being delivered again.
     pub max_attempts: u32,
+    /// Deliveries after which a message goes to the dead-letter queue even without recorded
+    /// failures: its consumers keep disappearing (a message that crashes its node).
+    pub max_deliveries: u32,
+}
+
+/// A deliverable message as a claim finds it, before [`claim_decision`] decides its fate.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimCandidate {
+    /// Message id.
+    pub id: i64,
+    /// Still claimed: its previous delivery's visibility timeout expired without an ack or a
+    /// retry (a hung or too slow handler). A delivery whose node died is released by the
+    /// takeover (`claimed_by` cleared) and does not count.
+    pub timed_out: bool,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Failed deliveries so far.
+    pub failures: u32,
+    /// The last recorded error.
+    pub last_error: Option<String>,
+}
+
+/// What a claim does with one [`ClaimCandidate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClaimDecision {
+    /// Deliver it again, recording `failures` and `last_error`.
+    Deliver {
+        /// Failed deliveries including a timeout just detected.
+        failures: u32,
+        /// The last error, with the timeout note when one was just detected.
+        last_error: Option<String>,
+    },
+    /// Move it to the dead-letter queue with this error.
+    DeadLetter(String),
+}
+
+/// One rule for both backends: an expired visibility timeout is a failed delivery; a message
+/// with `max_attempts` failures, or `max_deliveries` deliveries, is dead-lettered.
+pub(crate) fn claim_decision(c: &ClaimCandidate, max_attempts: u32, max_deliveries: u32) -> ClaimDecision {
+    let previous = c
+        .last_error
+        .as_deref()
+        .map(|e| format!("; previous error: {e}"))
+        .unwrap_or_default();
+    let (failures, last_error) = if c.timed_out {
+        let note = format!(
+            "delivery {} was not acknowledged within its visibility timeout{previous}",
+            c.attempts
+        );
+        (c.failures + 1, Some(note))
+    } else {
+        (c.failures, c.last_error.clone())
+    };
+    if failures >= max_attempts {
+        ClaimDecision::DeadLetter(last_error.unwrap_or_default())
+    } else if c.attempts >= max_deliveries {
+        ClaimDecision::DeadLetter(format!(
+            "delivered {} times without an outcome (its consumers stopped or their nodes \
+             died){previous}",
+            c.attempts
+        ))
+    } else {
+        ClaimDecision::Deliver {
+            failures,
+            last_error,
+        }
+    }
 }
 
 /// Parameters of [`Backend::queue_retry`].
@@ -110,7 +178,8 @@ pub struct RetryRequest<'a> {
     pub visible_at: UnixMs,
     /// The handler's error, kept as the message's last error.
     pub error: &'a str,
-    /// With this many deliveries the message goes to the dead-letter queue instead.
+    /// With this many failed deliveries (this one included) the message goes to the
+    /// dead-letter queue instead.
     pub max_attempts: u32,
     /// Now, ms since epoch.
     pub now: UnixMs,
@@ -121,7 +190,7 @@ pub struct RetryRequest<'a> {
 pub enum RetryOutcome {
     /// The message will be delivered again after the delay.
     Requeued,
-    /// It had reached the queue's max attempts and moved to the dead-letter queue.
+    /// It had reached the queue's max failed attempts and moved to the dead-letter queue.
     DeadLettered,
     /// The receipt was stale (the message was redelivered or acked meanwhile); nothing changed.
     Stale,
@@ -272,17 +341,30 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Earliest unclaimed alarm time among actors of `types`, if any.
     async fn next_alarm_at(&self, types: &[&str]) -> Result<Option<UnixMs>>;
-    /// Claims up to `limit` due, unclaimed alarms of actors of `types` for `node`.
+    /// Claims up to `limit` due alarms of actors of `types` for `node` until `lease_until`
+    /// (ms since epoch): unclaimed ones, and ones whose claim's lease expired (the claiming
+    /// node lost track of them, e.g. during a database outage).
     async fn claim_due_alarms(
         &self,
         node: &str,
         now: UnixMs,
+        lease_until: UnixMs,
         limit: u32,
         types: &[&str],
     ) -> Result<Vec<AlarmRow>>;
-    /// Records a failed alarm run: reschedules at `retry_at` with `retry_count + 1`, or deletes it
-    /// when `retry_at` is `None`. Only touches the row if it still has `generation`.
-    async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()>;
+    /// Extends `node`'s claim on a running alarm to `lease_until`. False when the claim is no
+    /// longer this node's (taken over, or the alarm was replaced).
+    async fn alarm_extend(&self, row: &AlarmRow, node: &str, lease_until: UnixMs) -> Result<bool>;
+    /// Records a failed alarm run: reschedules at `retry_at`, with `retry_count + 1` when
+    /// `counted` (a handler failure; an alarm that could not run, e.g. `Overloaded`, keeps its
+    /// count), or deletes it when `retry_at` is `None`. Only touches the row if it still has
+    /// `generation`.
+    async fn alarm_failed(
+        &self,
+        row: &AlarmRow,
+        retry_at: Option<UnixMs>,
+        counted: bool,
+    ) -> Result<()>;
     /// Gives back this node's claim on an alarm whose failure could not be recorded.
     async fn alarm_unclaim(&self, row: &AlarmRow) -> Result<()>;
 
@@ -299,6 +381,16 @@ pub trait Backend: Send + Sync + 'static {
     async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>>;
     /// Deletes a delivered message if `attempts` still matches (the receipt). Returns false when stale.
     async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool>;
+    /// Extends a delivery's visibility timeout to `visible_at` while its handler runs, if the
+    /// receipt (`attempts`) is current and `node` still holds it. Returns false when stale.
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: i64,
+        attempts: u32,
+        node: &str,
+        visible_at: UnixMs,
+    ) -> Result<bool>;
     /// Makes a delivered message visible again at `visible_at` with `error` noted, or moves it to
     /// the dead-letter queue when it had `max_attempts` deliveries.
     async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome>;
@@ -307,6 +399,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Moves dead-lettered messages (all, or the given ids) back to `queue` as new messages with
     /// zero attempts. Returns how many moved.
     async fn dlq_replay(&self, queue: &str, ids: Option<&[i64]>, now: UnixMs) -> Result<u64>;
+    /// Deletes dead-lettered messages of `queue` (all, or the given ids). Returns how many.
+    async fn dlq_delete(&self, queue: &str, ids: Option<&[i64]>) -> Result<u64>;
+    /// Whether `queue` has messages or dead letters (operator commands that run without the
+    /// services' queue declarations use this to tell an unknown queue from an empty one).
+    async fn queue_exists(&self, queue: &str) -> Result<bool>;
     /// Depth and age of every queue that has messages or dead letters.
     async fn queue_stats(&self, now: UnixMs) -> Result<Vec<QueueStats>>;
 
@@ -335,11 +432,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes `node` and releases its claims (clean shutdown).
     async fn node_leave(&self, node: &str, now: UnixMs) -> Result<Released>;
 }
-
-/// SQL expression (same on both backends) for the error recorded when a message's last allowed
-/// delivery timed out, over the `queue_messages` columns `attempts` and `last_error`.
-pub(crate) const TIMEOUT_ERROR_SQL: &str = "'delivery ' || attempts || ' was not acknowledged \
-     (visibility timeout expired or its node died)' || COALESCE('; previous error: ' || last_error, '')";
 
 /// Combines per-queue message counts with per-queue dead-letter counts into one sorted list
 /// (a queue may appear in either or both).

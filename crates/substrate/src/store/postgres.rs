@@ -17,9 +17,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
+    ClaimCandidate, ClaimDecision, claim_decision,
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
     ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    Signal, TIMEOUT_ERROR_SQL, WriteSet, migrations,
+    Signal, WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -583,7 +584,11 @@ impl Backend for PostgresBackend {
 
     async fn next_alarm_at(&self, types: &[&str]) -> Result<Option<UnixMs>> {
         Ok(sqlx::query_scalar(
-            "SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL AND actor_type = ANY($1)",
+            "SELECT MIN(t) FROM (
+                SELECT MIN(fire_at) AS t FROM alarms WHERE claimed_by IS NULL AND actor_type = ANY($1)
+                UNION ALL
+                SELECT MIN(GREATEST(fire_at, claimed_until)) FROM alarms
+                WHERE claimed_by IS NOT NULL AND actor_type = ANY($1)) n",
         )
         .bind(types)
         .fetch_one(&self.pool)
@@ -594,13 +599,15 @@ impl Backend for PostgresBackend {
         &self,
         node: &str,
         now: UnixMs,
+        lease_until: UnixMs,
         limit: u32,
         types: &[&str],
     ) -> Result<Vec<AlarmRow>> {
         let rows = sqlx::query(
-            "UPDATE alarms a SET claimed_by = $1
+            "UPDATE alarms a SET claimed_by = $1, claimed_until = $5
              FROM (SELECT actor_type, actor_key FROM alarms
-                   WHERE claimed_by IS NULL AND fire_at <= $2 AND actor_type = ANY($4)
+                   WHERE fire_at <= $2 AND actor_type = ANY($4)
+                     AND (claimed_by IS NULL OR claimed_until <= $2)
                    ORDER BY fire_at LIMIT $3 FOR UPDATE SKIP LOCKED) d
              WHERE a.actor_type = d.actor_type AND a.actor_key = d.actor_key
              RETURNING a.actor_type, a.actor_key, a.fire_at, a.retry_count, a.generation",
@@ -609,6 +616,7 @@ impl Backend for PostgresBackend {
         .bind(now)
         .bind(i64::from(limit))
         .bind(types)
+        .bind(lease_until)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -623,16 +631,38 @@ impl Backend for PostgresBackend {
             .collect())
     }
 
-    async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()> {
+    async fn alarm_extend(&self, row: &AlarmRow, node: &str, lease_until: UnixMs) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE alarms SET claimed_until = $5
+             WHERE actor_type = $1 AND actor_key = $2 AND generation = $3 AND claimed_by = $4",
+        )
+        .bind(&row.actor_type)
+        .bind(&row.actor_key)
+        .bind(row.generation)
+        .bind(node)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn alarm_failed(
+        &self,
+        row: &AlarmRow,
+        retry_at: Option<UnixMs>,
+        counted: bool,
+    ) -> Result<()> {
         let q = match retry_at {
             Some(at) => sqlx::query(
-                "UPDATE alarms SET fire_at = $4, retry_count = retry_count + 1, claimed_by = NULL
+                "UPDATE alarms SET fire_at = $4, retry_count = retry_count + $5,
+                   claimed_by = NULL, claimed_until = NULL
                  WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
             )
             .bind(&row.actor_type)
             .bind(&row.actor_key)
             .bind(row.generation)
-            .bind(at),
+            .bind(at)
+            .bind(i32::from(counted)),
             None => sqlx::query(
                 "DELETE FROM alarms WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
             )
@@ -646,7 +676,7 @@ impl Backend for PostgresBackend {
 
     async fn alarm_unclaim(&self, row: &AlarmRow) -> Result<()> {
         sqlx::query(
-            "UPDATE alarms SET claimed_by = NULL
+            "UPDATE alarms SET claimed_by = NULL, claimed_until = NULL
              WHERE actor_type = $1 AND actor_key = $2 AND generation = $3",
         )
         .bind(&row.actor_type)
@@ -682,34 +712,82 @@ impl Backend for PostgresBackend {
     }
 
     async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>> {
-        // One statement, so one round trip and atomic: messages whose last allowed delivery timed
-        // out move to the dead-letter queue; deliverable ones are claimed. The two sets are
-        // disjoint (attempts >= max vs < max).
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH exhausted AS (
-                DELETE FROM queue_messages WHERE id IN (
-                    SELECT id FROM queue_messages
-                    WHERE queue = $1 AND visible_at <= $2 AND attempts >= $6
-                    ORDER BY visible_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
-                RETURNING queue, id, body, attempts, last_error, enqueued_at),
-             parked AS (
-                INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
-                SELECT queue, id, body, attempts, {TIMEOUT_ERROR_SQL}, enqueued_at, $2 FROM exhausted)
-             UPDATE queue_messages m SET attempts = m.attempts + 1, visible_at = $4, claimed_by = $5
-             FROM (SELECT id FROM queue_messages
-                   WHERE queue = $1 AND visible_at <= $2 AND attempts < $6
-                   ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-             WHERE m.id = c.id
-             RETURNING m.id, m.body, m.attempts, m.enqueued_at"
-        )))
+        // One LIMITed scan of the ready index (rows locked, others' locked rows skipped), then
+        // the shared rule decides per message; dead-lettering and claiming commit together.
+        let mut tx = self.pool.begin().await?;
+        let candidates: Vec<ClaimCandidate> = sqlx::query(
+            "SELECT id, claimed_by IS NOT NULL, attempts, failures, last_error FROM queue_messages
+             WHERE queue = $1 AND visible_at <= $2
+             ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
+        )
         .bind(req.queue)
         .bind(req.now)
         .bind(i64::from(req.limit))
-        .bind(req.now + req.visibility_timeout_ms)
-        .bind(req.node)
-        .bind(req.max_attempts as i32)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| ClaimCandidate {
+            id: r.get(0),
+            timed_out: r.get(1),
+            attempts: r.get::<i32, _>(2) as u32,
+            failures: r.get::<i32, _>(3) as u32,
+            last_error: r.get(4),
+        })
+        .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut dead_ids, mut dead_errors) = (Vec::new(), Vec::new());
+        let (mut ids, mut failures, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+        for cand in &candidates {
+            match claim_decision(cand, req.max_attempts, req.max_deliveries) {
+                ClaimDecision::DeadLetter(error) => {
+                    dead_ids.push(cand.id);
+                    dead_errors.push(error);
+                }
+                ClaimDecision::Deliver {
+                    failures: f,
+                    last_error,
+                } => {
+                    ids.push(cand.id);
+                    failures.push(f as i32);
+                    errors.push(last_error);
+                }
+            }
+        }
+        if !dead_ids.is_empty() {
+            sqlx::query(
+                "WITH m AS (DELETE FROM queue_messages q USING UNNEST($1::bigint[], $2::text[]) AS u(id, e)
+                            WHERE q.id = u.id
+                            RETURNING q.queue, q.id, q.body, q.attempts, u.e, q.enqueued_at)
+                 INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
+                 SELECT queue, id, body, attempts, e, enqueued_at, $3 FROM m ORDER BY id",
+            )
+            .bind(&dead_ids)
+            .bind(&dead_errors)
+            .bind(req.now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let rows = if ids.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(
+                "UPDATE queue_messages m SET attempts = m.attempts + 1, failures = u.f,
+                   last_error = u.e, visible_at = $4, claimed_by = $5
+                 FROM UNNEST($1::bigint[], $2::int[], $3::text[]) AS u(id, f, e)
+                 WHERE m.id = u.id
+                 RETURNING m.id, m.body, m.attempts, m.enqueued_at",
+            )
+            .bind(&ids)
+            .bind(&failures)
+            .bind(&errors)
+            .bind(req.now + req.visibility_timeout_ms)
+            .bind(req.node)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        tx.commit().await?;
         let mut out: Vec<ClaimedMessage> = rows
             .into_iter()
             .map(|r| ClaimedMessage {
@@ -721,6 +799,49 @@ impl Backend for PostgresBackend {
             .collect();
         out.sort_by_key(|m| m.id);
         Ok(out)
+    }
+
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: i64,
+        attempts: u32,
+        node: &str,
+        visible_at: UnixMs,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE queue_messages SET visible_at = $5
+             WHERE id = $1 AND queue = $2 AND attempts = $3 AND claimed_by = $4",
+        )
+        .bind(id)
+        .bind(queue)
+        .bind(attempts as i32)
+        .bind(node)
+        .bind(visible_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn dlq_delete(&self, queue: &str, ids: Option<&[i64]>) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))",
+        )
+        .bind(queue)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn queue_exists(&self, queue: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE queue = $1)
+                 OR EXISTS (SELECT 1 FROM dead_letters WHERE queue = $1)",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool> {
@@ -746,22 +867,26 @@ impl Backend for PostgresBackend {
             now,
         } = req;
         let mut tx = self.pool.begin().await?;
-        let current: Option<i32> = sqlx::query_scalar(
-            "SELECT attempts FROM queue_messages WHERE id = $1 AND queue = $2 FOR UPDATE",
+        let current: Option<(i32, i32)> = sqlx::query_as(
+            "SELECT attempts, failures FROM queue_messages WHERE id = $1 AND queue = $2 FOR UPDATE",
         )
         .bind(id)
         .bind(queue)
         .fetch_optional(&mut *tx)
         .await?;
-        if current != Some(attempts as i32) {
+        let Some((current, failures)) = current else {
+            return Ok(RetryOutcome::Stale);
+        };
+        if current != attempts as i32 {
             return Ok(RetryOutcome::Stale);
         }
-        let outcome = if attempts >= max_attempts {
+        let outcome = if failures as u32 + 1 >= max_attempts {
             move_to_dlq(&mut tx, id, error, now).await?;
             RetryOutcome::DeadLettered
         } else {
             sqlx::query(
-                "UPDATE queue_messages SET visible_at = $2, last_error = $3, claimed_by = NULL WHERE id = $1",
+                "UPDATE queue_messages SET visible_at = $2, last_error = $3, claimed_by = NULL,
+                   failures = failures + 1 WHERE id = $1",
             )
             .bind(id)
             .bind(visible_at)
@@ -1013,7 +1138,9 @@ impl PostgresBackend {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let alarms = sqlx::query("UPDATE alarms SET claimed_by = NULL WHERE claimed_by = $1")
+        let alarms = sqlx::query(
+            "UPDATE alarms SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1",
+        )
             .bind(node)
             .execute(&mut *tx)
             .await?

@@ -19,9 +19,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
+    ClaimCandidate, ClaimDecision, claim_decision,
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
     ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    Signal, TIMEOUT_ERROR_SQL, WriteSet, migrations,
+    Signal, WriteSet, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -534,8 +535,12 @@ impl Backend for SqliteBackend {
         let types = serde_json::to_string(types)?;
         self.read(|c| {
             Ok(c.prepare_cached(
-                "SELECT MIN(fire_at) FROM alarms WHERE claimed_by IS NULL
-                 AND actor_type IN (SELECT value FROM json_each(?1))",
+                "SELECT MIN(t) FROM (
+                    SELECT MIN(fire_at) AS t FROM alarms WHERE claimed_by IS NULL
+                      AND actor_type IN (SELECT value FROM json_each(?1))
+                    UNION ALL
+                    SELECT MIN(MAX(fire_at, claimed_until)) FROM alarms WHERE claimed_by IS NOT NULL
+                      AND actor_type IN (SELECT value FROM json_each(?1)))",
             )?
             .query_row(params![types], |r| r.get(0))?)
         })
@@ -545,6 +550,7 @@ impl Backend for SqliteBackend {
         &self,
         node: &str,
         now: UnixMs,
+        lease_until: UnixMs,
         limit: u32,
         types: &[&str],
     ) -> Result<Vec<AlarmRow>> {
@@ -552,15 +558,19 @@ impl Backend for SqliteBackend {
         let types = serde_json::to_string(types)?;
         self.write(move |c| {
             let mut stmt = c.prepare_cached(
-                "UPDATE alarms SET claimed_by = ?1
+                "UPDATE alarms SET claimed_by = ?1, claimed_until = ?5
                  WHERE (actor_type, actor_key) IN (
-                    SELECT actor_type, actor_key FROM alarms
-                    WHERE claimed_by IS NULL AND fire_at <= ?2
-                      AND actor_type IN (SELECT value FROM json_each(?4))
+                    SELECT actor_type, actor_key FROM (
+                        SELECT actor_type, actor_key, fire_at FROM alarms
+                        WHERE claimed_by IS NULL AND fire_at <= ?2
+                        UNION ALL
+                        SELECT actor_type, actor_key, fire_at FROM alarms
+                        WHERE claimed_by IS NOT NULL AND claimed_until <= ?2 AND fire_at <= ?2)
+                    WHERE actor_type IN (SELECT value FROM json_each(?4))
                     ORDER BY fire_at LIMIT ?3)
                  RETURNING actor_type, actor_key, fire_at, retry_count, generation",
             )?;
-            let rows = stmt.query_map(params![node, now, limit, types], |r| {
+            let rows = stmt.query_map(params![node, now, limit, types, lease_until], |r| {
                 Ok(AlarmRow {
                     actor_type: r.get(0)?,
                     actor_key: r.get(1)?,
@@ -574,16 +584,41 @@ impl Backend for SqliteBackend {
         .await
     }
 
-    async fn alarm_failed(&self, row: &AlarmRow, retry_at: Option<UnixMs>) -> Result<()> {
+    async fn alarm_extend(&self, row: &AlarmRow, node: &str, lease_until: UnixMs) -> Result<bool> {
+        let (row, node) = (row.clone(), node.to_owned());
+        self.write(move |c| {
+            Ok(c.prepare_cached(
+                "UPDATE alarms SET claimed_until = ?5
+                 WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3 AND claimed_by = ?4",
+            )?
+            .execute(params![row.actor_type, row.actor_key, row.generation, node, lease_until])?
+                == 1)
+        })
+        .await
+    }
+
+    async fn alarm_failed(
+        &self,
+        row: &AlarmRow,
+        retry_at: Option<UnixMs>,
+        counted: bool,
+    ) -> Result<()> {
         let row = row.clone();
         self.write(move |c| {
             match retry_at {
                 Some(at) => c
                     .prepare_cached(
-                        "UPDATE alarms SET fire_at = ?4, retry_count = retry_count + 1, claimed_by = NULL
+                        "UPDATE alarms SET fire_at = ?4, retry_count = retry_count + ?5,
+                           claimed_by = NULL, claimed_until = NULL
                          WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
                     )?
-                    .execute(params![row.actor_type, row.actor_key, row.generation, at])?,
+                    .execute(params![
+                        row.actor_type,
+                        row.actor_key,
+                        row.generation,
+                        at,
+                        u32::from(counted)
+                    ])?,
                 None => c
                     .prepare_cached(
                         "DELETE FROM alarms WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
@@ -599,7 +634,7 @@ impl Backend for SqliteBackend {
         let row = row.clone();
         self.write(move |c| {
             c.prepare_cached(
-                "UPDATE alarms SET claimed_by = NULL
+                "UPDATE alarms SET claimed_by = NULL, claimed_until = NULL
                  WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3",
             )?
             .execute(params![row.actor_type, row.actor_key, row.generation])?;
@@ -632,50 +667,53 @@ impl Backend for SqliteBackend {
 
     async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>> {
         let (queue, node) = (req.queue.to_owned(), req.node.to_owned());
-        let (now, limit, vt, max) = (
-            req.now,
-            req.limit,
-            req.visibility_timeout_ms,
-            req.max_attempts,
-        );
+        let (now, limit, vt) = (req.now, req.limit, req.visibility_timeout_ms);
+        let (max_attempts, max_deliveries) = (req.max_attempts, req.max_deliveries);
         self.write(move |c| {
-            // Messages whose last allowed delivery timed out go to the dead-letter queue.
-            let ids: Vec<i64> = c
+            // One LIMITed scan of the ready index, whatever the backlog behind it.
+            let candidates: Vec<ClaimCandidate> = c
                 .prepare_cached(
-                    "SELECT id FROM queue_messages
-                     WHERE queue = ?1 AND visible_at <= ?2 AND attempts >= ?3
-                     ORDER BY visible_at, id LIMIT 100",
+                    "SELECT id, claimed_by IS NOT NULL, attempts, failures, last_error
+                     FROM queue_messages WHERE queue = ?1 AND visible_at <= ?2
+                     ORDER BY visible_at, id LIMIT ?3",
                 )?
-                .query_map(params![queue, now, max], |r| r.get(0))?
+                .query_map(params![queue, now, limit], |r| {
+                    Ok(ClaimCandidate {
+                        id: r.get(0)?,
+                        timed_out: r.get(1)?,
+                        attempts: r.get(2)?,
+                        failures: r.get(3)?,
+                        last_error: r.get(4)?,
+                    })
+                })?
                 .collect::<Result<_, _>>()?;
-            if !ids.is_empty() {
-                let park = format!(
-                    "INSERT INTO dead_letters (queue, message_id, body, attempts, last_error, enqueued_at, failed_at)
-                     SELECT queue, id, body, attempts, {TIMEOUT_ERROR_SQL}, enqueued_at, ?2
-                     FROM queue_messages WHERE id = ?1"
-                );
-                for id in ids {
-                    c.prepare_cached(&park)?.execute(params![id, now])?;
-                    c.prepare_cached("DELETE FROM queue_messages WHERE id = ?1")?
-                        .execute(params![id])?;
+            let mut out = Vec::with_capacity(candidates.len());
+            for cand in candidates {
+                match claim_decision(&cand, max_attempts, max_deliveries) {
+                    ClaimDecision::DeadLetter(error) => move_to_dlq(c, cand.id, &error, now)?,
+                    ClaimDecision::Deliver {
+                        failures,
+                        last_error,
+                    } => out.push(
+                        c.prepare_cached(
+                            "UPDATE queue_messages SET attempts = attempts + 1, failures = ?2,
+                               last_error = ?3, visible_at = ?4, claimed_by = ?5
+                             WHERE id = ?1 RETURNING id, body, attempts, enqueued_at",
+                        )?
+                        .query_row(
+                            params![cand.id, failures, last_error, now + vt, node],
+                            |r| {
+                                Ok(ClaimedMessage {
+                                    id: r.get(0)?,
+                                    body: r.get(1)?,
+                                    attempts: r.get(2)?,
+                                    enqueued_at: r.get(3)?,
+                                })
+                            },
+                        )?,
+                    ),
                 }
             }
-            let mut stmt = c.prepare_cached(
-                "UPDATE queue_messages SET attempts = attempts + 1, visible_at = ?4, claimed_by = ?5
-                 WHERE id IN (SELECT id FROM queue_messages
-                              WHERE queue = ?1 AND visible_at <= ?2 AND attempts < ?6
-                              ORDER BY visible_at, id LIMIT ?3)
-                 RETURNING id, body, attempts, enqueued_at",
-            )?;
-            let rows = stmt.query_map(params![queue, now, limit, now + vt, node, max], |r| {
-                Ok(ClaimedMessage {
-                    id: r.get(0)?,
-                    body: r.get(1)?,
-                    attempts: r.get(2)?,
-                    enqueued_at: r.get(3)?,
-                })
-            })?;
-            let mut out = rows.collect::<Result<Vec<_>, _>>()?;
             out.sort_by_key(|m| m.id);
             Ok(out)
         })
@@ -706,22 +744,73 @@ impl Backend for SqliteBackend {
         } = req;
         let (queue, error) = (queue.to_owned(), error.to_owned());
         self.write(move |c| {
-            let current: Option<u32> = c
-                .prepare_cached("SELECT attempts FROM queue_messages WHERE id = ?1 AND queue = ?2")?
-                .query_row(params![id, queue], |r| r.get(0))
+            let current: Option<(u32, u32)> = c
+                .prepare_cached(
+                    "SELECT attempts, failures FROM queue_messages WHERE id = ?1 AND queue = ?2",
+                )?
+                .query_row(params![id, queue], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if current != Some(attempts) {
+            let Some((current, failures)) = current else {
+                return Ok(RetryOutcome::Stale);
+            };
+            if current != attempts {
                 return Ok(RetryOutcome::Stale);
             }
-            if attempts >= max_attempts {
+            if failures + 1 >= max_attempts {
                 move_to_dlq(c, id, &error, now)?;
                 return Ok(RetryOutcome::DeadLettered);
             }
             c.prepare_cached(
-                "UPDATE queue_messages SET visible_at = ?2, last_error = ?3, claimed_by = NULL WHERE id = ?1",
+                "UPDATE queue_messages SET visible_at = ?2, last_error = ?3, claimed_by = NULL,
+                   failures = failures + 1 WHERE id = ?1",
             )?
             .execute(params![id, visible_at, error])?;
             Ok(RetryOutcome::Requeued)
+        })
+        .await
+    }
+
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: i64,
+        attempts: u32,
+        node: &str,
+        visible_at: UnixMs,
+    ) -> Result<bool> {
+        let (queue, node) = (queue.to_owned(), node.to_owned());
+        self.write(move |c| {
+            Ok(c.prepare_cached(
+                "UPDATE queue_messages SET visible_at = ?5
+                 WHERE id = ?1 AND queue = ?2 AND attempts = ?3 AND claimed_by = ?4",
+            )?
+            .execute(params![id, queue, attempts, node, visible_at])?
+                == 1)
+        })
+        .await
+    }
+
+    async fn dlq_delete(&self, queue: &str, ids: Option<&[i64]>) -> Result<u64> {
+        let queue = queue.to_owned();
+        let ids = ids.map(serde_json::to_string).transpose()?;
+        self.write(move |c| {
+            Ok(c.prepare_cached(
+                "DELETE FROM dead_letters WHERE queue = ?1
+                 AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))",
+            )?
+            .execute(params![queue, ids])? as u64)
+        })
+        .await
+    }
+
+    async fn queue_exists(&self, queue: &str) -> Result<bool> {
+        let queue = queue.to_owned();
+        self.read_blocking(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE queue = ?1)
+                     OR EXISTS (SELECT 1 FROM dead_letters WHERE queue = ?1)",
+            )?
+            .query_row(params![queue], |r| r.get(0))?)
         })
         .await
     }
@@ -987,7 +1076,9 @@ fn release_node(c: &Connection, node: &str, now: UnixMs) -> Result<Released> {
         )?
         .execute(params![node, now])? as u64;
     let alarms = c
-        .prepare_cached("UPDATE alarms SET claimed_by = NULL WHERE claimed_by = ?1")?
+        .prepare_cached(
+            "UPDATE alarms SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ?1",
+        )?
         .execute(params![node])? as u64;
     c.prepare_cached("DELETE FROM nodes WHERE node_id = ?1")?
         .execute(params![node])?;
