@@ -139,7 +139,13 @@ impl Alarms {
             let now = self.clock.now_ms();
             let rows = self
                 .backend
-                .claim_due_alarms(&self.node_id, now, now + ALARM_LEASE_MS, free as u32, &types)
+                .claim_due_alarms(
+                    &self.node_id,
+                    now,
+                    now + ALARM_LEASE_MS,
+                    free as u32,
+                    &types,
+                )
                 .await?;
             let claimed = rows.len();
             for row in rows {

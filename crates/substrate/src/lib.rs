@@ -30,7 +30,8 @@ use tokio_util::task::TaskTracker;
 
 pub use actor::{Actor, ActorContext, ActorSystem, AlarmInfo};
 pub use alarm::{
-    ALARM_LEASE_MS, ALARM_MAX_RETRIES, ALARM_RETRY_BASE_MS, Alarms, FireReport, alarm_retry_delay_ms,
+    ALARM_LEASE_MS, ALARM_MAX_RETRIES, ALARM_RETRY_BASE_MS, Alarms, FireReport,
+    alarm_retry_delay_ms,
 };
 pub use blob::{BlobConfig, BlobMeta, Blobs};
 pub use clock::{Clock, ManualClock, SystemClock, UnixMs};
@@ -38,8 +39,8 @@ pub use cron::CronSchedule;
 pub use error::{Error, Result};
 pub use kv::{KV_LIST_LIMIT, Kv};
 pub use queue::{
-    Consumer, DELIVERIES_PER_ATTEMPT, Delivery, MAX_BATCH_MESSAGES, MAX_DELAY_MS, MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS,
-    QueueConfig, Queues,
+    Consumer, DELIVERIES_PER_ATTEMPT, Delivery, MAX_BATCH_MESSAGES, MAX_DELAY_MS,
+    MAX_MESSAGE_BYTES, MAX_RETRY_BACKOFF_MS, QueueConfig, Queues,
 };
 pub use store::sqlite::Synchronous;
 pub use store::{ActorSnapshot, BackendKind, DeadLetter, QueueStats, RetryOutcome};
@@ -87,6 +88,17 @@ pub struct Tuning {
     pub alarm_concurrency: usize,
     /// Expired KV entries are deleted this often, ms. Default 60,000.
     pub kv_sweep_ms: u64,
+    /// PostgreSQL `statement_timeout` of every connection, ms. Default 30,000.
+    pub db_statement_timeout_ms: u64,
+    /// Longest wait of an actor call for its cross-node lock (PostgreSQL `lock_timeout`) and
+    /// for a free session, ms; then the caller gets `Overloaded` (503 with Retry-After) and an
+    /// alarm runs again later without using a retry. Default 10,000.
+    pub actor_lock_wait_ms: u64,
+    /// Largest tolerated difference between this node's clock and the database server's
+    /// (PostgreSQL, measured at every heartbeat), ms. Beyond it the node logs an error, reports
+    /// `kilocloud_clock_skew_ms`, is not ready, and stops claiming messages and alarms (their
+    /// times would be wrong). 0 disables the check (for manual clocks). Default 2,000.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for Tuning {
@@ -99,6 +111,9 @@ impl Default for Tuning {
             alarm_poll_ms: 1_000,
             alarm_concurrency: 16,
             kv_sweep_ms: 60_000,
+            db_statement_timeout_ms: 30_000,
+            actor_lock_wait_ms: 10_000,
+            max_clock_skew_ms: 2_000,
         }
     }
 }
@@ -129,6 +144,9 @@ struct Inner {
     /// dead-node timeout past the last successful heartbeat, so a node that cannot heartbeat
     /// stops claiming before other nodes take its work over.
     claim_lease: Arc<std::sync::atomic::AtomicI64>,
+    /// This node's clock minus the database's at the last heartbeat, ms (PostgreSQL only;
+    /// `i64::MIN` until measured).
+    clock_skew_ms: std::sync::atomic::AtomicI64,
     /// The heartbeat and takeover loop; outside `tasks` because it must outlive the drain.
     node_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     tasks: TaskTracker,
@@ -149,6 +167,7 @@ impl Substrate {
         tuning: Tuning,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
+        let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
         let (backend, sqlite_path): (Arc<dyn Backend>, _) = match database {
             DatabaseConfig::Sqlite { path, synchronous } => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -164,17 +183,22 @@ impl Substrate {
                 max_connections,
                 schema,
             } => {
+                let settings = store::postgres::PgSettings {
+                    node_id: node_id.clone(),
+                    statement_timeout_ms: tuning.db_statement_timeout_ms,
+                    lock_timeout_ms: tuning.actor_lock_wait_ms,
+                };
                 let backend = store::postgres::PostgresBackend::connect(
                     url,
                     *max_connections,
                     schema.as_deref(),
+                    &settings,
                 )
                 .await?;
                 (Arc::new(backend), None)
             }
         };
         let blobs = Blobs::open(blobs)?;
-        let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
         let tasks = TaskTracker::new();
         let claim_lease = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
         let actors = Arc::new(ActorSystem::new(
@@ -214,6 +238,7 @@ impl Substrate {
                 heartbeat: CancellationToken::new(),
                 started: false.into(),
                 claim_lease,
+                clock_skew_ms: i64::MIN.into(),
                 node_loop: Default::default(),
                 tasks,
                 data_lock: Default::default(),
@@ -273,9 +298,10 @@ impl Substrate {
                 );
             }
         }
-        let now = i.clock.now_ms();
-        i.backend.node_heartbeat(&i.node_id, now).await?;
-        i.renew_claim_lease(now);
+        // From here claims need a lease that a heartbeat (with agreeing clocks) renews.
+        i.claim_lease
+            .store(i64::MIN, std::sync::atomic::Ordering::SeqCst);
+        i.heartbeat().await?;
         let this = self.clone();
         *i.node_loop.lock().unwrap() = Some(tokio::spawn(async move { this.node_loop().await }));
         let (alarms, shutdown) = (i.alarms.clone(), i.shutdown.clone());
@@ -297,10 +323,9 @@ impl Substrate {
         let reap = i.sqlite_path.is_none();
         while !i.heartbeat.is_cancelled() {
             let now = i.clock.now_ms();
-            match i.backend.node_heartbeat(&i.node_id, now).await {
-                Ok(()) => i.renew_claim_lease(now),
-                Err(e) => tracing::error!(error = %e,
-                    "node heartbeat failed; this node stops claiming work if it goes on failing"),
+            if let Err(e) = i.heartbeat().await {
+                tracing::error!(error = %e,
+                    "node heartbeat failed; this node stops claiming work if it goes on failing");
             }
             if reap
                 && !i.shutdown.is_cancelled()
@@ -476,8 +501,27 @@ impl Substrate {
         self.inner.backend.kind()
     }
 
-    /// Checks the database answers and its schema is the one this binary expects (for `/ready`).
+    /// This node's clock minus the database server's, ms, as measured at the last heartbeat;
+    /// `None` before the first one and on SQLite (one clock).
+    pub fn clock_skew_ms(&self) -> Option<i64> {
+        let skew = self
+            .inner
+            .clock_skew_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (skew != i64::MIN).then_some(skew)
+    }
+
+    /// Checks the database answers, its schema is the one this binary expects, and this node's
+    /// clock is within `max_clock_skew_ms` of the database's (for `/ready`).
     pub async fn ready(&self) -> Result<()> {
+        if let Some(skew) = self.clock_skew_ms()
+            && self.inner.skewed(skew)
+        {
+            return Err(Error::Storage(format!(
+                "this node's clock is {skew} ms off the database's (limit {} ms)",
+                self.inner.tuning.max_clock_skew_ms
+            )));
+        }
         self.inner.backend.ping().await?;
         let v = self.inner.backend.schema_version().await?;
         if v != store::migrations::LATEST {
@@ -562,6 +606,47 @@ impl Substrate {
 }
 
 impl Inner {
+    /// Writes this node's heartbeat and, unless the clocks disagree beyond
+    /// `max_clock_skew_ms`, renews the claim lease. The skew is measured against the midpoint
+    /// of the round trip, so network latency does not count as skew.
+    async fn heartbeat(&self) -> Result<()> {
+        let now = self.clock.now_ms();
+        let db_now = self.backend.node_heartbeat(&self.node_id, now).await?;
+        let Some(db_now) = db_now else {
+            self.renew_claim_lease(now);
+            return Ok(());
+        };
+        let skew = (now + self.clock.now_ms()) / 2 - db_now;
+        metrics::gauge!("kilocloud_clock_skew_ms").set(skew as f64);
+        let before = self
+            .clock_skew_ms
+            .swap(skew, std::sync::atomic::Ordering::SeqCst);
+        if self.skewed(skew) {
+            if before == i64::MIN || !self.skewed(before) {
+                tracing::error!(
+                    skew_ms = skew,
+                    limit_ms = self.tuning.max_clock_skew_ms,
+                    "this node's clock disagrees with the database's; it stops claiming messages \
+                     and alarms until the clocks agree"
+                );
+            }
+        } else {
+            if before != i64::MIN && self.skewed(before) {
+                tracing::info!(
+                    skew_ms = skew,
+                    "clock skew back within its limit; claiming again"
+                );
+            }
+            self.renew_claim_lease(now);
+        }
+        Ok(())
+    }
+
+    /// Whether `skew` (ms) is beyond the configured limit (never, when the check is off).
+    fn skewed(&self, skew: i64) -> bool {
+        self.tuning.max_clock_skew_ms > 0 && skew.unsigned_abs() > self.tuning.max_clock_skew_ms
+    }
+
     /// After a successful heartbeat at `now`: claims are allowed until half the dead-node
     /// timeout later.
     fn renew_claim_lease(&self, now: UnixMs) {

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use common::{Env, Kind, T0};
 use kilocloud_substrate::{
-    ALARM_MAX_RETRIES, Actor, ActorContext, AlarmInfo, CronSchedule, Error, FireReport, Result,
-    alarm_retry_delay_ms,
+    ALARM_LEASE_MS, ALARM_MAX_RETRIES, Actor, ActorContext, AlarmInfo, CronSchedule, Error,
+    FireReport, Result, alarm_retry_delay_ms,
 };
 
 /// Records each alarm run; fails while `failures_left` > 0.
@@ -395,7 +395,58 @@ fn cron_parse_errors_name_the_input() {
     assert!(e.to_string().contains("Mars/Olympus"), "{e}");
 }
 
+/// A node that claimed an alarm and then lost track of it (it could not record the outcome
+/// through a database outage) does not hold it forever: the claim is a lease, and once it
+/// expires any node runs the alarm.
+async fn expired_alarm_claim_is_reclaimed(kind: Kind) {
+    use kilocloud_substrate::store::Backend;
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let rec = Recorder::default();
+    sub.actors().register(rec.clone());
+    sub.actors()
+        .call::<Recorder>("lost", Call::SetAlarm(T0))
+        .await
+        .unwrap();
+    // The other node, alive (heartbeating), claims it through the storage API and goes quiet.
+    let backend: Box<dyn Backend> = match &env.database() {
+        kilocloud_substrate::DatabaseConfig::Sqlite { path, synchronous } => Box::new(
+            kilocloud_substrate::store::sqlite::SqliteBackend::open(path, *synchronous).unwrap(),
+        ),
+        kilocloud_substrate::DatabaseConfig::Postgres { url, schema, .. } => Box::new(
+            kilocloud_substrate::store::postgres::PostgresBackend::connect(
+                url,
+                4,
+                schema.as_deref(),
+                &kilocloud_substrate::store::postgres::PgSettings {
+                    node_id: "node-lost".into(),
+                    statement_timeout_ms: 30_000,
+                    lock_timeout_ms: 10_000,
+                },
+            )
+            .await
+            .unwrap(),
+        ),
+    };
+    backend.node_heartbeat("node-lost", T0).await.unwrap();
+    let claimed = backend
+        .claim_due_alarms("node-lost", T0, T0 + ALARM_LEASE_MS, 10, &["recorder"])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    env.clock.set(T0 + ALARM_LEASE_MS - 1);
+    assert_eq!(
+        sub.alarms().fire_due().await.unwrap(),
+        FireReport::default(),
+        "leased"
+    );
+    env.clock.set(T0 + ALARM_LEASE_MS);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert_eq!(rec.runs.lock().unwrap().len(), 1);
+}
+
 on_every_backend!(
+    expired_alarm_claim_is_reclaimed,
     alarm_fires_at_or_after_its_time_once,
     setting_an_alarm_replaces_it,
     alarm_survives_restart,
@@ -406,3 +457,52 @@ on_every_backend!(
     firing_alarm_reads_as_unset_so_handlers_can_rearm,
     alarms_of_unregistered_types_are_left_for_nodes_that_know_them,
 );
+
+/// On PostgreSQL an alarm whose actor's cross-node lock is held elsewhere (a lock timeout: the
+/// alarm never ran) runs again later without using any of its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_alarm_that_cannot_lock_keeps_its_retries() {
+    use sqlx::Connection;
+    let env = Env::new(Kind::Postgres).await;
+    let sub = env
+        .open_with(kilocloud_substrate::Tuning {
+            actor_lock_wait_ms: 50,
+            ..Default::default()
+        })
+        .await;
+    let rec = Recorder::default();
+    sub.actors().register(rec.clone());
+    sub.actors()
+        .call::<Recorder>("busy", Call::SetAlarm(T0))
+        .await
+        .unwrap();
+    let schema = env.schema.as_ref().unwrap();
+    let mut holder = sqlx::PgConnection::connect(&schema.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind("recorder\u{1f}busy")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let mut at = T0;
+    for _ in 0..=ALARM_MAX_RETRIES + 2 {
+        env.clock.set(at);
+        let report = sub.alarms().fire_due().await.unwrap();
+        assert_eq!(report.retried, 1, "{report:?}");
+        let alarm = sub
+            .actor_snapshot("recorder", "busy")
+            .await
+            .unwrap()
+            .alarm
+            .unwrap();
+        assert_eq!(
+            alarm.retry_count, 0,
+            "a lock timeout is not a handler failure"
+        );
+        at = alarm.fire_at;
+    }
+    assert!(rec.runs.lock().unwrap().is_empty());
+    holder.close().await.unwrap();
+    env.clock.set(at);
+    assert_eq!(sub.alarms().fire_due().await.unwrap(), fired(1));
+    assert_eq!(rec.runs.lock().unwrap()[0].1.retry_count, 0);
+}

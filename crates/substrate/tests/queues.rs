@@ -405,7 +405,199 @@ async fn queue_settings_are_validated(kind: Kind) {
     assert!(sub.queues().names().is_empty());
 }
 
+/// A delivery whose node crashed (released by the takeover) costs no attempt: only failures
+/// count towards `max_attempts`; deliveries without an outcome have their own, larger bound.
+async fn crashed_deliveries_do_not_use_attempts(kind: Kind) {
+    let env = Env::new(kind).await;
+    let survivor = env.open().await;
+    let cfg = QueueConfig {
+        max_attempts: 2,
+        ..config("crashy")
+    };
+    survivor.queues().declare(cfg.clone()).unwrap();
+    let id = survivor
+        .queues()
+        .send("crashy", &json!(1), 0)
+        .await
+        .unwrap();
+    for round in 1..=4 {
+        let victim = env.open().await;
+        victim.queues().declare(cfg.clone()).unwrap();
+        let d = victim
+            .queues()
+            .receive("crashy", 1)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!((d.id, d.attempts), (id, round));
+        drop(victim); // crashed mid-handler: no ack, no retry
+        assert_eq!(survivor.reap_dead_nodes().await.unwrap().messages, 1);
+    }
+    assert!(
+        survivor
+            .queues()
+            .dead_letters("crashy", 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let q = survivor.queues();
+    let d = q.receive("crashy", 1).await.unwrap().remove(0);
+    assert_eq!(d.attempts, 5);
+    assert_eq!(
+        q.retry(&d, Some(0), "first failure").await.unwrap(),
+        RetryOutcome::Requeued
+    );
+    let d = q.receive("crashy", 1).await.unwrap().remove(0);
+    assert_eq!(
+        q.retry(&d, Some(0), "second failure").await.unwrap(),
+        RetryOutcome::DeadLettered
+    );
+    let dead = q.dead_letters("crashy", 0, 10).await.unwrap();
+    assert_eq!(
+        (dead[0].attempts, dead[0].last_error.as_str()),
+        (6, "second failure")
+    );
+
+    // A message that only ever crashes its consumers is dead-lettered after
+    // DELIVERIES_PER_ATTEMPT × max_attempts deliveries.
+    q.send("crashy", &json!(2), 0).await.unwrap();
+    for _ in 0..(kilocloud_substrate::DELIVERIES_PER_ATTEMPT * 2) {
+        let victim = env.open().await;
+        victim.queues().declare(cfg.clone()).unwrap();
+        assert_eq!(victim.queues().receive("crashy", 1).await.unwrap().len(), 1);
+        drop(victim);
+        survivor.reap_dead_nodes().await.unwrap();
+    }
+    assert!(q.receive("crashy", 1).await.unwrap().is_empty());
+    let dead = q.dead_letters("crashy", 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead[1]
+            .last_error
+            .contains("delivered 6 times without an outcome"),
+        "{}",
+        dead[1].last_error
+    );
+}
+
+/// Holds its message until released; says when it started.
+struct Slow {
+    started: tokio::sync::mpsc::UnboundedSender<i64>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl Consumer for Slow {
+    async fn handle(&self, d: &Delivery) -> Result<()> {
+        let released = self.release.notified();
+        self.started.send(d.id).unwrap();
+        released.await;
+        Ok(())
+    }
+}
+
+/// A handler that runs past the visibility timeout keeps its message (the consumer loop extends
+/// the timeout while it runs), so no other node gets it and it is acked, never dead-lettered.
+async fn slow_handler_keeps_its_message(kind: Kind) {
+    let env = Env::new(kind).await;
+    let node = env.open().await;
+    let other = env.open().await;
+    let cfg = QueueConfig {
+        max_attempts: 1,
+        ..config("slow")
+    };
+    for n in [&node, &other] {
+        n.queues().declare(cfg.clone()).unwrap();
+    }
+    node.queues().send("slow", &json!(1), 0).await.unwrap();
+    let (started, mut handler_started) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let slow = Slow {
+        started,
+        release: release.clone(),
+    };
+    let running = tokio::spawn({
+        let node = node.clone();
+        async move { node.queues().process_batch("slow", &slow).await }
+    });
+    handler_started.recv().await.unwrap();
+    for step in 1..=3 {
+        // Past the (previous) visibility timeout: the handler's heartbeat must have moved it.
+        env.clock.advance(10_000);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while stats(&node, "slow").await.in_flight != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "step {step}: not extended"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            other.queues().receive("slow", 1).await.unwrap().is_empty(),
+            "step {step}"
+        );
+    }
+    release.notify_one();
+    assert_eq!(running.await.unwrap().unwrap(), 1);
+    let s = stats(&node, "slow").await;
+    assert_eq!((s.ready, s.in_flight, s.delayed, s.dead), (0, 0, 0, 0));
+}
+
+/// Dead letters can be deleted by id or purged; unknown queues are `NotFound` (404).
+async fn dead_letters_are_deleted_and_unknown_queues_refused(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    let q = sub.queues();
+    q.declare(QueueConfig {
+        max_attempts: 1,
+        ..config("trash")
+    })
+    .unwrap();
+    q.send_batch("trash", &[json!(1), json!(2), json!(3)], 0)
+        .await
+        .unwrap();
+    for d in q.receive("trash", 3).await.unwrap() {
+        assert_eq!(
+            q.retry(&d, None, "bad").await.unwrap(),
+            RetryOutcome::DeadLettered
+        );
+    }
+    let dead = q.dead_letters("trash", 0, 10).await.unwrap();
+    assert_eq!(
+        q.delete_dead_letters("trash", Some(&[dead[0].id]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(q.dead_letters("trash", 0, 10).await.unwrap().len(), 2);
+    assert_eq!(q.delete_dead_letters("trash", None).await.unwrap(), 2);
+    assert!(q.dead_letters("trash", 0, 10).await.unwrap().is_empty());
+    for e in [
+        q.dead_letters("nope", 0, 10).await.unwrap_err(),
+        q.delete_dead_letters("nope", None).await.unwrap_err(),
+        q.replay("nope", None).await.unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::NotFound { what: "queue", .. }), "{e}");
+    }
+    // Another process (an operator command) that never declared the queue still finds it by
+    // its rows.
+    let operator = env.open().await;
+    q.send("trash", &json!(4), 0).await.unwrap();
+    assert!(
+        operator
+            .queues()
+            .dead_letters("trash", 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 on_every_backend!(
+    crashed_deliveries_do_not_use_attempts,
+    slow_handler_keeps_its_message,
+    dead_letters_are_deleted_and_unknown_queues_refused,
     queue_settings_are_validated,
     send_receive_ack_in_order,
     delayed_send_is_invisible_until_due,

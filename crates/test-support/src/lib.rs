@@ -86,12 +86,17 @@ impl TestStore {
         }
     }
 
-    /// Opens a substrate (not started) on this store with default tuning and `clock`.
+    /// Opens a substrate (not started) on this store with default tuning and `clock`, without
+    /// the clock-skew check (tests' manual clocks are not wall time).
     pub async fn open(&self, clock: Arc<dyn Clock>) -> Substrate {
         let blobs = BlobConfig::Local {
             path: self.dir.path().join("blobs"),
         };
-        Substrate::open(&self.database(), &blobs, Tuning::default(), clock)
+        let tuning = Tuning {
+            max_clock_skew_ms: 0,
+            ..Tuning::default()
+        };
+        Substrate::open(&self.database(), &blobs, tuning, clock)
             .await
             .expect("open the test substrate")
     }

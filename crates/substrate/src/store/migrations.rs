@@ -16,10 +16,11 @@ pub(crate) struct Migration {
 /// Newest schema version this binary knows.
 pub(crate) const LATEST: i64 = 2;
 
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "substrate",
-    sqlite: r#"
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "substrate",
+        sqlite: r#"
 CREATE TABLE actor_storage (
     actor_type TEXT NOT NULL,
     actor_key TEXT NOT NULL,
@@ -72,7 +73,7 @@ CREATE TABLE nodes (
     heartbeat_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE actor_storage (
     actor_type TEXT NOT NULL,
     actor_key TEXT NOT NULL,
@@ -126,25 +127,27 @@ CREATE TABLE nodes (
     heartbeat_at BIGINT NOT NULL
 );
 "#,
-}, Migration {
-    version: 2,
-    name: "alarm leases, queue failures",
-    // `claimed_until`: an alarm's claim is a lease its node renews while the handler runs;
-    // claims from before this version are reclaimable at once. `failures`: deliveries that
-    // failed or timed out (dead-lettering counts these, not deliveries).
-    sqlite: r#"
+    },
+    Migration {
+        version: 2,
+        name: "alarm leases, queue failures",
+        // `claimed_until`: an alarm's claim is a lease its node renews while the handler runs;
+        // claims from before this version are reclaimable at once. `failures`: deliveries that
+        // failed or timed out (dead-lettering counts these, not deliveries).
+        sqlite: r#"
 ALTER TABLE alarms ADD COLUMN claimed_until INTEGER;
 UPDATE alarms SET claimed_until = 0 WHERE claimed_by IS NOT NULL;
 CREATE INDEX alarms_leased ON alarms (claimed_until) WHERE claimed_by IS NOT NULL;
 ALTER TABLE queue_messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 "#,
-    postgres: r#"
+        postgres: r#"
 ALTER TABLE alarms ADD COLUMN claimed_until BIGINT;
 UPDATE alarms SET claimed_until = 0 WHERE claimed_by IS NOT NULL;
 CREATE INDEX alarms_leased ON alarms (claimed_until) WHERE claimed_by IS NOT NULL;
 ALTER TABLE queue_messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 "#,
-}];
+    },
+];
 
 /// Checks a database's version against this binary's.
 pub(crate) fn check_not_newer(found: i64) -> crate::Result<()> {

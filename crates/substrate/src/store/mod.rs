@@ -134,7 +134,11 @@ pub(crate) enum ClaimDecision {
 
 /// One rule for both backends: an expired visibility timeout is a failed delivery; a message
 /// with `max_attempts` failures, or `max_deliveries` deliveries, is dead-lettered.
-pub(crate) fn claim_decision(c: &ClaimCandidate, max_attempts: u32, max_deliveries: u32) -> ClaimDecision {
+pub(crate) fn claim_decision(
+    c: &ClaimCandidate,
+    max_attempts: u32,
+    max_deliveries: u32,
+) -> ClaimDecision {
     let previous = c
         .last_error
         .as_deref()
@@ -418,8 +422,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes expired KV entries; returns how many.
     async fn kv_sweep(&self, now: UnixMs) -> Result<u64>;
 
-    /// Records that `node` is alive at `now`.
-    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()>;
+    /// Records that `node` is alive at `now`. Returns the database server's clock at that
+    /// moment (ms since epoch) where it has one of its own (PostgreSQL), for skew detection.
+    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>>;
     /// Releases every claim (messages, alarms) held by nodes other than `self_node` whose last
     /// heartbeat is older than `dead_before` or that are not registered at all (a node whose
     /// row was removed), and forgets the dead nodes.

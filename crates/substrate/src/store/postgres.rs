@@ -17,10 +17,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::{
-    ClaimCandidate, ClaimDecision, claim_decision,
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
-    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    Signal, WriteSet, migrations,
+    ClaimCandidate, ClaimDecision, ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released,
+    RetryOutcome, RetryRequest, Signal, WriteSet, claim_decision, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -33,6 +32,23 @@ const ALARM_CHANNEL: &str = "kilocloud_alarm";
 /// Advisory lock id held while migrating ("kilocloud" in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x6b696c6f636c6f75;
 
+/// Per-connection limits and identity of a node's PostgreSQL sessions.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    /// This node's id; every connection's `application_name` is `kilocloud/<node_id>`, so a
+    /// node that takes over a dead node's work can terminate the dead node's sessions (and with
+    /// them the advisory locks they hold).
+    pub node_id: String,
+    /// `statement_timeout`, ms: no statement of this node runs longer.
+    pub statement_timeout_ms: u64,
+    /// `lock_timeout`, ms: the longest an actor call waits for its advisory lock (or a
+    /// statement for a row lock) before the caller gets `Overloaded`.
+    pub lock_timeout_ms: u64,
+}
+
+/// SQLSTATE of a `lock_timeout` (`lock_not_available`).
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// The PostgreSQL backend.
 #[derive(Clone)]
 pub struct PostgresBackend {
@@ -43,6 +59,9 @@ pub struct PostgresBackend {
     control: PgPool,
     /// Actor sessions may hold at most three quarters of `pool`.
     sessions: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The longest an actor call waits for a session, ms (the lock wait is bounded by the
+    /// connections' `lock_timeout`).
+    lock_wait_ms: u64,
     /// Signals for other nodes, sent by [`notify_loop`] after the commits that caused them.
     notify: tokio::sync::mpsc::UnboundedSender<Signal>,
 }
@@ -50,13 +69,17 @@ pub struct PostgresBackend {
 impl PostgresBackend {
     /// Connects with up to `max_connections` pooled connections and applies migrations.
     ///
-    /// `search_path`, when given, is set on every connection (tests use one schema each).
+    /// `search_path`, when given, is set on every connection (tests use one schema each). Every
+    /// connection gets `settings` (statement and lock timeouts, `application_name`) and
+    /// server-side TCP keepalives (idle 5 s, interval 2 s, 3 probes), so the server drops the
+    /// sessions, and the advisory locks, of a node whose host vanished within about 11 s.
     /// Errors: [`Error::Storage`] naming the URL with its password redacted when the database is
     /// unreachable; [`Error::SchemaTooNew`].
     pub async fn connect(
         url: &str,
         max_connections: u32,
         search_path: Option<&str>,
+        settings: &PgSettings,
     ) -> Result<Self> {
         if max_connections < 4 {
             return Err(Error::Invalid {
@@ -70,6 +93,20 @@ impl PostgresBackend {
         if let Some(schema) = search_path {
             opts = opts.options([("search_path", schema)]);
         }
+        let (statement, lock) = (
+            settings.statement_timeout_ms.to_string(),
+            settings.lock_timeout_ms.to_string(),
+        );
+        opts = opts
+            .application_name(&application_name(&settings.node_id))
+            .options([
+                ("statement_timeout", statement.as_str()),
+                ("lock_timeout", lock.as_str()),
+                ("idle_in_transaction_session_timeout", "60000"),
+                ("tcp_keepalives_idle", "5"),
+                ("tcp_keepalives_interval", "2"),
+                ("tcp_keepalives_count", "3"),
+            ]);
         // One direct connection first: it reports the real cause (refused, auth, unknown
         // database) where the pool would only report a timeout.
         let probe = sqlx::PgConnection::connect_with(&opts).await.map_err(|e| {
@@ -106,6 +143,7 @@ impl PostgresBackend {
             pool,
             control,
             sessions,
+            lock_wait_ms: settings.lock_timeout_ms,
             notify,
         };
         backend.migrate().await?;
@@ -222,6 +260,11 @@ pub fn redact_url(url: &str) -> String {
         u.query_pairs_mut().clear().extend_pairs(pairs);
     }
     u.to_string()
+}
+
+/// `application_name` of a node's connections.
+fn application_name(node_id: &str) -> String {
+    format!("kilocloud/{node_id}")
 }
 
 fn lock_name(actor_type: &str, key: &str) -> String {
@@ -529,17 +572,18 @@ impl Backend for PostgresBackend {
         // Bounded like the pool's own acquire: a node whose sessions are all taken (for example
         // by handlers that each wait for a call on another actor) answers Overloaded instead of
         // hanging.
-        let permit = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            self.sessions.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| Error::Overloaded {
+        let overloaded = || Error::Overloaded {
             actor_type: actor_type.to_owned(),
             key: key.to_owned(),
             backlog: self.sessions.available_permits(),
             retry_after: std::time::Duration::from_secs(1),
-        })?
+        };
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_millis(self.lock_wait_ms),
+            self.sessions.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| overloaded())?
         .expect("semaphore never closed");
         let mut session = PgSession {
             notify: self.notify.clone(),
@@ -548,11 +592,19 @@ impl Backend for PostgresBackend {
             actor_type: actor_type.to_owned(),
             key: key.to_owned(),
         };
-        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        // Bounded by the connection's `lock_timeout`: a key held by a hung node answers
+        // Overloaded (503, Retry-After) until the takeover terminates that node's sessions.
+        let locked = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
             .bind(lock_name(actor_type, key))
             .execute(&mut **session.conn())
-            .await?;
-        Ok(Box::new(session))
+            .await;
+        match locked {
+            Ok(_) => Ok(Box::new(session)),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                Err(overloaded())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot> {
@@ -1062,16 +1114,17 @@ impl Backend for PostgresBackend {
         Ok(r.rows_affected())
     }
 
-    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()> {
-        sqlx::query(
+    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {
+        let db_now: i64 = sqlx::query_scalar(
             "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)
-             ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+             ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
+             RETURNING (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
         )
         .bind(node)
         .bind(now)
-        .execute(&self.control)
+        .fetch_one(&self.control)
         .await?;
-        Ok(())
+        Ok(Some(db_now))
     }
 
     async fn release_dead_nodes(
@@ -1141,16 +1194,40 @@ impl PostgresBackend {
         let alarms = sqlx::query(
             "UPDATE alarms SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1",
         )
-            .bind(node)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        .bind(node)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         sqlx::query("DELETE FROM nodes WHERE node_id = $1")
             .bind(node)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        if dead_before.is_some() {
+            self.terminate_sessions(node).await;
+        }
         Ok(Released { messages, alarms })
+    }
+
+    /// Terminates the database sessions of a node declared dead, which frees the advisory
+    /// locks of the actor calls it was running: a hung or partitioned node cannot hold keys
+    /// until its TCP connections time out, and cannot commit anything after its takeover (its
+    /// commits fail on the closed connection). Needs the same role or `pg_signal_backend`;
+    /// without it the locks go when the server's keepalives give up on the node.
+    async fn terminate_sessions(&self, node: &str) {
+        let terminated = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(application_name(node))
+        .fetch_one(&self.control)
+        .await;
+        match terminated {
+            Ok(n) => tracing::warn!(node, sessions = n, "terminated the dead node's sessions"),
+            Err(e) => tracing::warn!(node, error = %e,
+                "cannot terminate the dead node's sessions; its locks are freed when its \
+                 connections time out"),
+        }
     }
 }
 

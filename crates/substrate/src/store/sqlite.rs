@@ -19,10 +19,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    ClaimCandidate, ClaimDecision, claim_decision,
     ActorSession, ActorSnapshot, AlarmCompletion, AlarmRow, AlarmSnapshot, Backend, BackendKind,
-    ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released, RetryOutcome, RetryRequest,
-    Signal, WriteSet, migrations,
+    ClaimCandidate, ClaimDecision, ClaimRequest, ClaimedMessage, DeadLetter, QueueStats, Released,
+    RetryOutcome, RetryRequest, Signal, WriteSet, claim_decision, migrations,
 };
 use crate::clock::UnixMs;
 use crate::error::{Error, Result};
@@ -591,8 +590,13 @@ impl Backend for SqliteBackend {
                 "UPDATE alarms SET claimed_until = ?5
                  WHERE actor_type = ?1 AND actor_key = ?2 AND generation = ?3 AND claimed_by = ?4",
             )?
-            .execute(params![row.actor_type, row.actor_key, row.generation, node, lease_until])?
-                == 1)
+            .execute(params![
+                row.actor_type,
+                row.actor_key,
+                row.generation,
+                node,
+                lease_until
+            ])? == 1)
         })
         .await
     }
@@ -1018,7 +1022,7 @@ impl Backend for SqliteBackend {
         .await
     }
 
-    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<()> {
+    async fn node_heartbeat(&self, node: &str, now: UnixMs) -> Result<Option<UnixMs>> {
         let node = node.to_owned();
         self.write(move |c| {
             c.prepare_cached(
@@ -1026,7 +1030,8 @@ impl Backend for SqliteBackend {
                  ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
             )?
             .execute(params![node, now])?;
-            Ok(())
+            // One machine: the database's clock is this clock.
+            Ok(None)
         })
         .await
     }
