@@ -16,6 +16,7 @@ mod alarms;
 mod auth;
 mod automation;
 mod claw;
+mod drain;
 mod gateway;
 mod queue;
 mod report;
@@ -36,7 +37,7 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, actors, alarms, auth, gateway, sandbox, automation, claw). Default: all.
+    /// Run only these groups (queue, drain, actors, alarms, auth, gateway, sandbox, automation, claw). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
@@ -105,6 +106,9 @@ async fn main() -> anyhow::Result<()> {
     let mut out = report::header(args.quick);
     if wants("queue") {
         out += &queue::run(&args).await?;
+    }
+    if wants("drain") {
+        out += &drain::run(&args).await?;
     }
     if wants("actors") {
         out += &actors::run(&args).await?;

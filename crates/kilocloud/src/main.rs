@@ -178,6 +178,17 @@ enum QueueCommand {
         #[arg(long = "id", value_name = "ID")]
         ids: Vec<i64>,
     },
+    /// Delete dead letters for good: the given ids, or all of them with `--all`.
+    Delete {
+        /// Queue name.
+        queue: String,
+        /// Dead-letter id to delete; repeat for several.
+        #[arg(long = "id", value_name = "ID", required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Delete every dead letter of the queue (a purge).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -443,6 +454,14 @@ async fn queue_command(command: QueueCommand, sub: &Substrate) -> anyhow::Result
             let ids = (!ids.is_empty()).then_some(ids);
             let n = sub.queues().replay(&queue, ids.as_deref()).await?;
             println!("replayed {n} message(s) to {queue}");
+        }
+        QueueCommand::Delete { queue, ids, all } => {
+            let ids = (!all).then_some(ids);
+            let n = sub
+                .queues()
+                .delete_dead_letters(&queue, ids.as_deref())
+                .await?;
+            println!("deleted {n} dead letter(s) of {queue}");
         }
     }
     Ok(())

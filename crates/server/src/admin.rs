@@ -53,7 +53,10 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/queues", get(list_queues))
         .route("/queues/{queue}/messages", post(send_message))
-        .route("/queues/{queue}/dlq", get(list_dead_letters))
+        .route(
+            "/queues/{queue}/dlq",
+            get(list_dead_letters).delete(delete_dead_letters),
+        )
         .route("/queues/{queue}/replay", post(replay))
         .route("/actors/{actor_type}/{key}", get(show_actor))
         .route("/credits", post(crate::api::gateway::grant))
@@ -119,23 +122,43 @@ struct ReplayBody {
     ids: Option<Vec<i64>>,
 }
 
+/// The dead-letter ids a replay or delete names: `None` (all) for an empty body or one without
+/// `ids`, else `{"ids": [...]}`. Errors: 400 `invalid_json`.
+fn selected_ids(body: &[u8]) -> Result<Option<Vec<i64>>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<ReplayBody>(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?
+        .ids)
+}
+
 async fn replay(
     _: Admin,
     State(s): State<AppState>,
     Path(queue): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    // An empty body (or one without `ids`) replays everything; `{"ids": [...]}` replays those
-    // dead-letter ids.
-    let ids = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        serde_json::from_slice::<ReplayBody>(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?
-            .ids
-    };
+    let ids = selected_ids(&body)?;
     let n = s.substrate.queues().replay(&queue, ids.as_deref()).await?;
     Ok(Json(serde_json::json!({ "replayed": n })))
+}
+
+/// `DELETE /api/admin/queues/{queue}/dlq`: deletes the named dead letters, or all of them (a
+/// purge) for an empty body. Unknown queue: 404.
+async fn delete_dead_letters(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(queue): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let ids = selected_ids(&body)?;
+    let n = s
+        .substrate
+        .queues()
+        .delete_dead_letters(&queue, ids.as_deref())
+        .await?;
+    Ok(Json(serde_json::json!({ "deleted": n })))
 }
 
 /// `GET /api/admin/actors/{type}/{key}`. Identity's actor types are refused: their storage holds
@@ -146,6 +169,13 @@ async fn show_actor(
     State(s): State<AppState>,
     Path((actor_type, key)): Path<(String, String)>,
 ) -> Result<Json<ActorSnapshot>, ApiError> {
+    if !s.substrate.actors().types().contains(&actor_type.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("actor type not found: {actor_type}"),
+        ));
+    }
     if kilocloud_identity::ACTOR_TYPES.contains(&actor_type.as_str()) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

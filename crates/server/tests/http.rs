@@ -20,6 +20,7 @@ const TOKEN: &str = "admin-secret";
 
 struct Env {
     _store: TestStore,
+    sub: kilocloud_substrate::Substrate,
     app: axum::Router,
 }
 
@@ -41,8 +42,12 @@ async fn env(postgres: bool, admin: Option<&str>) -> Env {
         ..ServerOptions::default()
     };
     let gateway = gateway::state(&sub, &GatewayConfig::default(), |_| None).unwrap();
-    let app = router(AppState::new(sub, identity, gateway, &options));
-    Env { _store: store, app }
+    let app = router(AppState::new(sub.clone(), identity, gateway, &options));
+    Env {
+        _store: store,
+        sub,
+        app,
+    }
 }
 
 async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, Value) {
@@ -181,6 +186,16 @@ async fn surface(postgres: bool) {
     )
     .await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_json");
+    // Unknown queues and actor types are 404, as documented.
+    for (method, path) in [
+        ("GET", "/api/admin/queues/nope/dlq"),
+        ("POST", "/api/admin/queues/nope/replay"),
+        ("DELETE", "/api/admin/queues/nope/dlq"),
+        ("GET", "/api/admin/actors/no_such_type/k"),
+    ] {
+        let (s, _, b) = send(&e.app, admin(method, path, None)).await;
+        assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
+    }
     // Nothing was enqueued by any refused request.
     let (s, _, b) = send(&e.app, admin("GET", "/api/admin/queues", None)).await;
     assert_eq!(s, StatusCode::OK);
@@ -249,6 +264,43 @@ async fn surface(postgres: bool) {
     ] {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }
+
+    // Dead letters: listed, deleted by id, purged.
+    let q = e.sub.queues();
+    q.send_batch("probe", &[json!({"poison": 1}), json!({"poison": 2})], 0)
+        .await
+        .unwrap();
+    let mut dead = 0;
+    for _ in 0..100 {
+        if dead == 3 {
+            break;
+        }
+        for d in q.receive("probe", 10).await.unwrap() {
+            if q.retry(&d, Some(0), "poison").await.unwrap()
+                == kilocloud_substrate::RetryOutcome::DeadLettered
+            {
+                dead += 1;
+            }
+        }
+    }
+    assert_eq!(dead, 3, "every probe message was dead-lettered");
+    let (s, _, b) = send(&e.app, admin("GET", "/api/admin/queues/probe/dlq", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    let first = b[0]["id"].as_i64().unwrap();
+    let (s, _, b) = send(
+        &e.app,
+        admin(
+            "DELETE",
+            "/api/admin/queues/probe/dlq",
+            Some(json!({"ids": [first]}).to_string()),
+        ),
+    )
+    .await;
+    assert_eq!((s, b), (StatusCode::OK, json!({"deleted": 1})));
+    let (s, _, b) = send(&e.app, admin("DELETE", "/api/admin/queues/probe/dlq", None)).await;
+    assert_eq!((s, b), (StatusCode::OK, json!({"deleted": 2})));
+    let (_, _, b) = send(&e.app, admin("GET", "/api/admin/queues/probe/dlq", None)).await;
+    assert_eq!(b, json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
