@@ -325,6 +325,10 @@ impl LocalSandbox {
         ro_binds: &[(PathBuf, String)],
     ) -> Result<(tokio::process::Command, Vec<std::fs::File>), SandboxError> {
         let mut command = tokio::process::Command::new(&self.bwrap);
+        // bubblewrap itself gets an empty environment: `--clearenv` clears only the final
+        // command's, while bubblewrap's own processes (its pid 1 inside the namespace) keep
+        // what they inherited, readable at `/proc/1/environ` inside.
+        command.env_clear();
         // With a bridge, bubblewrap reports the sandbox's pid on one pipe and waits on
         // another until the forward listens inside the sandbox's network namespace.
         if let Some(bridge) = bridge {
@@ -535,6 +539,7 @@ impl SandboxProvider for LocalSandbox {
 
     async fn check(&self) -> Result<(), SandboxError> {
         let probe = tokio::process::Command::new(&self.bwrap)
+            .env_clear()
             .args(["--unshare-all", "--ro-bind", "/", "/", "--", "true"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

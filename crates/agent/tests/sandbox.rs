@@ -343,3 +343,54 @@ async fn only_the_forwarded_server_is_reachable() {
     );
     assert!(!text.contains("REACHED"), "{text}");
 }
+
+/// The server's environment (master key, JWT secret, provider keys) never reaches a sandbox:
+/// not through the command's own environment, nor through bubblewrap's processes (its pid 1
+/// inside the namespace), and no host process is visible in the sandbox's `/proc`.
+#[tokio::test]
+async fn the_servers_environment_and_processes_are_not_visible() {
+    let marker = format!("kilocloud-marker-{}", Uuid::new_v4());
+    // SAFETY: set before the sandbox starts any process, on the test's only runtime thread
+    // (`#[tokio::test]` is single-threaded); nothing reads the environment concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("KILOCLOUD_MASTER_KEY", &marker)
+    };
+    let env = env().await;
+    let out = env
+        .sh(
+            "cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; echo ---; \
+             ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; echo $$",
+            Duration::from_secs(10),
+        )
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.success(), "{}", text(&out));
+    assert!(!stdout.contains(&marker), "{stdout}");
+    let (environ, rest) = stdout.split_once("---\n").unwrap();
+    // Only the sandbox's own variables (set explicitly) appear.
+    for line in environ.lines().filter(|l| !l.is_empty()) {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            [
+                "PATH", "HOME", "TMPDIR", "LANG", "PWD", "SHLVL", "_", "OLDPWD"
+            ]
+            .contains(&name),
+            "unexpected variable inside: {line}"
+        );
+    }
+    // A fresh /proc of a private pid namespace: bubblewrap's pid 1, the shell and its
+    // children; the host's processes (this test among them) are absent.
+    let mut lines = rest.lines();
+    let pids: Vec<u32> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let shell: u32 = lines.next().unwrap().trim().parse().unwrap();
+    assert!(pids.contains(&1) && pids.contains(&shell), "{pids:?}");
+    assert!(!pids.contains(&std::process::id()), "{pids:?}");
+    // The pipeline's few processes, numbered from 1 in the new namespace.
+    assert!(pids.len() <= 8 && pids.iter().all(|p| *p < 32), "{pids:?}");
+}
