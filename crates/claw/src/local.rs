@@ -225,6 +225,8 @@ impl LocalProvider {
         }
         let mount = self.mount(id, &volume.volume);
         std::fs::create_dir_all(&mount.host_workspace).map_err(|e| io_err(op, e))?;
+        self.hand_over_volume(&mount.host_home)
+            .map_err(|e| io_err(op, e))?;
         let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
         env.extend(secrets);
         let request = ExecRequest {
@@ -254,6 +256,21 @@ impl LocalProvider {
             .map_err(|e| io_err(op, e))?;
         self.running.lock().await.insert(id.to_owned(), service);
         Ok(())
+    }
+
+    /// Gives a volume to the sandbox's host user: all of it when its top directory is not
+    /// the user's yet (a new volume, or one written before sandboxes had their own user),
+    /// else only its workspace directory, since everything the runtime writes is its own.
+    fn hand_over_volume(&self, dir: &Path) -> Result<(), kilocloud_agent::sandbox::SandboxError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some((uid, gid)) = self.sandbox.host_identity() else {
+            return Ok(());
+        };
+        let meta = std::fs::metadata(dir)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            return self.sandbox.hand_over(dir);
+        }
+        self.sandbox.hand_over(&dir.join("clawd"))
     }
 
     async fn stop_process(&self, id: &str) {
