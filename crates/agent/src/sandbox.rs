@@ -494,12 +494,22 @@ impl LocalSandbox {
         drop(joins);
         let group = child.id();
         let service = match bridge.open().await {
-            Ok((pid, forward)) => SandboxedService {
-                child,
-                group,
-                pid,
-                _forward: AbortOnDrop(forward),
-            },
+            Ok((pid, forward)) => {
+                // One task owns the child and reaps it: exits are observed as they happen
+                // (see [`SandboxedService::exited`]), without holding the service.
+                let (tx, exited) = tokio::sync::watch::channel(false);
+                let mut child = child;
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                    let _ = tx.send(true);
+                });
+                SandboxedService {
+                    exited,
+                    group,
+                    pid,
+                    _forward: AbortOnDrop(forward),
+                }
+            }
             Err(e) => {
                 if let Some(group) = group {
                     kill_group(group);
@@ -951,7 +961,8 @@ fn in_netns<T: Send + 'static>(
 /// A long-running command in a sandbox ([`LocalSandbox::spawn`]): its process group is
 /// killed when this is dropped.
 pub struct SandboxedService {
-    child: tokio::process::Child,
+    /// Turns true once bubblewrap (and so the command) has exited and was reaped.
+    exited: tokio::sync::watch::Receiver<bool>,
     /// bubblewrap's pid, its process group's id.
     group: Option<u32>,
     /// The sandboxed command's pid (in the host's pid namespace).
@@ -971,8 +982,17 @@ impl SandboxedService {
     }
 
     /// Whether the service has exited (crashed, or stopped on its own).
-    pub fn has_exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
+    /// Resolves when the service has exited, however it ended; usable without holding the
+    /// service (a watcher of crashes).
+    pub fn exited(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut exited = self.exited.clone();
+        async move {
+            let _ = exited.wait_for(|done| *done).await;
+        }
     }
 
     /// A handle that opens connections inside the service's network namespace, usable
@@ -983,21 +1003,24 @@ impl SandboxedService {
 
     /// Stops the service: SIGTERM to its process group, SIGKILL after `grace`.
     pub async fn stop(mut self, grace: Duration) {
+        if self.has_exited() {
+            self.group = None;
+            return;
+        }
         if let Some(group) = self.group {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(group as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
             if let Some(group) = self.group {
                 kill_group(group);
             }
-            let _ = self.child.wait().await;
+            self.exited().await;
         }
+        // Reaped: its group id may be reused, so the drop must not signal it.
+        self.group = None;
     }
 }
 
@@ -1033,7 +1056,9 @@ impl NamespaceConnector {
 
 impl Drop for SandboxedService {
     fn drop(&mut self) {
-        if let Some(group) = self.group {
+        if let Some(group) = self.group
+            && !self.has_exited()
+        {
             kill_group(group);
         }
     }

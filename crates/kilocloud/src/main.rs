@@ -617,6 +617,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sub.start().await?;
         agents.start();
         automation.start();
+        if let Some(claw) = &claw {
+            // Runtimes that go down (or died with the previous server) restart within seconds.
+            claw.watch_machines();
+        }
         (sub, identity, gateway, agents, automation, claw)
     };
     if let Err(e) = agents.sandbox().check().await {
