@@ -165,6 +165,12 @@ impl GitConfig {
                 "protocol.file.allow=never",
                 "-c",
                 "submodule.recurse=false",
+                // The worktree belongs to the sandbox's user, not to the server's: git's
+                // ownership check would refuse it. What that check guards against (config
+                // and hooks planted by another user) is already closed: `.git` is the
+                // host's (read-only inside), hooks and fsmonitor are off.
+                "-c",
+                "safe.directory=*",
             ])
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);

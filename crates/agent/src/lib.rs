@@ -17,6 +17,7 @@ pub mod harness;
 pub mod ids;
 pub mod runner;
 pub mod sandbox;
+mod seccomp;
 pub mod service;
 pub mod session;
 

@@ -194,6 +194,11 @@ async fn execute(
             .await
             .map_err(|e| HarnessError(format!("cannot clone the repository again: {e}")))?;
         }
+        inner
+            .sandbox
+            .adopt_host_writes(&mount)
+            .await
+            .map_err(|e| HarnessError(format!("cannot hand the workspace over: {e}")))?;
     }
     emitter
         .emit(

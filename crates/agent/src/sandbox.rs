@@ -51,6 +51,13 @@ pub struct SandboxConfig {
     pub memory_limit_bytes: u64,
     /// Processes and threads of one sandbox. Default 512.
     pub pids_limit: u32,
+    /// The host user id sandboxed commands run as when the server runs as root (bubblewrap
+    /// is started as this user, so the sandbox's uid 1000 is this uid outside, never root).
+    /// Must not be 0. A server that is not root runs them as itself. Default 65534
+    /// (`nobody`); a uid no other process uses is better still.
+    pub host_uid: u32,
+    /// The host group id to go with [`SandboxConfig::host_uid`]. Default 65534 (`nogroup`).
+    pub host_gid: u32,
 }
 
 impl Default for SandboxConfig {
@@ -63,6 +70,8 @@ impl Default for SandboxConfig {
             bwrap: PathBuf::from("bwrap"),
             memory_limit_bytes: 2 << 30,
             pids_limit: 512,
+            host_uid: 65534,
+            host_gid: 65534,
         }
     }
 }
@@ -211,6 +220,16 @@ pub trait SandboxProvider: Send + Sync + 'static {
     /// session). Missing directories are not an error.
     async fn remove(&self, mount: &SessionMount) -> Result<(), SandboxError>;
 
+    /// After the host wrote into the session's workspace or home (a clone, a checkout):
+    /// gives what it wrote to the sandbox's user, so commands inside can change it. The
+    /// workspace's `.git` stays the host's. Default: nothing to do.
+    ///
+    /// Errors: [`SandboxError::Io`].
+    async fn adopt_host_writes(&self, mount: &SessionMount) -> Result<(), SandboxError> {
+        let _ = mount;
+        Ok(())
+    }
+
     /// The URL at which a command whose request sets `forward` reaches `url` (a server on the
     /// host at that address): the same URL without a network namespace; under `local`, the
     /// same path on `127.0.0.1:`[`FORWARD_PORT`] inside the sandbox's own loopback.
@@ -266,6 +285,11 @@ pub struct LocalSandbox {
     cgroups: Option<Cgroups>,
     /// The read-only system part of every command line, computed once.
     system_args: Vec<OsString>,
+    /// The host uid and gid bubblewrap is started as (the server is root), else `None`
+    /// (bubblewrap runs as the server's own unprivileged user).
+    identity: Option<(u32, u32)>,
+    /// The seccomp programs every command runs under ([`crate::seccomp::programs`]).
+    seccomp: Vec<Vec<u8>>,
 }
 
 impl LocalSandbox {
@@ -286,7 +310,28 @@ impl LocalSandbox {
             pids_limit: config.pids_limit,
             cgroups,
             system_args: system_args(),
+            identity: nix::unistd::geteuid()
+                .is_root()
+                .then_some((config.host_uid, config.host_gid)),
+            seccomp: crate::seccomp::programs(),
         }
+    }
+
+    /// The host uid and gid sandboxed commands run as when the server is root; `None` when
+    /// they run as the server's own user.
+    pub fn host_identity(&self) -> Option<(u32, u32)> {
+        self.identity
+    }
+
+    /// Gives `dir` and everything under it (except a top-level `.git`, which host-side git
+    /// owns and the sandbox sees read-only) to the sandbox's host user, so a command inside
+    /// can write what the host wrote there (a clone, a volume made by the server). Entries
+    /// already owned by it are left alone; symbolic links are changed themselves, never
+    /// followed. No-op when sandboxes run as the server's own user.
+    ///
+    /// Errors: [`SandboxError::Io`] when an entry cannot be changed.
+    pub fn hand_over(&self, dir: &Path) -> Result<(), SandboxError> {
+        hand_over(self.identity, dir)
     }
 
     /// Whether sandboxes get a cgroup (memory and process limits); otherwise only an
@@ -316,7 +361,12 @@ impl LocalSandbox {
 
     /// The bubblewrap command running `request` for `mount`, confined to the sandbox's
     /// cgroup, with `bridge`'s pipes and `ro_binds` (host path, path inside) added. Returns
-    /// the command and the open `cgroup.procs` files, to keep open until it is spawned.
+    /// the command and the files it reads at start (the open `cgroup.procs` files, the
+    /// environment options and the seccomp programs), to keep open until it is spawned.
+    ///
+    /// Every `--setenv` (the session's secrets among them) reaches bubblewrap through a
+    /// memory file it reads with `--args`, never its argv, which any local user can read in
+    /// `ps`. When the server is root, bubblewrap starts as the configured host user.
     fn command(
         &self,
         mount: &SessionMount,
@@ -325,8 +375,13 @@ impl LocalSandbox {
         ro_binds: &[(PathBuf, String)],
     ) -> Result<(tokio::process::Command, Vec<std::fs::File>), SandboxError> {
         let mut command = tokio::process::Command::new(&self.bwrap);
+        // bubblewrap itself gets an empty environment: `--clearenv` clears only the final
+        // command's, while bubblewrap's own processes (its pid 1 inside the namespace) keep
+        // what they inherited, readable at `/proc/1/environ` inside.
+        command.env_clear();
         // With a bridge, bubblewrap reports the sandbox's pid on one pipe and waits on
         // another until the forward listens inside the sandbox's network namespace.
+        let mut inherit = Vec::new();
         if let Some(bridge) = bridge {
             command.args([
                 "--info-fd".to_owned(),
@@ -334,23 +389,38 @@ impl LocalSandbox {
                 "--block-fd".to_owned(),
                 bridge.block_r.as_raw_fd().to_string(),
             ]);
+            inherit.extend([bridge.info_w.as_raw_fd(), bridge.block_r.as_raw_fd()]);
         }
-        command.args(self.args(mount, request, ro_binds));
+        let mut keep = Vec::new();
+        for program in &self.seccomp {
+            let file = memory_file("kilocloud-seccomp", program)?;
+            command.args(["--add-seccomp-fd".to_owned(), raw_fd(&file).to_string()]);
+            inherit.push(raw_fd(&file));
+            keep.push(file);
+        }
+        let env = memory_file(
+            "kilocloud-sandbox-env",
+            &nul_separated(env_args(mount, request)),
+        )?;
+        inherit.push(raw_fd(&env));
+        command.args(self.args(mount, request, ro_binds, raw_fd(&env)));
+        keep.push(env);
         let joins = match &self.cgroups {
             Some(cgroups) => cgroups.open_procs(&mount.sandbox_id)?,
             None => Vec::new(),
         };
         let memory = (self.cgroups.is_none()).then_some(self.memory_limit_bytes);
-        let inherit = bridge
-            .map(|b| vec![b.info_w.as_raw_fd(), b.block_r.as_raw_fd()])
-            .unwrap_or_default();
+        if let Some((uid, gid)) = self.identity {
+            command.uid(uid).gid(gid);
+        }
         confine(
             &mut command,
             joins.iter().map(raw_fd).collect(),
             inherit,
             memory,
         );
-        Ok((command, joins))
+        keep.extend(joins);
+        Ok((command, keep))
     }
 
     /// Creates (idempotently) the cgroup of `sandbox_id` with the configured limits, for
@@ -360,6 +430,14 @@ impl LocalSandbox {
     pub fn ensure_limits(&self, sandbox_id: &str) -> Result<(), SandboxError> {
         if let Some(cgroups) = &self.cgroups {
             cgroups.ensure(sandbox_id, self.memory_limit_bytes, self.pids_limit)?;
+        }
+        Ok(())
+    }
+
+    /// Gives `dir` itself (not its contents) to the sandbox's host user.
+    fn hand_over_top(&self, dir: &Path) -> Result<(), SandboxError> {
+        if let Some((uid, gid)) = self.identity {
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
         }
         Ok(())
     }
@@ -416,12 +494,22 @@ impl LocalSandbox {
         drop(joins);
         let group = child.id();
         let service = match bridge.open().await {
-            Ok((pid, forward)) => SandboxedService {
-                child,
-                group,
-                pid,
-                _forward: AbortOnDrop(forward),
-            },
+            Ok((pid, forward)) => {
+                // One task owns the child and reaps it: exits are observed as they happen
+                // (see [`SandboxedService::exited`]), without holding the service.
+                let (tx, exited) = tokio::sync::watch::channel(false);
+                let mut child = child;
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                    let _ = tx.send(true);
+                });
+                SandboxedService {
+                    exited,
+                    group,
+                    pid,
+                    _forward: AbortOnDrop(forward),
+                }
+            }
             Err(e) => {
                 if let Some(group) = group {
                     kill_group(group);
@@ -432,16 +520,23 @@ impl LocalSandbox {
         Ok(service)
     }
 
+    /// bubblewrap's argv: namespaces, identity, mounts, then `--args env_fd` (the
+    /// environment, [`env_args`]) and the command.
     fn args(
         &self,
         mount: &SessionMount,
         request: &ExecRequest,
         ro_binds: &[(PathBuf, String)],
+        env_fd: i32,
     ) -> Vec<OsString> {
         let mut args: Vec<OsString> = [
             "--die-with-parent",
             "--new-session",
             "--unshare-all",
+            // A user namespace always (bubblewrap never runs as root here), and none inside
+            // it: the sandbox cannot make a namespace where it holds capabilities.
+            "--unshare-user",
+            "--disable-userns",
             "--cap-drop",
             "ALL",
             "--uid",
@@ -473,17 +568,69 @@ impl LocalSandbox {
         push(&[&"--remount-ro", &"/"]);
         let cwd = request.cwd.as_deref().unwrap_or(&mount.workspace);
         push(&[&"--chdir", &cwd]);
-        push(&[&"--setenv", &"PATH", &SANDBOX_PATH]);
-        push(&[&"--setenv", &"HOME", &mount.home]);
-        push(&[&"--setenv", &"TMPDIR", &"/tmp"]);
-        push(&[&"--setenv", &"LANG", &"C.UTF-8"]);
-        for (k, v) in &request.env {
-            push(&[&"--setenv", k, v]);
-        }
+        // After `--clearenv`: bubblewrap applies its options in order.
+        push(&[&"--args", &env_fd.to_string()]);
         push(&[&"--"]);
         args.extend(request.argv.iter().map(OsString::from));
         args
     }
+}
+
+/// The `--setenv` options of `request` for `mount`: `PATH`, `HOME`, `TMPDIR`, `LANG`, then
+/// the request's own variables.
+fn env_args(mount: &SessionMount, request: &ExecRequest) -> Vec<String> {
+    let fixed = [
+        ("PATH", SANDBOX_PATH),
+        ("HOME", mount.home.as_str()),
+        ("TMPDIR", "/tmp"),
+        ("LANG", "C.UTF-8"),
+    ];
+    fixed
+        .into_iter()
+        .chain(request.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .flat_map(|(k, v)| ["--setenv".to_owned(), k.to_owned(), v.to_owned()])
+        .collect()
+}
+
+/// `args` as bubblewrap's `--args` reads them: each followed by a NUL.
+fn nul_separated(args: Vec<String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for arg in args {
+        out.extend_from_slice(arg.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// An anonymous memory file (close-on-exec) holding `bytes`, positioned at its start: how
+/// bubblewrap is handed what must not be on its command line.
+fn memory_file(name: &str, bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek as _, Write as _};
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    Ok(file)
+}
+
+/// [`LocalSandbox::hand_over`] for the host user `identity` (`None`: nothing to do).
+fn hand_over(identity: Option<(u32, u32)>, dir: &Path) -> Result<(), SandboxError> {
+    let Some((uid, gid)) = identity else {
+        return Ok(());
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    let walk = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"));
+    for entry in walk {
+        let entry = entry.map_err(std::io::Error::other)?;
+        let meta = entry.metadata().map_err(std::io::Error::other)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
 }
 
 /// `--ro-bind` (or `--symlink` for merged-/usr links) of the system directories, and the
@@ -534,13 +681,33 @@ impl SandboxProvider for LocalSandbox {
     }
 
     async fn check(&self) -> Result<(), SandboxError> {
-        let probe = tokio::process::Command::new(&self.bwrap)
-            .args(["--unshare-all", "--ro-bind", "/", "/", "--", "true"])
+        if self.identity.is_some_and(|(uid, _)| uid == 0) {
+            return Err(SandboxError::Unavailable(
+                "agent.sandbox.host_uid is 0: sandboxes must not run as root on the host; \
+                 set an unprivileged uid (default 65534)"
+                    .into(),
+            ));
+        }
+        let mut probe = tokio::process::Command::new(&self.bwrap);
+        probe
+            .env_clear()
+            .args([
+                "--unshare-all",
+                "--unshare-user",
+                "--disable-userns",
+                "--ro-bind",
+                "/",
+                "/",
+                "--",
+                "true",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await;
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = self.identity {
+            probe.uid(uid).gid(gid);
+        }
+        let probe = probe.output().await;
         match probe {
             Ok(out) if out.status.success() => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(self.not_installed()),
@@ -573,8 +740,10 @@ impl SandboxProvider for LocalSandbox {
             workspace: workspace.to_owned(),
             home: home.to_owned(),
         };
-        // The sandbox user (uid 1000 inside) is root outside: writes land as root on the
-        // host, so the directories need no special ownership.
+        // The sandbox user (uid 1000 inside) is the configured host user outside (or the
+        // server's own user): it owns the session's directories.
+        self.hand_over_top(&mount.host_workspace)?;
+        self.hand_over_top(&mount.host_home)?;
         if let Some(cgroups) = &self.cgroups {
             cgroups.ensure(sandbox_id, self.memory_limit_bytes, self.pids_limit)?;
         }
@@ -588,6 +757,18 @@ impl SandboxProvider for LocalSandbox {
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
         self.exec_with_binds(mount, request, &[], cancel).await
+    }
+
+    async fn adopt_host_writes(&self, mount: &SessionMount) -> Result<(), SandboxError> {
+        let (workspace, home) = (mount.host_workspace.clone(), mount.host_home.clone());
+        let this = (self.identity, workspace, home);
+        tokio::task::spawn_blocking(move || {
+            let (identity, workspace, home) = this;
+            hand_over(identity, &workspace)?;
+            hand_over(identity, &home)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     fn forwarded_url(&self, url: &url::Url) -> url::Url {
@@ -780,7 +961,8 @@ fn in_netns<T: Send + 'static>(
 /// A long-running command in a sandbox ([`LocalSandbox::spawn`]): its process group is
 /// killed when this is dropped.
 pub struct SandboxedService {
-    child: tokio::process::Child,
+    /// Turns true once bubblewrap (and so the command) has exited and was reaped.
+    exited: tokio::sync::watch::Receiver<bool>,
     /// bubblewrap's pid, its process group's id.
     group: Option<u32>,
     /// The sandboxed command's pid (in the host's pid namespace).
@@ -789,9 +971,28 @@ pub struct SandboxedService {
 }
 
 impl SandboxedService {
+    /// bubblewrap's pid on the host (`None` once it was reaped).
+    pub fn bwrap_pid(&self) -> Option<u32> {
+        self.group
+    }
+
+    /// The sandboxed command's pid on the host.
+    pub fn command_pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Whether the service has exited (crashed, or stopped on its own).
-    pub fn has_exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
+    /// Resolves when the service has exited, however it ended; usable without holding the
+    /// service (a watcher of crashes).
+    pub fn exited(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut exited = self.exited.clone();
+        async move {
+            let _ = exited.wait_for(|done| *done).await;
+        }
     }
 
     /// A handle that opens connections inside the service's network namespace, usable
@@ -802,21 +1003,24 @@ impl SandboxedService {
 
     /// Stops the service: SIGTERM to its process group, SIGKILL after `grace`.
     pub async fn stop(mut self, grace: Duration) {
+        if self.has_exited() {
+            self.group = None;
+            return;
+        }
         if let Some(group) = self.group {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(group as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
             if let Some(group) = self.group {
                 kill_group(group);
             }
-            let _ = self.child.wait().await;
+            self.exited().await;
         }
+        // Reaped: its group id may be reused, so the drop must not signal it.
+        self.group = None;
     }
 }
 
@@ -852,7 +1056,9 @@ impl NamespaceConnector {
 
 impl Drop for SandboxedService {
     fn drop(&mut self) {
-        if let Some(group) = self.group {
+        if let Some(group) = self.group
+            && !self.has_exited()
+        {
             kill_group(group);
         }
     }

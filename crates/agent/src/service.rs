@@ -719,6 +719,7 @@ impl Agents {
                     retryable: true,
                 },
             })?;
+        inner.sandbox.adopt_host_writes(mount).await?;
         let env: Vec<(String, String)> = req
             .env_vars
             .iter()

@@ -227,10 +227,13 @@ async fn writing_outside_the_workspace_fails() {
 #[tokio::test]
 async fn a_fork_bomb_is_contained_and_killed_at_the_time_limit() {
     let env = env().await;
-    if !env.sandbox.has_cgroups() {
-        eprintln!("no writable cgroup on this machine: the process limit is not enforced");
-        return;
-    }
+    // Without a writable cgroup there is no process limit at all: that is a failure of this
+    // machine's setup, never a pass.
+    assert!(
+        env.sandbox.has_cgroups(),
+        "no writable cgroup (v1 pids+memory, or v2 with both controllers delegated): the \
+         process limit cannot be enforced here"
+    );
     let out = env
         .sh(
             // `exec`: waiting needs no fork, so the shell outlives the bomb whatever the pids
@@ -342,4 +345,201 @@ async fn only_the_forwarded_server_is_reachable() {
         "{text}"
     );
     assert!(!text.contains("REACHED"), "{text}");
+}
+
+/// The server's environment (master key, JWT secret, provider keys) never reaches a sandbox:
+/// not through the command's own environment, nor through bubblewrap's processes (its pid 1
+/// inside the namespace), and no host process is visible in the sandbox's `/proc`.
+#[tokio::test]
+async fn the_servers_environment_and_processes_are_not_visible() {
+    let marker = format!("kilocloud-marker-{}", Uuid::new_v4());
+    // SAFETY: set before the sandbox starts any process, on the test's only runtime thread
+    // (`#[tokio::test]` is single-threaded); nothing reads the environment concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("KILOCLOUD_MASTER_KEY", &marker)
+    };
+    let env = env().await;
+    let out = env
+        .sh(
+            "cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; echo ---; \
+             ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; echo $$",
+            Duration::from_secs(10),
+        )
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.success(), "{}", text(&out));
+    assert!(!stdout.contains(&marker), "{stdout}");
+    let (environ, rest) = stdout.split_once("---\n").unwrap();
+    // Only the sandbox's own variables (set explicitly) appear.
+    for line in environ.lines().filter(|l| !l.is_empty()) {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            [
+                "PATH", "HOME", "TMPDIR", "LANG", "PWD", "SHLVL", "_", "OLDPWD"
+            ]
+            .contains(&name),
+            "unexpected variable inside: {line}"
+        );
+    }
+    // A fresh /proc of a private pid namespace: bubblewrap's pid 1, the shell and its
+    // children; the host's processes (this test among them) are absent.
+    let mut lines = rest.lines();
+    let pids: Vec<u32> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let shell: u32 = lines.next().unwrap().trim().parse().unwrap();
+    assert!(pids.contains(&1) && pids.contains(&shell), "{pids:?}");
+    assert!(!pids.contains(&std::process::id()), "{pids:?}");
+    // The pipeline's few processes, numbered from 1 in the new namespace.
+    assert!(pids.len() <= 8 && pids.iter().all(|p| *p < 32), "{pids:?}");
+}
+
+/// The sandbox's user is an unprivileged user on the host, never root: what it creates
+/// belongs to that user, it cannot set the set-user-id or set-group-id bit, the workspace is
+/// mounted `nosuid,nodev`, and it cannot make a user namespace of its own.
+#[tokio::test]
+async fn the_sandbox_user_is_not_root_on_the_host_and_makes_no_setuid_files() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let env = env().await;
+    let out = env
+        .sh(
+            "cp /bin/sh ./suid; chmod 4755 ./suid && echo CHMOD-SUID; \
+             chmod g+s ./suid && echo CHMOD-SGID; \
+             install -m 4755 /bin/sh ./suid2 && echo INSTALL-SUID; \
+             grep \" $PWD \" /proc/self/mountinfo",
+            Duration::from_secs(10),
+        )
+        .await;
+    let text = text(&out);
+    assert!(
+        !text.contains("CHMOD-") && !text.contains("INSTALL-"),
+        "{text}"
+    );
+    let mountinfo = String::from_utf8_lossy(&out.stdout);
+    let options = mountinfo.split_whitespace().nth(5).unwrap_or_default();
+    assert!(
+        options.split(',').any(|o| o == "nosuid") && options.split(',').any(|o| o == "nodev"),
+        "{mountinfo}"
+    );
+    let made = std::fs::metadata(env.a.host_workspace.join("suid")).unwrap();
+    assert_eq!(
+        made.permissions().mode() & 0o6000,
+        0,
+        "setuid bit on the host"
+    );
+    match env.sandbox.host_identity() {
+        // The server is root: the sandbox's files are the configured user's (65534).
+        Some((uid, gid)) => assert_eq!((made.uid(), made.gid()), (uid, gid)),
+        None => assert_eq!(made.uid(), nix::unistd::geteuid().as_raw()),
+    }
+    assert_ne!(made.uid(), 0, "a file made inside is root's on the host");
+    // No nested user namespace, so no namespace where the sandbox holds capabilities.
+    let out = env
+        .sh("unshare -U true && echo UNSHARED", Duration::from_secs(10))
+        .await;
+    assert!(!text_of(&out).contains("UNSHARED"), "{}", text_of(&out));
+}
+
+fn text_of(out: &ExecOutput) -> String {
+    out.combined_text()
+}
+
+/// The seccomp filter refuses with EPERM what an unconfined process may call: the kernel's
+/// keyrings (`keyctl`), `ptrace` (here `PTRACE_TRACEME`, which needs no privilege) and
+/// `unshare`, while ordinary work goes on (processes, threads).
+#[tokio::test]
+async fn the_seccomp_filter_refuses_what_it_forbids() {
+    let env = env().await;
+    let script = format!(
+        "import ctypes, os, threading\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         def call(nr, *args):\n\
+         \x20   r = libc.syscall(nr, *[ctypes.c_long(a) for a in args])\n\
+         \x20   return r if r >= 0 else -ctypes.get_errno()\n\
+         print('keyctl', call({keyctl}, 0, -3, 0))\n\
+         print('ptrace', call({ptrace}, 0, 0, 0, 0))\n\
+         print('unshare', call({unshare}, 0x10000000))\n\
+         t = threading.Thread(target=lambda: None); t.start(); t.join()\n\
+         pid = os.fork()\n\
+         if pid == 0: os._exit(7)\n\
+         print('child', os.waitpid(pid, 0)[1] >> 8)\n",
+        keyctl = libc::SYS_keyctl,
+        ptrace = libc::SYS_ptrace,
+        unshare = libc::SYS_unshare,
+    );
+    let out = env
+        .sandbox
+        .exec(
+            &env.a,
+            ExecRequest {
+                argv: vec!["python3".into(), "-c".into(), script],
+                ..ExecRequest::shell("", Duration::from_secs(20), 4096)
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let eperm = format!("-{}", libc::EPERM);
+    let result = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {name} in {}", text(&out)))
+    };
+    for name in ["keyctl", "ptrace", "unshare"] {
+        assert_eq!(result(name), eperm, "{name}: {}", text(&out));
+    }
+    assert_eq!(result("child"), "7", "{}", text(&out));
+}
+
+/// Secrets given to a sandboxed command (KiloClaw's env key, a session's secrets) are never
+/// on a command line: not bubblewrap's, which any local user reads in `ps`, nor the
+/// command's; the command still gets them in its environment.
+#[tokio::test]
+async fn secrets_are_not_on_any_command_line() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = env().await;
+    let secret = format!("kilocloud-secret-{}", Uuid::new_v4());
+    // The command reports through a FIFO: reading it returns once the command has written.
+    let fifo = env.a.host_workspace.join("seen");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let request = ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "printf '%s' \"$SESSION_SECRET\" > seen; exec sleep 60".into(),
+        ],
+        env: vec![("SESSION_SECRET".into(), secret.clone())],
+        ..ExecRequest::shell("", Duration::from_secs(60), 0)
+    };
+    let log = std::fs::File::create(env._dir.path().join("service.log")).unwrap();
+    let service = env.sandbox.spawn(&env.a, &request, &[], log).await.unwrap();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo)),
+    )
+    .await
+    .expect("the command never wrote")
+    .unwrap()
+    .unwrap();
+    // The command got the value in its environment.
+    assert_eq!(seen, secret);
+    let bwrap = service.bwrap_pid().unwrap();
+    for pid in [bwrap as i32, service.command_pid()] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!cmdline.is_empty());
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(!cmdline.contains(&secret), "pid {pid}: {cmdline}");
+    }
+    // bubblewrap's own environment is empty, so it holds no secret either.
+    let environ = std::fs::read(format!("/proc/{bwrap}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains(&secret));
+    service.stop(Duration::from_secs(1)).await;
 }

@@ -6,9 +6,16 @@
 //! ```text
 //! (none) --provision--> provisioned --start--> running --stop--> stopped --start--> running
 //! any(not destroying) --destroy--> destroying --(machine and volume deletes confirmed)--> (none)
-//! running --alarm: 5x stopped/created, or a 404--> stopped
+//! running --alarm: machine stopped/created--> restarted (running); 5 failed restarts, or a 404--> stopped
 //! provisioned/stopped --alarm: provider says started--> running
 //! ```
+//!
+//! Unlike the reference, which only marks a running instance stopped after 5 observations
+//! (25 min) and leaves it down, a runtime found down while the instance should run is
+//! restarted by the alarm that finds it; a failed restart is retried after
+//! [`crate::AlarmCadence::restart_retry_ms`] (10 s), and only 5 failures in a row mark it
+//! stopped. A provider that watches its machines (`local`) reports a runtime that went down
+//! ([`InstanceCall::MachineDown`]), which moves the alarm to now.
 //!
 //! Provider calls run inside the actor's call, one operation at a time per instance; an
 //! external effect is persisted with [`ActorContext::checkpoint`] before the next is awaited
@@ -35,8 +42,8 @@ use crate::provider::{
 
 /// Storage key of the state.
 const STATE: &str = "state";
-/// Consecutive `stopped`/`created` observations of a running instance before it is marked
-/// stopped (reference: self-heal threshold 5).
+/// Consecutive failed restarts of a running instance whose machine is down before it is
+/// marked stopped (the reference's self-heal threshold, 5, counted over restarts).
 pub const SELF_HEAL_THRESHOLD: u32 = 5;
 /// Metadata recovery is attempted at most this often, ms (reference: 30 min).
 pub const METADATA_RECOVERY_COOLDOWN_MS: i64 = 30 * 60 * 1000;
@@ -169,7 +176,7 @@ pub struct InstanceState {
     pub volume_id: Option<String>,
     /// Region of the volume (and so of the machine).
     pub region: Option<String>,
-    /// Consecutive `stopped`/`created` observations while running.
+    /// Consecutive failed restarts of the machine found down while running.
     pub health_check_fail_count: u32,
     /// Machine still to delete (two-phase destroy).
     pub pending_destroy_machine_id: Option<String>,
@@ -223,6 +230,10 @@ pub enum InstanceCall {
     Configure(Box<ConfigPatch>),
     /// Runs a command in the machine. Only when running.
     Exec(Vec<String>),
+    /// The provider saw the runtime on this machine go down: when the instance is running
+    /// on it, its reconciliation alarm is moved to now (which restarts it). Otherwise
+    /// nothing happens, and nothing is written.
+    MachineDown(String),
 }
 
 /// A configuration change: `None` leaves a field alone; `Some(None)` clears it.
@@ -267,6 +278,15 @@ impl Actor for InstanceActor {
 
     async fn call(&self, ctx: &mut ActorContext, call: InstanceCall) -> Result<Outcome> {
         let mut state: InstanceState = ctx.get(STATE).await?.unwrap_or_default();
+        if let InstanceCall::MachineDown(machine) = &call {
+            if state.status == Some(Status::Running)
+                && state.machine_id.as_deref() == Some(machine.as_str())
+            {
+                tracing::warn!(sandbox = %state.sandbox_id, %machine, "the runtime went down: reconciling now");
+                ctx.set_alarm(ctx.now_ms());
+            }
+            return Ok(Ok(InstanceReply::State(Box::new(state))));
+        }
         let mut op = Op {
             ctx,
             s: &self.shared,
@@ -286,6 +306,7 @@ impl Actor for InstanceActor {
             InstanceCall::Destroy => return op.destroy(&mut state).await.map(Ok),
             InstanceCall::Configure(patch) => op.configure(&mut state, *patch),
             InstanceCall::Exec(argv) => return op.exec(&state, argv).await,
+            InstanceCall::MachineDown(_) => unreachable!("answered above"),
         };
         match result {
             Ok(()) => {
@@ -357,9 +378,14 @@ impl Op<'_> {
     }
 
     /// The next alarm: 5 min running, 1 min destroying, 30 min otherwise, plus 0–60 s of
-    /// jitter (all configurable).
+    /// jitter (all configurable); 10 s, without jitter, after a failed restart of a running
+    /// instance's machine.
     fn schedule(&mut self, state: &InstanceState) {
         let c = &self.s.config.alarm;
+        if state.status == Some(Status::Running) && state.health_check_fail_count > 0 {
+            self.ctx.set_alarm(self.ctx.now_ms() + c.restart_retry_ms);
+            return;
+        }
         let base = match state.status {
             None => return,
             Some(Status::Running) => c.running_ms,
@@ -1011,6 +1037,13 @@ impl Op<'_> {
         Ok(())
     }
 
+    /// Brings a running instance's machine that is down up again with a fresh spec (what
+    /// `start` does for a stopped instance); ids it learns are checkpointed as in `launch`.
+    async fn relaunch(&mut self, state: &mut InstanceState) -> OpResult {
+        let spec = self.machine_spec(state).await?;
+        self.launch(state, &spec).await
+    }
+
     /// The alarm's pass: the machine first, then the volume (reference §2 "Alarm").
     async fn reconcile(&mut self, state: &mut InstanceState) -> OpResult {
         let app = state.app_name.clone();
@@ -1043,12 +1076,23 @@ impl Op<'_> {
                         self.repair_mount(state, &m).await?;
                     }
                     "stopped" | "created" if state.status == Some(Status::Running) => {
-                        state.health_check_fail_count += 1;
-                        if state.health_check_fail_count >= SELF_HEAL_THRESHOLD {
-                            tracing::warn!(sandbox = %state.sandbox_id, "machine observed stopped {SELF_HEAL_THRESHOLD} times: marking stopped");
-                            state.status = Some(Status::Stopped);
-                            state.last_stopped_at = Some(self.ctx.now_ms());
-                            state.health_check_fail_count = 0;
+                        tracing::warn!(sandbox = %state.sandbox_id, machine = %id, "the runtime is down while the instance should run: restarting it");
+                        match self.relaunch(state).await {
+                            Ok(()) => {
+                                state.health_check_fail_count = 0;
+                                state.last_started_at = Some(self.ctx.now_ms());
+                            }
+                            Err(ClawError::Substrate(e)) => return Err(ClawError::Substrate(e)),
+                            Err(e) => {
+                                state.health_check_fail_count += 1;
+                                tracing::warn!(sandbox = %state.sandbox_id, error = %e, attempt = state.health_check_fail_count, "restart failed");
+                                if state.health_check_fail_count >= SELF_HEAL_THRESHOLD {
+                                    tracing::warn!(sandbox = %state.sandbox_id, "{SELF_HEAL_THRESHOLD} restarts failed: marking stopped");
+                                    state.status = Some(Status::Stopped);
+                                    state.last_stopped_at = Some(self.ctx.now_ms());
+                                    state.health_check_fail_count = 0;
+                                }
+                            }
                         }
                     }
                     _ => {}

@@ -71,6 +71,9 @@ pub struct AlarmCadence {
     pub idle_ms: i64,
     /// Random extra delay, 0..=this.
     pub jitter_ms: i64,
+    /// After a failed restart of a running instance's machine that was found down, the
+    /// next attempt comes this soon (no jitter). Default 10 000.
+    pub restart_retry_ms: i64,
 }
 
 impl Default for AlarmCadence {
@@ -80,6 +83,7 @@ impl Default for AlarmCadence {
             destroying_ms: 60_000,
             idle_ms: 30 * 60_000,
             jitter_ms: 60_000,
+            restart_retry_ms: 10_000,
         }
     }
 }
@@ -776,6 +780,41 @@ impl Claw {
             InstanceReply::State(state) => Ok(*state),
             _ => Err(ClawError::Invalid("unexpected reply".into())),
         }
+    }
+
+    /// Reconciles at once the instance whose runtime `down` reports gone: when it still runs
+    /// on that machine, its alarm is moved to now, and the alarm restarts it. A report of an
+    /// unknown sandbox, or of a machine the instance no longer uses, changes nothing.
+    ///
+    /// Errors: the actor call's (e.g. `Overloaded`); the next regular alarm still finds it.
+    pub async fn machine_down(&self, down: &provider::MachineDown) -> Result<()> {
+        let key = match ids::SandboxId::parse(&down.sandbox_id) {
+            Ok(ids::SandboxId::Instance(id)) => id.to_string(),
+            Ok(ids::SandboxId::Legacy(user)) => user,
+            Err(e) => {
+                tracing::warn!(machine = %down.machine_id, error = %e, "a machine without a sandbox id went down");
+                return Ok(());
+            }
+        };
+        self.call(&key, InstanceCall::MachineDown(down.machine_id.clone()))
+            .await
+            .map(drop)
+    }
+
+    /// Starts the task that hands the provider's reports of machines gone down
+    /// ([`ComputeProvider::take_down_reports`]) to [`Claw::machine_down`]; it ends when the
+    /// provider does. Call once, after the substrate started; `None` for a provider without
+    /// reports (or when they were taken already).
+    pub fn watch_machines(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut reports = self.inner.provider.take_down_reports()?;
+        let claw = self.clone();
+        Some(tokio::spawn(async move {
+            while let Some(down) = reports.recv().await {
+                if let Err(e) = claw.machine_down(&down).await {
+                    tracing::warn!(machine = %down.machine_id, error = %e, "cannot reconcile a machine gone down now; its next alarm will");
+                }
+            }
+        }))
     }
 
     /// Stops the instance.

@@ -9,12 +9,15 @@
 //! holds the apps' env keys, as Fly's secret store does); processes do not survive the
 //! server: after a restart a machine recorded `started` reports `stopped` until started
 //! again, which is what the reconciliation and the proxy's restart-and-retry expect of a
-//! crashed machine.
+//! crashed machine. The provider watches each runtime it started: one that exits without
+//! being stopped, and every machine recorded `started` when the provider is created (its
+//! process died with the previous server), is reported at once
+//! ([`ComputeProvider::take_down_reports`]) so the instance is restarted within seconds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::ENV_KEY_SECRET;
+use crate::instance::META_SANDBOX;
 use crate::provider::{
-    ComputeProvider, ExecOutput, MOUNT_PATH, Machine, MachineSpec, ProviderError, ProviderResult,
-    RUNTIME_PORT, UpstreamIo, UpstreamTarget, Volume, VolumeSpec,
+    ComputeProvider, ExecOutput, MOUNT_PATH, Machine, MachineDown, MachineSpec, ProviderError,
+    ProviderResult, RUNTIME_PORT, UpstreamIo, UpstreamTarget, Volume, VolumeSpec,
 };
 
 /// Where the kilocloud binary appears inside a machine, for the built-in runtime.
@@ -75,7 +79,10 @@ pub struct LocalProvider {
     /// The host address forwarded into each machine at `127.0.0.1:8787` (the model gateway).
     forward: Option<SocketAddr>,
     records: Mutex<Records>,
-    running: tokio::sync::Mutex<HashMap<String, SandboxedService>>,
+    running: Arc<tokio::sync::Mutex<HashMap<String, SandboxedService>>>,
+    /// Where runtimes that went down are reported, and the receiving end until taken.
+    down: tokio::sync::mpsc::UnboundedSender<MachineDown>,
+    down_reports: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<MachineDown>>>,
 }
 
 fn err(operation: &str, status: u16, body: impl Into<String>) -> ProviderError {
@@ -123,6 +130,16 @@ impl LocalProvider {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Records::default(),
             Err(e) => return Err(format!("{}: {e}", root.join("state.json").display())),
         };
+        let (down, down_reports) = tokio::sync::mpsc::unbounded_channel();
+        // Nothing runs yet: every machine meant to run lost its process with the previous
+        // server.
+        for (id, m) in records
+            .machines
+            .iter()
+            .filter(|(_, m)| m.state == "started")
+        {
+            let _ = down.send(down_report(id, m));
+        }
         Ok(Self {
             root,
             sandbox,
@@ -130,7 +147,9 @@ impl LocalProvider {
             ro_binds,
             forward,
             records: Mutex::new(records),
-            running: tokio::sync::Mutex::new(HashMap::new()),
+            running: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
+            down,
+            down_reports: Mutex::new(Some(down_reports)),
         })
     }
 
@@ -187,7 +206,7 @@ impl LocalProvider {
         let mut state = record.state.clone();
         if state == "started" {
             let mut running = self.running.lock().await;
-            let alive = running.get_mut(id).is_some_and(|s| !s.has_exited());
+            let alive = running.get(id).is_some_and(|s| !s.has_exited());
             if !alive {
                 state = "stopped".into();
             }
@@ -225,6 +244,8 @@ impl LocalProvider {
         }
         let mount = self.mount(id, &volume.volume);
         std::fs::create_dir_all(&mount.host_workspace).map_err(|e| io_err(op, e))?;
+        self.hand_over_volume(&mount.host_home)
+            .map_err(|e| io_err(op, e))?;
         let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
         env.extend(secrets);
         let request = ExecRequest {
@@ -252,8 +273,50 @@ impl LocalProvider {
             .spawn(&mount, &request, &self.ro_binds, log)
             .await
             .map_err(|e| io_err(op, e))?;
+        self.watch(app, id, spec, &service);
         self.running.lock().await.insert(id.to_owned(), service);
         Ok(())
+    }
+
+    /// Reports `service` as down when it exits while it is still the machine's process
+    /// (a stop or a relaunch removes it from `running` first, so those are not reported).
+    fn watch(&self, app: &str, id: &str, spec: &MachineSpec, service: &SandboxedService) {
+        let exited = service.exited();
+        let pid = service.command_pid();
+        let running = self.running.clone();
+        let down = self.down.clone();
+        let report = MachineDown {
+            app: app.to_owned(),
+            machine_id: id.to_owned(),
+            sandbox_id: spec.metadata.get(META_SANDBOX).cloned().unwrap_or_default(),
+        };
+        tokio::spawn(async move {
+            exited.await;
+            let current = running
+                .lock()
+                .await
+                .get(&report.machine_id)
+                .map(SandboxedService::command_pid);
+            if current == Some(pid) {
+                tracing::warn!(machine = %report.machine_id, "the runtime exited on its own");
+                let _ = down.send(report);
+            }
+        });
+    }
+
+    /// Gives a volume to the sandbox's host user: all of it when its top directory is not
+    /// the user's yet (a new volume, or one written before sandboxes had their own user),
+    /// else only its workspace directory, since everything the runtime writes is its own.
+    fn hand_over_volume(&self, dir: &Path) -> Result<(), kilocloud_agent::sandbox::SandboxError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some((uid, gid)) = self.sandbox.host_identity() else {
+            return Ok(());
+        };
+        let meta = std::fs::metadata(dir)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            return self.sandbox.hand_over(dir);
+        }
+        self.sandbox.hand_over(&dir.join("clawd"))
     }
 
     async fn stop_process(&self, id: &str) {
@@ -332,6 +395,20 @@ impl LocalProvider {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+}
+
+/// The report of machine `id` (recorded as `m`) gone down.
+fn down_report(id: &str, m: &MachineRecord) -> MachineDown {
+    MachineDown {
+        app: m.app.clone(),
+        machine_id: id.to_owned(),
+        sandbox_id: m
+            .spec
+            .metadata
+            .get(META_SANDBOX)
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 
@@ -702,6 +779,10 @@ impl ComputeProvider for LocalProvider {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    fn take_down_reports(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<MachineDown>> {
+        self.down_reports.lock().unwrap().take()
     }
 
     fn upstream(&self, _app: &str, _id: &str) -> UpstreamTarget {

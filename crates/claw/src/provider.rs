@@ -280,6 +280,26 @@ pub trait ComputeProvider: Send + Sync + 'static {
     fn upstream(&self, app: &str, id: &str) -> UpstreamTarget;
     /// Opens a stream to the machine's runtime port ([`RUNTIME_PORT`]).
     async fn dial(&self, app: &str, id: &str) -> ProviderResult<Box<dyn UpstreamIo>>;
+
+    /// The provider's reports of machines whose runtime went down without being asked to
+    /// (a crash, or a server restart that took the process with it), for [`crate::Claw`] to
+    /// reconcile at once instead of at the next alarm. Taken once; `None` for providers that
+    /// cannot watch their machines (Fly: the alarm's observation finds them).
+    fn take_down_reports(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<MachineDown>> {
+        None
+    }
+}
+
+/// A machine whose runtime went down while it was meant to run
+/// ([`ComputeProvider::take_down_reports`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineDown {
+    /// The machine's app.
+    pub app: String,
+    /// The machine.
+    pub machine_id: String,
+    /// Its `kiloclaw_sandbox_id` metadata: which instance it is.
+    pub sandbox_id: String,
 }
 
 #[cfg(test)]

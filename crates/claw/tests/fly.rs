@@ -1,7 +1,8 @@
 //! KiloClaw on the `fly` provider against the fake Fly Machines API, on SQLite and
 //! PostgreSQL, with an injected clock: the lifecycle and env encryption; two-phase destroy
 //! under 30% injected failures (and lost replies) leaving zero machines and volumes once the
-//! alarms have run; every reconciliation rule (5 stopped observations, 404, started while
+//! alarms have run; every reconciliation rule (a machine found down restarted, 5 failed
+//! restarts 10 s apart mark it stopped, a down report reconciles at once, 404, started while
 //! stopped, metadata recovery with its cooldown, mount repair, a lost volume recreated);
 //! capacity errors (region rotation, fork); no duplicate after a transient error; restore
 //! after the instance's state is lost.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use kilocloud_claw::fly::{FlyConfig, FlyProvider};
 use kilocloud_claw::instance::{InstanceState, Status};
-use kilocloud_claw::provider::{ComputeProvider, Guest, VolumeSpec};
+use kilocloud_claw::provider::{ComputeProvider, Guest, MachineDown, VolumeSpec};
 use kilocloud_claw::registry::{InstanceRow, RegistryActor, RegistryCall};
 use kilocloud_claw::{
     AlarmCadence, Claw, ClawConfig, ClawError, CreateInstance, InstanceRef, ProviderKind,
@@ -18,7 +19,7 @@ use kilocloud_claw::{
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner};
-use kilocloud_substrate::{ManualClock, Substrate};
+use kilocloud_substrate::{Clock as _, ManualClock, Substrate};
 use kilocloud_test_support::fake_flyio::FakeFly;
 use kilocloud_test_support::{TestStore, on_both_backends};
 use uuid::Uuid;
@@ -267,18 +268,40 @@ async fn reconciliation_rules(pg: bool) {
     let s = e.state(&found).await;
     let (app, machine) = (e.app(), s.machine_id.clone().unwrap());
 
-    // Running, but Fly says stopped: marked stopped only at the 5th observation.
+    // Running, but Fly says stopped (the runtime crashed): the alarm that finds it starts
+    // the machine again.
     e.fly.set_machine_state(&app, &machine, "stopped");
+    e.tick(5 * MINUTE + 1).await;
+    let s = e.state(&found).await;
+    assert_eq!(
+        (
+            s.status,
+            s.health_check_fail_count,
+            e.machine_json(&machine)["state"].clone()
+        ),
+        (Some(Status::Running), 0, serde_json::json!("started"))
+    );
+    assert_eq!(s.last_started_at, Some(e.clock.now_ms()));
+
+    // Restarts that fail are retried every 10 s; the 5th failure in a row marks it stopped.
+    e.fly.set_machine_state(&app, &machine, "stopped");
+    e.fly
+        .fail_next(&format!("/machines/{machine}"), "POST", 5, 500, "boom");
+    e.tick(5 * MINUTE + 1).await;
     for n in 1..5 {
-        e.tick(5 * MINUTE + 1).await;
         let s = e.state(&found).await;
         assert_eq!(
             (s.status, s.health_check_fail_count),
             (Some(Status::Running), n)
         );
+        e.tick(10_000).await;
     }
-    e.tick(5 * MINUTE + 1).await;
-    assert_eq!(e.state(&found).await.status, Some(Status::Stopped));
+    let s = e.state(&found).await;
+    assert_eq!(
+        (s.status, s.health_check_fail_count),
+        (Some(Status::Stopped), 0)
+    );
+    assert_eq!(e.machine_json(&machine)["state"], "stopped");
 
     // Stopped, but Fly says started: running again.
     e.fly.set_machine_state(&app, &machine, "started");
@@ -344,6 +367,50 @@ async fn reconciliation_rules(pg: bool) {
     e.tick(5 * MINUTE + 1).await;
     let mounts = &e.machine_json(&adopted)["config"]["mounts"];
     assert_eq!(mounts[0]["volume"], new_volume.as_str(), "{mounts}");
+}
+
+/// A provider's report that a runtime went down moves the instance's alarm to now: it is
+/// restarted without waiting for the 5-minute alarm. Reports of another machine, or for an
+/// instance that is not running, change nothing.
+async fn a_machine_reported_down_is_restarted_at_once(pg: bool) {
+    let e = env(pg).await;
+    let found = e.create(true).await;
+    let s = e.state(&found).await;
+    let (app, machine) = (e.app(), s.machine_id.clone().unwrap());
+    let report = |machine_id: &str| MachineDown {
+        app: app.clone(),
+        machine_id: machine_id.to_owned(),
+        sandbox_id: s.sandbox_id.clone(),
+    };
+    e.fly.set_machine_state(&app, &machine, "stopped");
+    e.claw.machine_down(&report("another")).await.unwrap();
+    e.tick(0).await;
+    assert_eq!(
+        e.machine_json(&machine)["state"],
+        "stopped",
+        "another machine's report"
+    );
+    e.claw.machine_down(&report(&machine)).await.unwrap();
+    e.tick(0).await;
+    assert_eq!(e.machine_json(&machine)["state"], "started");
+    let s = e.state(&found).await;
+    assert_eq!(
+        (s.status, s.last_started_at),
+        (Some(Status::Running), Some(e.clock.now_ms()))
+    );
+    // Stopped on purpose: a late report does not start it again.
+    let view = e.claw.stop(&found).await.unwrap();
+    assert_eq!(view.status, "stopped");
+    e.claw.machine_down(&report(&machine)).await.unwrap();
+    e.tick(0).await;
+    assert_eq!(e.machine_json(&machine)["state"], "stopped");
+    assert_eq!(e.state(&found).await.status, Some(Status::Stopped));
+    // A report of an unknown sandbox is ignored.
+    let unknown = MachineDown {
+        sandbox_id: "not a sandbox id!".into(),
+        ..report(&machine)
+    };
+    e.claw.machine_down(&unknown).await.unwrap();
 }
 
 async fn capacity_errors_move_the_region_and_fork(pg: bool) {
@@ -518,6 +585,7 @@ on_both_backends!(
     lifecycle_and_env_encryption,
     destroy_under_injected_failures_leaves_nothing,
     reconciliation_rules,
+    a_machine_reported_down_is_restarted_at_once,
     capacity_errors_move_the_region_and_fork,
     transient_errors_never_create_duplicates,
     restore_after_state_loss,

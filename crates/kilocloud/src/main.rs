@@ -572,7 +572,36 @@ async fn issue_key(identity: &Identity, email: Option<String>) -> anyhow::Result
     Ok(())
 }
 
+/// Creates the data directory and tightens its mode: 0700 (only the server's user), or
+/// 0711 when the server is root and sandboxes kept under it run as their own unprivileged
+/// user, which must be able to pass through it to reach its directories (bubblewrap, started
+/// as that user, resolves them itself); it still cannot list or read anything else. The
+/// logs of KiloClaw's local runtimes get 0700. The database (0600) is the substrate's,
+/// `secrets.toml` (0600) the configuration's.
+fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let agent_sandbox = &config.agent.sandbox;
+    let agent_under = agent_sandbox.provider == kilocloud_agent::sandbox::ProviderKind::Local
+        && (agent_sandbox.root.as_os_str().is_empty() || agent_sandbox.root.starts_with(dir));
+    let claw = config.claw()?;
+    let claw_under = claw.enabled && claw.provider == kilocloud_claw::ProviderKind::Local;
+    let traversable = nix::unistd::geteuid().is_root() && (agent_under || claw_under);
+    let mode = if traversable { 0o711 } else { 0o700 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+    if claw_under {
+        let logs = dir.join("claw").join("logs");
+        std::fs::create_dir_all(&logs)
+            .and_then(|()| std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700)))
+            .with_context(|| format!("cannot prepare {}", logs.display()))?;
+    }
+    Ok(())
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
+    prepare_data_dir(&config)?;
     // Bound first: KiloClaw's local runtimes reach the model gateway at this address.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -607,6 +636,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sub.start().await?;
         agents.start();
         automation.start();
+        if let Some(claw) = &claw {
+            // Runtimes that go down (or died with the previous server) restart within seconds.
+            claw.watch_machines();
+        }
         (sub, identity, gateway, agents, automation, claw)
     };
     if let Err(e) = agents.sandbox().check().await {

@@ -75,10 +75,15 @@ async fn ws(node: &Node, path: &str, cookie: &str) -> Ws {
     ws
 }
 
-/// The next text frame as JSON.
+/// The next text frame as JSON; fails after 30 s without one (a guard against hangs, not a
+/// timing assertion).
 async fn next_json(ws: &mut Ws) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        match ws.next().await.expect("a frame").expect("no error") {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no frame within 30 s");
+        match frame.expect("a frame").expect("no error") {
             Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
             Message::Close(c) => panic!("closed: {c:?}"),
             _ => continue,

@@ -200,3 +200,39 @@ async fn sqlite_operator_commands() {
 async fn postgres_operator_commands() {
     operator_commands(Store::postgres().await).await;
 }
+
+/// What `serve` keeps in its data directory is the server's alone: the directory is 0700
+/// (0711 when the server is root and sandboxes kept under it run as their own unprivileged
+/// user, which must pass through it; it can neither list nor read), the database and
+/// `secrets.toml` are 0600 and the blob directory 0700, even when the directory was made
+/// beforehand with the usual 0755.
+#[tokio::test]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let store = Store::sqlite().await;
+    let dir = store.dir().to_owned();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut node = Node::start(&store, "modes.log");
+    let ready = node.http.get(node.url("/ready")).send().await.unwrap();
+    assert!(ready.status().is_success());
+    let mode = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let expected = if nix::unistd::geteuid().is_root() {
+        0o711
+    } else {
+        0o700
+    };
+    assert_eq!(mode(""), expected, "data directory");
+    assert_eq!(mode("kilocloud.db"), 0o600);
+    if dir.join("kilocloud.db-wal").exists() {
+        assert_eq!(mode("kilocloud.db-wal"), 0o600);
+    }
+    assert_eq!(mode("secrets.toml"), 0o600);
+    assert_eq!(mode("blobs"), 0o700);
+    assert!(node.sigterm().success());
+}

@@ -72,12 +72,18 @@ impl Blobs {
     pub fn open(config: &BlobConfig) -> Result<Self> {
         let store: Arc<dyn ObjectStore> = match config {
             BlobConfig::Local { path } => {
-                std::fs::create_dir_all(path).map_err(|e| {
-                    Error::Storage(format!(
-                        "cannot create blob directory {}: {e}",
-                        path.display()
-                    ))
-                })?;
+                // Only the server's user may read the blobs (users' data).
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::create_dir_all(path)
+                    .and_then(|()| {
+                        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                    })
+                    .map_err(|e| {
+                        Error::Storage(format!(
+                            "cannot create blob directory {}: {e}",
+                            path.display()
+                        ))
+                    })?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(path)?)
             }
             BlobConfig::S3 {

@@ -70,6 +70,40 @@ struct Inner {
     next_reader: AtomicUsize,
 }
 
+/// Creates the database file with mode 0600 when it does not exist, and takes group and
+/// other access away from an existing one and its `-wal` and `-shm` files (SQLite creates
+/// those with the database file's mode).
+fn restrict_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let storage = |e: std::io::Error| Error::Storage(format!("{}: {e}", path.display()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(storage(e)),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = std::path::PathBuf::from(name);
+        match std::fs::metadata(&file) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                let mode = meta.permissions().mode() & 0o700;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))
+                    .map_err(storage)?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(storage(e)),
+        }
+    }
+    Ok(())
+}
+
 fn open_conn(path: &Path, read_only: bool, sync: Synchronous) -> Result<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -99,6 +133,7 @@ impl SqliteBackend {
     /// Errors: [`Error::SchemaTooNew`] when the file was written by a newer binary;
     /// [`Error::Storage`] when it cannot be opened.
     pub fn open(path: &Path, sync: Synchronous) -> Result<Self> {
+        restrict_mode(path)?;
         let mut conn = open_conn(path, false, sync)?;
         migrate(&mut conn)?;
         let readers = (0..READERS)
