@@ -205,7 +205,7 @@ impl LocalProvider {
     async fn report(&self, id: &str, record: &MachineRecord) -> Machine {
         let mut state = record.state.clone();
         if state == "started" {
-            let mut running = self.running.lock().await;
+            let running = self.running.lock().await;
             let alive = running.get(id).is_some_and(|s| !s.has_exited());
             if !alive {
                 state = "stopped".into();
