@@ -175,11 +175,11 @@ impl Alarms {
             Ok(AlarmRun::Fired) => Outcome::Fired,
             Ok(AlarmRun::Stale) => Outcome::Stale,
             Ok(AlarmRun::HandlerFailed(e)) => self.failed(&row, e).await,
+            Ok(AlarmRun::NotRun(e)) => self.not_run(&row, e).await,
             Err(e) => {
                 let e = Error::Internal(format!("alarm handler panicked: {e}"));
                 self.failed(&row, e).await
             }
-            Ok(AlarmRun::NotRun(e)) => self.not_run(&row, e).await,
         };
         drop(permit);
         self.wake.notify_one();

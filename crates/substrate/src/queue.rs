@@ -312,7 +312,7 @@ impl Queues {
     }
 
     /// Gives a delivery back with `error`: it is delivered again after `delay_ms` (default: the
-    /// queue's exponential backoff), or dead-lettered when it had `max_attempts` deliveries.
+    /// queue's exponential backoff), or dead-lettered when this is its `max_attempts`th failure.
     pub async fn retry(
         &self,
         delivery: &Delivery,

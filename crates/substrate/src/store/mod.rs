@@ -380,8 +380,10 @@ pub trait Backend: Send + Sync + 'static {
         now: UnixMs,
         visible_at: UnixMs,
     ) -> Result<Vec<i64>>;
-    /// Claims deliverable messages; ones that already had `max_attempts` deliveries are moved to
-    /// the dead-letter queue instead (their visibility timeout expired on the last attempt).
+    /// Claims up to `limit` deliverable messages with one LIMITed scan of the ready index; a
+    /// message whose previous claim timed out counts a failure, and those that reach
+    /// `max_attempts` failures or `max_deliveries` deliveries (`claim_decision`) are moved to
+    /// the dead-letter queue instead.
     async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>>;
     /// Deletes a delivered message if `attempts` still matches (the receipt). Returns false when stale.
     async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool>;
@@ -395,8 +397,9 @@ pub trait Backend: Send + Sync + 'static {
         node: &str,
         visible_at: UnixMs,
     ) -> Result<bool>;
-    /// Makes a delivered message visible again at `visible_at` with `error` noted, or moves it to
-    /// the dead-letter queue when it had `max_attempts` deliveries.
+    /// Makes a delivered message visible again at `visible_at` with `error` noted and one more
+    /// failure counted, or moves it to the dead-letter queue when that failure is its
+    /// `max_attempts`th.
     async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome>;
     /// Dead-lettered messages of `queue`, oldest first, with id greater than `after`.
     async fn dlq_list(&self, queue: &str, after: i64, limit: u32) -> Result<Vec<DeadLetter>>;
