@@ -77,6 +77,9 @@ pub struct ModelView {
     pub id: String,
     /// Always `model`.
     pub object: &'static str,
+    /// Unix seconds, as OpenAI's model object has it; always 0 (the catalog does not record
+    /// when a model was released).
+    pub created: i64,
     /// Provider id.
     pub owned_by: String,
     /// Context window, tokens.
@@ -300,6 +303,7 @@ impl Catalog {
                 p.models.iter().map(|m| ModelView {
                     id: m.id.clone(),
                     object: "model",
+                    created: 0,
                     owned_by: p.id.clone(),
                     context_length: m.context_length,
                     pricing: Pricing {
@@ -312,6 +316,11 @@ impl Catalog {
                 })
             })
             .collect()
+    }
+
+    /// One catalog model by id (exact).
+    pub fn model(&self, id: &str) -> Option<ModelView> {
+        self.models().into_iter().find(|m| m.id == id)
     }
 
     /// Every provider.

@@ -18,8 +18,17 @@ pub struct GatewayConfig {
     /// `kilo/auto`: `x-kilocode-mode` value → model id. The `default` entry serves a missing or
     /// unknown mode (reference §1.2: plan/architect/ask… → Opus, build/code… → Sonnet).
     pub auto_models: BTreeMap<String, String>,
-    /// Longest upstream request, ms. Default 600,000 (10 min, the reference's timeout).
+    /// Longest silence of an upstream response once it has started (between two chunks of
+    /// the body), ms: an idle timeout, so a long stream that keeps sending is never cut.
+    /// Default 120,000. A stream cut by it ends with an error event (`docs/gateway.md`).
     pub upstream_timeout_ms: u64,
+    /// Longest wait for the upstream response to start (its status and headers), ms. Default
+    /// 600,000 (10 min, the reference's timeout; a non-streaming request's whole answer is
+    /// generated before its first byte).
+    pub upstream_first_byte_timeout_ms: u64,
+    /// Largest request body the gateway routes accept, bytes; larger ones get 413. Default
+    /// 33,554,432 (32 MiB: agents send whole conversations, images included).
+    pub max_body_bytes: usize,
     /// Free-model requests per client address per hour, signed in or not. Default 200.
     pub free_requests_per_hour_per_ip: u32,
     /// Anonymous free-model requests per client address per 24 h. Default 10,000.
@@ -57,7 +66,9 @@ impl Default for GatewayConfig {
             providers: Vec::new(),
             default_provider: String::new(),
             auto_models: BTreeMap::new(),
-            upstream_timeout_ms: 600_000,
+            upstream_timeout_ms: 120_000,
+            upstream_first_byte_timeout_ms: 600_000,
+            max_body_bytes: 32 * 1024 * 1024,
             free_requests_per_hour_per_ip: 200,
             anonymous_requests_per_day_per_ip: 10_000,
             limits: Limits::default(),

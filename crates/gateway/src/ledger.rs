@@ -4,10 +4,23 @@
 //! per UTC day and month, each member's spend of an organization per UTC day, and tokens per
 //! minute per owner and per credential. Balance and counters are read without a call (point
 //! reads), so the pre-flight checks never queue behind charges.
+//!
+//! Charging is at least once and deduplicated, so it is exactly once: the proxy puts each
+//! finished request's row on the durable [`CHARGE_QUEUE`] (deliverable after
+//! [`CHARGE_RECOVERY_DELAY_MS`]) before the client's response completes, then records it at
+//! once. The ledger keeps `req/<request id>` for every row it holds and ignores a row whose
+//! request id it has seen, so the queued copy (or any redelivery) of a row already recorded
+//! changes nothing, and a row whose node died before recording it is charged by whichever
+//! node's [`ChargeConsumer`] claims it.
 
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Error, Owner, Result};
-use kilocloud_substrate::{Actor, ActorContext, Result as SubResult, Substrate};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kilocloud_substrate::{
+    Actor, ActorContext, Consumer, Delivery, QueueConfig, Result as SubResult, Substrate,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -34,6 +47,18 @@ const SPENT_MEMBER: &str = "spent/member/";
 /// (`tpm/cred/<credential>`, see [`UsageRow::credential`]): [`TokenWindow`]s.
 const TPM_OWNER: &str = "tpm/owner";
 const TPM_CRED: &str = "tpm/cred/";
+/// The row a request id was recorded as: `req/<requestId>` → its usage `seq`.
+const REQUEST: &str = "req/";
+/// Usage rows read per storage scan when listing, outside the actor.
+const LIST_PAGE: u64 = 500;
+
+/// The durable queue of finished requests' rows waiting to be charged (at least once; the
+/// ledger deduplicates by request id).
+pub const CHARGE_QUEUE: &str = "gateway-charges";
+/// How long a queued row waits before a consumer charges it, ms: the proxy records the row
+/// itself right after queueing it, so the queued copy is normally a duplicate the ledger
+/// skips; it charges only when the node died (or recording failed) in between.
+pub const CHARGE_RECOVERY_DELAY_MS: u64 = 30_000;
 
 /// A member's spend of an organization's balance on one UTC day.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -67,6 +92,13 @@ pub struct Spend {
 pub struct UsageRow {
     /// Sequence number in the owner's ledger (set when recorded).
     pub seq: u64,
+    /// The server's id of the request (a UUID v7, made by the proxy, never the caller's):
+    /// the ledger records each request id once. Empty in rows from before it existed.
+    #[serde(default)]
+    pub request_id: String,
+    /// The provider's id of the request (`x-request-id` or Anthropic's `request-id`).
+    #[serde(default)]
+    pub upstream_request_id: Option<String>,
     /// Request start, ms since epoch.
     pub at_ms: i64,
     /// Who pays.
@@ -215,21 +247,12 @@ struct GrantRecord {
 }
 
 enum LedgerCall {
-    Grant {
-        amount: i64,
-        by: Uuid,
-        note: String,
-    },
+    Grant { amount: i64, by: Uuid, note: String },
     Record(Box<UsageRow>),
-    Usage {
-        filter: Box<UsageFilter>,
-        limit: usize,
-    },
 }
 
 enum LedgerReply {
     Balance(i64),
-    Rows(Vec<UsageRow>),
 }
 
 struct LedgerActor;
@@ -256,8 +279,16 @@ impl Actor for LedgerActor {
                 Ok(LedgerReply::Balance(balance.saturating_add(amount)))
             }
             LedgerCall::Record(mut row) => {
+                let request_key = format!("{REQUEST}{}", row.request_id);
+                if !row.request_id.is_empty() && ctx.get::<u64>(&request_key).await?.is_some() {
+                    // Recorded already (the queued copy of a row, or a redelivery).
+                    return Ok(LedgerReply::Balance(balance));
+                }
                 let seq: u64 = ctx.get(USAGE_SEQ).await?.unwrap_or(0) + 1;
                 row.seq = seq;
+                if !row.request_id.is_empty() {
+                    ctx.put(&request_key, &seq)?;
+                }
                 let after = balance.saturating_sub(row.cost_microdollars);
                 ctx.put(&format!("{USAGE}{seq:020}"), &row)?;
                 ctx.put(USAGE_SEQ, &seq)?;
@@ -297,20 +328,15 @@ impl Actor for LedgerActor {
                     }
                 }
                 if seq > USAGE_RETENTION {
-                    ctx.delete(&format!("{USAGE}{:020}", seq - USAGE_RETENTION));
+                    let old = format!("{USAGE}{:020}", seq - USAGE_RETENTION);
+                    if let Some(old_row) = ctx.get::<UsageRow>(&old).await?
+                        && !old_row.request_id.is_empty()
+                    {
+                        ctx.delete(&format!("{REQUEST}{}", old_row.request_id));
+                    }
+                    ctx.delete(&old);
                 }
                 Ok(LedgerReply::Balance(after))
-            }
-            LedgerCall::Usage { filter, limit } => {
-                let rows: Vec<(String, UsageRow)> = ctx.list(USAGE).await?;
-                let rows: Vec<UsageRow> = rows
-                    .into_iter()
-                    .rev()
-                    .map(|(_, r)| r)
-                    .filter(|r| filter.matches(r))
-                    .take(limit)
-                    .collect();
-                Ok(LedgerReply::Rows(rows))
             }
         }
     }
@@ -323,10 +349,42 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Registers the ledger actor on `sub` (before [`Substrate::start`]).
+    /// Registers the ledger actor and declares [`CHARGE_QUEUE`] on `sub` (before
+    /// [`Substrate::start`]).
     pub fn new(sub: &Substrate) -> Self {
         sub.actors().register(LedgerActor);
+        sub.queues()
+            .declare(QueueConfig {
+                max_attempts: 10,
+                retry_base_ms: 2_000,
+                ..QueueConfig::new(CHARGE_QUEUE)
+            })
+            .expect("the charge queue's settings are valid");
         Self { sub: sub.clone() }
+    }
+
+    /// Starts this node's consumer of [`CHARGE_QUEUE`] (after [`Substrate::start`]).
+    pub fn start_charging(&self) {
+        self.sub
+            .start_consumer(CHARGE_QUEUE, Arc::new(ChargeConsumer(self.clone())));
+    }
+
+    /// Puts `row` on [`CHARGE_QUEUE`], durably: once this returns, the row is charged even if
+    /// this node dies. Errors: [`Error::Substrate`] when the store refuses the message.
+    pub async fn enqueue_charge(&self, row: &UsageRow) -> Result<()> {
+        self.sub
+            .queues()
+            .send(CHARGE_QUEUE, row, CHARGE_RECOVERY_DELAY_MS)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the owner's ledger holds the row of `request_id` (a point read, no call).
+    pub async fn is_recorded(&self, owner: Owner, request_id: &str) -> Result<bool> {
+        Ok(self
+            .read::<u64>(&owner.to_string(), format!("{REQUEST}{request_id}"))
+            .await?
+            .is_some())
     }
 
     /// One value of the `ledger` actor `key`, by a point read.
@@ -415,11 +473,11 @@ impl Ledger {
             .await?
         {
             LedgerReply::Balance(b) => Ok(b),
-            LedgerReply::Rows(_) => unreachable!("a grant replies with the balance"),
         }
     }
 
-    /// Records a request and charges its cost, in one transaction. Returns the new balance.
+    /// Records a request and charges its cost, in one transaction; a row whose request id the
+    /// ledger holds already changes nothing. Returns the balance after.
     pub async fn record(&self, row: UsageRow) -> Result<i64> {
         let key = row.owner.to_string();
         match self
@@ -429,29 +487,69 @@ impl Ledger {
             .await?
         {
             LedgerReply::Balance(b) => Ok(b),
-            LedgerReply::Rows(_) => unreachable!("recording replies with the balance"),
         }
     }
 
-    /// The owner's usage rows that pass `filter`, newest first, at most `limit`.
+    /// The owner's usage rows that pass `filter`, newest first, at most `limit`. Read from
+    /// committed storage in pages of [`LIST_PAGE`] rows, newest first, without calling (and so
+    /// without queueing behind or holding up) the ledger actor.
     pub async fn usage(
         &self,
         owner: Owner,
         filter: UsageFilter,
         limit: usize,
     ) -> Result<Vec<UsageRow>> {
-        let call = LedgerCall::Usage {
-            filter: Box::new(filter),
-            limit,
-        };
-        match self
-            .sub
-            .actors()
-            .call::<LedgerActor>(&owner.to_string(), call)
-            .await?
-        {
-            LedgerReply::Rows(rows) => Ok(rows),
-            LedgerReply::Balance(_) => unreachable!("a listing replies with rows"),
+        let key = owner.to_string();
+        let last: u64 = self.read(&key, USAGE_SEQ.to_owned()).await?.unwrap_or(0);
+        // Kept rows have seq in (last − retention, last]; `upper` is exclusive.
+        let lowest = last.saturating_sub(USAGE_RETENTION) + 1;
+        let mut upper = filter.before.map_or(last + 1, |b| b.min(last + 1));
+        let mut rows = Vec::new();
+        while upper > lowest && rows.len() < limit {
+            let start = upper.saturating_sub(LIST_PAGE).max(lowest);
+            let page: Vec<(String, UsageRow)> = self
+                .sub
+                .actor_scan(
+                    LedgerActor::TYPE,
+                    &key,
+                    USAGE,
+                    &format!("{USAGE}{:020}", start - 1),
+                    (upper - start) as u32,
+                )
+                .await?;
+            rows.extend(
+                page.into_iter()
+                    .rev()
+                    .map(|(_, r)| r)
+                    .filter(|r| r.seq < upper && filter.matches(r))
+                    .take(limit - rows.len()),
+            );
+            upper = start;
         }
+        Ok(rows)
+    }
+}
+
+/// Consumes [`CHARGE_QUEUE`]: charges a queued row unless the ledger holds it already.
+pub struct ChargeConsumer(pub Ledger);
+
+#[async_trait]
+impl Consumer for ChargeConsumer {
+    async fn handle(&self, delivery: &Delivery) -> SubResult<()> {
+        let row: UsageRow = delivery.body()?;
+        let recorded = self
+            .0
+            .is_recorded(row.owner, &row.request_id)
+            .await
+            .map_err(|e| kilocloud_substrate::Error::Handler(e.to_string()))?;
+        if !recorded {
+            tracing::warn!(owner = %row.owner, request_id = %row.request_id,
+                "charging a gateway request its node did not record");
+            self.0
+                .record(row)
+                .await
+                .map_err(|e| kilocloud_substrate::Error::Handler(e.to_string()))?;
+        }
+        Ok(())
     }
 }

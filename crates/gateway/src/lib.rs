@@ -16,4 +16,6 @@ pub use config::GatewayConfig;
 pub use ledger::{Counters, Ledger, Spend, UsageFilter, UsageRow};
 pub use limits::{FreeLimits, FreeModelLimiter, Refusal, TokenWindow};
 pub use policy::{CustomModel, OrgPolicy, Policies};
-pub use usage::{SseUsageScanner, StreamFormat, Usage, estimated_input_tokens};
+pub use usage::{
+    SseUsageScanner, StreamFormat, Usage, count_tokens, estimated_input_tokens, warm_tokenizer,
+};

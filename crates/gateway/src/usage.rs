@@ -89,7 +89,7 @@ pub enum StreamFormat {
 }
 
 /// Watches an SSE byte stream as it passes through, without changing or holding it, and keeps
-/// the usage it reports.
+/// the usage it reports and whether it has ended properly.
 #[derive(Debug, Default)]
 pub struct SseUsageScanner {
     format: StreamFormat,
@@ -97,10 +97,17 @@ pub struct SseUsageScanner {
     /// The last byte was `\r`: a following `\n` ends no second line.
     after_cr: bool,
     usage: Option<Usage>,
-    /// Characters of generated content seen (text and tool-call arguments), for estimating
-    /// the output when the stream ends before reporting usage.
-    content_chars: u64,
+    /// Generated content seen (text and tool-call arguments), at most [`MAX_CONTENT`] bytes,
+    /// for estimating the output when the stream ends before reporting usage.
+    content: String,
+    /// Bytes of content beyond [`MAX_CONTENT`], estimated at 4 a token.
+    content_overflow: u64,
+    /// The terminal event went by: OpenAI's `data: [DONE]`, Anthropic's `message_stop`.
+    complete: bool,
 }
+
+/// Most generated content kept for counting its tokens, bytes.
+const MAX_CONTENT: usize = 4 << 20;
 
 /// Longest SSE line kept for parsing, bytes; a longer line is skipped (a usage chunk is small).
 const MAX_LINE: usize = 1 << 20;
@@ -139,10 +146,21 @@ impl SseUsageScanner {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
+        let data = data.trim_ascii();
+        if data == b"[DONE]" {
+            self.complete |= self.format == StreamFormat::OpenAi;
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<Value>(data) else {
             return;
         };
-        self.content_chars += content_chars(&event);
+        for piece in content(&event) {
+            if self.content.len() + piece.len() <= MAX_CONTENT {
+                self.content.push_str(piece);
+            } else {
+                self.content_overflow += piece.len() as u64;
+            }
+        }
         match self.format {
             StreamFormat::OpenAi => {
                 if let Some(usage) = event.get("usage").and_then(Usage::from_openai) {
@@ -153,6 +171,7 @@ impl SseUsageScanner {
                 Some("message_start") => {
                     self.usage = Usage::from_anthropic(&event["message"]["usage"]);
                 }
+                Some("message_stop") => self.complete = true,
                 Some("message_delta") => {
                     let delta = &event["usage"];
                     let usage = self.usage.get_or_insert_with(Usage::default);
@@ -168,42 +187,103 @@ impl SseUsageScanner {
         }
     }
 
+    /// The format it reads.
+    pub fn format(&self) -> StreamFormat {
+        self.format
+    }
+
     /// The usage seen so far.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
     }
 
-    /// Output tokens estimated from the content seen (4 characters a token, rounded up), for
-    /// streams that end before reporting usage.
+    /// Whether the stream's terminal event went by (OpenAI `data: [DONE]`, Anthropic
+    /// `message_stop`): the response is complete, whatever happens to the connection after.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Output tokens estimated from the content seen, counted with the `o200k_base` tokenizer
+    /// (deterministic), for streams that end before reporting usage.
     pub fn estimated_output_tokens(&self) -> u64 {
-        self.content_chars.div_ceil(4)
+        count_tokens(&self.content) + self.content_overflow.div_ceil(4)
     }
 }
 
-/// Characters of generated content in one stream event: OpenAI `delta.content` and tool-call
+/// The generated content of one stream event: OpenAI `delta.content` and tool-call
 /// `arguments`; Anthropic `text_delta.text` and `input_json_delta.partial_json`.
-fn content_chars(event: &Value) -> u64 {
-    let len = |v: &Value| v.as_str().map_or(0, |s| s.chars().count() as u64);
-    let openai = event["choices"].as_array().map_or(0, |choices| {
-        choices
-            .iter()
-            .map(|c| {
-                let delta = &c["delta"];
-                let tools = delta["tool_calls"].as_array().map_or(0, |calls| {
-                    calls.iter().map(|t| len(&t["function"]["arguments"])).sum()
-                });
-                len(&delta["content"]) + tools
-            })
-            .sum()
-    });
+fn content(event: &Value) -> Vec<&str> {
+    let mut out = Vec::new();
+    for c in event["choices"].as_array().into_iter().flatten() {
+        let delta = &c["delta"];
+        out.extend(delta["content"].as_str());
+        for t in delta["tool_calls"].as_array().into_iter().flatten() {
+            out.extend(t["function"]["arguments"].as_str());
+        }
+    }
     let delta = &event["delta"];
-    openai + len(&delta["text"]) + len(&delta["partial_json"])
+    out.extend(delta["text"].as_str());
+    out.extend(delta["partial_json"].as_str());
+    out
 }
 
-/// Input tokens estimated from a request body (4 bytes a token, rounded up), for requests
-/// whose response never reported usage.
-pub fn estimated_input_tokens(request_bytes: usize) -> u64 {
-    (request_bytes as u64).div_ceil(4)
+/// Tokens of `text` in OpenAI's `o200k_base` encoding (tiktoken), the estimate used for
+/// every model whose provider reports no usage. The tokenizer loads once per process
+/// ([`warm_tokenizer`] loads it ahead of the first request).
+pub fn count_tokens(text: &str) -> u64 {
+    if text.is_empty() {
+        return 0;
+    }
+    tiktoken_rs::o200k_base_singleton().count_ordinary(text) as u64
+}
+
+/// Loads the tokenizer (a few hundred ms, once), so the first estimate does not pay for it.
+pub fn warm_tokenizer() {
+    count_tokens("warm");
+}
+
+/// Tokens the provider bills per message beside its text (role and separators; OpenAI's
+/// published count for its chat models).
+const TOKENS_PER_MESSAGE: u64 = 3;
+
+/// Input tokens estimated from a request (Chat Completions, Messages or Embeddings), for
+/// requests whose response never reported usage: the text of its messages (string contents
+/// and text parts, tool calls' arguments, tool results), system prompt, tool definitions and
+/// embedding input, counted with [`count_tokens`], plus [`TOKENS_PER_MESSAGE`] per message.
+/// Images and other binary parts are not counted.
+pub fn estimated_input_tokens(request: &Value) -> u64 {
+    fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            Value::Object(o) => {
+                for (k, v) in o {
+                    // Identifiers, roles and binary payloads are not prompt text.
+                    if !matches!(
+                        k.as_str(),
+                        "role"
+                            | "type"
+                            | "id"
+                            | "tool_call_id"
+                            | "tool_use_id"
+                            | "image_url"
+                            | "source"
+                            | "cache_control"
+                            | "media_type"
+                    ) {
+                        strings(v, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut text = Vec::new();
+    for key in ["messages", "system", "tools", "input", "prompt"] {
+        strings(&request[key], &mut text);
+    }
+    let messages = request["messages"].as_array().map_or(0, Vec::len) as u64;
+    count_tokens(&text.join("\n")) + messages * TOKENS_PER_MESSAGE
 }
 
 #[cfg(test)]
@@ -304,9 +384,46 @@ mod tests {
             Some(2),
             "bare CR ends lines too"
         );
-        assert_eq!(cr.estimated_output_tokens(), 2);
+        assert_eq!(cr.estimated_output_tokens(), count_tokens("abcdefgh"));
+        assert!(!cr.is_complete(), "no [DONE] yet");
         let mut none = SseUsageScanner::default();
         none.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.usage(), None);
+        assert!(none.is_complete());
+        let mut stopped = SseUsageScanner::new(StreamFormat::Anthropic);
+        stopped.feed(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        assert!(stopped.is_complete());
+    }
+
+    #[test]
+    fn estimates_count_real_tokens_deterministically() {
+        // "Hello, world!" is 4 tokens in o200k_base: "Hello", ",", " world", "!".
+        assert_eq!(count_tokens("Hello, world!"), 4);
+        let request = json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Hello, world!"},
+                {"role": "user", "content": [{"type": "text", "text": "Hello, world!"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+            ],
+        });
+        let joined = count_tokens("Hello, world!\nHello, world!");
+        assert_eq!(
+            estimated_input_tokens(&request),
+            joined + 2 * TOKENS_PER_MESSAGE
+        );
+        assert_eq!(
+            estimated_input_tokens(&request),
+            estimated_input_tokens(&request),
+            "deterministic"
+        );
+        let mut s = SseUsageScanner::default();
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hello,\"}}]}\n\n");
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\" world!\"}}]}\n\n");
+        assert_eq!(
+            s.estimated_output_tokens(),
+            4,
+            "counted over the joined content"
+        );
     }
 }

@@ -71,6 +71,39 @@ impl SecretString {
     }
 }
 
+/// The `[server]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Reverse proxies trusted to name the client in `Forwarded` / `X-Forwarded-For`: CIDRs
+    /// (`10.0.0.0/8`) or single addresses. Default empty: the TCP peer is the client, and
+    /// those headers are ignored (a client could forge them). The client address is what the
+    /// authentication-failure and free-model limits count.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The trusted proxies as networks.
+    ///
+    /// Errors: the first entry that is neither a CIDR nor an address, described.
+    pub fn trusted_networks(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|entry| {
+                let entry = entry.trim();
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "server.trusted_proxies: `{entry}` is neither a CIDR (10.0.0.0/8) nor an address"
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -101,6 +134,8 @@ pub struct Config {
     pub internal_api_secret: SecretString,
     /// Failed authentications allowed per client IP per minute before 429. Default 30.
     pub auth_failures_per_minute: u32,
+    /// The HTTP server behind reverse proxies.
+    pub server: ServerConfig,
     /// Email of the administrator created on an empty store. Default `admin@localhost`.
     pub bootstrap_admin_email: String,
     /// Longest graceful shutdown, ms. Default 30,000.
@@ -139,6 +174,7 @@ impl Default for Config {
             previous_master_keys: SecretString::default(),
             internal_api_secret: SecretString::default(),
             auth_failures_per_minute: 30,
+            server: ServerConfig::default(),
             bootstrap_admin_email: "admin@localhost".into(),
             shutdown_grace_ms: 30_000,
             sqlite: SqliteConfig::default(),
@@ -183,6 +219,7 @@ fn is_config_key(key: &str) -> bool {
             | "previous_master_keys"
             | "internal_api_secret"
             | "auth_failures_per_minute"
+            | "server"
             | "bootstrap_admin_email"
             | "gateway"
             | "agent"

@@ -634,6 +634,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let claw = claw_service(&config, &sub, &identity, addr)?;
         sub.start().await?;
+        gateway.ledger.start_charging();
         agents.start();
         automation.start();
         if let Some(claw) = &claw {
@@ -660,6 +661,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         &ServerOptions {
             admin_token: config.admin_token.expose().to_owned(),
             auth_failures_per_minute: config.auth_failures_per_minute,
+            trusted_proxies: config
+                .server
+                .trusted_networks()
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
         },
     )
     .with_agents(agents.clone())

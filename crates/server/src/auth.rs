@@ -12,12 +12,14 @@
 //! | [`OrgAccess<R>`] | `AuthUser` who is a member of the org in the path `{id}`, with at least `R` | 404 if not a member, 403 if the role is too low |
 //! | [`SiteAdmin`] | `AuthUser` who is a site administrator | 403 `admin_required` |
 //! | [`Internal`] | `x-internal-api-key` equal (constant time) to `internal_api_secret` | 401 |
-//! | [`MaybeScope`] | nothing, or credentials that pass `OwnerScope` | as `OwnerScope` when credentials are sent |
+//! | [`GatewayCaller`] | nothing, `Bearer anonymous`, or credentials; a failed non-`kc_` bearer is kept for the route to judge | as `OwnerScope` for `kc_` keys |
 //!
-//! Failed authentications are counted per client address (IPv4, or IPv6 /64) with a GCRA
-//! limiter (governor); once an address has used its burst, every authentication attempt from
-//! it answers 429 with `Retry-After` until its next failure is allowed (one per 60/N s), so
-//! guessing stays slow even when a guess would be right.
+//! Failed authentications are counted per client address (IPv4, or IPv6 /64; see
+//! [`ClientIp`] for proxies) with a GCRA limiter (governor); once an address has used its
+//! burst, its failed attempts answer 429 with `Retry-After` until its next failure is allowed
+//! (one per 60/N s). Valid credentials and correctly signed webhooks always pass, so users
+//! behind one NAT are not locked out by someone else's mistakes, and requests without
+//! credentials are not failures.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -35,6 +37,8 @@ use kilocloud_identity::model::Initiator;
 use kilocloud_identity::owner::{parse_org_header, parse_uuid};
 use kilocloud_identity::{Owner, Principal, Role, Scope};
 use uuid::Uuid;
+
+use ipnet::IpNet;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -102,20 +106,84 @@ fn too_many(secs: u64) -> ApiError {
     }
 }
 
-/// Whom failures are counted against: the TCP peer's IPv4 address, or its IPv6 /64 (one host
-/// usually holds a whole /64). Behind a reverse proxy this is the proxy.
-fn client_ip(parts: &Parts) -> IpAddr {
-    let ip = parts
+/// The client's address: the TCP peer's, or, when the peer is one of `trusted_proxies`, the
+/// address the proxies name: RFC 7239 `Forwarded: for=…`, else `X-Forwarded-For`, read from
+/// the right and skipping trusted proxies (the leftmost entries are the client's to forge).
+/// Limits count it per IPv4 address or IPv6 /64 (one host usually holds a whole /64).
+fn client_ip(parts: &Parts, trusted_proxies: &[IpNet]) -> IpAddr {
+    let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let trusted = |ip: &IpAddr| trusted_proxies.iter().any(|n| n.contains(&canonical(*ip)));
+    let mut ip = canonical(peer);
+    if trusted(&ip) {
+        let hops = forwarded_for(&parts.headers);
+        // From the nearest hop back: the first address not of a trusted proxy is the client;
+        // when every hop is trusted, the farthest.
+        if let Some(client) = hops
+            .iter()
+            .rev()
+            .find(|hop| !trusted(hop))
+            .or_else(|| hops.first())
+        {
+            ip = canonical(*client);
+        }
+    }
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
-        },
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
         v4 => v4,
     }
+}
+
+/// An IPv4-mapped IPv6 address as IPv4; any other as is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The hops a request went through as proxies recorded them, client first: the `for=`
+/// parameters of every `Forwarded` header (RFC 7239 §4–6: `for=192.0.2.60`,
+/// `for="[2001:db8::1]:4711"`), or, without one, every `X-Forwarded-For` entry. Entries that
+/// are not addresses (`unknown`, obfuscated identifiers) are left out.
+fn forwarded_for(headers: &http::HeaderMap) -> Vec<IpAddr> {
+    fn address(raw: &str) -> Option<IpAddr> {
+        let v = raw.trim().trim_matches('"');
+        if let Ok(ip) = v.parse::<IpAddr>() {
+            return Some(ip);
+        }
+        if let Ok(sock) = v.parse::<SocketAddr>() {
+            return Some(sock.ip());
+        }
+        // `[v6]` without a port.
+        v.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+    }
+    let values = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect::<Vec<_>>()
+    };
+    let forwarded: Vec<IpAddr> = values(http::header::FORWARDED)
+        .into_iter()
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                k.trim().eq_ignore_ascii_case("for").then(|| address(v))?
+            })
+        })
+        .collect();
+    if !forwarded.is_empty() || headers.contains_key(http::header::FORWARDED) {
+        return forwarded;
+    }
+    values(http::header::HeaderName::from_static("x-forwarded-for"))
+        .into_iter()
+        .filter_map(address)
+        .collect()
 }
 
 /// The request id (the caller's `x-request-id` or a generated UUID), at most 128 characters, as
@@ -128,46 +196,51 @@ fn request_id(parts: &Parts) -> Option<String> {
         .map(|id| id.chars().take(128).collect())
 }
 
-/// Runs an authentication check under the failure limiter.
+/// Counts a failed authentication from `ip` and returns what to answer: `error`, or 429 once
+/// the address has used its budget (or is still blocked).
+fn failed(state: &AppState, ip: IpAddr, error: ApiError) -> ApiError {
+    metrics::counter!("kilocloud_auth_failures_total", "code" => error.code).increment(1);
+    if let Some(secs) = state.auth_limiter.blocked_for(ip) {
+        return too_many(secs);
+    }
+    match state.auth_limiter.record_failure(ip) {
+        Some(secs) => too_many(secs),
+        None => error,
+    }
+}
+
+/// Runs an authentication check under the failure limiter: a valid credential passes even
+/// from a blocked address; a wrong one counts (see [`failed`]); none at all does not.
 async fn limited<T, F>(parts: &Parts, state: &AppState, check: F) -> Result<T, ApiError>
 where
     F: Future<Output = Result<T, kilocloud_identity::Error>>,
 {
-    let ip = client_ip(parts);
-    if let Some(secs) = state.auth_limiter.blocked_for(ip) {
-        return Err(too_many(secs));
-    }
+    use kilocloud_identity::credential::AuthError;
     match check.await {
         Ok(v) => Ok(v),
-        Err(kilocloud_identity::Error::Auth(e)) => {
-            metrics::counter!("kilocloud_auth_failures_total", "code" => e.code()).increment(1);
-            match state.auth_limiter.record_failure(ip) {
-                Some(secs) => Err(too_many(secs)),
-                None => Err(ApiError::from(kilocloud_identity::Error::Auth(e))),
-            }
-        }
+        Err(kilocloud_identity::Error::Auth(AuthError::Missing)) => Err(ApiError::from(
+            kilocloud_identity::Error::Auth(AuthError::Missing),
+        )),
+        Err(kilocloud_identity::Error::Auth(e)) => Err(failed(
+            state,
+            client_ip(parts, &state.trusted_proxies),
+            ApiError::from(kilocloud_identity::Error::Auth(e)),
+        )),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Runs a webhook's own authentication (a signature or shared secret the service checks)
-/// under the per-IP failure limiter of credentials: a blocked address gets 429 before the
-/// check, and a 401 from it counts as a failure.
+/// under the per-IP failure limiter of credentials: a correctly signed delivery passes even
+/// from a blocked address; a 401 from the check counts as a failure (429 once the address has
+/// used its budget).
 pub async fn limited_webhook<T, F>(parts: &Parts, state: &AppState, check: F) -> Result<T, ApiError>
 where
     F: Future<Output = Result<T, ApiError>>,
 {
-    let ip = client_ip(parts);
-    if let Some(secs) = state.auth_limiter.blocked_for(ip) {
-        return Err(too_many(secs));
-    }
     match check.await {
         Err(e) if e.status == StatusCode::UNAUTHORIZED => {
-            metrics::counter!("kilocloud_auth_failures_total", "code" => e.code).increment(1);
-            match state.auth_limiter.record_failure(ip) {
-                Some(secs) => Err(too_many(secs)),
-                None => Err(e),
-            }
+            Err(failed(state, client_ip(parts, &state.trusted_proxies), e))
         }
         other => other,
     }
@@ -211,38 +284,48 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
-/// The caller's address as failures and free-model limits count it (see [`client_ip`]).
+/// The caller's address as failures and free-model limits count it (see [`client_ip`]:
+/// forwarding headers count only from `server.trusted_proxies`).
 pub struct ClientIp(pub IpAddr);
 
 impl FromRequestParts<AppState> for ClientIp {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(client_ip(parts)))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip(parts, &state.trusted_proxies)))
     }
 }
 
-/// An [`OwnerScope`] when the request carries credentials, `None` when it carries none (for
-/// routes open to anonymous callers). Wrong credentials are refused as by `OwnerScope`.
-pub struct MaybeScope(pub Option<OwnerScope>);
+/// Who calls a gateway route. The credential may be `Authorization: Bearer …` or, for the
+/// Anthropic SDK, `x-api-key`.
+pub enum GatewayCaller {
+    /// No credential, or the literal `anonymous` (the Kilo CLI's token without a login).
+    Anonymous,
+    /// A valid credential, with the owner it acts for.
+    Signed(OwnerScope),
+    /// A bearer that is not a `kc_` key and did not authenticate: SDKs always send some key
+    /// (`sk-…`, a placeholder), so a free model serves it anonymously, as the reference does
+    /// (§1 step 5); any other model refuses it with [`Unverified::refuse`].
+    Unverified(Unverified),
+}
 
-impl FromRequestParts<AppState> for MaybeScope {
-    type Rejection = ApiError;
+/// A failed non-`kc_` credential, not yet counted as a failure.
+pub struct Unverified {
+    error: ApiError,
+    ip: IpAddr,
+}
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if !parts.headers.contains_key(http::header::AUTHORIZATION) {
-            return Ok(MaybeScope(None));
-        }
-        Ok(MaybeScope(Some(
-            OwnerScope::from_request_parts(parts, state).await?,
-        )))
+impl Unverified {
+    /// The error to answer, the failure counted against the caller's address.
+    pub fn refuse(self, state: &AppState) -> ApiError {
+        failed(state, self.ip, self.error)
     }
 }
 
-/// [`MaybeScope`] that also accepts the credential as `x-api-key` (the Anthropic SDK's header).
-pub struct AnthropicScope(pub Option<OwnerScope>);
-
-impl FromRequestParts<AppState> for AnthropicScope {
+impl FromRequestParts<AppState> for GatewayCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -252,8 +335,25 @@ impl FromRequestParts<AppState> for AnthropicScope {
         {
             parts.headers.insert(http::header::AUTHORIZATION, bearer);
         }
-        let MaybeScope(scope) = MaybeScope::from_request_parts(parts, state).await?;
-        Ok(AnthropicScope(scope))
+        let token = match bearer_token(&parts.headers) {
+            None | Some("anonymous") => return Ok(GatewayCaller::Anonymous),
+            Some(t) => t.to_owned(),
+        };
+        if token.starts_with(kilocloud_identity::credential::API_KEY_PREFIX) {
+            return Ok(GatewayCaller::Signed(
+                OwnerScope::from_request_parts(parts, state).await?,
+            ));
+        }
+        match state.identity.authenticate(&token).await {
+            Ok(principal) => Ok(GatewayCaller::Signed(
+                OwnerScope::for_principal(parts, state, principal).await?,
+            )),
+            Err(kilocloud_identity::Error::Auth(e)) => Ok(GatewayCaller::Unverified(Unverified {
+                error: ApiError::from(kilocloud_identity::Error::Auth(e)),
+                ip: client_ip(parts, &state.trusted_proxies),
+            })),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -340,6 +440,26 @@ impl FromRequestParts<AppState> for OwnerScope {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = AuthUser::from_request_parts(parts, state).await?;
+        Self::for_user(parts, state, auth).await
+    }
+}
+
+impl OwnerScope {
+    /// The scope of `principal` (already authenticated) for the organization the request
+    /// names.
+    async fn for_principal(
+        parts: &Parts,
+        state: &AppState,
+        principal: Principal,
+    ) -> Result<Self, ApiError> {
+        let auth = AuthUser {
+            principal,
+            request_id: request_id(parts),
+        };
+        Self::for_user(parts, state, auth).await
+    }
+
+    async fn for_user(parts: &Parts, state: &AppState, auth: AuthUser) -> Result<Self, ApiError> {
         let header = match parts.headers.get(ORG_HEADER) {
             None => None,
             Some(v) => parse_org_header(v.as_bytes()).map_err(|e| {
@@ -501,9 +621,55 @@ mod tests {
         req.into_parts().0
     }
 
+    fn with_header(mut parts: Parts, name: &'static str, value: &str) -> Parts {
+        parts
+            .headers
+            .append(name, http::HeaderValue::from_str(value).unwrap());
+        parts
+    }
+
+    #[test]
+    fn forwarding_headers_count_only_from_trusted_proxies() {
+        let addr = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let via_proxy = |name, value| with_header(parts_from("10.1.2.3:80"), name, value);
+        // Not from a trusted proxy: the header is the client's own claim, ignored.
+        let forged = with_header(
+            parts_from("203.0.113.9:1"),
+            "x-forwarded-for",
+            "198.51.100.1",
+        );
+        assert_eq!(client_ip(&forged, &trusted), addr("203.0.113.9"));
+        assert_eq!(
+            client_ip(&via_proxy("x-forwarded-for", "198.51.100.1"), &[]),
+            addr("10.1.2.3"),
+            "no trusted proxies: the peer"
+        );
+        // The rightmost untrusted hop; what the client put on the left is not believed.
+        let chain = via_proxy("x-forwarded-for", "192.0.2.66, 198.51.100.1, 10.9.9.9");
+        assert_eq!(client_ip(&chain, &trusted), addr("198.51.100.1"));
+        let rfc = via_proxy(
+            "forwarded",
+            r#"for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711""#,
+        );
+        assert_eq!(
+            client_ip(&rfc, &trusted),
+            client_ip(&parts_from("[2001:db8:cafe::1]:1"), &[]),
+            "Forwarded wins; IPv6 counts per /64"
+        );
+        let both = with_header(
+            via_proxy("forwarded", "for=198.51.100.7"),
+            "x-forwarded-for",
+            "192.0.2.1",
+        );
+        assert_eq!(client_ip(&both, &trusted), addr("198.51.100.7"));
+        let unknown = via_proxy("forwarded", "for=unknown");
+        assert_eq!(client_ip(&unknown, &trusted), addr("10.1.2.3"));
+    }
+
     #[test]
     fn failures_count_per_ipv4_address_and_ipv6_prefix() {
-        let ip = |peer| client_ip(&parts_from(peer));
+        let ip = |peer| client_ip(&parts_from(peer), &[]);
         assert_eq!(ip("192.0.2.7:1"), "192.0.2.7".parse::<IpAddr>().unwrap());
         assert_eq!(
             ip("[2001:db8:1:2:aaaa::1]:1"),

@@ -60,7 +60,21 @@ pub fn routes() -> Router<AppState> {
         .route("/i/{id}/{*rest}", any(proxy_instance))
         .route("/claw", any(proxy_legacy))
         .route("/claw/{*rest}", any(proxy_legacy))
-        .route("/kilo-access-gateway", get(access_form).post(access_redeem))
+        .merge(
+            Router::new()
+                .route("/kilo-access-gateway", get(access_form).post(access_redeem))
+                .layer(axum::middleware::map_response(no_store)),
+        )
+}
+
+/// The access page carries codes, and the page that opens an instance its gateway token: no
+/// cache (the browser's, or a proxy's) may keep either (`Cache-Control: no-store`, RFC 9111
+/// §5.2.2.5).
+async fn no_store(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The proxy's per-node memory: idle connections to runtimes and the callers verified

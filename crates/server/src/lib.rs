@@ -58,6 +58,9 @@ pub struct AppState {
     pub claw_cookie_secure: bool,
     /// Per-IP budget of failed authentications.
     pub auth_limiter: Arc<auth::AuthFailureLimiter>,
+    /// Proxies whose `Forwarded`/`X-Forwarded-For` headers name the client (see
+    /// [`auth::ClientIp`]).
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Prometheus exposition handle.
     pub metrics: PrometheusHandle,
 }
@@ -69,6 +72,9 @@ pub struct ServerOptions {
     pub admin_token: String,
     /// Failed authentications allowed per client IP per minute (burst of the same size).
     pub auth_failures_per_minute: u32,
+    /// Reverse proxies (CIDRs) trusted to name the client in `Forwarded` or
+    /// `X-Forwarded-For`; empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerOptions {
@@ -76,6 +82,7 @@ impl Default for ServerOptions {
         Self {
             admin_token: String::new(),
             auth_failures_per_minute: 30,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -104,6 +111,7 @@ impl AppState {
             auth_limiter: Arc::new(auth::AuthFailureLimiter::new(
                 options.auth_failures_per_minute,
             )),
+            trusted_proxies: options.trusted_proxies.clone().into(),
             metrics: observability::metrics_handle(),
         }
         .with_zeroed_metrics()
@@ -151,7 +159,9 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let (api, openapi) = api::routes();
     let openapi = Arc::new(openapi);
-    Router::new()
+    // Our routes answer every error in the API's JSON format; the KiloClaw proxy relays the
+    // runtime's own responses untouched.
+    let ours = Router::new()
         .merge(api)
         .route(
             "/api/openapi.json",
@@ -160,10 +170,17 @@ pub fn router(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
+        // Model ids hold slashes, so these take the rest of the path (documented in the
+        // OpenAPI document as `/api/gateway/v1/models/{id}`).
+        .route("/api/gateway/v1/models/{*id}", get(api::gateway::v1_model))
+        .route("/api/gateway/models/{*id}", get(api::gateway::v1_model))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/api/admin", admin::routes())
+        .layer(axum::middleware::from_fn(error::json_errors));
+    Router::new()
+        .merge(ours)
         .merge(claw_proxy::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -102,8 +102,8 @@ async fn env(postgres: bool, auth_failures_per_minute: u32) -> Env {
         },
     );
     let options = ServerOptions {
-        admin_token: String::new(),
         auth_failures_per_minute,
+        ..ServerOptions::default()
     };
     let upstream = FakeOpenAi::start().await;
     let claude = FakeAnthropic::start().await;
@@ -629,6 +629,13 @@ fn routes() -> Vec<Route> {
             path: "/api/gateway/v1/models",
             access: Public,
             uri: |_| "/api/gateway/v1/models".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/gateway/v1/models/{id}",
+            access: Public,
+            uri: |_| format!("/api/gateway/v1/models/{FREE_MODEL}"),
             body: none,
         },
         Route {
@@ -1729,6 +1736,11 @@ async fn credential_failures(pg: bool) {
 async fn auth_failures_are_rate_limited(pg: bool) {
     let e = env(pg, 3).await;
     let f = Fixture::new(&e).await;
+    // Requests without credentials are not failures.
+    for _ in 0..5 {
+        let r = send(&e.app, request("GET", "/api/users/me", None, None, None)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
     for _ in 0..3 {
         let r = send(
             &e.app,
@@ -1747,10 +1759,17 @@ async fn auth_failures_are_rate_limited(pg: bool) {
         (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures")
     );
     assert!(r.headers.get("retry-after").is_some());
-    // While blocked, even a valid credential is not checked.
+    // While blocked, a valid credential still works (others behind the same address are
+    // not locked out); wrong ones stay refused.
     let r = send(
         &e.app,
         request("GET", "/api/users/me", Some(&f.owner), None, None),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = send(
+        &e.app,
+        request("GET", "/api/users/me", Some("kc_wrong"), None, None),
     )
     .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);

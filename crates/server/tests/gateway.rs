@@ -29,6 +29,7 @@ const RESILIENT: &str = "vendor/resilient";
 
 struct Env {
     _store: TestStore,
+    sub: kilocloud_substrate::Substrate,
     upstream: FakeOpenAi,
     /// The `backup` provider: fallback for RESILIENT, and BYOK for `vendor/…`.
     backup: FakeOpenAi,
@@ -104,6 +105,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
         upstream_timeout_ms: timeout.as_millis() as u64,
+        upstream_first_byte_timeout_ms: timeout.as_millis() as u64,
         free_requests_per_hour_per_ip: 6,
         anonymous_requests_per_day_per_ip: 4,
         limits,
@@ -123,13 +125,14 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
         .await
         .unwrap();
     let app = router(AppState::new(
-        sub,
+        sub.clone(),
         id.clone(),
         state,
         &ServerOptions::default(),
     ));
     Env {
         _store: store,
+        sub,
         upstream,
         backup,
         id,
@@ -741,7 +744,11 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
         .pop()
         .expect("the cut-short stream was recorded");
     assert_eq!((row.status, row.estimated), (499, true));
-    assert_eq!(row.output_tokens, 3, "11 characters relayed ≈ 3 tokens");
+    assert_eq!(
+        row.output_tokens,
+        kilocloud_gateway::count_tokens("first words"),
+        "the content relayed, tokenized"
+    );
     assert!(row.input_tokens > 0 && row.cost_microdollars > 0);
 
     // A provider that never reports usage is estimated too, not free.
@@ -752,7 +759,7 @@ async fn streams_are_relayed_as_they_come_and_cut_short_streams_are_charged(pg: 
     let row = &e.usage(me, 1).await[0];
     assert_eq!(
         (row.status, row.estimated, row.output_tokens),
-        (200, true, 3)
+        (200, true, kilocloud_gateway::count_tokens("twelve chars"))
     );
     assert!(row.cost_microdollars > 0);
 
@@ -953,7 +960,281 @@ async fn token_limits_and_usage_filters(pg: bool) {
     }
 }
 
+/// Sends `body` (raw bytes) to `uri` as `bearer` (none when empty); (status, headers, body).
+async fn raw(
+    app: &axum::Router,
+    uri: &str,
+    bearer: &str,
+    body: Vec<u8>,
+) -> (StatusCode, http::HeaderMap, Value) {
+    let mut req = Request::post(uri).header("content-type", "application/json");
+    if !bearer.is_empty() {
+        req = req.header("authorization", format!("Bearer {bearer}"));
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Body limits (32 MiB on the gateway, JSON 413s everywhere), the model lookup, and the
+/// response headers naming the request and its cost.
+async fn body_limits_model_lookup_and_response_headers(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    // A 1 MiB conversation (far over the 256 KiB of other routes) goes through.
+    e.upstream.push(Reply::text("ok", 1000, 200));
+    let mut big = ask(PAID, false);
+    big["messages"][0]["content"] = json!("x".repeat(1 << 20));
+    let (status, h, body) = raw(
+        &e.app,
+        "/api/gateway/v1/chat/completions",
+        &e.key,
+        big.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // 1000 × 3 + 200 × 15 µ$, said in the response.
+    assert_eq!(h["x-kilocode-cost-microdollars"], "6000");
+    let request_id = h["x-kilocode-request-id"].to_str().unwrap().to_owned();
+    assert!(Uuid::parse_str(&request_id).is_ok(), "{request_id}");
+    assert_eq!(e.usage(me, 1).await[0].request_id, request_id);
+    // Over 32 MiB: 413 in the API's error format, and nothing reaches the provider.
+    let sent = e.upstream.requests().len();
+    let huge = vec![b' '; 32 * 1024 * 1024 + 1];
+    let (status, _, body) = raw(&e.app, "/api/gateway/v1/chat/completions", &e.key, huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    assert_eq!(e.upstream.requests().len(), sent);
+    // Other routes keep 256 KiB, and answer 413 as JSON too.
+    let (status, _, body) = raw(&e.app, "/api/tokens", &e.key, vec![b' '; 300 * 1024]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    // axum's own plain-text rejections (here a path segment that is not a number) are
+    // rewritten into the API's error format.
+    let (status, body) = e
+        .call("DELETE", "/api/github/installations/abc", &e.key, None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+
+    // GET /v1/models/{id}: ids with slashes, plain or percent-encoded.
+    for uri in [
+        "/api/gateway/v1/models/vendor/paid",
+        "/api/gateway/v1/models/vendor%2Fpaid",
+    ] {
+        let (status, body) = e.call("GET", uri, &e.key, None).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+        assert_eq!(
+            (body["id"].as_str(), body["object"].as_str()),
+            (Some(PAID), Some("model"))
+        );
+    }
+    let (status, body) = e
+        .call("GET", "/api/gateway/v1/models/vendor/none", &e.key, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "model_not_found");
+}
+
+/// A stream is complete once its terminal event went by: a client that hangs up right after
+/// `[DONE]` leaves a 200 row with the provider's usage, not a 499.
+async fn a_stream_that_relayed_done_is_complete(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::text("all of it", 10, 3));
+    let req = Request::post("/api/gateway/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", e.key))
+        .header("content-type", "application/json")
+        .body(Body::from(ask(PAID, true).to_string()))
+        .unwrap();
+    let mut body = e.app.clone().oneshot(req).await.unwrap().into_body();
+    let mut seen = String::new();
+    while !seen.contains("[DONE]") {
+        let frame = body.frame().await.expect("more frames").unwrap();
+        seen.push_str(&String::from_utf8_lossy(frame.data_ref().unwrap()));
+    }
+    drop(body);
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!((row.status, row.estimated), (200, false), "{seen}");
+    assert_eq!((row.input_tokens, row.output_tokens), (10, 3));
+}
+
+/// `upstream_timeout_ms` is an idle timeout: a stream that goes silent is cut with an error
+/// event in the stream and recorded as 504, charged for what was relayed.
+async fn a_silent_stream_is_cut_with_an_error_event(pg: bool) {
+    let e = env(pg, Duration::from_millis(300)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::StreamThenHang("some words".into()));
+    let (status, _, body) = e.chat(ask(PAID, true), &[]).await;
+    assert_eq!(status, StatusCode::OK, "the stream had started");
+    assert!(body.contains("some words"), "{body}");
+    let last = body
+        .lines()
+        .rfind(|l| l.starts_with("data: "))
+        .expect("an event");
+    let event: Value = serde_json::from_str(&last["data: ".len()..]).unwrap();
+    assert_eq!(event["error"]["code"], "upstream_timeout", "{body}");
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!((row.status, row.estimated), (504, true));
+    assert_eq!(
+        row.output_tokens,
+        kilocloud_gateway::count_tokens("some words")
+    );
+}
+
+/// SDKs always send some key: on a free model a bearer that is not ours is anonymous (and is
+/// no authentication failure); on a paid model it is refused.
+async fn a_foreign_bearer_is_anonymous_on_free_models(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    for bearer in ["sk-placeholder", "anonymous"] {
+        let (status, _, body) = raw(
+            &e.app,
+            "/api/gateway/v1/chat/completions",
+            bearer,
+            ask(FREE, false).to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{bearer}: {body}");
+    }
+    let (status, _, body) = raw(
+        &e.app,
+        "/api/gateway/v1/chat/completions",
+        "sk-placeholder",
+        ask(PAID, false).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    // A wrong key of ours is a wrong key, free model or not.
+    let (status, _, _) = raw(
+        &e.app,
+        "/api/gateway/v1/chat/completions",
+        "kc_wrong",
+        ask(FREE, false).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(e.usage(Owner::User(e.user), 10).await.len(), 0);
+}
+
+/// Charges are durable before the response completes and exactly once: the row waits on the
+/// charge queue, whose copy of a recorded row changes nothing; a row its node never recorded
+/// (it died) is charged by the queue, once.
+async fn charges_are_queued_durably_and_deduplicated(pg: bool) {
+    use kilocloud_gateway::ledger::{CHARGE_QUEUE, CHARGE_RECOVERY_DELAY_MS, ChargeConsumer};
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::text("ok", 1000, 200));
+    let (status, _, _) = e.chat(ask(PAID, false), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(e.balance(me).await, 1_000_000 - 6_000);
+    let queued = |stats: Vec<kilocloud_substrate::QueueStats>| {
+        stats
+            .into_iter()
+            .find(|q| q.queue == CHARGE_QUEUE)
+            .map_or(0, |q| q.ready + q.delayed)
+    };
+    assert_eq!(queued(e.sub.queues().stats().await.unwrap()), 1);
+    // The queued copy, once due, is a duplicate: acked, no second charge.
+    e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
+    let consumer = ChargeConsumer(e.ledger.clone());
+    assert_eq!(
+        e.sub
+            .queues()
+            .process_batch(CHARGE_QUEUE, &consumer)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 6_000);
+    assert_eq!(e.usage(me, 10).await.len(), 1);
+
+    // A node that queued a row and died before recording it: the queue charges it, once.
+    let mut row = e.usage(me, 1).await.remove(0);
+    row.request_id = Uuid::now_v7().to_string();
+    e.ledger.enqueue_charge(&row).await.unwrap();
+    e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
+    e.sub
+        .queues()
+        .process_batch(CHARGE_QUEUE, &consumer)
+        .await
+        .unwrap();
+    assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 12_000);
+    // Redelivered (or recorded again by anyone): nothing changes.
+    e.ledger.record(row.clone()).await.unwrap();
+    assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 12_000);
+    assert_eq!(e.usage(me, 10).await.len(), 2);
+    assert_eq!(queued(e.sub.queues().stats().await.unwrap()), 0);
+}
+
+/// Listing usage reads storage page by page outside the ledger actor: filters and `before`
+/// cross page boundaries, newest first.
+async fn usage_listing_pages_across_storage_pages(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.upstream.push(Reply::text("ok", 1, 1));
+    e.chat(ask(FREE, false), &[]).await;
+    let template = e.usage(me, 1).await.remove(0);
+    for i in 0..1_100u32 {
+        let row = kilocloud_gateway::UsageRow {
+            request_id: format!("r{i}"),
+            status: if i % 100 == 0 { 500 } else { 200 },
+            ..template.clone()
+        };
+        e.ledger.record(row).await.unwrap();
+    }
+    let failed = |before| {
+        e.ledger.usage(
+            me,
+            UsageFilter {
+                status: Some(500),
+                before,
+                ..UsageFilter::default()
+            },
+            5,
+        )
+    };
+    let page = failed(None).await.unwrap();
+    let seqs: Vec<u64> = page.iter().map(|r| r.seq).collect();
+    // Row i has seq i + 2 (the free request was seq 1).
+    assert_eq!(seqs, [1002, 902, 802, 702, 602]);
+    let next = failed(Some(602)).await.unwrap();
+    let seqs: Vec<u64> = next.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [502, 402, 302, 202, 102]);
+    let all = e
+        .ledger
+        .usage(me, UsageFilter::default(), 1000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1000);
+    assert!(all.windows(2).all(|w| w[0].seq == w[1].seq + 1));
+    assert_eq!(all[0].seq, 1101);
+}
+
 kilocloud_test_support::on_both_backends!(
+    body_limits_model_lookup_and_response_headers,
+    a_stream_that_relayed_done_is_complete,
+    a_silent_stream_is_cut_with_an_error_event,
+    a_foreign_bearer_is_anonymous_on_free_models,
+    charges_are_queued_durably_and_deduplicated,
+    usage_listing_pages_across_storage_pages,
     organization_policy,
     token_limits_and_usage_filters,
     streams_are_relayed_as_they_come_and_cut_short_streams_are_charged,

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use kilocloud_automation::installations::Installation;
@@ -23,6 +22,7 @@ use uuid::Uuid;
 
 use super::ErrorBody;
 use crate::auth::{Admin, OwnerScope, RequireRole, limited_webhook};
+use crate::error::read_body;
 use crate::{ApiError, AppState, Json};
 
 impl From<AutomationError> for ApiError {
@@ -78,17 +78,6 @@ fn automation(s: &AppState) -> Result<&Automation, ApiError> {
             StatusCode::SERVICE_UNAVAILABLE,
             "automation_disabled",
             "automation is not enabled on this server (it needs the Cloud Agent)",
-        )
-    })
-}
-
-/// Reads a whole body, at most `limit` bytes (413 beyond).
-async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body is over the limit of {limit} bytes"),
         )
     })
 }

@@ -35,14 +35,21 @@ use utoipa::ToSchema;
 
 use super::{AuditQuery, ErrorBody};
 use crate::auth::{
-    Admin, AnthropicScope, ClientIp, MaybeScope, Member, OrgAccess, OwnerScope, RequireRole,
-    SiteAdmin,
+    Admin, ClientIp, GatewayCaller, Member, OrgAccess, OwnerScope, RequireRole, SiteAdmin,
 };
-use crate::error::Query;
+use crate::error::{Query, read_body};
 use crate::{ApiError, AppState, Json};
 
 /// Header naming the provider that served a request.
 pub const PROVIDER_HEADER: &str = "x-kilocode-provider";
+/// Header with the server's id of a gateway request: the `requestId` of its usage row.
+pub const REQUEST_ID_HEADER: &str = "x-kilocode-request-id";
+/// Header relaying the provider's request id (its `x-request-id`, or Anthropic's
+/// `request-id`, which is also relayed under its own name).
+pub const UPSTREAM_REQUEST_ID_HEADER: &str = "x-upstream-request-id";
+/// Header with what a non-streaming request was charged, microdollars (streams report cost in
+/// their usage, and in the usage row).
+pub const COST_HEADER: &str = "x-kilocode-cost-microdollars";
 
 /// What the gateway needs at run time.
 pub struct GatewayState {
@@ -66,8 +73,12 @@ pub struct GatewayState {
     pub private_custom_endpoints: bool,
     /// Client for upstream calls.
     pub http: reqwest::Client,
-    /// Longest upstream request.
-    pub upstream_timeout: Duration,
+    /// Longest silence of an upstream response body between chunks.
+    pub upstream_idle_timeout: Duration,
+    /// Longest wait for an upstream response's status and headers.
+    pub upstream_first_byte_timeout: Duration,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
     /// Usage recordings still running after their responses.
     recordings: Recordings,
 }
@@ -121,12 +132,12 @@ impl Recordings {
     security(("bearer" = [])))]
 pub async fn chat_completions(
     State(s): State<AppState>,
-    MaybeScope(scope): MaybeScope,
+    caller: GatewayCaller,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy(s, Endpoint::Chat, scope, ip, headers, body).await
+    proxy(s, Endpoint::Chat, caller, ip, headers, body).await
 }
 
 /// `POST /api/openrouter/chat/completions`: the reference's path, same handler.
@@ -136,12 +147,12 @@ pub async fn chat_completions(
     security(("bearer" = [])))]
 pub async fn openrouter_chat_completions(
     State(s): State<AppState>,
-    MaybeScope(scope): MaybeScope,
+    caller: GatewayCaller,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy(s, Endpoint::Chat, scope, ip, headers, body).await
+    proxy(s, Endpoint::Chat, caller, ip, headers, body).await
 }
 
 /// `POST /api/gateway/v1/chat/completions`: for OpenAI SDKs with `base_url=…/api/gateway/v1`.
@@ -151,12 +162,12 @@ pub async fn openrouter_chat_completions(
     security(("bearer" = [])))]
 pub async fn v1_chat_completions(
     State(s): State<AppState>,
-    MaybeScope(scope): MaybeScope,
+    caller: GatewayCaller,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy(s, Endpoint::Chat, scope, ip, headers, body).await
+    proxy(s, Endpoint::Chat, caller, ip, headers, body).await
 }
 
 /// `POST /api/gateway/v1/messages`: the Anthropic Messages API (streaming too), for the
@@ -171,12 +182,12 @@ pub async fn v1_chat_completions(
     security(("bearer" = [])))]
 pub async fn v1_messages(
     State(s): State<AppState>,
-    AnthropicScope(scope): AnthropicScope,
+    caller: GatewayCaller,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy(s, Endpoint::Messages, scope, ip, headers, body).await
+    proxy(s, Endpoint::Messages, caller, ip, headers, body).await
 }
 
 /// `POST /api/gateway/v1/embeddings`: OpenAI Embeddings, passed through to the model's
@@ -189,12 +200,12 @@ pub async fn v1_messages(
     security(("bearer" = [])))]
 pub async fn v1_embeddings(
     State(s): State<AppState>,
-    MaybeScope(scope): MaybeScope,
+    caller: GatewayCaller,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy(s, Endpoint::Embeddings, scope, ip, headers, body).await
+    proxy(s, Endpoint::Embeddings, caller, ip, headers, body).await
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -248,12 +259,16 @@ impl Endpoint {
 async fn proxy(
     s: AppState,
     endpoint: Endpoint,
-    scope: Option<OwnerScope>,
+    caller: GatewayCaller,
     ip: std::net::IpAddr,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    match forward(s, endpoint, scope, ip, headers, body).await {
+    let body = match read_body(body, s.gateway.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match forward(s, endpoint, caller, ip, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -262,7 +277,7 @@ async fn proxy(
 async fn forward(
     s: AppState,
     endpoint: Endpoint,
-    scope: Option<OwnerScope>,
+    caller: GatewayCaller,
     ip: std::net::IpAddr,
     headers: HeaderMap,
     body: Bytes,
@@ -292,6 +307,11 @@ async fn forward(
     if requested.is_empty() {
         return Err(model_missing());
     }
+    let (scope, unverified) = match caller {
+        GatewayCaller::Anonymous => (None, None),
+        GatewayCaller::Signed(scope) => (Some(scope), None),
+        GatewayCaller::Unverified(u) => (None, Some(u)),
+    };
     let owner = scope.as_ref().map(OwnerScope::owner);
     // An organization's policy: its custom models, model allow-list and member limits
     // (reference §1.7b, §1.10).
@@ -326,6 +346,13 @@ async fn forward(
         )));
     }
     let free = custom.is_none() && route.is_free();
+    // A credential that did not authenticate is anonymous on a free model, and refused
+    // (counted as a failed authentication) on any other (reference §1 step 5).
+    if let Some(unverified) = unverified
+        && !free
+    {
+        return Err(unverified.refuse(&s));
+    }
     // Anonymous callers may use free models only (reference §1.5).
     if scope.is_none() && !free {
         return Err(ApiError::new(
@@ -439,8 +466,11 @@ async fn forward(
             .collect(),
     };
     let principal = scope.as_ref().map(|s| &s.auth.principal);
+    let request_id = uuid::Uuid::now_v7().to_string();
     let row = UsageRow {
         seq: 0,
+        request_id: request_id.clone(),
+        upstream_request_id: None,
         at_ms,
         // Anonymous requests have no owner and are not recorded (only counted, above).
         owner: owner.unwrap_or(Owner::User(uuid::Uuid::nil())),
@@ -477,8 +507,9 @@ async fn forward(
         model: route.model.cloned(),
         charged,
         started,
-        request_bytes: body.len(),
+        request: Arc::new(request),
     };
+    let request = meter.request.clone();
     // From here on, a client that goes away still gets its request recorded (see Pending).
     let mut pending = Pending(Some((meter, row)));
     metrics::histogram!("kilocloud_gateway_overhead_seconds")
@@ -502,29 +533,34 @@ async fn forward(
     let res = match sent {
         Ok(res) => res,
         Err(e) => {
-            let (status, code, message) = if e.is_timeout() {
-                (
+            let (status, code, message) = match e {
+                SendError::FirstByteTimeout => (
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
-                    "the provider did not answer in time",
-                )
-            } else {
-                (
+                    "the provider did not start answering in time",
+                ),
+                SendError::Unreachable(_) => (
                     StatusCode::BAD_GATEWAY,
                     "upstream_unavailable",
                     "the provider could not be reached",
-                )
+                ),
             };
-            pending.finish(status, None);
+            pending.finish(status, None).await;
             return Err(ApiError::new(status, code, message));
         }
     };
+    let upstream_id = ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|h| res.headers().get(*h)?.to_str().ok())
+        .map(|v| v.chars().take(200).collect::<String>());
+    pending.row().upstream_request_id = upstream_id.clone();
+    let anthropic_request_id = res.headers().get("request-id").cloned();
     let upstream_status = res.status().as_u16();
     if let Some(own) = &own_key
         && matches!(upstream_status, 401 | 402 | 403 | 429)
     {
         let status = StatusCode::from_u16(upstream_status).unwrap_or(StatusCode::BAD_GATEWAY);
-        pending.finish(status, None);
+        pending.finish(status, None).await;
         let whose = match own.code {
             "byok_upstream_error" => {
                 "[BYOK] the provider refused the request made with your own key"
@@ -559,7 +595,7 @@ async fn forward(
     };
     if let Some((status, code, message)) = platform_error {
         tracing::error!(provider = %provider.id, upstream_status, "provider refused the platform's key or account");
-        pending.finish(status, None);
+        pending.finish(status, None).await;
         return Err(ApiError {
             retry_after_secs: Some(30),
             ..ApiError::new(status, code, message)
@@ -573,38 +609,51 @@ async fn forward(
         .unwrap_or(HeaderValue::from_static("application/json"));
     let served_by =
         HeaderValue::from_str(&provider.id).unwrap_or(HeaderValue::from_static("unknown"));
-    let mut response = if streaming && res.status().is_success() {
+    let body = guard_idle(res.bytes_stream(), g.upstream_idle_timeout);
+    let mut cost = None;
+    let mut response = if streaming && status.is_success() {
         let (meter, mut row) = pending.disarm();
         row.status = status.as_u16();
+        let recordings = meter.recordings.clone();
         Response::new(Body::from_stream(Metered {
-            inner: Box::pin(res.bytes_stream()),
+            inner: body,
             scanner: SseUsageScanner::new(endpoint.stream_format()),
             finish: Some((meter, row)),
+            charging: None,
+            recordings,
         }))
     } else {
-        let bytes = match res.bytes().await {
+        let bytes = match collect(body).await {
             Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(provider = %provider.id, error = %e, "upstream body failed");
-                pending.finish(StatusCode::BAD_GATEWAY, None);
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
-                    "the provider's response broke off",
-                ));
+            Err(cut) => {
+                tracing::warn!(provider = %provider.id, error = %cut, "upstream body failed");
+                let status = cut.status();
+                pending.finish(status, None).await;
+                return Err(ApiError::new(status, cut.code(), cut.to_string()));
             }
         };
         let usage = serde_json::from_slice::<Value>(&bytes)
             .ok()
             .and_then(|v| endpoint.usage(&v));
-        pending.finish(status, usage);
+        cost = pending.finish(status, usage).await;
         Response::new(Body::from(bytes))
     };
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, content_type);
-    response.headers_mut().insert(PROVIDER_HEADER, served_by);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(PROVIDER_HEADER, served_by);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    if let Some(v) = upstream_id.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        headers.insert(UPSTREAM_REQUEST_ID_HEADER, v);
+    }
+    if let Some(v) = anthropic_request_id {
+        headers.insert("request-id", v);
+    }
+    if let Some(micros) = cost {
+        headers.insert(COST_HEADER, HeaderValue::from(micros));
+    }
     Ok(response)
 }
 
@@ -618,11 +667,15 @@ impl Pending {
         &mut self.0.as_mut().expect("pending until finished").1
     }
 
-    /// Records the request with `status` and `usage` (in the background).
-    fn finish(mut self, status: StatusCode, usage: Option<Usage>) {
+    /// Prices the request with `status` and `usage` and makes its charge durable (see
+    /// [`Meter::charge`]). Returns what it was charged, microdollars, when it has an owner.
+    async fn finish(mut self, status: StatusCode, usage: Option<Usage>) -> Option<i64> {
         let (meter, mut row) = self.disarm();
         row.status = status.as_u16();
-        meter.record(row, usage, None);
+        let row = meter.price(row, usage, None);
+        let cost = meter.ledger.as_ref().map(|_| row.cost_microdollars);
+        meter.charge(row).await;
+        cost
     }
 
     /// Hands the recording over (to the streamed body).
@@ -635,9 +688,96 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some((meter, mut row)) = self.0.take() {
             row.status = 499;
-            meter.record(row, None, Some(0));
+            let row = meter.price(row, None, Some(0));
+            meter.charge_in_background(row);
         }
     }
+}
+
+/// Why sending a request upstream failed.
+enum SendError {
+    /// No status and headers within `upstream_first_byte_timeout_ms`.
+    FirstByteTimeout,
+    /// Connecting or sending failed.
+    Unreachable(reqwest::Error),
+}
+
+/// Why an upstream body ended early.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamCut {
+    /// Silent for longer than `upstream_timeout_ms`.
+    #[error("the provider stopped sending (idle timeout)")]
+    Idle,
+    /// The connection broke.
+    #[error("the provider's response broke off")]
+    Broken,
+}
+
+impl UpstreamCut {
+    fn status(&self) -> StatusCode {
+        match self {
+            UpstreamCut::Idle => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamCut::Broken => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            UpstreamCut::Idle => "upstream_timeout",
+            UpstreamCut::Broken => "upstream_unavailable",
+        }
+    }
+
+    /// The event that ends a cut stream, in the stream's own format: OpenAI-style
+    /// `data: {"error":{…}}` (as OpenAI and OpenRouter send mid-stream errors), or Anthropic's
+    /// `event: error` with `{"type":"error","error":{"type":"api_error",…}}`.
+    fn event(&self, format: StreamFormat) -> Bytes {
+        let message = self.to_string();
+        let text = match format {
+            StreamFormat::OpenAi => format!(
+                "data: {}\n\n",
+                json!({"error": {"message": message, "type": "upstream_error", "code": self.code()}})
+            ),
+            StreamFormat::Anthropic => format!(
+                "event: error\ndata: {}\n\n",
+                json!({"type": "error", "error": {"type": "api_error", "message": message}})
+            ),
+        };
+        Bytes::from(text)
+    }
+}
+
+type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, UpstreamCut>> + Send>>;
+
+/// `body` failing with [`UpstreamCut::Idle`] when no chunk arrives for `idle`, and ending
+/// after its first error.
+fn guard_idle(
+    body: impl futures::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    idle: Duration,
+) -> ByteStream {
+    let mut failed = false;
+    Box::pin(
+        tokio_stream::StreamExt::timeout(body, idle)
+            .map(|chunk| match chunk {
+                Ok(Ok(bytes)) => Ok(bytes),
+                Ok(Err(_)) => Err(UpstreamCut::Broken),
+                Err(_) => Err(UpstreamCut::Idle),
+            })
+            .take_while(move |chunk| {
+                let go = !failed;
+                failed |= chunk.is_err();
+                futures::future::ready(go)
+            }),
+    )
+}
+
+/// The whole of a (non-streaming) upstream body.
+async fn collect(mut body: ByteStream) -> Result<Bytes, UpstreamCut> {
+    let mut all = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        all.extend_from_slice(&chunk?);
+    }
+    Ok(all.into())
 }
 
 /// Sends `request` to each provider in turn until one answers with anything but a 5xx, or
@@ -649,14 +789,13 @@ async fn send_with_fallbacks<'a>(
     attempts: &[(&'a Provider, &str)],
     request: &Value,
     anthropic_headers: &[(&'static str, String)],
-) -> (&'a Provider, reqwest::Result<reqwest::Response>) {
+) -> (&'a Provider, Result<reqwest::Response, SendError>) {
     let mut tried = 0;
     loop {
         let (provider, key) = attempts[tried];
         let mut upstream = g
             .http
             .post(format!("{}{}", provider.base_url, endpoint.path()))
-            .timeout(g.upstream_timeout)
             .header("HTTP-Referer", "https://kilocode.ai")
             .header("X-Title", "Kilo Code")
             .json(request);
@@ -670,7 +809,12 @@ async fn send_with_fallbacks<'a>(
         } else if !key.is_empty() {
             upstream = upstream.bearer_auth(key);
         }
-        let sent = upstream.send().await;
+        let sent = match tokio::time::timeout(g.upstream_first_byte_timeout, upstream.send()).await
+        {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(e)) => Err(SendError::Unreachable(e)),
+            Err(_) => Err(SendError::FirstByteTimeout),
+        };
         tried += 1;
         let failed = match &sent {
             Ok(res) => res.status().is_server_error(),
@@ -683,8 +827,11 @@ async fn send_with_fallbacks<'a>(
             Ok(res) => {
                 tracing::warn!(provider = %provider.id, status = %res.status(), "upstream failed; trying the next provider")
             }
-            Err(e) => {
+            Err(SendError::Unreachable(e)) => {
                 tracing::warn!(provider = %provider.id, error = %e, "upstream failed; trying the next provider")
+            }
+            Err(SendError::FirstByteTimeout) => {
+                tracing::warn!(provider = %provider.id, "upstream did not answer in time; trying the next provider")
             }
         }
         metrics::counter!("kilocloud_gateway_fallbacks_total", "provider" => provider.id.clone())
@@ -840,25 +987,30 @@ struct Meter {
     /// Charged to the owner: not a free model and not BYOK.
     charged: bool,
     started: Instant,
-    /// Size of the request body, for estimating input tokens when no usage comes back.
-    request_bytes: usize,
+    /// The request as sent upstream, for estimating input tokens when no usage comes back.
+    request: Arc<Value>,
 }
 
 impl Meter {
-    /// Fills in the usage, cost (zero when not charged) and total time, then records the row and
-    /// charges it, in a tracked background task. A request the provider served (2xx) or that
-    /// was cut short (499) without reporting usage is estimated: input from the request's size,
-    /// output from `estimated_output` tokens (the content relayed); the row says so. Recording
-    /// is retried three times; a final failure is logged.
-    fn record(self, mut row: UsageRow, usage: Option<Usage>, estimated_output: Option<u64>) {
-        let served = (200..300).contains(&row.status) || row.status == 499;
+    /// Fills in the usage, cost (zero when not charged) and total time, and counts the request.
+    /// A request the provider served (2xx), or that went upstream and was cut short (the
+    /// client left: 499; the stream was cut: 502/504), given as `estimated_output` (the tokens
+    /// of the content relayed), without reporting usage is estimated with the tokenizer: input
+    /// from the request's text, output from `estimated_output`; the row says so.
+    fn price(
+        &self,
+        mut row: UsageRow,
+        usage: Option<Usage>,
+        estimated_output: Option<u64>,
+    ) -> UsageRow {
+        let served = (200..300).contains(&row.status) || estimated_output.is_some();
         let usage = match usage {
             Some(u) => u,
             None if served => {
                 row.estimated = true;
                 metrics::counter!("kilocloud_gateway_usage_estimated_total").increment(1);
                 Usage {
-                    input_tokens: estimated_input_tokens(self.request_bytes),
+                    input_tokens: estimated_input_tokens(&self.request),
                     output_tokens: estimated_output.unwrap_or(0),
                     ..Usage::default()
                 }
@@ -877,11 +1029,32 @@ impl Meter {
         };
         row.total_ms = self.started.elapsed().as_millis() as u64;
         metrics::counter!("kilocloud_gateway_requests_total",
-            "model" => self.label, "provider" => row.provider.clone(), "status" => row.status.to_string())
+            "model" => self.label.clone(), "provider" => row.provider.clone(), "status" => row.status.to_string())
         .increment(1);
+        row
+    }
+
+    /// Makes the charge of `row` durable: puts it on the ledger's charge queue (awaited, so
+    /// the caller can hold the response's end until it is committed), then records it in the
+    /// ledger in a tracked background task. The queued copy charges the row if this node dies
+    /// before recording it, and is skipped otherwise (the ledger deduplicates by request id).
+    /// Anonymous requests have no ledger and are only counted.
+    async fn charge(self, row: UsageRow) {
         let Some(ledger) = self.ledger else { return };
+        for attempt in 0..3u32 {
+            match ledger.enqueue_charge(&row).await {
+                Ok(()) => break,
+                Err(e) if attempt < 2 => {
+                    tracing::warn!(owner = %row.owner, error = %e, "queueing a gateway charge failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << (2 * attempt))).await;
+                }
+                Err(e) => {
+                    tracing::error!(owner = %row.owner, request_id = %row.request_id, error = %e,
+                        "could not queue a gateway charge; recording it directly only");
+                }
+            }
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(owner = %row.owner, "no runtime to record gateway usage on");
             return;
         };
         let recording = async move {
@@ -894,74 +1067,117 @@ impl Meter {
                         tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await;
                     }
                     Err(e) => {
-                        tracing::error!(%owner, cost_microdollars = cost, error = %e, "could not record gateway usage");
+                        // The queued copy charges it later.
+                        tracing::warn!(%owner, cost_microdollars = cost, error = %e,
+                            "could not record gateway usage now; the charge queue will");
                     }
                 }
             }
         };
         self.recordings.spawn(&runtime, recording);
     }
+
+    /// [`Meter::charge`] in a tracked background task, for requests whose client went away
+    /// (from `Drop`, which cannot wait).
+    fn charge_in_background(self, row: UsageRow) {
+        if self.ledger.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(owner = %row.owner, "no runtime to record gateway usage on");
+            return;
+        };
+        let recordings = self.recordings.clone();
+        recordings.spawn(&runtime, self.charge(row));
+    }
 }
 
-type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
-/// The upstream SSE body on its way to the client, watched for usage. At its end, or when the
-/// client goes away first, the usage seen is recorded (in the background).
+/// The upstream SSE body on its way to the client, watched for usage. When the stream's
+/// terminal event (`[DONE]`, `message_stop`) arrives, the chunk holding it waits until the
+/// request's charge is durable, so the response completes only after it (status 200
+/// whatever the client does next). When the upstream is cut (idle timeout, broken
+/// connection), the client gets an error event in the stream's format, the request is
+/// recorded as 504/502, and the stream ends. When the client goes away first, the request is
+/// recorded with what was seen (499).
 struct Metered {
     inner: ByteStream,
     scanner: SseUsageScanner,
     finish: Option<(Meter, UsageRow)>,
+    /// The charge being made durable, and the bytes to send once it is.
+    charging: Option<(futures::future::BoxFuture<'static, ()>, Option<Bytes>)>,
+    /// Tracks a charge this stream leaves unfinished when dropped.
+    recordings: Recordings,
 }
 
 impl Metered {
-    /// Records the request with what the scanner saw, once.
-    fn record(&mut self, status: Option<u16>) {
+    /// Starts charging the request with what the scanner saw (once); `then` goes out after.
+    fn start_charging(&mut self, status: Option<StatusCode>, then: Option<Bytes>) {
         if let Some((meter, mut row)) = self.finish.take() {
             if let Some(status) = status {
-                row.status = status;
+                row.status = status.as_u16();
             }
             let (usage, out) = (self.scanner.usage(), self.scanner.estimated_output_tokens());
-            meter.record(row, usage, Some(out));
+            let row = meter.price(row, usage, Some(out));
+            self.charging = Some((Box::pin(meter.charge(row)), then));
         }
     }
 }
 
 impl futures::Stream for Metered {
-    type Item = reqwest::Result<Bytes>;
+    type Item = Result<Bytes, std::convert::Infallible>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
+        if let Some((charge, _)) = &mut self.charging {
+            std::task::ready!(charge.as_mut().poll(cx));
+            let (_, then) = self.charging.take().expect("charging");
+            if let Some(bytes) = then {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+        }
         if self.finish.is_none() {
-            // Ended (or failed): never poll the upstream again.
+            // Complete, cut or ended: never poll the upstream again.
             return Poll::Ready(None);
         }
         match self.inner.poll_next_unpin(cx) {
+            Poll::Pending => return Poll::Pending,
             Poll::Ready(Some(Ok(bytes))) => {
                 self.scanner.feed(&bytes);
-                Poll::Ready(Some(Ok(bytes)))
+                if !self.scanner.is_complete() {
+                    return Poll::Ready(Some(Ok(bytes)));
+                }
+                self.start_charging(None, Some(bytes));
             }
-            Poll::Ready(Some(Err(e))) => {
-                // The upstream broke off: 502, not a disconnect.
-                self.record(Some(StatusCode::BAD_GATEWAY.as_u16()));
-                Poll::Ready(Some(Err(e)))
+            Poll::Ready(Some(Err(cut))) => {
+                let event = cut.event(self.scanner.format());
+                self.start_charging(Some(cut.status()), Some(event));
             }
-            Poll::Ready(None) => {
-                self.record(None);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => self.start_charging(None, None),
         }
+        // Charging has started: poll it.
+        self.poll_next(cx)
     }
 }
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // Unless recorded already, the client went away: the upstream request is cancelled
+        // Unless charged already, the client went away: the upstream request is cancelled
         // with this stream; record what was seen.
-        self.record(Some(499));
+        if let Some((meter, mut row)) = self.finish.take() {
+            row.status = 499;
+            let (usage, out) = (self.scanner.usage(), self.scanner.estimated_output_tokens());
+            let row = meter.price(row, usage, Some(out));
+            meter.charge_in_background(row);
+        }
+        // A charge already started but not finished is finished in the background.
+        if let Some((charge, _)) = self.charging.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            self.recordings.spawn(&runtime, charge);
+        }
     }
 }
 
@@ -990,6 +1206,27 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
     responses((status = 200, body = ModelList)))]
 pub async fn v1_models(State(s): State<AppState>) -> Json<ModelList> {
     models(State(s)).await
+}
+
+/// `GET /api/gateway/v1/models/{id}` (and `/api/gateway/models/{id}`): one catalog model,
+/// OpenAI's "retrieve model". Ids contain slashes (`vendor/model`), so the route takes the
+/// rest of the path; a percent-encoded `%2F` works too. Public, like the list.
+///
+/// Errors: 404 `model_not_found`.
+#[utoipa::path(get, path = "/api/gateway/v1/models/{id}", tag = "gateway",
+    params(("id" = String, Path, description = "Model id, e.g. `anthropic/claude-sonnet-4.6`")),
+    responses((status = 200, body = ModelView), (status = 404, body = ErrorBody)))]
+pub async fn v1_model(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ModelView>, ApiError> {
+    s.gateway.catalog.model(&id).map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{id}` does not exist"),
+        )
+    })
 }
 
 /// The providers.
@@ -1280,6 +1517,9 @@ pub fn state(
     config: &GatewayConfig,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Arc<GatewayState>, String> {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn_blocking(kilocloud_gateway::warm_tokenizer);
+    }
     Ok(Arc::new(GatewayState {
         catalog: Catalog::new(config, env)?,
         ledger: Ledger::new(sub),
@@ -1309,7 +1549,9 @@ pub fn state(
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
-        upstream_timeout: Duration::from_millis(config.upstream_timeout_ms),
+        upstream_idle_timeout: Duration::from_millis(config.upstream_timeout_ms),
+        upstream_first_byte_timeout: Duration::from_millis(config.upstream_first_byte_timeout_ms),
+        max_body_bytes: config.max_body_bytes,
         recordings: Recordings::new(),
     }))
 }

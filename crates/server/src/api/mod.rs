@@ -50,6 +50,8 @@ pub struct ErrorDetail {
             with `X-KiloCode-OrganizationId: <uuid>`."
     ),
     modifiers(&Security),
+    // Routed outside the OpenAPI router (its id takes the rest of the path).
+    paths(gateway::v1_model),
     tags(
         (name = "users"), (name = "organizations"), (name = "tokens"),
         (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway"), (name = "sessions"),
