@@ -123,6 +123,7 @@ async fn open(node: &Node, store: &Store, creds: &str, id: &str) -> (String, Str
     // GET shows the form and never redeems.
     let form = node.http.get(&url).send().await.unwrap();
     assert_eq!(form.status(), 200);
+    assert_eq!(form.headers()["cache-control"], "no-store", "codes are not cached");
     assert!(form.text().await.unwrap().contains("<form"));
     let user = url
         .split("user=")
@@ -141,6 +142,11 @@ async fn open(node: &Node, store: &Store, creds: &str, id: &str) -> (String, Str
     };
     let res = redeem(code.to_lowercase()).await.unwrap();
     assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["cache-control"],
+        "no-store",
+        "the page carries the gateway token"
+    );
     let cookie = res
         .headers()
         .get("set-cookie")

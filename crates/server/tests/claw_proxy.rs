@@ -230,6 +230,30 @@ async fn proxy_state_rules(pg: bool) {
         "personal_credential_required"
     );
 
+    // The legacy per-user instance (provisioned without an instance id) is served at
+    // `/claw/`, as documented.
+    let legacy = claw
+        .provision_legacy(user.id, create(true), &by)
+        .await
+        .unwrap();
+    assert_eq!(legacy.id, user.id, "a legacy instance's key is its user");
+    let res = http
+        .get(format!("{base}/claw/health"))
+        .bearer_auth(&jwt)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    let res = http
+        .get(format!("{base}/claw/health"))
+        .bearer_auth(&pinned)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404, "an org-pinned token has no personal legacy instance");
+    let found = claw.find(Owner::User(user.id), user.id).await.unwrap();
+    assert!(claw.destroy(&found).await.unwrap());
+
     // No machine yet: 404 not_provisioned.
     let idle = claw
         .create(Owner::User(user.id), user.id, create(false), &by)
