@@ -123,7 +123,11 @@ async fn open(node: &Node, store: &Store, creds: &str, id: &str) -> (String, Str
     // GET shows the form and never redeems.
     let form = node.http.get(&url).send().await.unwrap();
     assert_eq!(form.status(), 200);
-    assert_eq!(form.headers()["cache-control"], "no-store", "codes are not cached");
+    assert_eq!(
+        form.headers()["cache-control"],
+        "no-store",
+        "codes are not cached"
+    );
     assert!(form.text().await.unwrap().contains("<form"));
     let user = url
         .split("user=")

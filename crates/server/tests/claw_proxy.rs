@@ -250,7 +250,11 @@ async fn proxy_state_rules(pg: bool) {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 404, "an org-pinned token has no personal legacy instance");
+    assert_eq!(
+        res.status(),
+        404,
+        "an org-pinned token has no personal legacy instance"
+    );
     let found = claw.find(Owner::User(user.id), user.id).await.unwrap();
     assert!(claw.destroy(&found).await.unwrap());
 

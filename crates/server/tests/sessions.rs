@@ -153,7 +153,11 @@ async fn main_path(postgres: bool) {
     let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
     let mut replayed = Vec::new();
     while replayed.len() < ids.len() - 3 {
-        let msg = ws.next().await.unwrap().unwrap();
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(30), ws.next())
+            .await
+            .expect("replayed frames arrive (a guard against hangs)")
+            .unwrap()
+            .unwrap();
         let frame: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
         replayed.push(frame["eventId"].as_u64().unwrap());
     }

@@ -246,13 +246,17 @@ async fn postgres_nodes_wake_each_other_without_polling() {
     // its next receive came up empty and it now waits for a wake-up.
     b.queues().send("wake", &-1, 0).await.unwrap();
     assert_eq!(rx.recv().await.unwrap(), "message -1");
-    loop {
-        let stats = b.queues().stats().await.unwrap();
-        if stats.iter().all(|s| s.ready == 0 && s.in_flight == 0) {
-            break;
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let stats = b.queues().stats().await.unwrap();
+            if stats.iter().all(|s| s.ready == 0 && s.in_flight == 0) {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
-    }
+    })
+    .await
+    .expect("B acked its message (a guard against hangs)");
     // B starts listening asynchronously; A repeats until B reacts, which it does at once once
     // it listens. Without notifications B would wait an hour.
     let mut woke = None;

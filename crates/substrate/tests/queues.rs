@@ -221,11 +221,16 @@ async fn oversized_or_unknown_is_refused_and_nothing_enqueued(kind: Kind) {
 struct Worker {
     handled: AtomicU32,
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Told when a handler starts (before the gate).
+    started: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
 
 #[async_trait]
 impl Consumer for Worker {
     async fn handle(&self, d: &Delivery) -> Result<()> {
+        if let Some(started) = &self.started {
+            let _ = started.send(());
+        }
         if let Some(gate) = &self.gate {
             gate.acquire().await.unwrap().forget();
         }
@@ -252,6 +257,7 @@ async fn process_batch_acks_and_retries(kind: Kind) {
     let worker = Worker {
         handled: 0.into(),
         gate: None,
+        started: None,
     };
     assert_eq!(q.process_batch("mixed", &worker).await.unwrap(), 2);
     let s = stats(&sub, "mixed").await;
@@ -268,22 +274,24 @@ async fn consumer_finishes_in_flight_messages_on_shutdown(kind: Kind) {
     sub.start().await.unwrap();
     sub.queues().declare(config("graceful")).unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (started, mut handlers) = tokio::sync::mpsc::unbounded_channel();
     let worker = Arc::new(Worker {
         handled: 0.into(),
         gate: Some(gate.clone()),
+        started: Some(started),
     });
     sub.start_consumer("graceful", worker.clone());
     sub.queues()
         .send_batch("graceful", &[json!(1), json!(2)], 0)
         .await
         .unwrap();
-    // Wait until both are claimed (in flight), without sleeping: the consumer is woken by send.
-    loop {
-        let s = stats(&sub, "graceful").await;
-        if s.in_flight == 2 {
-            break;
-        }
-        tokio::task::yield_now().await;
+    // Wait until both handlers run (claimed is not enough: shutdown may begin between the
+    // claim and the handlers' start), told by the handlers; the deadline only guards a hang.
+    for _ in 0..2 {
+        tokio::time::timeout(std::time::Duration::from_secs(30), handlers.recv())
+            .await
+            .expect("both handlers start")
+            .unwrap();
     }
     let shutdown = tokio::spawn({
         let sub = sub.clone();
