@@ -17,7 +17,9 @@
 //! stopped. A provider that watches its machines (`local`) reports a runtime that went down
 //! ([`InstanceCall::MachineDown`]), which moves the alarm to now.
 //!
-//! Provider calls run inside the actor's call, one operation at a time per instance; an
+//! Provider calls run inside the actor's call, one operation at a time per instance, but
+//! without its database session ([`ActorContext::suspend_while`]: on PostgreSQL its
+//! connection and lock go back while the provider answers); an
 //! external effect is persisted with [`ActorContext::checkpoint`] before the next is awaited
 //! (the machine id right after create, pending-destroy ids before deleting), so a crash or
 //! an error never loses track of a machine or volume, and nothing is created twice after a
@@ -36,9 +38,7 @@ use uuid::Uuid;
 use crate::ClawError;
 use crate::app::{AppActor, AppCall};
 use crate::crypto;
-use crate::provider::{
-    ComputeProvider, Guest, MOUNT_PATH, Machine, MachineSpec, Mount, ProviderError, VolumeSpec,
-};
+use crate::provider::{Guest, MOUNT_PATH, Machine, MachineSpec, Mount, ProviderError, VolumeSpec};
 
 /// Storage key of the state.
 const STATE: &str = "state";
@@ -273,6 +273,7 @@ type Outcome = std::result::Result<InstanceReply, ClawError>;
 
 impl Actor for InstanceActor {
     const TYPE: &'static str = "claw_instance";
+    const SUSPENDS: bool = true;
     type Call = InstanceCall;
     type Reply = Outcome;
 
@@ -347,6 +348,17 @@ impl Actor for InstanceActor {
     }
 }
 
+/// Runs a provider call (an HTTP API taking up to minutes, or a wait for a machine) without
+/// holding the actor's database session ([`ActorContext::suspend_while`]), so many slow
+/// lifecycle calls at once cannot exhaust the pool and make other actors `Overloaded`. What
+/// the call buffered so far is committed first.
+async fn outside<T>(
+    ctx: &mut ActorContext,
+    work: impl Future<Output = std::result::Result<T, ProviderError>>,
+) -> Result<std::result::Result<T, ProviderError>> {
+    ctx.suspend_while(work).await
+}
+
 /// One operation on one instance: the context and the shared dependencies.
 struct Op<'a> {
     ctx: &'a mut ActorContext,
@@ -360,12 +372,6 @@ fn provider_err(e: ProviderError) -> ClawError {
 }
 
 impl Op<'_> {
-    /// The provider, owned: a borrow of `self` must not be held across an await (the
-    /// context is `Send` but not `Sync`).
-    fn provider(&self) -> Arc<dyn ComputeProvider> {
-        self.s.provider.clone()
-    }
-
     fn save(&mut self, state: &InstanceState) -> Result<()> {
         self.ctx.put(STATE, state)
     }
@@ -529,7 +535,12 @@ impl Op<'_> {
                 compute: self.guest(state),
                 source_volume_id: source.clone(),
             };
-            match self.provider().create_volume(&state.app_name, &spec).await {
+            match outside(
+                self.ctx,
+                self.s.provider.create_volume(&state.app_name, &spec),
+            )
+            .await?
+            {
                 Ok(v) => {
                     state.volume_id = Some(v.id);
                     state.region = Some(v.region);
@@ -554,7 +565,7 @@ impl Op<'_> {
         if state.status == Some(Status::Running)
             && let Some(id) = state.machine_id.clone()
         {
-            match self.provider().get_machine(&state.app_name, &id).await {
+            match outside(self.ctx, self.s.provider.get_machine(&state.app_name, &id)).await? {
                 Ok(m) if m.state == "started" => {
                     self.repair_mount(state, &m).await?;
                     return self.mark_running(state);
@@ -593,7 +604,7 @@ impl Op<'_> {
         if state.machine_id.is_some() {
             return Ok(());
         }
-        match self.provider().get_volume(&state.app_name, &id).await {
+        match outside(self.ctx, self.s.provider.get_volume(&state.app_name, &id)).await? {
             Ok(v) => {
                 if state.region.as_deref() != Some(v.region.as_str()) {
                     state.region = Some(v.region);
@@ -614,15 +625,14 @@ impl Op<'_> {
     async fn launch(&mut self, state: &mut InstanceState, spec: &MachineSpec) -> OpResult {
         let app = state.app_name.clone();
         if let Some(id) = state.machine_id.clone() {
-            match self.provider().get_machine(&app, &id).await {
+            match outside(self.ctx, self.s.provider.get_machine(&app, &id)).await? {
                 Ok(m) => {
                     let instance = match m.state.as_str() {
                         "stopped" | "created" => {
-                            let m = self
-                                .provider()
-                                .update_machine(&app, &id, spec)
-                                .await
-                                .map_err(provider_err)?;
+                            let m =
+                                outside(self.ctx, self.s.provider.update_machine(&app, &id, spec))
+                                    .await?
+                                    .map_err(provider_err)?;
                             Some(m.instance_id)
                         }
                         "started" => return Ok(()),
@@ -638,10 +648,8 @@ impl Op<'_> {
                 Err(e) => return Err(provider_err(e)),
             }
         }
-        let m = self
-            .provider()
-            .create_machine(&app, spec)
-            .await
+        let m = outside(self.ctx, self.s.provider.create_machine(&app, spec))
+            .await?
             .map_err(provider_err)?;
         state.machine_id = Some(m.id.clone());
         state.region = Some(m.region.clone());
@@ -658,10 +666,14 @@ impl Op<'_> {
         instance: Option<&str>,
     ) -> OpResult {
         let timeout = Duration::from_millis(self.s.config.startup_timeout_ms);
-        self.provider()
-            .wait_machine(app, id, wanted, instance, timeout)
-            .await
-            .map_err(provider_err)
+        outside(
+            self.ctx,
+            self.s
+                .provider
+                .wait_machine(app, id, wanted, instance, timeout),
+        )
+        .await?
+        .map_err(provider_err)
     }
 
     /// A capacity error: destroy the machine, fork the stranded volume when it holds user
@@ -675,7 +687,7 @@ impl Op<'_> {
         let app = state.app_name.clone();
         tracing::warn!(sandbox = %state.sandbox_id, error = %cause, "capacity error: replacing the stranded volume");
         if let Some(id) = state.machine_id.clone() {
-            match self.provider().delete_machine(&app, &id).await {
+            match outside(self.ctx, self.s.provider.delete_machine(&app, &id)).await? {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(provider_err(e)),
@@ -695,7 +707,7 @@ impl Op<'_> {
         if source.is_none()
             && let Some(old) = &old
         {
-            match self.provider().delete_volume(&app, old).await {
+            match outside(self.ctx, self.s.provider.delete_volume(&app, old)).await? {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(provider_err(e)),
@@ -704,7 +716,7 @@ impl Op<'_> {
         self.create_volume_in(state, source.clone(), regions)
             .await?;
         if let Some(old) = source
-            && let Err(e) = self.provider().delete_volume(&app, &old).await
+            && let Err(e) = outside(self.ctx, self.s.provider.delete_volume(&app, &old)).await?
             && !e.is_not_found()
         {
             tracing::warn!(sandbox = %state.sandbox_id, volume = %old, error = %e, "could not delete the forked-from volume");
@@ -731,12 +743,12 @@ impl Op<'_> {
             return Ok(());
         };
         let app = &state.app_name;
-        match self.provider().stop_machine(app, &id).await {
+        match outside(self.ctx, self.s.provider.stop_machine(app, &id)).await? {
             Ok(()) => {}
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(provider_err(e)),
         }
-        let instance = match self.provider().get_machine(app, &id).await {
+        let instance = match outside(self.ctx, self.s.provider.get_machine(app, &id)).await? {
             Ok(m) => Some(m.instance_id),
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(provider_err(e)),
@@ -757,10 +769,11 @@ impl Op<'_> {
         self.stop_machine(state).await?;
         let spec = self.machine_spec(state).await?;
         if let Some(id) = state.machine_id.clone() {
-            match self
-                .provider()
-                .update_machine(&state.app_name, &id, &spec)
-                .await
+            match outside(
+                self.ctx,
+                self.s.provider.update_machine(&state.app_name, &id, &spec),
+            )
+            .await?
             {
                 Ok(m) => {
                     self.wait(&state.app_name, &id, "started", Some(&m.instance_id))
@@ -803,7 +816,7 @@ impl Op<'_> {
     async fn finish_destroy(&mut self, state: &mut InstanceState) -> Result<bool> {
         let app = state.app_name.clone();
         if let Some(id) = state.pending_destroy_machine_id.clone() {
-            match self.provider().delete_machine(&app, &id).await {
+            match outside(self.ctx, self.s.provider.delete_machine(&app, &id)).await? {
                 Ok(()) => state.pending_destroy_machine_id = None,
                 Err(e) if e.is_not_found() => state.pending_destroy_machine_id = None,
                 Err(e) => {
@@ -814,7 +827,7 @@ impl Op<'_> {
         if state.pending_destroy_machine_id.is_none()
             && let Some(id) = state.pending_destroy_volume_id.clone()
         {
-            match self.provider().delete_volume(&app, &id).await {
+            match outside(self.ctx, self.s.provider.delete_volume(&app, &id)).await? {
                 Ok(()) => state.pending_destroy_volume_id = None,
                 Err(e) if e.is_not_found() => state.pending_destroy_volume_id = None,
                 Err(e) => {
@@ -870,12 +883,13 @@ impl Op<'_> {
             return Ok(Err(ClawError::NotProvisioned));
         };
         let timeout = Duration::from_millis(self.s.config.startup_timeout_ms);
-        Ok(self
-            .provider()
-            .exec(&state.app_name, id, &argv, timeout)
-            .await
-            .map(InstanceReply::Exec)
-            .map_err(provider_err))
+        Ok(outside(
+            self.ctx,
+            self.s.provider.exec(&state.app_name, id, &argv, timeout),
+        )
+        .await?
+        .map(InstanceReply::Exec)
+        .map_err(provider_err))
     }
 
     /// The machine's env in layers (reference §2 "Environment built for the machine"):
@@ -974,11 +988,14 @@ impl Op<'_> {
         tracing::warn!(sandbox = %state.sandbox_id, machine = %m.id, "mount drift: repairing");
         self.stop_machine(state).await?;
         let spec = self.machine_spec(state).await?;
-        let updated = self
-            .provider()
-            .update_machine(&state.app_name, &m.id, &spec)
-            .await
-            .map_err(provider_err)?;
+        let updated = outside(
+            self.ctx,
+            self.s
+                .provider
+                .update_machine(&state.app_name, &m.id, &spec),
+        )
+        .await?
+        .map_err(provider_err)?;
         self.wait(
             &state.app_name,
             &m.id,
@@ -993,11 +1010,14 @@ impl Op<'_> {
     /// update first; adopts its id, region and (when confirmed to exist) its `/root` volume.
     async fn recover_by_metadata(&mut self, state: &mut InstanceState) -> OpResult {
         state.last_metadata_recovery_at = Some(self.ctx.now_ms());
-        let found = self
-            .provider()
-            .list_machines(&state.app_name, Some((META_SANDBOX, &state.sandbox_id)))
-            .await
-            .map_err(provider_err)?;
+        let found = outside(
+            self.ctx,
+            self.s
+                .provider
+                .list_machines(&state.app_name, Some((META_SANDBOX, &state.sandbox_id))),
+        )
+        .await?
+        .map_err(provider_err)?;
         let mut candidates: Vec<Machine> = found
             .into_iter()
             .filter(|m| state_rank(&m.state).is_some())
@@ -1024,10 +1044,11 @@ impl Op<'_> {
         if state.volume_id.is_none()
             && let Some(mount) = m.mounts.iter().find(|x| x.path == MOUNT_PATH)
         {
-            match self
-                .provider()
-                .get_volume(&state.app_name, &mount.volume)
-                .await
+            match outside(
+                self.ctx,
+                self.s.provider.get_volume(&state.app_name, &mount.volume),
+            )
+            .await?
             {
                 Ok(v) => state.volume_id = Some(v.id),
                 Err(e) if e.is_not_found() => {}
@@ -1056,7 +1077,7 @@ impl Op<'_> {
                     self.recover_by_metadata(state).await?;
                 }
             }
-            Some(id) => match self.provider().get_machine(&app, &id).await {
+            Some(id) => match outside(self.ctx, self.s.provider.get_machine(&app, &id)).await? {
                 Err(e) if e.is_not_found() => {
                     tracing::warn!(sandbox = %state.sandbox_id, machine = %id, "machine is gone");
                     state.machine_id = None;
@@ -1101,7 +1122,7 @@ impl Op<'_> {
         }
         match state.volume_id.clone() {
             None => self.create_volume(state, None).await?,
-            Some(id) => match self.provider().get_volume(&app, &id).await {
+            Some(id) => match outside(self.ctx, self.s.provider.get_volume(&app, &id)).await? {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => {
                     tracing::error!(sandbox = %state.sandbox_id, volume = %id, "volume is gone: data loss; creating a new one");

@@ -107,7 +107,7 @@ fn unknown_arguments_print_usage() {
     let (ok, out, _) = run(dir.path(), &["version"], &[]);
     assert!(ok);
     assert!(
-        out.starts_with("kilocloud ") && out.contains("schema version 2"),
+        out.starts_with("kilocloud ") && out.contains("schema version 3"),
         "{out}"
     );
 }
@@ -132,7 +132,7 @@ fn unreachable_database_exits_nonzero_with_redacted_url() {
 async fn operator_commands(store: Store) {
     let (ok, out, err) = common::cli(&store, &["migrate"]);
     assert!(ok, "{err}");
-    assert!(out.contains("schema version 2"), "{out}");
+    assert!(out.contains("schema version 3"), "{out}");
     let mut node = Node::start(&store, "server.log");
     for (token, fail) in [("ok1", false), ("bad1", true), ("bad2", true)] {
         let r = node

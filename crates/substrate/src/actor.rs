@@ -57,6 +57,10 @@ pub trait Actor: Send + Sync + 'static {
     type Call: Send + 'static;
     /// A call's output.
     type Reply: Send + 'static;
+    /// Its calls may wait on the outside world without a database session
+    /// ([`ActorContext::suspend_while`]). Sessions of such a type on PostgreSQL check for
+    /// another node's suspension lease (one more query per call); default `false`.
+    const SUSPENDS: bool = false;
 
     /// Handles one call. Returning `Err` discards every write the call made.
     fn call(
@@ -89,7 +93,14 @@ pub struct ActorContext {
     firing: Option<i64>,
     /// A checkpoint set the alarm: the scheduler is told when the call ends.
     alarm_set: bool,
+    /// The actor type declares [`Actor::SUSPENDS`].
+    suspends: bool,
 }
+
+/// How long a suspended call's lease holds its key against other nodes without renewal, ms
+/// (renewed every third of it; a node that stops renewing, having died or stalled, loses the
+/// key this long after).
+pub const SUSPENSION_LEASE_MS: i64 = 30_000;
 
 impl ActorContext {
     /// The actor's key.
@@ -181,6 +192,53 @@ impl ActorContext {
         Ok(())
     }
 
+    /// Runs `work`, a slow call to the outside world (a provider API taking up to minutes),
+    /// without holding a database session: commits the writes buffered so far (as
+    /// [`Self::checkpoint`]), hands the session back (on PostgreSQL its connection, advisory
+    /// lock and session slot, so slow calls cannot exhaust the pool and make other actors
+    /// `Overloaded`), runs `work`, and takes the session again. The key stays this call's:
+    /// this node queues the key's other calls as always, and other nodes wait while the
+    /// suspension lease ([`SUSPENSION_LEASE_MS`], renewed every third of it while `work`
+    /// runs) holds. On SQLite the session holds nothing, so this is `work` after a checkpoint.
+    /// Only for actor types with [`Actor::SUSPENDS`].
+    ///
+    /// Errors: [`Error::Invalid`] for an actor type without `SUSPENDS`; [`Error::Storage`]
+    /// from the checkpoint (nothing suspended then) or when the lease lapsed (this node
+    /// stalled past it) and another node ran the key meanwhile: the call must end, and its
+    /// later writes are discarded.
+    pub async fn suspend_while<F: Future>(&mut self, work: F) -> Result<F::Output> {
+        if !self.suspends {
+            return Err(Error::Invalid {
+                what: "actor type",
+                message: format!(
+                    "{} does not declare SUSPENDS, so its calls cannot suspend",
+                    self.actor_type
+                ),
+            });
+        }
+        self.checkpoint().await?;
+        let clock = self.clock.clone();
+        self.session
+            .suspend(clock.now_ms() + SUSPENSION_LEASE_MS)
+            .await?;
+        let every = (SUSPENSION_LEASE_MS / 3) as u64;
+        tokio::pin!(work);
+        let out = loop {
+            let next = clock.now_ms() + every as i64;
+            tokio::select! {
+                out = &mut work => break out,
+                () = clock.sleep_until(next, every) => {
+                    if let Err(e) = self.session.renew_suspension(clock.now_ms() + SUSPENSION_LEASE_MS).await {
+                        tracing::warn!(actor_type = self.actor_type, key = %self.key, error = %e,
+                            "renewing a suspension lease failed");
+                    }
+                }
+            }
+        };
+        self.session.resume().await?;
+        Ok(out)
+    }
+
     /// Buffers removal of all storage and the alarm.
     pub fn delete_all(&mut self) {
         self.writes = WriteSet {
@@ -231,6 +289,7 @@ impl ActorContext {
 trait ErasedActor: Send + Sync {
     fn alarm<'a>(&'a self, ctx: &'a mut ActorContext, info: AlarmInfo)
     -> BoxFuture<'a, Result<()>>;
+    fn suspends(&self) -> bool;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
@@ -241,6 +300,9 @@ impl<A: Actor> ErasedActor for A {
         info: AlarmInfo,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(Actor::alarm(self, ctx, info))
+    }
+    fn suspends(&self) -> bool {
+        A::SUSPENDS
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
@@ -428,7 +490,7 @@ impl ActorSystem {
         let guard = self.admit(A::TYPE, key, Admission::Bounded)?;
         let this = self.clone();
         let task = self.tasks.spawn(async move {
-            this.run(guard, move |ctx| {
+            this.run(guard, A::SUSPENDS, move |ctx| {
                 Box::pin(async move { actor.call(ctx, call).await.map(|r| (r, None)) })
             })
             .await
@@ -442,6 +504,7 @@ impl ActorSystem {
     async fn run<R: Send>(
         &self,
         guard: SlotGuard,
+        suspends: bool,
         f: impl for<'c> FnOnce(
             &'c mut ActorContext,
         ) -> BoxFuture<'c, Result<(R, Option<AlarmCompletion>)>>,
@@ -449,7 +512,11 @@ impl ActorSystem {
         let _held = guard.slot.mutex.lock().await;
         let session = self
             .backend
-            .actor_session(guard.actor_type, &guard.key)
+            .actor_session(
+                guard.actor_type,
+                &guard.key,
+                suspends.then_some(self.clock.as_ref()),
+            )
             .await?;
         let mut ctx = ActorContext {
             actor_type: guard.actor_type,
@@ -459,6 +526,7 @@ impl ActorSystem {
             clock: self.clock.clone(),
             firing: None,
             alarm_set: false,
+            suspends,
         };
         match f(&mut ctx).await {
             Ok((reply, completion)) => {
@@ -502,8 +570,9 @@ impl ActorSystem {
         let lag_clock = self.clock.clone();
         let handler_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failed = handler_failed.clone();
+        let suspends = actor.suspends();
         let result = self
-            .run(guard, move |ctx| {
+            .run(guard, suspends, move |ctx| {
                 Box::pin(async move {
                     if ctx.session.alarm().await? != Some((fire_at, generation)) {
                         return Ok((false, None));

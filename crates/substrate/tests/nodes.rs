@@ -93,6 +93,7 @@ on_every_backend!(
     schema_newer_than_binary_is_refused,
     open_is_idempotent_and_ready,
     node_without_heartbeats_stops_claiming,
+    suspended_calls_hold_no_session,
 );
 
 #[tokio::test]
@@ -408,4 +409,169 @@ async fn postgres_clock_skew_fences_claims() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body::<i64>().unwrap(), 2);
     fine.shutdown(std::time::Duration::from_secs(10)).await;
+}
+
+/// An actor whose `Wait` call suspends until the test opens its key's gate.
+#[derive(Clone, Default)]
+struct Outside {
+    gates: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>>,
+    /// Told the key of each call once its outside work runs (its session handed back).
+    suspended: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>>,
+}
+
+enum OutsideCall {
+    Wait,
+    Read,
+}
+
+impl Outside {
+    fn gate(&self, key: &str) -> Arc<tokio::sync::Notify> {
+        self.gates
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+impl Actor for Outside {
+    const TYPE: &'static str = "outside";
+    const SUSPENDS: bool = true;
+    type Call = OutsideCall;
+    type Reply = (Option<i64>, Option<i64>);
+
+    async fn call(&self, ctx: &mut ActorContext, call: OutsideCall) -> Result<Self::Reply> {
+        if let OutsideCall::Wait = call {
+            ctx.put("before", &1)?;
+            let gate = self.gate(ctx.key());
+            let told = self.suspended.lock().unwrap().clone();
+            let key = ctx.key().to_owned();
+            ctx.suspend_while(async move {
+                if let Some(told) = told {
+                    let _ = told.send(key);
+                }
+                gate.notified().await;
+            })
+            .await?;
+            ctx.put("after", &1)?;
+        }
+        Ok((ctx.get("before").await?, ctx.get("after").await?))
+    }
+}
+
+/// Calls waiting on the outside world hold no database session: more of them than the
+/// node has session slots all get to their outside work, and other actors' calls go on
+/// meanwhile. What was buffered before the wait is committed (lock-free readers see it).
+async fn suspended_calls_hold_no_session(kind: Kind) {
+    let env = Env::new(kind).await;
+    let node = env.open().await;
+    let outside = Outside::default();
+    let (told, mut suspended) = tokio::sync::mpsc::unbounded_channel();
+    *outside.suspended.lock().unwrap() = Some(told);
+    node.actors().register(outside.clone());
+    node.actors().register(OverlapCounter::default());
+    // 16 connections, 12 session slots: 20 calls that kept their sessions could not all run.
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                node.actors()
+                    .call::<Outside>(&format!("k{i}"), OutsideCall::Wait)
+                    .await
+            })
+        })
+        .collect();
+    for _ in 0..20 {
+        tokio::time::timeout(std::time::Duration::from_secs(30), suspended.recv())
+            .await
+            .expect("every call reaches its outside work")
+            .unwrap();
+    }
+    assert_eq!(
+        node.actors()
+            .call::<OverlapCounter>("other", CounterCall::Incr)
+            .await
+            .unwrap(),
+        1,
+        "other actors are served while 20 calls are out"
+    );
+    let before: Option<i64> = node.actor_read("outside", "k0", "before").await.unwrap();
+    assert_eq!(before, Some(1), "the write before the wait is committed");
+    for i in 0..20 {
+        outside.gate(&format!("k{i}")).notify_one();
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), (Some(1), Some(1)));
+    }
+}
+
+/// On PostgreSQL another node does not run a key while a call on it is suspended (it waits,
+/// then answers Overloaded); once the call resumes and commits, it does. A suspension whose
+/// lease lapsed (its node stalled) is taken over, and the suspended call, resuming, fails
+/// without committing: fencing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_suspended_keys_stay_with_their_call() {
+    let env = Env::new(Kind::Postgres).await;
+    let tuning = || Tuning {
+        actor_lock_wait_ms: 300,
+        ..Tuning::default()
+    };
+    let (a, b) = (env.open_with(tuning()).await, env.open_with(tuning()).await);
+    let outside = Outside::default();
+    let (told, mut suspended) = tokio::sync::mpsc::unbounded_channel();
+    *outside.suspended.lock().unwrap() = Some(told);
+    a.actors().register(outside.clone());
+    b.actors().register(outside.clone());
+    let wait = |key: &'static str| {
+        let a = a.clone();
+        tokio::spawn(async move { a.actors().call::<Outside>(key, OutsideCall::Wait).await })
+    };
+
+    let held = wait("held");
+    suspended.recv().await.unwrap();
+    let e = b
+        .actors()
+        .call::<Outside>("held", OutsideCall::Read)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Overloaded { .. }), "{e}");
+    outside.gate("held").notify_one();
+    assert_eq!(held.await.unwrap().unwrap(), (Some(1), Some(1)));
+    assert_eq!(
+        b.actors()
+            .call::<Outside>("held", OutsideCall::Read)
+            .await
+            .unwrap(),
+        (Some(1), Some(1))
+    );
+
+    // The lease lapses (as if A had stalled past it): B takes the key over.
+    let stalled = wait("stalled");
+    suspended.recv().await.unwrap();
+    let schema = env.schema.as_ref().unwrap();
+    let mut c = sqlx::PgConnection::connect(&schema.url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE {}.actor_suspensions SET until_ms = 0 WHERE actor_key = 'stalled'",
+        schema.name
+    )))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(
+        b.actors()
+            .call::<Outside>("stalled", OutsideCall::Read)
+            .await
+            .unwrap(),
+        (Some(1), None),
+        "B runs it, seeing what A committed before the wait"
+    );
+    outside.gate("stalled").notify_one();
+    let e = stalled.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("lease lapsed"), "{e}");
+    let after: Option<i64> = b.actor_read("outside", "stalled", "after").await.unwrap();
+    assert_eq!(
+        after, None,
+        "the fenced call committed nothing after its wait"
+    );
 }

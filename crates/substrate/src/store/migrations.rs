@@ -14,7 +14,7 @@ pub(crate) struct Migration {
 }
 
 /// Newest schema version this binary knows.
-pub(crate) const LATEST: i64 = 2;
+pub(crate) const LATEST: i64 = 3;
 
 pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -145,6 +145,31 @@ ALTER TABLE alarms ADD COLUMN claimed_until BIGINT;
 UPDATE alarms SET claimed_until = 0 WHERE claimed_by IS NOT NULL;
 CREATE INDEX alarms_leased ON alarms (claimed_until) WHERE claimed_by IS NOT NULL;
 ALTER TABLE queue_messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+"#,
+    },
+    Migration {
+        version: 3,
+        name: "actor suspensions",
+        // A call that waits on the outside world without its session leaves a lease here
+        // (`ActorContext::suspend_while`); other nodes do not run the key while it holds. One
+        // node (SQLite) never needs it; the table is there so both schemas stay alike.
+        sqlite: r#"
+CREATE TABLE actor_suspensions (
+    actor_type TEXT NOT NULL,
+    actor_key TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (actor_type, actor_key)
+) WITHOUT ROWID;
+"#,
+        postgres: r#"
+CREATE TABLE actor_suspensions (
+    actor_type TEXT NOT NULL,
+    actor_key TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    until_ms BIGINT NOT NULL,
+    PRIMARY KEY (actor_type, actor_key)
+);
 "#,
     },
 ];

@@ -292,6 +292,29 @@ pub trait ActorSession: Send {
     ) -> Result<()>;
     /// Releases the lock without writing.
     async fn release(self: Box<Self>);
+    /// Hands the session back while the call waits on the outside world: on a backend that
+    /// holds a connection and a cross-node lock per call (PostgreSQL), records a suspension
+    /// lease of this node until `until` (ms since epoch), then frees the lock, the connection
+    /// and the session slot. Every write must have been flushed. Others: nothing to do.
+    async fn suspend(&mut self, until: UnixMs) -> Result<()> {
+        let _ = until;
+        Ok(())
+    }
+    /// Extends a suspension lease to `until`.
+    ///
+    /// Errors: [`crate::Error::Storage`], also when the lease is no longer this node's.
+    async fn renew_suspension(&mut self, until: UnixMs) -> Result<()> {
+        let _ = until;
+        Ok(())
+    }
+    /// Takes the session back after [`ActorSession::suspend`]: a slot, a connection and the
+    /// lock again, and the lease ended.
+    ///
+    /// Errors: [`crate::Error::Storage`] when the lease lapsed and another node ran the key
+    /// meanwhile (this call must not commit on top of it).
+    async fn resume(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A change another node made that this node should react to at once rather than at its next
@@ -319,7 +342,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Opens an actor's storage for one call; on PostgreSQL blocks until this node holds the
     /// actor's advisory lock.
-    async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>>;
+    ///
+    /// `suspensions`: the actor type may suspend its calls ([`ActorSession::suspend`]); the
+    /// backend then also waits (at most the lock wait, then [`crate::Error::Overloaded`])
+    /// while another node's unexpired suspension lease holds the key, by this clock.
+    async fn actor_session(
+        &self,
+        actor_type: &str,
+        key: &str,
+        suspensions: Option<&dyn crate::Clock>,
+    ) -> Result<Box<dyn ActorSession>>;
     /// Reads an actor's state without locking it (operator view).
     async fn actor_snapshot(&self, actor_type: &str, key: &str) -> Result<ActorSnapshot>;
     /// Committed value of one storage key of an actor, read without locking it.

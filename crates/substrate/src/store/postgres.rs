@@ -10,6 +10,11 @@
 //! - Sends and alarm sets `NOTIFY` the other nodes, which `LISTEN` and wake their consumers and
 //!   schedulers at once; polling stays as the fallback.
 //! - Migrations run under a fixed advisory lock so nodes starting together apply them once.
+//! - A call of a suspendable actor type that waits on the outside world
+//!   (`ActorContext::suspend_while`) leaves a lease row in `actor_suspensions` and gives its
+//!   lock, connection and session slot back; a session on that key on another node waits
+//!   while the lease holds, and the suspended call, resuming, takes the lock again and ends
+//!   its lease, or fails if the lease lapsed and another node took the key (fencing).
 
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
@@ -64,6 +69,8 @@ pub struct PostgresBackend {
     lock_wait_ms: u64,
     /// Signals for other nodes, sent by [`notify_loop`] after the commits that caused them.
     notify: tokio::sync::mpsc::UnboundedSender<Signal>,
+    /// This node's id, as its suspension leases name it.
+    node_id: String,
 }
 
 impl PostgresBackend {
@@ -145,6 +152,7 @@ impl PostgresBackend {
             sessions,
             lock_wait_ms: settings.lock_timeout_ms,
             notify,
+            node_id: settings.node_id.clone(),
         };
         backend.migrate().await?;
         Ok(backend)
@@ -275,10 +283,14 @@ struct PgSession {
     conn: Option<PoolConnection<Postgres>>,
     notify: tokio::sync::mpsc::UnboundedSender<Signal>,
     /// Keeps running actor sessions below the pool size, so that handlers, queues, alarms and
-    /// KV always find a connection.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// KV always find a connection. `None` while suspended.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     actor_type: String,
     key: String,
+    /// Where a suspended session gets its slot and connection back.
+    pool: PgPool,
+    sessions: std::sync::Arc<tokio::sync::Semaphore>,
+    node_id: String,
 }
 
 impl PgSession {
@@ -430,6 +442,105 @@ impl ActorSession for PgSession {
     async fn release(mut self: Box<Self>) {
         self.finish().await;
     }
+
+    async fn suspend(&mut self, until: UnixMs) -> Result<()> {
+        let (t, k, node) = (
+            self.actor_type.clone(),
+            self.key.clone(),
+            self.node_id.clone(),
+        );
+        sqlx::query(
+            "INSERT INTO actor_suspensions (actor_type, actor_key, node_id, until_ms)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (actor_type, actor_key) DO UPDATE
+             SET node_id = excluded.node_id, until_ms = excluded.until_ms",
+        )
+        .bind(&t)
+        .bind(&k)
+        .bind(&node)
+        .bind(until)
+        .execute(&mut **self.conn())
+        .await?;
+        // The lease is committed (autocommit) before the lock goes: a session that gets the
+        // lock next sees it.
+        self.finish().await;
+        self.permit = None;
+        Ok(())
+    }
+
+    async fn renew_suspension(&mut self, until: UnixMs) -> Result<()> {
+        let renewed = sqlx::query(
+            "UPDATE actor_suspensions SET until_ms = $4
+             WHERE actor_type = $1 AND actor_key = $2 AND node_id = $3",
+        )
+        .bind(&self.actor_type)
+        .bind(&self.key)
+        .bind(&self.node_id)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        if renewed.rows_affected() == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        self.permit = Some(
+            self.sessions
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed"),
+        );
+        self.conn = Some(self.pool.acquire().await?);
+        let name = lock_name(&self.actor_type, &self.key);
+        // Other nodes hold this lock only long enough to see the lease; retry past their
+        // `lock_timeout` rather than fail the call after its outside work is done.
+        let mut attempts = 0;
+        loop {
+            match sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                .bind(&name)
+                .execute(&mut **self.conn())
+                .await
+            {
+                Ok(_) => break,
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) && attempts < 5 =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (t, k, node) = (
+            self.actor_type.clone(),
+            self.key.clone(),
+            self.node_id.clone(),
+        );
+        let ended = sqlx::query(
+            "DELETE FROM actor_suspensions WHERE actor_type = $1 AND actor_key = $2 AND node_id = $3",
+        )
+        .bind(t)
+        .bind(k)
+        .bind(node)
+        .execute(&mut **self.conn())
+        .await?;
+        if ended.rows_affected() == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+}
+
+impl PgSession {
+    fn lost(&self) -> Error {
+        Error::Storage(format!(
+            "actor {}:{}: its suspension lease lapsed and another node ran it; this call's \
+             later writes are discarded",
+            self.actor_type, self.key
+        ))
+    }
 }
 
 /// Applies a write set's puts, deletes and alarm set/delete in one statement. Its parts touch
@@ -518,6 +629,54 @@ fn dead_letter(r: sqlx::postgres::PgRow) -> DeadLetter {
     }
 }
 
+impl PostgresBackend {
+    /// A session on `(actor_type, key)` holding its advisory lock.
+    async fn lock_session(&self, actor_type: &str, key: &str) -> Result<Box<PgSession>> {
+        // The session owns the connection before the lock is requested: if the request fails
+        // or is cancelled, dropping the session closes the connection, so a lock granted late
+        // can never end up on a pooled connection.
+        // Bounded like the pool's own acquire: a node whose sessions are all taken (for example
+        // by handlers that each wait for a call on another actor) answers Overloaded instead of
+        // hanging.
+        let overloaded = || Error::Overloaded {
+            actor_type: actor_type.to_owned(),
+            key: key.to_owned(),
+            backlog: self.sessions.available_permits(),
+            retry_after: std::time::Duration::from_secs(1),
+        };
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_millis(self.lock_wait_ms),
+            self.sessions.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| overloaded())?
+        .expect("semaphore never closed");
+        let mut session = PgSession {
+            notify: self.notify.clone(),
+            permit: Some(permit),
+            conn: Some(self.pool.acquire().await?),
+            actor_type: actor_type.to_owned(),
+            key: key.to_owned(),
+            pool: self.pool.clone(),
+            sessions: self.sessions.clone(),
+            node_id: self.node_id.clone(),
+        };
+        // Bounded by the connection's `lock_timeout`: a key held by a hung node answers
+        // Overloaded (503, Retry-After) until the takeover terminates that node's sessions.
+        let locked = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(lock_name(actor_type, key))
+            .execute(&mut **session.conn())
+            .await;
+        match locked {
+            Ok(_) => Ok(Box::new(session)),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                Err(overloaded())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for PostgresBackend {
     fn kind(&self) -> BackendKind {
@@ -565,45 +724,54 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
-    async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>> {
-        // The session owns the connection before the lock is requested: if the request fails
-        // or is cancelled, dropping the session closes the connection, so a lock granted late
-        // can never end up on a pooled connection.
-        // Bounded like the pool's own acquire: a node whose sessions are all taken (for example
-        // by handlers that each wait for a call on another actor) answers Overloaded instead of
-        // hanging.
-        let overloaded = || Error::Overloaded {
-            actor_type: actor_type.to_owned(),
-            key: key.to_owned(),
-            backlog: self.sessions.available_permits(),
-            retry_after: std::time::Duration::from_secs(1),
+    async fn actor_session(
+        &self,
+        actor_type: &str,
+        key: &str,
+        suspensions: Option<&dyn crate::Clock>,
+    ) -> Result<Box<dyn ActorSession>> {
+        let Some(clock) = suspensions else {
+            return Ok(self.lock_session(actor_type, key).await?);
         };
-        let permit = tokio::time::timeout(
-            std::time::Duration::from_millis(self.lock_wait_ms),
-            self.sessions.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| overloaded())?
-        .expect("semaphore never closed");
-        let mut session = PgSession {
-            notify: self.notify.clone(),
-            _permit: permit,
-            conn: Some(self.pool.acquire().await?),
-            actor_type: actor_type.to_owned(),
-            key: key.to_owned(),
-        };
-        // Bounded by the connection's `lock_timeout`: a key held by a hung node answers
-        // Overloaded (503, Retry-After) until the takeover terminates that node's sessions.
-        let locked = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-            .bind(lock_name(actor_type, key))
-            .execute(&mut **session.conn())
-            .await;
-        match locked {
-            Ok(_) => Ok(Box::new(session)),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
-                Err(overloaded())
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(self.lock_wait_ms);
+        loop {
+            let mut session = self.lock_session(actor_type, key).await?;
+            let lease: Option<(String, i64)> = sqlx::query_as(
+                "SELECT node_id, until_ms FROM actor_suspensions
+                 WHERE actor_type = $1 AND actor_key = $2",
+            )
+            .bind(actor_type)
+            .bind(key)
+            .fetch_optional(&mut **session.conn())
+            .await?;
+            match lease {
+                None => return Ok(session),
+                Some((node, until)) if node != self.node_id && until > clock.now_ms() => {
+                    // Another node's call is out waiting on the outside world: wait for it.
+                    session.finish().await;
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Overloaded {
+                            actor_type: actor_type.to_owned(),
+                            key: key.to_owned(),
+                            backlog: 0,
+                            retry_after: std::time::Duration::from_secs(1),
+                        });
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Some(_) => {
+                    // Lapsed (its node died), or this node's own from before a restart.
+                    sqlx::query(
+                        "DELETE FROM actor_suspensions WHERE actor_type = $1 AND actor_key = $2",
+                    )
+                    .bind(actor_type)
+                    .bind(key)
+                    .execute(&mut **session.conn())
+                    .await?;
+                    return Ok(session);
+                }
             }
-            Err(e) => Err(e.into()),
         }
     }
 

@@ -526,7 +526,13 @@ impl Backend for SqliteBackend {
         self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
     }
 
-    async fn actor_session(&self, actor_type: &str, key: &str) -> Result<Box<dyn ActorSession>> {
+    async fn actor_session(
+        &self,
+        actor_type: &str,
+        key: &str,
+        // One node: the local lock is the only lock, and a suspended call keeps it.
+        _suspensions: Option<&dyn crate::Clock>,
+    ) -> Result<Box<dyn ActorSession>> {
         Ok(Box::new(SqliteSession {
             backend: self.inner.clone(),
             actor_type: actor_type.to_owned(),
