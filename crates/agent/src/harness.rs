@@ -70,7 +70,7 @@ pub struct GatewayAccess {
     /// Base URL of the OpenAI-compatible API, e.g. `http://127.0.0.1:8787/api/gateway/v1`.
     pub base_url: String,
     /// A credential of the session's owner.
-    pub token: String,
+    pub token: kilocloud_identity::secret::Secret,
     /// The organization the session belongs to (sent as `X-KiloCode-OrganizationId`).
     pub org: Option<uuid::Uuid>,
     /// For the external harness: the gateway's address on the host, forwarded into the
@@ -400,7 +400,7 @@ async fn chat(turn: &Turn<'_>, messages: &[Value], tools: &[Value]) -> Result<Va
     let mut request = turn
         .http
         .post(&url)
-        .bearer_auth(&turn.gateway.token)
+        .bearer_auth(turn.gateway.token.expose())
         .header("x-kilocode-mode", turn.mode.as_str())
         .header("x-kilocode-feature", "cloud-agent")
         .header("x-kilocode-taskid", turn.session_id)
@@ -718,7 +718,10 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
     let mut env = turn.env.to_vec();
     env.extend([
         ("OPENAI_BASE_URL".to_owned(), turn.gateway.base_url.clone()),
-        ("OPENAI_API_KEY".to_owned(), turn.gateway.token.clone()),
+        (
+            "OPENAI_API_KEY".to_owned(),
+            turn.gateway.token.expose().to_owned(),
+        ),
         ("KILO_MODEL".to_owned(), turn.model.to_owned()),
         ("KILO_MODE".to_owned(), turn.mode.as_str().to_owned()),
         ("SESSION_ID".to_owned(), turn.session_id.to_owned()),

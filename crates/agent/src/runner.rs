@@ -249,7 +249,7 @@ async fn execute(
         // The built-in agent runs in the server and calls the gateway directly.
         HarnessKind::Builtin => GatewayAccess {
             base_url: host_url,
-            token,
+            token: token.clone().into(),
             org: meta.org_id,
             forward: None,
         },
@@ -267,7 +267,7 @@ async fn execute(
             .ok_or_else(|| HarnessError(format!("cannot resolve the gateway at {host_url}")))?;
             GatewayAccess {
                 base_url: inner.sandbox.forwarded_url(&url).to_string(),
-                token,
+                token: token.clone().into(),
                 org: meta.org_id,
                 forward: Some(addr),
             }

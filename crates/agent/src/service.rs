@@ -129,8 +129,8 @@ impl Caller {
     }
 }
 
-/// Where terminal transitions are POSTed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Where terminal transitions are POSTed. `Debug` shows the headers' names only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackTarget {
     /// http(s) URL.
@@ -140,8 +140,18 @@ pub struct CallbackTarget {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Body of `POST /api/sessions` (prepare).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+impl std::fmt::Debug for CallbackTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackTarget")
+            .field("url", &self.url)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Body of `POST /api/sessions` (prepare). `Debug` shows the secrets' names only, and
+/// neither the git token nor the callback's headers.
+#[derive(Clone, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrepareRequest {
     /// `owner/repo` on GitHub (exactly one of this and `gitUrl`).
@@ -177,6 +187,26 @@ pub struct PrepareRequest {
     #[serde(skip)]
     #[schema(ignore)]
     pub notify: Option<crate::session::CompletionNotice>,
+}
+
+impl std::fmt::Debug for PrepareRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrepareRequest")
+            .field("github_repo", &self.github_repo)
+            .field("git_url", &self.git_url)
+            .field("git_token", &self.git_token.as_ref().map(|_| "***"))
+            .field("upstream_branch", &self.upstream_branch)
+            .field("env_vars", &self.env_vars)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("setup_commands", &self.setup_commands)
+            .field("mode", &self.mode)
+            .field("model", &self.model)
+            .field("prompt", &self.prompt)
+            .field("auto_commit", &self.auto_commit)
+            .field("callback_target", &self.callback_target)
+            .field("notify", &self.notify)
+            .finish()
+    }
 }
 
 /// Body of `POST /api/sessions/{id}/messages` (follow-up).
