@@ -2,7 +2,9 @@
 //! its headers and a 10 s timeout. Network errors, 429 and 5xx are retried through the queue
 //! (5 deliveries, backoff 60·2^(n−1) s: 60, 120, 240, 480) and then dead-lettered; any other
 //! status is final and acknowledged (reference §3 "Callback queue", plus the dead-letter queue
-//! the reference lacks).
+//! the reference lacks). Targets are checked twice: a private address literal is refused
+//! before sending, and the client's resolver refuses names that resolve to one at connect
+//! time (`kilocloud_identity::net::GuardedResolver`); both refusals are final.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,11 +26,12 @@ pub struct CallbackConsumer {
 }
 
 impl CallbackConsumer {
-    /// A consumer opening sealed headers with `identity`; targets on private addresses are
-    /// refused unless `allow_private`.
+    /// A consumer opening sealed headers with `identity`; targets on private addresses (by
+    /// literal or by resolution) are refused unless `allow_private`.
     pub fn new(identity: Identity, allow_private: bool) -> Self {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(kilocloud_identity::net::guarded_resolver(allow_private))
             .timeout(CALLBACK_TIMEOUT)
             .build()
             .expect("an HTTP client builds");
@@ -74,6 +77,10 @@ impl Consumer for CallbackConsumer {
                         "callback refused; not retried");
                     Ok(())
                 }
+            }
+            Err(e) if kilocloud_identity::net::is_private_refusal(&e) => {
+                tracing::warn!(%session, error = %e.without_url(), "callback target resolves to a private address; dropped");
+                Ok(())
             }
             // Never log the error's URL with headers; the URL itself carries no secret.
             Err(e) => Err(Error::Handler(format!(

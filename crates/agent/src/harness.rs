@@ -70,7 +70,7 @@ pub struct GatewayAccess {
     /// Base URL of the OpenAI-compatible API, e.g. `http://127.0.0.1:8787/api/gateway/v1`.
     pub base_url: String,
     /// A credential of the session's owner.
-    pub token: String,
+    pub token: kilocloud_identity::secret::Secret,
     /// The organization the session belongs to (sent as `X-KiloCode-OrganizationId`).
     pub org: Option<uuid::Uuid>,
     /// For the external harness: the gateway's address on the host, forwarded into the
@@ -213,10 +213,64 @@ fn tools(mode: Mode) -> Vec<Value> {
 
 /// Runs the built-in agent to completion, interruption, the step limit or a fatal error.
 /// Returns the outcome and the messages it added to the history.
+///
+/// The messages keep OpenAI's tool-call pairing (every assistant message with `tool_calls` is
+/// followed by a `tool` message for each call): a call that an interrupt or a failure left
+/// unanswered gets a synthetic result saying so ([`INTERRUPTED_TOOL_RESULT`],
+/// [`FAILED_TOOL_RESULT`]), so a follow-up can continue the conversation.
 pub async fn run_builtin(turn: Turn<'_>) -> (Result<Outcome, HarnessError>, NewMessages) {
     let mut added: NewMessages = Vec::new();
     let outcome = builtin_loop(&turn, &mut added).await;
+    let note = match &outcome {
+        Ok(Outcome::Interrupted) => INTERRUPTED_TOOL_RESULT,
+        _ => FAILED_TOOL_RESULT,
+    };
+    pair_tool_calls(&mut added, note);
     (outcome, added)
+}
+
+/// The result recorded for a tool call an interrupt stopped or that never ran because of one.
+pub const INTERRUPTED_TOOL_RESULT: &str =
+    "interrupted by user: this tool call was stopped before it finished";
+
+/// The result recorded for a tool call that never finished because the execution failed.
+pub const FAILED_TOOL_RESULT: &str = "not run: the execution failed before this tool call finished";
+
+/// Restores OpenAI's tool-call pairing in `messages` (Chat Completions messages): after each
+/// assistant message with `tool_calls`, adds a `tool` message with `note` for every call not
+/// answered in the run of `tool` messages that follows it, and drops `tool` messages that
+/// answer no call of that assistant message. Messages already paired are left as they are.
+pub fn pair_tool_calls(messages: &mut Vec<Value>, note: &str) {
+    let mut paired = Vec::with_capacity(messages.len());
+    // The ids of the last assistant message's calls not answered yet.
+    let mut open: Vec<String> = Vec::new();
+    let close = |open: &mut Vec<String>, paired: &mut Vec<Value>| {
+        for id in open.drain(..) {
+            paired.push(json!({"role": "tool", "tool_call_id": id, "content": note}));
+        }
+    };
+    for message in messages.drain(..) {
+        if message["role"] == "tool" {
+            let id = message["tool_call_id"].as_str().unwrap_or_default();
+            if let Some(at) = open.iter().position(|x| x == id) {
+                open.remove(at);
+                paired.push(message);
+            }
+            continue;
+        }
+        close(&mut open, &mut paired);
+        if message["role"] == "assistant"
+            && let Some(calls) = message["tool_calls"].as_array()
+        {
+            open = calls
+                .iter()
+                .map(|c| c["id"].as_str().unwrap_or_default().to_owned())
+                .collect();
+        }
+        paired.push(message);
+    }
+    close(&mut open, &mut paired);
+    *messages = paired;
 }
 
 async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcome, HarnessError> {
@@ -225,7 +279,10 @@ async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcom
         system.push_str(READ_ONLY_NOTE);
     }
     let mut messages = vec![json!({"role": "system", "content": system})];
-    messages.extend(turn.history.iter().cloned());
+    // A history recorded before tool calls were closed on interrupts may hold unanswered calls.
+    let mut history = turn.history.clone();
+    pair_tool_calls(&mut history, INTERRUPTED_TOOL_RESULT);
+    messages.extend(history);
     let user = json!({"role": "user", "content": turn.prompt});
     messages.push(user.clone());
     added.push(user);
@@ -297,6 +354,8 @@ async fn builtin_loop(turn: &Turn<'_>, added: &mut NewMessages) -> Result<Outcom
                     format!("arguments are not a JSON object: {raw_args}"),
                 )
             };
+            // Masked before it is cut for the event and before the model sees it.
+            let output = turn.emit.mask().text(&output).into_owned();
             turn.emit
                 .emit(
                     "agent",
@@ -341,7 +400,7 @@ async fn chat(turn: &Turn<'_>, messages: &[Value], tools: &[Value]) -> Result<Va
     let mut request = turn
         .http
         .post(&url)
-        .bearer_auth(&turn.gateway.token)
+        .bearer_auth(turn.gateway.token.expose())
         .header("x-kilocode-mode", turn.mode.as_str())
         .header("x-kilocode-feature", "cloud-agent")
         .header("x-kilocode-taskid", turn.session_id)
@@ -560,7 +619,7 @@ async fn run_tool(turn: &Turn<'_>, name: &str, args: &Value) -> Result<ToolResul
                 ..ExecRequest::shell(command, Duration::from_millis(timeout), cap)
             };
             let out = exec(turn, request).await?;
-            let combined = out.combined_text();
+            let combined = turn.emit.mask().text(&out.combined_text()).into_owned();
             turn.emit
                 .emit(
                     "output",
@@ -659,7 +718,10 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
     let mut env = turn.env.to_vec();
     env.extend([
         ("OPENAI_BASE_URL".to_owned(), turn.gateway.base_url.clone()),
-        ("OPENAI_API_KEY".to_owned(), turn.gateway.token.clone()),
+        (
+            "OPENAI_API_KEY".to_owned(),
+            turn.gateway.token.expose().to_owned(),
+        ),
         ("KILO_MODEL".to_owned(), turn.model.to_owned()),
         ("KILO_MODE".to_owned(), turn.mode.as_str().to_owned()),
         ("SESSION_ID".to_owned(), turn.session_id.to_owned()),
@@ -698,7 +760,7 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
         turn.emit
             .emit(
                 "output",
-                json!({"stderr": preview(&String::from_utf8_lossy(&out.stderr), 16 * 1024)}),
+                json!({"stderr": preview(&turn.emit.mask().text(&String::from_utf8_lossy(&out.stderr)), 16 * 1024)}),
             )
             .await?;
     }
@@ -712,5 +774,57 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
             "the agent CLI failed ({})",
             code.map_or("killed".to_owned(), |c| format!("exit code {c}"))
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    fn asks(ids: &[&str]) -> Value {
+        let calls: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}}))
+            .collect();
+        json!({"role": "assistant", "content": null, "tool_calls": calls})
+    }
+
+    fn answer(id: &str, content: &str) -> Value {
+        json!({"role": "tool", "tool_call_id": id, "content": content})
+    }
+
+    #[test]
+    fn unanswered_tool_calls_get_a_result_and_orphans_go() {
+        let user = json!({"role": "user", "content": "hi"});
+        let n = "note";
+        for (given, want) in [
+            (vec![user.clone()], vec![user.clone()]),
+            (
+                vec![asks(&["a"]), answer("a", "ok"), user.clone()],
+                vec![asks(&["a"]), answer("a", "ok"), user.clone()],
+            ),
+            (vec![asks(&["a"])], vec![asks(&["a"]), answer("a", n)]),
+            (
+                vec![asks(&["a", "b"]), answer("a", "ok"), user.clone()],
+                vec![
+                    asks(&["a", "b"]),
+                    answer("a", "ok"),
+                    answer("b", n),
+                    user.clone(),
+                ],
+            ),
+            (
+                vec![user.clone(), answer("x", "orphan"), user.clone()],
+                vec![user.clone(), user.clone()],
+            ),
+            (
+                vec![asks(&["a"]), answer("a", "ok"), answer("a", "twice")],
+                vec![asks(&["a"]), answer("a", "ok")],
+            ),
+        ] {
+            let mut messages = given.clone();
+            super::pair_tool_calls(&mut messages, n);
+            assert_eq!(messages, want, "{given:?}");
+        }
     }
 }

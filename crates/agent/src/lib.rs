@@ -7,6 +7,7 @@
 //! - [`git`]: clone, commit and push with the token only in an HTTP header.
 //! - [`session`]: the session actor (executions, state machine, event log, history, reaper).
 //! - [`harness`]: the built-in tool-calling agent and the external CLI harness.
+//! - [`mask`]: secret values masked in everything recorded or sent to the model.
 //! - [`runner`]: one execution from sandbox to terminal event.
 //! - [`callback`]: the callback queue's consumer.
 //! - [`service`]: [`Agents`], what the HTTP API calls.
@@ -15,6 +16,7 @@ pub mod callback;
 pub mod git;
 pub mod harness;
 pub mod ids;
+pub mod mask;
 pub mod runner;
 pub mod sandbox;
 mod seccomp;
@@ -22,7 +24,8 @@ pub mod service;
 pub mod session;
 
 pub use service::{
-    AgentConfig, AgentError, Agents, CallbackTarget, Caller, EventFilter, EventFrame, FollowUp,
-    PrepareRequest, Prepared, SessionExport, SessionSummary, SessionView, Started,
+    AgentConfig, AgentError, Agents, BusyScope, CallbackTarget, Caller, EventFilter, EventFrame,
+    FollowUp, ModelCatalog, PrepareRequest, Prepared, SessionExport, SessionSummary, SessionView,
+    Started,
 };
 pub use session::{CompletionMessage, CompletionNotice};

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Agents;
 use crate::harness::{GatewayAccess, HarnessError, HarnessKind, Outcome, Turn};
+use crate::mask::SecretMask;
 use crate::session::{Execution, NewEvent, Refusal, SessionCall, SessionMeta, SessionReply};
 
 /// Why events could not be recorded: the harness must stop.
@@ -25,14 +26,20 @@ pub enum Stopped {
     Storage(String),
 }
 
-/// Appends one execution's events to its session.
+/// Appends one execution's events to its session, with the session's secret values masked.
 pub struct Emitter {
     pub(crate) agents: Agents,
     pub(crate) key: String,
     pub(crate) execution_id: String,
+    pub(crate) mask: SecretMask,
 }
 
 impl Emitter {
+    /// The session's secret values, for masking text before it is cut or sent to the model.
+    pub fn mask(&self) -> &SecretMask {
+        &self.mask
+    }
+
     /// Records one event. Errors: [`Stopped`] when the execution is over or storage fails.
     pub async fn emit(&self, kind: &str, data: Value) -> Result<(), Stopped> {
         self.record(vec![NewEvent::new(kind, data)], Vec::new())
@@ -40,12 +47,19 @@ impl Emitter {
             .map(drop)
     }
 
-    /// Records events and history items in one call; returns the status after them.
+    /// Records events and history items in one call, secret values masked in both; returns
+    /// the status after them.
     pub async fn record(
         &self,
-        events: Vec<NewEvent>,
-        items: Vec<(String, Value)>,
+        mut events: Vec<NewEvent>,
+        mut items: Vec<(String, Value)>,
     ) -> Result<crate::session::ExecStatus, Stopped> {
+        for event in &mut events {
+            self.mask.value(&mut event.data);
+        }
+        for (_, item) in &mut items {
+            self.mask.value(item);
+        }
         let call = SessionCall::Ingest {
             execution_id: self.execution_id.clone(),
             events,
@@ -64,19 +78,22 @@ impl Emitter {
     }
 }
 
-/// Runs `exec` of the session `meta` to its end. Never returns an error: every failure
-/// becomes the execution's fatal `error` event.
+/// Runs `exec` of the session `meta` to its end, releasing its `slots` just before the
+/// terminal event. Never returns an error: every failure becomes the execution's fatal
+/// `error` event.
 pub(crate) async fn run(
     agents: Agents,
     meta: SessionMeta,
     exec: Execution,
     cancel: CancellationToken,
+    slots: crate::service::Slots,
 ) {
     let key = crate::ids::actor_key(meta.user_id, &meta.session_id);
     let emitter = Emitter {
         agents: agents.clone(),
         key: key.clone(),
         execution_id: exec.execution_id.clone(),
+        mask: agents.secret_mask(&meta),
     };
     let watchdog = tokio::spawn(watch(
         agents.clone(),
@@ -105,6 +122,8 @@ pub(crate) async fn run(
         }
         Err(e) => NewEvent::new("error", json!({"error": e.0, "fatal": true})),
     };
+    // The work is over: free the execution's slots before its end is visible.
+    slots.release(&agents).await;
     if let Err(e) = emitter.record(vec![last], Vec::new()).await
         && e != Stopped::NotActive
     {
@@ -122,6 +141,7 @@ async fn watch(agents: Agents, key: String, execution_id: String, cancel: Cancel
         agents: agents.clone(),
         key: key.clone(),
         execution_id: execution_id.clone(),
+        mask: SecretMask::default(),
     };
     loop {
         tokio::select! {
@@ -229,7 +249,7 @@ async fn execute(
         // The built-in agent runs in the server and calls the gateway directly.
         HarnessKind::Builtin => GatewayAccess {
             base_url: host_url,
-            token,
+            token: token.clone().into(),
             org: meta.org_id,
             forward: None,
         },
@@ -247,7 +267,7 @@ async fn execute(
             .ok_or_else(|| HarnessError(format!("cannot resolve the gateway at {host_url}")))?;
             GatewayAccess {
                 base_url: inner.sandbox.forwarded_url(&url).to_string(),
-                token,
+                token: token.clone().into(),
                 org: meta.org_id,
                 forward: Some(addr),
             }
@@ -339,11 +359,23 @@ async fn finish(
     let first_line = exec.prompt.lines().next().unwrap_or_default();
     let subject: String = first_line.chars().take(72).collect();
     let message = format!("{subject}\n\nKilo Cloud Agent session {}", meta.session_id);
-    let committed = git
+    let outcome = git
         .commit_all(&dir, &message)
         .await
         .map_err(|e| HarnessError(format!("auto-commit failed: {e}")))?;
-    if !committed {
+    if !outcome.left_out.is_empty() {
+        emitter
+            .emit(
+                "status",
+                json!({"message": format!(
+                    "auto-commit left out {} file(s) matching agent.git.never_commit: {}",
+                    outcome.left_out.len(),
+                    outcome.left_out.join(", ")
+                ), "leftOut": outcome.left_out}),
+            )
+            .await?;
+    }
+    if !outcome.committed {
         emitter
             .emit(
                 "status",

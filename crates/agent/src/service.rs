@@ -49,6 +49,13 @@ pub struct AgentConfig {
     pub setup_timeout_ms: u64,
     /// Allows callback targets on loopback, private or link-local addresses. Default false.
     pub allow_private_callbacks: bool,
+    /// Most executions running at once on one node; a start beyond it is refused with
+    /// [`AgentError::Busy`] ([`BusyScope::Node`]). `0`: no bound. Default 8.
+    pub max_executions_per_node: u32,
+    /// Most executions running at once for one owner (a user, or an organization with all its
+    /// members), across nodes; a start beyond it is refused with [`AgentError::Busy`]
+    /// ([`BusyScope::Owner`]). `0`: no bound. Default 4.
+    pub max_executions_per_owner: u32,
 }
 
 impl Default for AgentConfig {
@@ -63,6 +70,8 @@ impl Default for AgentConfig {
             heartbeat_interval_ms: 30_000,
             setup_timeout_ms: 120_000,
             allow_private_callbacks: false,
+            max_executions_per_node: 8,
+            max_executions_per_owner: 4,
         }
     }
 }
@@ -120,8 +129,8 @@ impl Caller {
     }
 }
 
-/// Where terminal transitions are POSTed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Where terminal transitions are POSTed. `Debug` shows the headers' names only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackTarget {
     /// http(s) URL.
@@ -131,8 +140,18 @@ pub struct CallbackTarget {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Body of `POST /api/sessions` (prepare).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+impl std::fmt::Debug for CallbackTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackTarget")
+            .field("url", &self.url)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Body of `POST /api/sessions` (prepare). `Debug` shows the secrets' names only, and
+/// neither the git token nor the callback's headers.
+#[derive(Clone, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrepareRequest {
     /// `owner/repo` on GitHub (exactly one of this and `gitUrl`).
@@ -168,6 +187,26 @@ pub struct PrepareRequest {
     #[serde(skip)]
     #[schema(ignore)]
     pub notify: Option<crate::session::CompletionNotice>,
+}
+
+impl std::fmt::Debug for PrepareRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrepareRequest")
+            .field("github_repo", &self.github_repo)
+            .field("git_url", &self.git_url)
+            .field("git_token", &self.git_token.as_ref().map(|_| "***"))
+            .field("upstream_branch", &self.upstream_branch)
+            .field("env_vars", &self.env_vars)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("setup_commands", &self.setup_commands)
+            .field("mode", &self.mode)
+            .field("model", &self.model)
+            .field("prompt", &self.prompt)
+            .field("auto_commit", &self.auto_commit)
+            .field("callback_target", &self.callback_target)
+            .field("notify", &self.notify)
+            .finish()
+    }
 }
 
 /// Body of `POST /api/sessions/{id}/messages` (follow-up).
@@ -345,6 +384,21 @@ pub enum AgentError {
     /// A setup command failed (422).
     #[error("{0}")]
     SetupFailed(String),
+    /// The repository does not exist, or the token cannot see it (422).
+    #[error("{0}")]
+    RepositoryNotFound(String),
+    /// The `upstreamBranch` does not exist in the repository (422).
+    #[error("{0}")]
+    BranchNotFound(String),
+    /// The model is unknown to the gateway (404), or `allowed` is false: the organization's
+    /// policy does not allow it (404).
+    #[error("{message}")]
+    ModelNotFound {
+        /// What is wrong with the model.
+        message: String,
+        /// Whether the model exists but the organization's policy forbids it.
+        not_allowed: bool,
+    },
     /// Infrastructure (sandbox, clone) failed (503); `retryable` says whether a retry may work.
     #[error("{message}")]
     Unavailable {
@@ -353,12 +407,72 @@ pub enum AgentError {
         /// Whether the client should retry.
         retryable: bool,
     },
+    /// A bound on concurrent executions is reached; nothing was started. The owner's bound is
+    /// the caller's to wait for (429), the node's is the server's (503); both may pass later.
+    #[error("{message}")]
+    Busy {
+        /// Which bound, and its value.
+        message: String,
+        /// The owner's bound or the node's.
+        scope: BusyScope,
+    },
     /// Anything else (500).
     #[error("{0}")]
     Internal(String),
     /// A substrate failure (overload: 503 with `Retry-After`; storage: 500).
     #[error(transparent)]
     Substrate(#[from] kilocloud_substrate::Error),
+}
+
+/// The slots one execution holds: a permit of the node's bound and the owner's slot. The
+/// runner releases them once the work is over, just before the terminal event is recorded,
+/// so whoever sees the end can start another.
+pub(crate) struct Slots {
+    node: Option<tokio::sync::OwnedSemaphorePermit>,
+    owner: String,
+    execution_id: String,
+}
+
+impl Slots {
+    /// Gives both back. A failure to release the owner's slot is only logged: the next
+    /// acquire drops slots whose execution has ended.
+    pub(crate) async fn release(self, agents: &Agents) {
+        drop(self.node);
+        if agents.inner.config.max_executions_per_owner == 0 {
+            return;
+        }
+        let call = IndexCall::Release(self.execution_id.clone());
+        if let Err(e) = agents
+            .inner
+            .sub
+            .actors()
+            .call::<IndexActor>(&self.owner, call)
+            .await
+        {
+            tracing::warn!(execution = %self.execution_id, error = %e, "cannot release an execution slot; the next start reclaims it");
+        }
+    }
+}
+
+/// The gateway's models, as a session's prepare and follow-ups check them before anything is
+/// created (the server implements it over its catalog and organizations' policies).
+#[async_trait::async_trait]
+pub trait ModelCatalog: Send + Sync + 'static {
+    /// Whether `model` can serve a session of `org` (an organization's, or a user's when
+    /// `None`) in `mode`, as the gateway would route a request with `x-kilocode-mode`.
+    ///
+    /// Errors: [`AgentError::ModelNotFound`] for an unknown or disallowed model; a
+    /// substrate failure reading the policy.
+    async fn check(&self, org: Option<Uuid>, model: &str, mode: Mode) -> Result<(), AgentError>;
+}
+
+/// Which bound on concurrent executions refused a start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusyScope {
+    /// `agent.max_executions_per_owner`.
+    Owner,
+    /// `agent.max_executions_per_node`.
+    Node,
 }
 
 impl From<SandboxError> for AgentError {
@@ -399,9 +513,13 @@ pub(crate) struct Inner {
     pub(crate) config: AgentConfig,
     pub(crate) sandbox: Arc<dyn SandboxProvider>,
     gateway_url: OnceLock<String>,
+    models: OnceLock<Arc<dyn ModelCatalog>>,
     pub(crate) http: reqwest::Client,
     /// Executions running on this node: execution id → (session id, interrupt token).
     running: Mutex<HashMap<String, (String, CancellationToken)>>,
+    /// One permit per execution this node may run (`max_executions_per_node`); `None`: no
+    /// bound.
+    node_slots: Option<Arc<tokio::sync::Semaphore>>,
     tasks: TaskTracker,
     pub(crate) shutting_down: CancellationToken,
     /// Bumped after every recorded batch of events: wakes local streams.
@@ -467,7 +585,7 @@ impl Agents {
                 sandbox: sandbox.clone(),
             }),
         });
-        sub.actors().register(IndexActor);
+        sub.actors().register(IndexActor { sub: sub.clone() });
         let queue = QueueConfig {
             max_attempts: 5,
             retry_base_ms: 60_000,
@@ -482,13 +600,20 @@ impl Agents {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client builds");
+        let node_slots = (config.max_executions_per_node > 0).then(|| {
+            Arc::new(tokio::sync::Semaphore::new(
+                config.max_executions_per_node as usize,
+            ))
+        });
         Self {
             inner: Arc::new(Inner {
                 sub: sub.clone(),
                 identity,
+                node_slots,
                 config,
                 sandbox,
                 gateway_url: OnceLock::new(),
+                models: OnceLock::new(),
                 http,
                 running: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
@@ -513,6 +638,24 @@ impl Agents {
     /// `agent.gateway_url` is configured. Only the first call counts.
     pub fn set_server_url(&self, url: &str) {
         let _ = self.inner.gateway_url.set(url.to_owned());
+    }
+
+    /// Sets the catalog that prepare and follow-ups check models against. Only the first call
+    /// counts; without one, models are checked at the first model call.
+    pub fn set_model_catalog(&self, models: Arc<dyn ModelCatalog>) {
+        let _ = self.inner.models.set(models);
+    }
+
+    async fn check_model_exists(
+        &self,
+        org: Option<Uuid>,
+        model: &str,
+        mode: Mode,
+    ) -> Result<(), AgentError> {
+        match self.inner.models.get() {
+            Some(models) => models.check(org, model, mode).await,
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn gateway_url(&self) -> String {
@@ -573,10 +716,12 @@ impl Agents {
     /// sandbox, clones the repository onto the working branch, runs the setup commands, and
     /// stores the session (reference §3 "prepareSession flow").
     ///
-    /// Errors: [`AgentError::Invalid`] for input out of bounds; [`AgentError::Unavailable`]
-    /// when the sandbox or the clone fails (retryable) or the sandbox cannot work here (not
-    /// retryable; the message says how to fix it); [`AgentError::SetupFailed`] when a setup
-    /// command fails.
+    /// Errors: [`AgentError::Invalid`] for input out of bounds; [`AgentError::ModelNotFound`]
+    /// for a model the gateway cannot serve (checked before anything is created);
+    /// [`AgentError::RepositoryNotFound`] and [`AgentError::BranchNotFound`] when the remote
+    /// lacks them; [`AgentError::Unavailable`] when the sandbox or the clone fails otherwise
+    /// (retryable) or the sandbox cannot work here (not retryable; the message says how to fix
+    /// it); [`AgentError::SetupFailed`] when a setup command fails.
     pub async fn prepare(
         &self,
         caller: Caller,
@@ -584,6 +729,12 @@ impl Agents {
     ) -> Result<Prepared, AgentError> {
         let inner = &self.inner;
         validate(&req, &inner.config)?;
+        let model = req
+            .model
+            .clone()
+            .unwrap_or_else(|| inner.config.default_model.clone());
+        self.check_model_exists(caller.org, &model, req.mode.unwrap_or_default())
+            .await?;
         let repo = inner
             .config
             .git
@@ -652,10 +803,7 @@ impl Agents {
                 .collect(),
             setup_commands: req.setup_commands.clone(),
             mode: req.mode.unwrap_or_default(),
-            model: req
-                .model
-                .clone()
-                .unwrap_or_else(|| inner.config.default_model.clone()),
+            model,
             prompt: req.prompt.clone(),
             auto_commit: req.auto_commit,
             callback,
@@ -714,6 +862,12 @@ impl Agents {
             .await
             .map_err(|e| match e {
                 GitError::BadRemote(m) => AgentError::Invalid(m),
+                GitError::RepositoryNotFound => AgentError::RepositoryNotFound(format!(
+                    "repository {repo} does not exist, or the token cannot read it"
+                )),
+                GitError::BranchNotFound => AgentError::BranchNotFound(format!(
+                    "upstreamBranch `{branch}` does not exist in {repo}"
+                )),
                 other => AgentError::Unavailable {
                     message: format!("cannot clone the repository: {other}"),
                     retryable: true,
@@ -803,7 +957,8 @@ impl Agents {
     /// Starts a follow-up execution that continues the conversation.
     ///
     /// Errors: as [`Agents::initiate`], plus [`AgentError::Invalid`] for an empty or too
-    /// long prompt, and [`AgentError::Conflict`] before initiate.
+    /// long prompt, [`AgentError::ModelNotFound`] for a model or mode the gateway cannot
+    /// serve, and [`AgentError::Conflict`] before initiate.
     pub async fn send(
         &self,
         caller: Caller,
@@ -815,6 +970,11 @@ impl Agents {
             check_model(model)?;
         }
         let (key, meta) = self.locate(caller, session_id).await?;
+        if msg.model.is_some() || msg.mode.is_some() {
+            let model = msg.model.as_deref().unwrap_or(&meta.model);
+            self.check_model_exists(meta.org_id, model, msg.mode.unwrap_or(meta.mode))
+                .await?;
+        }
         let exec = self.new_execution(
             &meta,
             true,
@@ -868,8 +1028,38 @@ impl Agents {
         }
         inner.sandbox.check().await?;
         let execution_id = exec.execution_id.clone();
-        self.call(&key, SessionCall::Start(Box::new(exec.clone())))
-            .await??;
+        let node_slot = match &inner.node_slots {
+            None => None,
+            Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| {
+                AgentError::Busy {
+                    message: format!(
+                        "this node already runs {} executions (agent.max_executions_per_node); \
+                         retry shortly",
+                        inner.config.max_executions_per_node
+                    ),
+                    scope: BusyScope::Node,
+                }
+            })?),
+        };
+        let owner = meta.owner();
+        self.acquire_owner_slot(&owner, &key, &execution_id).await?;
+        let slots = Slots {
+            node: node_slot,
+            owner,
+            execution_id: execution_id.clone(),
+        };
+        let refused: Option<AgentError> = match self
+            .call(&key, SessionCall::Start(Box::new(exec.clone())))
+            .await
+        {
+            Ok(Ok(_)) => None,
+            Ok(Err(refusal)) => Some(refusal.into()),
+            Err(e) => Some(e.into()),
+        };
+        if let Some(e) = refused {
+            slots.release(self).await;
+            return Err(e);
+        }
         let cancel = CancellationToken::new();
         inner.running.lock().expect("running map").insert(
             execution_id.clone(),
@@ -879,7 +1069,7 @@ impl Agents {
         let session_id = meta.session_id.clone();
         inner.tasks.spawn(async move {
             let id = exec.execution_id.clone();
-            crate::runner::run(agents.clone(), meta, exec, cancel).await;
+            crate::runner::run(agents.clone(), meta, exec, cancel, slots).await;
             agents
                 .inner
                 .running
@@ -893,6 +1083,47 @@ impl Agents {
             execution_id,
             status: "started".into(),
         })
+    }
+
+    /// Takes one of the owner's execution slots for `execution_id` (of the session at actor key
+    /// `session_key`) unless `max_executions_per_owner` are taken.
+    ///
+    /// Errors: [`AgentError::Busy`] ([`BusyScope::Owner`]) at the bound; substrate failures.
+    async fn acquire_owner_slot(
+        &self,
+        owner: &str,
+        session_key: &str,
+        execution_id: &str,
+    ) -> Result<(), AgentError> {
+        let max = self.inner.config.max_executions_per_owner;
+        if max == 0 {
+            return Ok(());
+        }
+        let slot = RunSlot {
+            session_key: session_key.to_owned(),
+            since: self.inner.sub.clock().now_ms(),
+        };
+        let call = IndexCall::Acquire {
+            execution_id: execution_id.to_owned(),
+            slot,
+            max,
+        };
+        match self
+            .inner
+            .sub
+            .actors()
+            .call::<IndexActor>(owner, call)
+            .await?
+        {
+            true => Ok(()),
+            false => Err(AgentError::Busy {
+                message: format!(
+                    "{max} executions of this owner are already running \
+                     (agent.max_executions_per_owner); wait for one to end or interrupt one"
+                ),
+                scope: BusyScope::Owner,
+            }),
+        }
     }
 
     /// Asks the active execution to stop: at once when it runs on this node, within a second
@@ -1097,6 +1328,22 @@ impl Agents {
         Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
     }
 
+    /// The mask of the session's secret values (its secrets and git token). A value that
+    /// cannot be opened is left out: the execution fails on it anyway when it builds the
+    /// environment.
+    pub(crate) fn secret_mask(&self, meta: &SessionMeta) -> crate::mask::SecretMask {
+        let mut values = Vec::new();
+        for (name, sealed) in &meta.secrets {
+            if let Ok(Some(v)) = self.open_secret(meta, &format!("secret/{name}"), Some(sealed)) {
+                values.push(v);
+            }
+        }
+        if let Ok(Some(token)) = self.open_secret(meta, "gitToken", meta.git_token.as_ref()) {
+            values.push(token);
+        }
+        crate::mask::SecretMask::new(values)
+    }
+
     /// The environment of the session's commands: user variables and secrets, then the
     /// reserved values, which win.
     pub(crate) fn session_env(
@@ -1273,9 +1520,24 @@ pub(crate) async fn empty_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The per-owner index of sessions (`agent_index`, key `user:<id>` or `org:<id>`), entries
-/// `s/<sessionId>` ([`SessionSummary`]). A superset: an entry whose session is gone reads as
-/// absent.
+/// `s/<sessionId>` ([`SessionSummary`]), and the owner's execution slots `run/<executionId>`
+/// ([`RunSlot`]). Both are supersets: an entry whose session is gone reads as absent, and a
+/// slot whose execution has ended (its release was lost with its node) is dropped by the next
+/// acquire.
 pub const INDEX_ACTOR: &str = "agent_index";
+
+/// A slot acquired before an execution's start commits may see no execution for this long,
+/// ms; after it, a slot without an execution is dropped.
+const SLOT_START_GRACE_MS: i64 = 60_000;
+
+/// One of an owner's execution slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSlot {
+    /// The session's actor key (`<userId>:<sessionId>`), where the execution's state is.
+    pub session_key: String,
+    /// When the slot was taken, ms.
+    pub since: i64,
+}
 
 /// Calls of the index actor.
 #[derive(Debug)]
@@ -1284,24 +1546,71 @@ pub enum IndexCall {
     Add(SessionSummary),
     /// Removes a session.
     Remove(String),
+    /// Takes a slot for an execution when fewer than `max` are held by executions still
+    /// pending or running; replies whether it did.
+    Acquire {
+        /// The execution.
+        execution_id: String,
+        /// Its slot.
+        slot: RunSlot,
+        /// The owner's bound.
+        max: u32,
+    },
+    /// Gives an execution's slot back.
+    Release(String),
 }
 
-struct IndexActor;
+struct IndexActor {
+    /// For lock-free reads of the executions slots belong to.
+    sub: Substrate,
+}
 
 impl Actor for IndexActor {
     const TYPE: &'static str = INDEX_ACTOR;
     type Call = IndexCall;
-    type Reply = ();
+    /// Acquire: whether the slot was taken; the others: true.
+    type Reply = bool;
 
     async fn call(
         &self,
         ctx: &mut ActorContext,
         call: IndexCall,
-    ) -> kilocloud_substrate::Result<()> {
+    ) -> kilocloud_substrate::Result<bool> {
         match call {
             IndexCall::Add(entry) => ctx.put(&format!("s/{}", entry.session_id), &entry)?,
             IndexCall::Remove(id) => ctx.delete(&format!("s/{id}")),
+            IndexCall::Release(id) => ctx.delete(&format!("run/{id}")),
+            IndexCall::Acquire {
+                execution_id,
+                slot,
+                max,
+            } => {
+                let now = ctx.now_ms();
+                let mut held = 0u32;
+                for (key, taken) in ctx.list::<RunSlot>("run/").await? {
+                    let id = key.trim_start_matches("run/");
+                    // A point read of committed state: never a call, so no actor waits for
+                    // another.
+                    let exec: Option<Execution> = self
+                        .sub
+                        .actor_read(SESSION_ACTOR, &taken.session_key, &format!("exec/{id}"))
+                        .await?;
+                    let live = match exec {
+                        Some(e) => !e.status.is_terminal(),
+                        None => now - taken.since < SLOT_START_GRACE_MS,
+                    };
+                    if live {
+                        held += 1;
+                    } else {
+                        ctx.delete(&key);
+                    }
+                }
+                if held >= max {
+                    return Ok(false);
+                }
+                ctx.put(&format!("run/{execution_id}"), &slot)?;
+            }
         }
-        Ok(())
+        Ok(true)
     }
 }

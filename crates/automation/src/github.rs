@@ -14,6 +14,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use kilocloud_identity::Identity;
 use kilocloud_identity::envelope::Envelope;
+use kilocloud_identity::secret::Secret;
 use kilocloud_substrate::Substrate;
 use octocrab::Octocrab;
 use octocrab::models::{AppId, InstallationToken};
@@ -31,18 +32,18 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Settings of the GitHub App (`github.*` in the configuration). `Debug` leaves the key and
 /// the secrets out.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GitHubConfig {
     /// The app's id; 0 disables the integration (webhooks answer 503 `github_disabled`).
     pub app_id: u64,
     /// The app's private key, PEM (PKCS#1 or PKCS#8). Prefer `private_key_path`.
-    pub private_key: String,
+    pub private_key: Secret,
     /// A file holding the private key, PEM.
     pub private_key_path: String,
     /// Webhook secrets; a delivery signed with any of them is accepted (so a secret can be
     /// rotated: add the new one, change it on GitHub, remove the old one).
-    pub webhook_secrets: Vec<String>,
+    pub webhook_secrets: Vec<Secret>,
     /// REST API base URL. Default `https://api.github.com`.
     pub api_url: String,
     /// Lets any owner's admin claim an unclaimed installation. Default false: only site
@@ -52,24 +53,11 @@ pub struct GitHubConfig {
     pub allow_self_claim: bool,
 }
 
-impl std::fmt::Debug for GitHubConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GitHubConfig")
-            .field("app_id", &self.app_id)
-            .field("private_key", &"<redacted>")
-            .field("private_key_path", &self.private_key_path)
-            .field("webhook_secrets", &self.webhook_secrets.len())
-            .field("api_url", &self.api_url)
-            .field("allow_self_claim", &self.allow_self_claim)
-            .finish()
-    }
-}
-
 impl Default for GitHubConfig {
     fn default() -> Self {
         Self {
             app_id: 0,
-            private_key: String::new(),
+            private_key: Secret::default(),
             private_key_path: String::new(),
             webhook_secrets: Vec::new(),
             api_url: "https://api.github.com".into(),
@@ -249,7 +237,7 @@ impl GitHubApp {
             return Ok(None);
         }
         let pem = if !config.private_key.is_empty() {
-            config.private_key.clone()
+            config.private_key.expose().to_owned()
         } else if !config.private_key_path.is_empty() {
             std::fs::read_to_string(&config.private_key_path).map_err(|e| {
                 format!(
@@ -283,7 +271,7 @@ impl GitHubApp {
                     .webhook_secrets
                     .iter()
                     .filter(|s| !s.is_empty())
-                    .map(|s| s.as_bytes().to_vec())
+                    .map(|s| s.expose().as_bytes().to_vec())
                     .collect(),
             ),
             sub: sub.clone(),

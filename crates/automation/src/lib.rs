@@ -92,11 +92,13 @@ pub enum AutomationError {
 
 impl AutomationError {
     /// Whether a later attempt may pass: GitHub network failures, 429, 5xx and rate limits; a
-    /// sandbox that is unavailable for now; storage failures.
+    /// sandbox that is unavailable for now; a bound on concurrent executions; storage
+    /// failures.
     pub fn is_transient(&self) -> bool {
         match self {
             AutomationError::GitHub(g) => g.is_transient(),
             AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => *retryable,
+            AutomationError::Agent(AgentError::Busy { .. }) => true,
             AutomationError::Agent(AgentError::Substrate(_)) | AutomationError::Substrate(_) => {
                 true
             }

@@ -661,13 +661,19 @@ impl TriggerRequest {
     }
 }
 
+/// Most MiniJinja instructions one rendering of a trigger template may run (its fuel): far
+/// above what a prompt template needs (a few hundred), far below what would hold a consumer
+/// for long (a loop over `range(100000000)` stops within milliseconds).
+pub const TEMPLATE_FUEL: u64 = 100_000;
+
 /// Renders a trigger template with MiniJinja. Variables: `body` (text), `bodyJson` (the
 /// body pretty-printed when it is JSON, else the text), `payload` (the parsed JSON body, so
 /// `{{ payload.pull_request.title }}` works; undefined fields render empty), `method`,
 /// `path`, `query`, `headers` (a map; `headers["x-github-event"]`), `sourceIp`, `timestamp`
 /// (RFC 3339) (reference §4 placeholders, plus `payload`).
 ///
-/// Errors: the template's syntax or evaluation error.
+/// Errors: the template's syntax or evaluation error, or running out of its
+/// [`TEMPLATE_FUEL`] (the message says so); the request then fails with it.
 pub fn render(template: &str, request: &TriggerRequest) -> std::result::Result<String, String> {
     let payload: Value = serde_json::from_str(&request.body).unwrap_or(Value::Null);
     let body_json = if payload.is_null() {
@@ -681,6 +687,7 @@ pub fn render(template: &str, request: &TriggerRequest) -> std::result::Result<S
     let mut env = minijinja::Environment::new();
     // `payload.a.b` renders empty when `a` is missing, as a template author expects.
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.render_str(
         template,
         minijinja::context! {
@@ -695,7 +702,13 @@ pub fn render(template: &str, request: &TriggerRequest) -> std::result::Result<S
             timestamp => timestamp,
         },
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => format!(
+            "the template ran past its limit of {TEMPLATE_FUEL} instructions (a loop over a \
+             large range?)"
+        ),
+        _ => e.to_string(),
+    })
 }
 
 pub(crate) fn register(sub: &Substrate, service: Weak<Inner>) {
@@ -1385,6 +1398,36 @@ mod tests {
         assert!(render("{{ bodyJson }}", &r).unwrap().contains("\n"));
         assert_eq!(render("{{ body }}", &request("plain")).unwrap(), "plain");
         assert!(render("{% if %}", &r).is_err());
+    }
+
+    /// Templates that would loop a hundred million times fail at once with a clear error.
+    #[test]
+    fn runaway_templates_run_out_of_fuel() {
+        let r = request("{}");
+        let started = std::time::Instant::now();
+        for (template, error) in [
+            // MiniJinja refuses a single huge range by itself.
+            (
+                "{% for i in range(100000000) %}x{% endfor %}",
+                "range has too many elements",
+            ),
+            // Nested loops of allowed ranges are stopped by the fuel.
+            (
+                "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}",
+                "limit of 100000 instructions",
+            ),
+            (
+                "{% for i in range(100000) %}{{ i }}{% endfor %}",
+                "limit of 100000 instructions",
+            ),
+        ] {
+            let err = render(template, &r).unwrap_err();
+            assert!(err.contains(error), "{template}: {err}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        // An ordinary loop has fuel to spare.
+        let out = render("{% for i in range(1000) %}.{% endfor %}", &r).unwrap();
+        assert_eq!(out.len(), 1000);
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub struct FlyConfig {
     /// Machines API base URL, without `/v1`. Default `https://api.machines.dev`.
     pub api_url: String,
     /// Fly API token (reference `FLY_API_TOKEN`), sent as a Bearer token. Required.
-    pub api_token: String,
+    pub api_token: kilocloud_identity::secret::Secret,
     /// Organization apps are created in. Default `personal`.
     pub org_slug: String,
     /// Where Fly's proxy reaches an app: a URL template in which `{app}` is replaced by the
@@ -74,7 +74,7 @@ impl Default for FlyConfig {
     fn default() -> Self {
         Self {
             api_url: "https://api.machines.dev".into(),
-            api_token: String::new(),
+            api_token: kilocloud_identity::secret::Secret::default(),
             org_slug: "personal".into(),
             app_url: "https://{app}.fly.dev".into(),
             image: DEFAULT_IMAGE.into(),
@@ -140,7 +140,7 @@ impl FlyProvider {
     /// A provider for `config`. Errors: an empty token, an unusable `api_url` or `app_url`,
     /// or a zero rate.
     pub fn new(config: FlyConfig) -> Result<Self, String> {
-        if config.api_token.trim().is_empty() {
+        if config.api_token.expose().trim().is_empty() {
             return Err("fly.api_token is empty".into());
         }
         let mut base = Url::parse(&config.api_url).map_err(|e| format!("fly.api_url: {e}"))?;
@@ -240,7 +240,7 @@ impl FlyProvider {
         timeout: Option<Duration>,
     ) -> ProviderResult<String> {
         let mut request = self.client.request(method, url);
-        request = request.bearer_auth(&self.config.api_token);
+        request = request.bearer_auth(self.config.api_token.expose());
         if let Some(body) = &body {
             request = request.json(body);
         }

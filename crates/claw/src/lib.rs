@@ -105,7 +105,7 @@ pub struct ClawConfig {
     /// HMAC key of gateway tokens (all nodes must agree). The binary derives it from the
     /// master key when `claw.gateway_token_secret` is unset; [`Claw::new`] refuses an empty
     /// one.
-    pub gateway_token_secret: String,
+    pub gateway_token_secret: kilocloud_identity::secret::Secret,
     /// App name prefix: `acct` (production) or `dev`.
     pub app_prefix: String,
     /// Regions to place volumes in, in order. Empty: `local` for the local provider,
@@ -138,7 +138,7 @@ impl Default for ClawConfig {
             provider: ProviderKind::Local,
             fly: fly::FlyConfig::default(),
             runtime_command: Vec::new(),
-            gateway_token_secret: String::new(),
+            gateway_token_secret: kilocloud_identity::secret::Secret::default(),
             app_prefix: "acct".into(),
             regions: Vec::new(),
             volume_size_gb: 10,
@@ -314,7 +314,7 @@ impl Claw {
             sub: sub.clone(),
             identity,
             provider,
-            gateway_secret: config.gateway_token_secret.clone().into_bytes(),
+            gateway_secret: config.gateway_token_secret.expose().as_bytes().to_vec(),
             config,
             api_base_url,
             live: Mutex::new(HashMap::new()),

@@ -16,6 +16,7 @@ mod error;
 pub mod model;
 pub mod net;
 pub mod owner;
+pub mod secret;
 
 use std::sync::Arc;
 

@@ -48,28 +48,9 @@ impl Default for PostgresConfig {
     }
 }
 
-/// A secret setting: `Debug` prints `***`, so a logged configuration never shows it.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct SecretString(pub String);
-
-impl std::fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
-    }
-}
-
-impl SecretString {
-    /// The value.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// True when not set.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+/// A secret setting: `Debug` prints `***`, so a logged configuration never shows it, and
+/// `config show` redacts it wherever it is nested.
+pub use kilocloud_identity::secret::Secret as SecretString;
 
 /// The `[server]` section.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -113,7 +94,7 @@ pub struct Config {
     /// Data directory (SQLite database, blobs). Default `.kilocloud`.
     pub data_dir: PathBuf,
     /// `postgres://…` to use PostgreSQL; empty for SQLite in the data directory. Default empty.
-    pub database_url: String,
+    pub database_url: SecretString,
     /// `auto`, `human` or `json`. Default `auto`.
     pub log_format: LogFormat,
     /// tracing filter directive, e.g. `info` or `kilocloud=debug`. Default `info`.
@@ -165,7 +146,7 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1:8787".parse().expect("valid address"),
             data_dir: PathBuf::from(".kilocloud"),
-            database_url: String::new(),
+            database_url: SecretString::default(),
             log_format: LogFormat::Auto,
             log_level: "info".into(),
             admin_token: SecretString::default(),
@@ -271,7 +252,7 @@ impl Config {
             }
         } else {
             DatabaseConfig::Postgres {
-                url: self.database_url.clone(),
+                url: self.database_url.expose().to_owned(),
                 max_connections: self.postgres.max_connections,
                 schema: None,
             }
@@ -285,44 +266,27 @@ impl Config {
         })
     }
 
-    /// The configuration as TOML with secrets redacted (`config show`).
+    /// The configuration as TOML with secrets redacted (`config show`): every
+    /// [`SecretString`], wherever it is nested, shows as `***`, except `database_url`, shown
+    /// with only its password redacted; gateway providers' `api_key` (not of that type) is
+    /// redacted by name, and S3 credentials are never serialized.
     pub fn to_redacted_toml(&self) -> anyhow::Result<String> {
         let mut shown = self.clone();
-        for secret in [
-            &mut shown.admin_token,
-            &mut shown.jwt_secret,
-            &mut shown.master_key,
-            &mut shown.previous_master_keys,
-            &mut shown.internal_api_secret,
-        ] {
-            if !secret.is_empty() {
-                *secret = SecretString("***".into());
-            }
-        }
         for provider in &mut shown.gateway.providers {
             if !provider.api_key.is_empty() {
-                provider.api_key = "***".into();
+                provider.api_key = kilocloud_identity::secret::REDACTED.into();
             }
         }
-        if !shown.github.private_key.is_empty() {
-            shown.github.private_key = "***".into();
+        let mut value = kilocloud_identity::secret::redacting(|| toml::Value::try_from(&shown))?;
+        if let Some(table) = value.as_table_mut()
+            && !self.database_url.is_empty()
+        {
+            table.insert(
+                "database_url".into(),
+                kilocloud_substrate::store::postgres::redact_url(self.database_url.expose()).into(),
+            );
         }
-        for secret in &mut shown.github.webhook_secrets {
-            *secret = "***".into();
-        }
-        for secret in [
-            &mut shown.claw.gateway_token_secret,
-            &mut shown.claw.fly.api_token,
-        ] {
-            if !secret.is_empty() {
-                *secret = "***".into();
-            }
-        }
-        if !shown.database_url.is_empty() {
-            shown.database_url =
-                kilocloud_substrate::store::postgres::redact_url(&shown.database_url);
-        }
-        Ok(toml::to_string_pretty(&shown)?)
+        Ok(toml::to_string_pretty(&value)?)
     }
 }
 
@@ -391,9 +355,9 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()
             .context("invalid previous_master_keys")?;
         Ok(kilocloud_identity::IdentityConfig {
-            jwt_secret: jwt.0.into_bytes(),
+            jwt_secret: jwt.expose().as_bytes().to_vec(),
             master_keys: MasterKeys::new(current, previous),
-            internal_api_secret: Some(self.internal_api_secret.0.clone()),
+            internal_api_secret: Some(self.internal_api_secret.expose().to_owned()),
         })
     }
 
@@ -416,7 +380,7 @@ impl Config {
                 <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(master.expose().as_bytes())
                     .expect("HMAC takes any key length");
             mac.update(b"kiloclaw gateway token secret v1");
-            claw.gateway_token_secret = hex::encode(mac.finalize().into_bytes());
+            claw.gateway_token_secret = hex::encode(mac.finalize().into_bytes()).into();
         }
         Ok(claw)
     }
@@ -428,8 +392,8 @@ impl Config {
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
         let generated = GeneratedSecrets {
-            jwt_secret: SecretString(kilocloud_identity::envelope::generate_secret_text()),
-            master_key: SecretString(kilocloud_identity::envelope::generate_secret_text()),
+            jwt_secret: SecretString::new(kilocloud_identity::envelope::generate_secret_text()),
+            master_key: SecretString::new(kilocloud_identity::envelope::generate_secret_text()),
         };
         match std::fs::OpenOptions::new()
             .write(true)
@@ -454,6 +418,70 @@ impl Config {
                 toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))
             }
             Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every secret setting, nested ones included, with a distinct value: none shows in the
+    /// `Debug` of the configuration (what a log line would print) nor in `config show`.
+    #[test]
+    fn secrets_never_show_in_debug_or_config_show() {
+        let toml = r#"
+            admin_token = "sec-admin-token"
+            jwt_secret = "sec-jwt-secret"
+            master_key = "sec-master-key"
+            previous_master_keys = "sec-previous-1,sec-previous-2"
+            internal_api_secret = "sec-internal"
+            database_url = "postgres://kc:sec-db-password@db.example/kc"
+            blobs = {kind = "s3", bucket = "b", access_key_id = "AKIA", secret_access_key = "sec-s3-key"}
+            [[gateway.providers]]
+            id = "p"
+            kind = "openai-compatible"
+            base_url = "https://llm.example/v1"
+            api_key = "sec-provider-key"
+            [github]
+            private_key = "sec-github-pem"
+            webhook_secrets = ["sec-webhook-1", "sec-webhook-2"]
+            [claw]
+            gateway_token_secret = "sec-claw-gateway"
+            [claw.fly]
+            api_token = "sec-fly-token"
+        "#;
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        assert_eq!(config.github.webhook_secrets[1].expose(), "sec-webhook-2");
+        let debug = format!("{config:?}");
+        let shown = config.to_redacted_toml().unwrap();
+        for text in [&debug, &shown] {
+            assert!(!text.contains("sec-"), "a secret shows in:\n{text}");
+        }
+        let shown: toml::Value = toml::from_str(&shown).unwrap();
+        for path in [
+            "admin_token",
+            "jwt_secret",
+            "master_key",
+            "previous_master_keys",
+            "internal_api_secret",
+            "github.private_key",
+            "github.webhook_secrets.0",
+            "claw.gateway_token_secret",
+            "claw.fly.api_token",
+            "gateway.providers.0.api_key",
+        ] {
+            let mut value = &shown;
+            for part in path.split('.') {
+                value = match part.parse::<usize>() {
+                    Ok(i) => &value[i],
+                    Err(_) => &value[part],
+                };
+            }
+            assert_eq!(value.as_str(), Some("***"), "{path}");
         }
     }
 }

@@ -65,6 +65,61 @@ fn config_layers_file_env_and_flags() {
     assert!(!out.contains("s3cret") && !out.contains(":pw@"));
 }
 
+/// `config show` redacts every secret setting, nested ones (GitHub, KiloClaw, Fly, gateway
+/// providers, S3) included; unset secrets stay empty.
+#[test]
+fn config_show_redacts_every_secret() {
+    let dir = kilocloud_test_support::temp_dir();
+    let file = dir.path().join("secrets.toml");
+    std::fs::write(
+        &file,
+        r#"
+admin_token = "sec-admin-token"
+jwt_secret = "sec-jwt-secret"
+master_key = "sec-master-key"
+previous_master_keys = "sec-previous-1,sec-previous-2"
+database_url = "postgres://kc:sec-db-password@db.example/kc"
+blobs = {kind = "s3", bucket = "b", access_key_id = "AKIA", secret_access_key = "sec-s3-key"}
+[[gateway.providers]]
+id = "p"
+kind = "openai-compatible"
+base_url = "https://llm.example/v1"
+api_key = "sec-provider-key"
+[github]
+private_key = "sec-github-pem"
+webhook_secrets = ["sec-webhook-1", "sec-webhook-2"]
+[claw]
+gateway_token_secret = "sec-claw-gateway"
+[claw.fly]
+api_token = "sec-fly-token"
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run(
+        dir.path(),
+        &["--config", file.to_str().unwrap(), "config", "show"],
+        &[("KILOCLOUD_INTERNAL_API_SECRET", "sec-internal-from-env")],
+    );
+    assert!(ok, "{err}");
+    assert!(!out.contains("sec-"), "a secret shows:\n{out}");
+    let shown: toml::Value = toml::from_str(&out).unwrap();
+    for value in [
+        &shown["admin_token"],
+        &shown["internal_api_secret"],
+        &shown["github"]["private_key"],
+        &shown["github"]["webhook_secrets"][1],
+        &shown["claw"]["gateway_token_secret"],
+        &shown["claw"]["fly"]["api_token"],
+        &shown["gateway"]["providers"][0]["api_key"],
+    ] {
+        assert_eq!(value.as_str(), Some("***"), "{out}");
+    }
+    assert_eq!(
+        shown["database_url"].as_str(),
+        Some("postgres://kc:***@db.example/kc")
+    );
+}
+
 #[test]
 fn malformed_config_names_file_key_and_expectation() {
     let dir = kilocloud_test_support::temp_dir();

@@ -181,7 +181,7 @@ async fn auto_with(
     let config = AutomationConfig {
         github: GitHubConfig {
             app_id: APP_ID,
-            private_key: APP_PRIVATE_KEY_PEM.to_owned(),
+            private_key: APP_PRIVATE_KEY_PEM.into(),
             private_key_path: String::new(),
             webhook_secrets: vec!["whsec-previous".into(), WEBHOOK_SECRET.into()],
             api_url: github.base_url.clone(),

@@ -307,6 +307,310 @@ async fn conflict_and_interrupt(postgres: bool) {
     assert_eq!(env.receiver.received()[0].0["status"], "interrupted");
 }
 
+/// An interrupt while a tool call runs leaves a history a provider enforcing OpenAI's
+/// tool-call pairing accepts: the call gets a synthetic result, and a follow-up continues.
+async fn interrupted_tool_call_keeps_pairing(postgres: bool) {
+    let env = env(postgres).await;
+    env.upstream
+        .push(tool("run_command", json!({"command": "sleep 600"})));
+    env.upstream
+        .push(Reply::text("Picked up after the interrupt.", 10, 5));
+    let session = env.prepare(json!({"autoCommit": false})).await;
+    let (_, started) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
+        .await;
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    // The command is running once its status event is recorded.
+    env.until_event(&session, |e| {
+        e["streamEventType"] == "status"
+            && e["data"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("running: sleep 600"))
+    })
+    .await;
+    let (status, _) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/interrupt"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    let view = env.until_terminal(&session, &execution).await;
+    assert_eq!(view["executions"][0]["status"], "interrupted", "{view}");
+
+    let (status, next) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "Carry on"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{next}");
+    let followup = next["executionId"].as_str().unwrap();
+    let view = env.until_terminal(&session, followup).await;
+    let exec = view["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["executionId"] == followup)
+        .unwrap();
+    assert_eq!(exec["status"], "completed", "{view}");
+    let last = env.upstream.requests().pop().unwrap();
+    let messages = last.body["messages"].as_array().unwrap();
+    let result = messages
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap_or_else(|| panic!("no tool result in {messages:?}"));
+    assert_eq!(result["tool_call_id"], "call_1");
+    assert!(
+        result["content"].as_str().unwrap().contains("interrupted"),
+        "{result}"
+    );
+    assert_eq!(messages.last().unwrap()["content"], "Carry on");
+}
+
+/// Concurrent executions are bounded per owner (429 `too_many_executions`) and per node
+/// (503 `node_at_capacity`); a slot is free again once its execution ends.
+async fn execution_bounds(postgres: bool) {
+    let env = env_with(postgres, |config| {
+        config.max_executions_per_owner = 1;
+        config.max_executions_per_node = 2;
+    })
+    .await;
+    let system = Initiator {
+        user: Uuid::nil(),
+        request_id: None,
+    };
+    let mut others = Vec::new();
+    for name in ["second", "third"] {
+        let (user, key, _) = env
+            .identity
+            .create_user(&format!("{name}@example.com"), name, false, &system)
+            .await
+            .unwrap();
+        env.gateway
+            .ledger
+            .grant(Owner::User(user.id), 10_000_000, "test", &system)
+            .await
+            .unwrap();
+        others.push(key);
+    }
+    let initiate = |key: String, session: String| {
+        let env = &env;
+        async move {
+            env.request_as(
+                &key,
+                reqwest::Method::POST,
+                &format!("/api/sessions/{session}/initiate"),
+                None,
+            )
+            .await
+        }
+    };
+    env.upstream.push(Reply::Hang);
+    env.upstream.push(Reply::Hang);
+    let first = env.prepare(json!({"autoCommit": false})).await;
+    let second = env.prepare(json!({"autoCommit": false})).await;
+    let (status, started) = initiate(env.key.clone(), first.clone()).await;
+    assert_eq!(status, 202, "{started}");
+    let running = started["executionId"].as_str().unwrap().to_owned();
+    // The owner's bound.
+    let (status, busy) = initiate(env.key.clone(), second.clone()).await;
+    assert_eq!(status, 429, "{busy}");
+    assert_eq!(busy["error"]["code"], "too_many_executions");
+    assert!(
+        busy["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("agent.max_executions_per_owner"),
+        "{busy}"
+    );
+    // Another owner still starts: the node now runs two.
+    let other = env
+        .prepare_as(&others[0], json!({"autoCommit": false}))
+        .await;
+    let (status, started) = initiate(others[0].clone(), other.clone()).await;
+    assert_eq!(status, 202, "{started}");
+    let other_running = started["executionId"].as_str().unwrap().to_owned();
+    // The node's bound.
+    let third = env
+        .prepare_as(&others[1], json!({"autoCommit": false}))
+        .await;
+    let (status, full) = initiate(others[1].clone(), third.clone()).await;
+    assert_eq!(status, 503, "{full}");
+    assert_eq!(full["error"]["code"], "node_at_capacity");
+    assert_eq!(full["error"]["retryable"], true);
+    // An ended execution frees both of its slots.
+    let (status, _) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{first}/interrupt"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    env.until_terminal(&first, &running).await;
+    env.upstream
+        .push(tool("finish", json!({"summary": "done"})));
+    let (status, started) = initiate(env.key.clone(), second.clone()).await;
+    assert_eq!(status, 202, "{started}");
+    let view = env
+        .until_terminal(&second, started["executionId"].as_str().unwrap())
+        .await;
+    assert_eq!(view["executions"][0]["status"], "completed", "{view}");
+    let (status, _) = env
+        .request_as(
+            &others[0],
+            reqwest::Method::POST,
+            &format!("/api/sessions/{other}/interrupt"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    let mut signal = env.agents.event_signal();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            signal.borrow_and_update();
+            let (_, view) = env
+                .request_as(
+                    &others[0],
+                    reqwest::Method::GET,
+                    &format!("/api/sessions/{other}"),
+                    None,
+                )
+                .await;
+            if view["executions"][0]["status"] == "interrupted" {
+                return;
+            }
+            assert_eq!(view["executions"][0]["executionId"], other_running.as_str());
+            signal.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the other owner's execution ended");
+    env.upstream
+        .push(tool("finish", json!({"summary": "done"})));
+    let (status, started) = initiate(others[1].clone(), third).await;
+    assert_eq!(status, 202, "{started}");
+}
+
+/// Mistakes of the caller are refused at create as such: an unknown model is 404 before
+/// anything is cloned, a missing repository or branch is 422, not a retryable 503.
+async fn unknown_model_and_missing_refs(postgres: bool) {
+    let env = env(postgres).await;
+    let session = env.prepare(json!({"autoCommit": false})).await;
+    let fetches = env.git.seen_uris().len();
+    let repo = format!("{}/demo.git", env.git.base_url);
+    let (status, err) = env
+        .request(
+            reqwest::Method::POST,
+            "/api/sessions",
+            Some(json!({"gitUrl": repo, "gitToken": GIT_TOKEN, "prompt": "p", "model": "vendor/nope"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["error"]["code"], "model_not_found");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vendor/nope")
+    );
+    assert_eq!(env.git.seen_uris().len(), fetches, "nothing was cloned");
+    // A follow-up naming an unknown model is refused before it starts.
+    let (status, err) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/messages"),
+            Some(json!({"prompt": "p", "model": "vendor/nope"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["error"]["code"], "model_not_found");
+
+    let missing = format!("{}/missing.git", env.git.base_url);
+    for (body, code) in [
+        (
+            json!({"gitUrl": missing, "gitToken": GIT_TOKEN, "prompt": "p"}),
+            "repository_not_found",
+        ),
+        (
+            json!({"gitUrl": repo, "gitToken": GIT_TOKEN, "prompt": "p", "upstreamBranch": "no-such-branch"}),
+            "branch_not_found",
+        ),
+    ] {
+        let (status, err) = env
+            .request(reqwest::Method::POST, "/api/sessions", Some(body))
+            .await;
+        assert_eq!(status, 422, "{code}: {err}");
+        assert_eq!(err["error"]["code"], code, "{err}");
+        assert_eq!(err["error"].get("retryable"), None, "{err}");
+    }
+    let (_, list) = env
+        .request(reqwest::Method::GET, "/api/sessions", None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
+/// A secret a command echoes is masked in the events, the exported history and what the
+/// model is sent next.
+async fn secrets_are_masked(postgres: bool) {
+    let env = env(postgres).await;
+    env.upstream.push(tool(
+        "run_command",
+        json!({"command": "echo \"key=$API_SECRET\"; echo \"$API_SECRET\" >&2"}),
+    ));
+    env.upstream.push(tool(
+        "finish",
+        json!({"summary": "The key is s3cr3t-value"}),
+    ));
+    let session = env.prepare(json!({"autoCommit": false})).await;
+    let (_, started) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
+        .await;
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    let view = env.until_terminal(&session, &execution).await;
+    assert_eq!(view["executions"][0]["status"], "completed", "{view}");
+    assert_eq!(view["executions"][0]["summary"], "The key is ********");
+    let events = Value::Array(env.events(&session, 0).await).to_string();
+    assert!(events.contains("key=********"), "{events}");
+    let (status, export) = env
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{session}/export"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let export = export.to_string();
+    assert!(export.contains("key=********"), "{export}");
+    let requests = env.upstream.requests();
+    assert_eq!(requests.len(), 2);
+    let context = requests[1].body["messages"].to_string();
+    assert!(context.contains("key=********"), "{context}");
+    for (what, text) in [
+        ("events", &events),
+        ("export", &export),
+        ("model context", &context),
+    ] {
+        assert!(!text.contains("s3cr3t-value"), "{what}: {text}");
+    }
+    env.deliver_callbacks().await;
+    assert_eq!(
+        env.receiver.received()[0].0["summary"],
+        "The key is ********"
+    );
+}
+
 /// Bad input gets precise errors; another owner's session is 404; the stream needs a
 /// WebSocket and a ticket.
 async fn bad_input_and_scoping(postgres: bool) {
@@ -774,6 +1078,10 @@ on_both_backends!(
     external_cli_harness,
     main_path,
     conflict_and_interrupt,
+    interrupted_tool_call_keeps_pairing,
+    execution_bounds,
+    unknown_model_and_missing_refs,
+    secrets_are_masked,
     bad_input_and_scoping,
     reaper,
     callback_retries_and_dead_letter

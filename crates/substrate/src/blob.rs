@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Where blobs live.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// Where blobs live. `Debug` leaves the S3 secret access key out.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum BlobConfig {
     /// A directory on the local filesystem (created if missing).
@@ -41,6 +41,33 @@ pub enum BlobConfig {
         #[serde(default)]
         allow_http: bool,
     },
+}
+
+impl std::fmt::Debug for BlobConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlobConfig::Local { path } => f.debug_struct("Local").field("path", path).finish(),
+            BlobConfig::S3 {
+                bucket,
+                region,
+                endpoint,
+                access_key_id,
+                secret_access_key,
+                allow_http,
+            } => f
+                .debug_struct("S3")
+                .field("bucket", bucket)
+                .field("region", region)
+                .field("endpoint", endpoint)
+                .field("access_key_id", access_key_id)
+                .field(
+                    "secret_access_key",
+                    &secret_access_key.as_ref().map(|_| "***"),
+                )
+                .field("allow_http", allow_http)
+                .finish(),
+        }
+    }
 }
 
 fn default_region() -> String {

@@ -4,6 +4,10 @@
 //! Events chunks ending in `data: [DONE]` when `stream` is true, with a final usage chunk when
 //! `stream_options.include_usage` is set. Replies are scripted in order; with nothing scripted
 //! it answers a short completion. Every request is recorded for assertions.
+//!
+//! Like OpenAI, chat completions enforce the tool-call pairing rule ([`check_tool_pairing`]):
+//! a conversation that breaks it gets `400 invalid_request_error` and consumes no scripted
+//! reply.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -183,6 +187,11 @@ async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Byt
             body: body.clone(),
         });
     }
+    if let Err((param, message)) = check_tool_pairing(&body["messages"]) {
+        let err = json!({"error": {"message": message, "type": "invalid_request_error",
+            "param": param, "code": null}});
+        return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+    }
     let reply = state
         .script
         .lock()
@@ -297,6 +306,67 @@ async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Byt
     }
 }
 
+/// OpenAI's tool-call pairing rule for Chat Completions `messages`: every assistant message
+/// with `tool_calls` is followed, before any other message, by `tool` messages answering each
+/// of its `tool_call_id`s, and every `tool` message answers a call of the assistant message
+/// right before its run of `tool` messages.
+///
+/// Errors: `(param, message)` as OpenAI words them, e.g. `("messages.[3].role", "An assistant
+/// message with 'tool_calls' must be followed by tool messages responding to each
+/// 'tool_call_id'. …")`. A `messages` that is not an array passes (other checks are not this
+/// fake's business).
+pub fn check_tool_pairing(messages: &Value) -> Result<(), (String, String)> {
+    let Some(messages) = messages.as_array() else {
+        return Ok(());
+    };
+    // The open assistant message: its index and the ids not answered yet.
+    let mut open: Option<(usize, Vec<String>)> = None;
+    let unanswered = |(at, ids): (usize, Vec<String>)| -> Result<(), (String, String)> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        Err((
+            format!("messages.[{at}].role"),
+            format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages \
+                 responding to each 'tool_call_id'. The following tool_call_ids did not have \
+                 response messages: {}",
+                ids.join(", ")
+            ),
+        ))
+    };
+    for (i, message) in messages.iter().enumerate() {
+        if message["role"] == "tool" {
+            let id = message["tool_call_id"].as_str().unwrap_or_default();
+            match open.as_mut() {
+                Some((_, ids)) if ids.iter().any(|x| x == id) => ids.retain(|x| x != id),
+                _ => {
+                    return Err((
+                        format!("messages.[{i}].role"),
+                        "Invalid parameter: messages with role 'tool' must be a response to a \
+                         preceeding message with 'tool_calls'."
+                            .into(),
+                    ));
+                }
+            }
+            continue;
+        }
+        if let Some(group) = open.take() {
+            unanswered(group)?;
+        }
+        let calls = message["tool_calls"].as_array();
+        if message["role"] == "assistant" && calls.is_some_and(|c| !c.is_empty()) {
+            let ids = calls
+                .into_iter()
+                .flatten()
+                .map(|c| c["id"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            open = Some((i, ids));
+        }
+    }
+    open.map_or(Ok(()), unanswered)
+}
+
 fn chunk(model: &str, delta: Value, finish: Option<&str>) -> Value {
     json!({
         "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
@@ -324,4 +394,50 @@ fn sse(events: Vec<Value>, usage: Option<Value>, model: &str, delay: Duration) -
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn tool_call_pairing_is_enforced() {
+        let call = |id: &str| json!({"id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}});
+        let asks = |ids: &[&str]| {
+            json!({"role": "assistant", "content": null,
+            "tool_calls": ids.iter().map(|i| call(i)).collect::<Vec<_>>()})
+        };
+        let answer = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "x"});
+        let user = json!({"role": "user", "content": "hi"});
+        for (messages, error) in [
+            (vec![user.clone()], None),
+            (
+                vec![user.clone(), asks(&["a"]), answer("a"), user.clone()],
+                None,
+            ),
+            (vec![asks(&["a", "b"]), answer("b"), answer("a")], None),
+            (
+                vec![asks(&["a"]), answer("a"), asks(&["a"]), answer("a")],
+                None,
+            ),
+            (vec![user.clone(), asks(&["a"])], Some("messages.[1].role")),
+            (
+                vec![asks(&["a", "b"]), answer("a"), user.clone()],
+                Some("messages.[0].role"),
+            ),
+            (vec![user.clone(), answer("a")], Some("messages.[1].role")),
+            (vec![asks(&["a"]), answer("b")], Some("messages.[1].role")),
+            (
+                vec![asks(&["a"]), answer("a"), answer("a")],
+                Some("messages.[2].role"),
+            ),
+        ] {
+            let got = super::check_tool_pairing(&json!(messages));
+            assert_eq!(
+                got.as_ref().err().map(|(p, _)| p.as_str()),
+                error,
+                "{messages:?}: {got:?}"
+            );
+        }
+    }
 }

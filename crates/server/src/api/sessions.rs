@@ -11,8 +11,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kilocloud_agent::{
-    AgentError, Agents, Caller, EventFilter, EventFrame, FollowUp, PrepareRequest, Prepared,
-    SessionExport, SessionSummary, SessionView, Started,
+    AgentError, Agents, BusyScope, Caller, EventFilter, EventFrame, FollowUp, PrepareRequest,
+    Prepared, SessionExport, SessionSummary, SessionView, Started,
 };
 use kilocloud_identity::Owner;
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,54 @@ use uuid::Uuid;
 use super::ErrorBody;
 use crate::auth::OwnerScope;
 use crate::{ApiError, AppState, Json};
+
+/// The gateway's catalog and organizations' policies as the Cloud Agent checks a session's
+/// model: the route the gateway would take (an organization's custom model, or the catalog
+/// with `kilo/auto` resolved for the mode), then the organization's allow-list, as
+/// `api/gateway.rs` does for each request.
+pub struct GatewayModels(pub std::sync::Arc<super::gateway::GatewayState>);
+
+#[async_trait::async_trait]
+impl kilocloud_agent::ModelCatalog for GatewayModels {
+    async fn check(
+        &self,
+        org: Option<Uuid>,
+        model: &str,
+        mode: kilocloud_agent::session::Mode,
+    ) -> Result<(), AgentError> {
+        let g = &self.0;
+        let policy = match org {
+            Some(org) => Some(g.policies.get(org).await.map_err(|e| {
+                AgentError::Internal(format!("cannot read the organization's policy: {e}"))
+            })?),
+            None => None,
+        };
+        if policy
+            .as_ref()
+            .is_some_and(|p| p.custom_model(model).is_some())
+        {
+            return Ok(());
+        }
+        let Some(route) = g.catalog.route(model, Some(mode.as_str())) else {
+            return Err(AgentError::ModelNotFound {
+                message: format!("model `{model}` does not exist"),
+                not_allowed: false,
+            });
+        };
+        if let Some(policy) = &policy
+            && !policy.allows(route.resolved)
+        {
+            return Err(AgentError::ModelNotFound {
+                message: format!(
+                    "model `{}` is not allowed by this organization's policy",
+                    route.resolved
+                ),
+                not_allowed: true,
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Most bytes of events sent per replay batch (reference: 1 MiB).
 pub const REPLAY_BATCH_BYTES: usize = 1 << 20;
@@ -45,6 +93,25 @@ impl From<AgentError> for ApiError {
                     ..ApiError::new(StatusCode::CONFLICT, code, message)
                 }
             }
+            AgentError::RepositoryNotFound(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "repository_not_found",
+                message,
+            ),
+            AgentError::BranchNotFound(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "branch_not_found",
+                message,
+            ),
+            AgentError::ModelNotFound { not_allowed, .. } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                if not_allowed {
+                    "model_not_allowed"
+                } else {
+                    "model_not_found"
+                },
+                message,
+            ),
             AgentError::SetupFailed(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "setup_command_failed",
@@ -58,6 +125,25 @@ impl From<AgentError> for ApiError {
                     "sandbox_unavailable",
                     message,
                 )
+            },
+            AgentError::Busy {
+                scope: BusyScope::Owner,
+                ..
+            } => ApiError {
+                retry_after_secs: Some(5),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_executions",
+                    message,
+                )
+            },
+            AgentError::Busy {
+                scope: BusyScope::Node,
+                ..
+            } => ApiError {
+                details: Some(serde_json::json!({"retryable": true})),
+                retry_after_secs: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node_at_capacity", message)
             },
             AgentError::Internal(_) => {
                 tracing::error!(error = %message, "cloud agent failure");

@@ -250,10 +250,20 @@ impl Env {
     }
 
     pub async fn prepare(&self, extra: Value) -> String {
-        let repo = self.git.create_repo(
-            "demo",
-            &[("hello.txt", "hello world\n"), ("README.md", "# demo\n")],
-        );
+        self.prepare_as(&self.key, extra).await
+    }
+
+    /// Prepares a session on the `demo` repository (created by the first call) as the holder
+    /// of `key`.
+    pub async fn prepare_as(&self, key: &str, extra: Value) -> String {
+        let repo = if self.git.file_at("demo", "main", "hello.txt").is_some() {
+            format!("{}/demo.git", self.git.base_url)
+        } else {
+            self.git.create_repo(
+                "demo",
+                &[("hello.txt", "hello world\n"), ("README.md", "# demo\n")],
+            )
+        };
         let mut body = json!({
             "gitUrl": repo,
             "gitToken": GIT_TOKEN,
@@ -267,7 +277,7 @@ impl Env {
             body[k] = v.clone();
         }
         let (status, prepared) = self
-            .request(reqwest::Method::POST, "/api/sessions", Some(body))
+            .request_as(key, reqwest::Method::POST, "/api/sessions", Some(body))
             .await;
         assert_eq!(status, 201, "{prepared}");
         prepared["sessionId"].as_str().unwrap().to_owned()
@@ -303,6 +313,24 @@ impl Env {
         })
         .await
         .expect("the execution ended")
+    }
+
+    /// The session's events once one of them satisfies `found`, waiting on the event signal
+    /// (at most 120 s).
+    pub async fn until_event(&self, session: &str, found: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut signal = self.agents.event_signal();
+        tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                signal.borrow_and_update();
+                let events = self.events(session, 0).await;
+                if events.iter().any(&found) {
+                    return events;
+                }
+                signal.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the event was recorded")
     }
 
     pub async fn events(&self, session: &str, from: u64) -> Vec<Value> {
