@@ -1007,7 +1007,17 @@ async fn body_limits_model_lookup_and_response_headers(pg: bool) {
     assert_eq!(h["x-kilocode-cost-microdollars"], "6000");
     let request_id = h["x-kilocode-request-id"].to_str().unwrap().to_owned();
     assert!(Uuid::parse_str(&request_id).is_ok(), "{request_id}");
-    assert_eq!(e.usage(me, 1).await[0].request_id, request_id);
+    let upstream_id = h["x-upstream-request-id"].to_str().unwrap().to_owned();
+    assert!(
+        upstream_id.starts_with("req_fake_"),
+        "the provider's id, relayed"
+    );
+    let row = e.usage(me, 1).await.remove(0);
+    assert_eq!(row.request_id, request_id);
+    assert_eq!(
+        row.upstream_request_id.as_deref(),
+        Some(upstream_id.as_str())
+    );
     // Over 32 MiB: 413 in the API's error format, and nothing reaches the provider.
     let sent = e.upstream.requests().len();
     let huge = vec![b' '; 32 * 1024 * 1024 + 1];

@@ -68,6 +68,9 @@ impl FakeAnthropic {
         let state = Arc::new(FakeState::default());
         let app = Router::new()
             .route("/v1/messages", post(messages))
+            .layer(axum::middleware::map_response(|res| {
+                crate::with_request_id(res, "request-id")
+            }))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -121,6 +121,9 @@ impl FakeOpenAi {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
             .route("/v1/embeddings", post(embeddings))
+            .layer(axum::middleware::map_response(|res| {
+                crate::with_request_id(res, "x-request-id")
+            }))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

@@ -226,3 +226,18 @@ impl Drop for PgDatabase {
         );
     }
 }
+
+/// Adds a provider-style request id (`req_fake_<n>`, counting up per process) as header
+/// `name` to `res`, as OpenAI (`x-request-id`) and Anthropic (`request-id`) do on every
+/// response.
+pub(crate) async fn with_request_id(
+    mut res: axum::response::Response,
+    name: &'static str,
+) -> axum::response::Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("req_fake_{n}")) {
+        res.headers_mut().insert(name, v);
+    }
+    res
+}

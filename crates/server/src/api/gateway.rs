@@ -71,8 +71,12 @@ pub struct GatewayState {
     pub policies: Policies,
     /// Organizations' custom models may point at loopback and private addresses.
     pub private_custom_endpoints: bool,
-    /// Client for upstream calls.
+    /// Client for upstream calls to the configured providers.
     pub http: reqwest::Client,
+    /// Client for organizations' custom models: every address a name resolves to is checked
+    /// at connect time, so an admin's endpoint cannot reach the server's own network by a
+    /// DNS name either (unless `allow_private_custom_endpoints`).
+    pub custom_http: reqwest::Client,
     /// Longest silence of an upstream response body between chunks.
     pub upstream_idle_timeout: Duration,
     /// Longest wait for an upstream response's status and headers.
@@ -525,8 +529,13 @@ async fn forward(
     .into_iter()
     .filter_map(|(k, v)| v.map(|v| (k, v)))
     .collect();
+    let http = if custom.is_some() {
+        &g.custom_http
+    } else {
+        &g.http
+    };
     let (provider, sent) =
-        send_with_fallbacks(g, endpoint, &attempts, &request, &anthropic_headers).await;
+        send_with_fallbacks(g, http, endpoint, &attempts, &request, &anthropic_headers).await;
     pending.row().provider = provider.id.clone();
     pending.row().ttfb_ms = started.elapsed().as_millis() as u64;
     metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
@@ -785,6 +794,7 @@ async fn collect(mut body: ByteStream) -> Result<Bytes, UpstreamCut> {
 /// Returns the provider of the last attempt and its outcome.
 async fn send_with_fallbacks<'a>(
     g: &GatewayState,
+    http: &reqwest::Client,
     endpoint: Endpoint,
     attempts: &[(&'a Provider, &str)],
     request: &Value,
@@ -793,8 +803,7 @@ async fn send_with_fallbacks<'a>(
     let mut tried = 0;
     loop {
         let (provider, key) = attempts[tried];
-        let mut upstream = g
-            .http
+        let mut upstream = http
             .post(format!("{}{}", provider.base_url, endpoint.path()))
             .header("HTTP-Referer", "https://kilocode.ai")
             .header("X-Title", "Kilo Code")
@@ -1547,6 +1556,14 @@ pub fn state(
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
+        custom_http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .dns_resolver(kilocloud_identity::net::guarded_resolver(
+                config.allow_private_custom_endpoints,
+            ))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
         upstream_idle_timeout: Duration::from_millis(config.upstream_timeout_ms),
