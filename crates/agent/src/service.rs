@@ -54,7 +54,7 @@ pub struct AgentConfig {
     pub max_executions_per_node: u32,
     /// Most executions running at once for one owner (a user, or an organization with all its
     /// members), across nodes; a start beyond it is refused with [`AgentError::Busy`]
-    /// ([`BusyScope::Owner`]). `0`: no bound. Default 4.
+    /// ([`BusyScope::Owner`]). `0`: no bound. Default 20 (code review runs up to 20 per owner).
     pub max_executions_per_owner: u32,
 }
 
@@ -71,7 +71,7 @@ impl Default for AgentConfig {
             setup_timeout_ms: 120_000,
             allow_private_callbacks: false,
             max_executions_per_node: 8,
-            max_executions_per_owner: 4,
+            max_executions_per_owner: 20,
         }
     }
 }

@@ -256,8 +256,9 @@ pub struct InstanceView {
     pub path: String,
 }
 
-/// What creating an instance takes (user API and platform provision).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What creating an instance takes (user API and platform provision). `Debug` shows the
+/// secrets' names only.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateInstance {
     /// Display name (1–64 chars). Default `claw`.
@@ -276,6 +277,21 @@ pub struct CreateInstance {
     pub machine_size: Option<Guest>,
     /// Start the runtime after provisioning. Default true through the user API.
     pub start: Option<bool>,
+}
+
+impl std::fmt::Debug for CreateInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateInstance")
+            .field("name", &self.name)
+            .field("env_vars", &self.env_vars)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("default_model", &self.default_model)
+            .field("models", &self.models)
+            .field("region", &self.region)
+            .field("machine_size", &self.machine_size)
+            .field("start", &self.start)
+            .finish()
+    }
 }
 
 /// Which instance a call is about, after the caller's right to it was checked.

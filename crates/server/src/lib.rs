@@ -65,8 +65,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-/// Settings of the HTTP layer.
-#[derive(Debug, Clone)]
+/// Settings of the HTTP layer. `Debug` leaves the admin token out.
+#[derive(Clone)]
 pub struct ServerOptions {
     /// Static admin token for `/api/admin` (break-glass); empty disables it.
     pub admin_token: String,
@@ -75,6 +75,23 @@ pub struct ServerOptions {
     /// Reverse proxies (CIDRs) trusted to name the client in `Forwarded` or
     /// `X-Forwarded-For`; empty: the TCP peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field(
+                "admin_token",
+                &if self.admin_token.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
+            .field("auth_failures_per_minute", &self.auth_failures_per_minute)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .finish()
+    }
 }
 
 impl Default for ServerOptions {

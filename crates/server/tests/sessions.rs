@@ -204,7 +204,13 @@ async fn main_path(postgres: bool) {
     assert_eq!(status, 202, "{next}");
     let followup = next["executionId"].as_str().unwrap();
     let view = env.until_terminal(&session, followup).await;
-    assert_eq!(view["executions"][1]["status"], "completed");
+    let exec = view["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["executionId"] == followup)
+        .unwrap();
+    assert_eq!(exec["status"], "completed");
     let last = env.upstream.requests().pop().unwrap();
     let messages = last.body["messages"].as_array().unwrap();
     assert_eq!(

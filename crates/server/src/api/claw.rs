@@ -423,7 +423,8 @@ fn double<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 /// `PATCH /api/platform/kilocode-config` body: absent fields are left alone, `null` clears.
-#[derive(Debug, Deserialize, ToSchema)]
+/// No `Debug`: it carries a key in plaintext.
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KilocodeConfigPatch {
     /// The user.
@@ -482,7 +483,8 @@ pub async fn platform_kilocode_config(
 
 /// `PATCH /api/platform/channels` body: each token a value or `null` (deleted); absent ones
 /// are kept.
-#[derive(Debug, Deserialize, ToSchema)]
+/// No `Debug`: it carries tokens in plaintext.
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChannelsPatch {
     /// The user.
