@@ -59,6 +59,7 @@ pub struct AppActor {
 
 impl Actor for AppActor {
     const TYPE: &'static str = "claw_app";
+    const SUSPENDS: bool = true;
     type Call = AppCall;
     type Reply = std::result::Result<AppKeys, ClawError>;
 
@@ -126,21 +127,26 @@ impl AppActor {
             ctx.checkpoint().await?;
         }
         if !state.created {
-            if !provider.app_exists(&app).await? {
-                match provider.create_app(&app).await {
+            if !ctx.suspend_while(provider.app_exists(&app)).await?? {
+                match ctx.suspend_while(provider.create_app(&app)).await? {
                     Ok(()) => {}
-                    Err(e) if e.is_conflict() => self.check_collision(&app, &owner).await?,
+                    Err(e) if e.is_conflict() => {
+                        ctx.suspend_while(self.check_collision(&app, &owner))
+                            .await??
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
             state.created = true;
         }
         if !state.ipv6_allocated {
-            provider.allocate_ip(&app, "v6").await?;
+            ctx.suspend_while(provider.allocate_ip(&app, "v6"))
+                .await??;
             state.ipv6_allocated = true;
         }
         if !state.ipv4_allocated {
-            provider.allocate_ip(&app, "shared_v4").await?;
+            ctx.suspend_while(provider.allocate_ip(&app, "shared_v4"))
+                .await??;
             state.ipv4_allocated = true;
         }
         let context = format!("claw-app/{app}/env-key");
@@ -155,9 +161,9 @@ impl AppActor {
                 key
             }
         };
-        state.secrets_version = provider
-            .set_secret(&app, crypto::ENV_KEY_SECRET, &key)
-            .await?;
+        state.secrets_version = ctx
+            .suspend_while(provider.set_secret(&app, crypto::ENV_KEY_SECRET, &key))
+            .await??;
         Ok(AppKeys {
             env_key: key,
             secrets_version: state.secrets_version,

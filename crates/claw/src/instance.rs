@@ -501,11 +501,11 @@ impl Op<'_> {
         let call = AppCall::Ensure {
             owner: state.owner.clone(),
         };
-        self.s
-            .sub
-            .actors()
-            .call::<AppActor>(&state.app_name, call)
-            .await?
+        // Waiting on another actor (which waits on the provider) is outside work too.
+        let actors = self.s.sub.actors().clone();
+        self.ctx
+            .suspend_while(async move { actors.call::<AppActor>(&state.app_name, call).await })
+            .await??
     }
 
     /// Creates a volume, walking the regions (a capacity error moves on to the next), and

@@ -19,7 +19,7 @@ use kilocloud_claw::{
 use kilocloud_identity::envelope::{MasterKey, MasterKeys};
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Identity, IdentityConfig, Owner};
-use kilocloud_substrate::{Clock as _, ManualClock, Substrate};
+use kilocloud_substrate::{Clock as _, ManualClock, Substrate, Tuning};
 use kilocloud_test_support::fake_flyio::FakeFly;
 use kilocloud_test_support::{TestStore, on_both_backends};
 use uuid::Uuid;
@@ -32,6 +32,7 @@ const MINUTE: i64 = 60_000;
 struct Env {
     _store: TestStore,
     sub: Substrate,
+    identity: Identity,
     clock: Arc<ManualClock>,
     claw: Claw,
     fly: FakeFly,
@@ -41,9 +42,13 @@ struct Env {
 }
 
 async fn env(pg: bool) -> Env {
+    env_with(pg, Tuning::default()).await
+}
+
+async fn env_with(pg: bool, tuning: Tuning) -> Env {
     let store = TestStore::new(pg).await;
     let clock = Arc::new(ManualClock::new(T0));
-    let sub = store.open(clock.clone()).await;
+    let sub = store.open_with(clock.clone(), tuning).await;
     let identity = Identity::new(
         &sub,
         IdentityConfig {
@@ -100,6 +105,7 @@ async fn env(pg: bool) -> Env {
     Env {
         _store: store,
         sub,
+        identity: identity.clone(),
         clock,
         claw,
         fly,
@@ -580,7 +586,67 @@ async fn provisioning_ids(pg: bool) {
     assert_eq!(again.sandbox_id, legacy.sandbox_id);
 }
 
+/// 24 starts at once, each waiting on a slow provider, leave the database sessions to
+/// everyone else: the lifecycle calls wait on the provider suspended, without a session
+/// (the store has 6 session slots; each start waits seconds on the provider), so other
+/// actors' calls are served meanwhile instead of answering `Overloaded`, and every start
+/// completes.
+async fn concurrent_starts_leave_sessions_for_other_actors(pg: bool) {
+    let e = env_with(
+        pg,
+        Tuning {
+            actor_lock_wait_ms: 1_500,
+            ..Tuning::default()
+        },
+    )
+    .await;
+    e.fly.set_latency(std::time::Duration::from_millis(150));
+    let identity = e.identity.clone();
+    let mut owners = vec![(e.user, e.by.clone())];
+    for i in 1..3 {
+        let (user, _, _) = identity
+            .create_user(&format!("claw{i}@example.com"), "claw", false, &e.by)
+            .await
+            .unwrap();
+        let by = Initiator {
+            user: user.id,
+            request_id: None,
+        };
+        owners.push((user.id, by));
+    }
+    let starts: Vec<_> = owners
+        .iter()
+        .flat_map(|(user, by)| (0..8).map(move |_| (*user, by.clone())))
+        .map(|(user, by)| {
+            let claw = e.claw.clone();
+            tokio::spawn(async move {
+                let request = CreateInstance {
+                    name: "busy".into(),
+                    start: Some(true),
+                    ..CreateInstance::default()
+                };
+                claw.create(Owner::User(user), user, request, &by).await
+            })
+        })
+        .collect();
+    // Meanwhile other actors are called, one after another, as long as starts run.
+    let mut served = 0;
+    while starts.iter().any(|s| !s.is_finished()) {
+        identity
+            .create_org(&format!("org-{served}"), &e.by)
+            .await
+            .expect("other actors are served while the starts wait on the provider");
+        served += 1;
+    }
+    for start in starts {
+        let view = start.await.unwrap().expect("every start completes");
+        assert_eq!(view.status, "running");
+    }
+    assert!(served > 0);
+}
+
 on_both_backends!(
+    concurrent_starts_leave_sessions_for_other_actors,
     provisioning_ids,
     lifecycle_and_env_encryption,
     destroy_under_injected_failures_leaves_nothing,

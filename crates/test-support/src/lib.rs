@@ -89,12 +89,17 @@ impl TestStore {
     /// Opens a substrate (not started) on this store with default tuning and `clock`, without
     /// the clock-skew check (tests' manual clocks are not wall time).
     pub async fn open(&self, clock: Arc<dyn Clock>) -> Substrate {
+        self.open_with(clock, Tuning::default()).await
+    }
+
+    /// [`TestStore::open`] with `tuning` (its clock-skew check off likewise).
+    pub async fn open_with(&self, clock: Arc<dyn Clock>, tuning: Tuning) -> Substrate {
         let blobs = BlobConfig::Local {
             path: self.dir.path().join("blobs"),
         };
         let tuning = Tuning {
             max_clock_skew_ms: 0,
-            ..Tuning::default()
+            ..tuning
         };
         Substrate::open(&self.database(), &blobs, tuning, clock)
             .await
