@@ -8,10 +8,10 @@
 //! Charging is at least once and deduplicated, so it is exactly once: the proxy puts each
 //! finished request's row on the durable [`CHARGE_QUEUE`] (deliverable after
 //! [`CHARGE_RECOVERY_DELAY_MS`]) before the client's response completes, then records it at
-//! once. The ledger keeps `req/<request id>` for every row it holds and ignores a row whose
-//! request id it has seen, so the queued copy (or any redelivery) of a row already recorded
-//! changes nothing, and a row whose node died before recording it is charged by whichever
-//! node's [`ChargeConsumer`] claims it.
+//! once and withdraws the queued copy. The ledger keeps `req/<request id>` for every row it
+//! holds and ignores a row whose request id it has seen, so a queued copy that is delivered
+//! anyway (the withdrawal failed or came late) changes nothing, and a row whose node died
+//! before recording it is charged by whichever node's [`ChargeConsumer`] claims it.
 
 use kilocloud_identity::model::Initiator;
 use kilocloud_identity::{Error, Owner, Result};
@@ -56,8 +56,8 @@ const LIST_PAGE: u64 = 500;
 /// ledger deduplicates by request id).
 pub const CHARGE_QUEUE: &str = "gateway-charges";
 /// How long a queued row waits before a consumer charges it, ms: the proxy records the row
-/// itself right after queueing it, so the queued copy is normally a duplicate the ledger
-/// skips; it charges only when the node died (or recording failed) in between.
+/// itself right after queueing it and then withdraws the copy, so the copy is delivered only
+/// when the node died (or recording failed) in between.
 pub const CHARGE_RECOVERY_DELAY_MS: u64 = 30_000;
 
 /// A member's spend of an organization's balance on one UTC day.
@@ -370,13 +370,22 @@ impl Ledger {
     }
 
     /// Puts `row` on [`CHARGE_QUEUE`], durably: once this returns, the row is charged even if
-    /// this node dies. Errors: [`Error::Substrate`] when the store refuses the message.
-    pub async fn enqueue_charge(&self, row: &UsageRow) -> Result<()> {
-        self.sub
+    /// this node dies. Returns the message id, for [`Ledger::cancel_charge`].
+    ///
+    /// Errors: [`Error::Substrate`] when the store refuses the message.
+    pub async fn enqueue_charge(&self, row: &UsageRow) -> Result<i64> {
+        Ok(self
+            .sub
             .queues()
             .send(CHARGE_QUEUE, row, CHARGE_RECOVERY_DELAY_MS)
-            .await?;
-        Ok(())
+            .await?)
+    }
+
+    /// Withdraws queued charge `id` once its row is recorded, so no consumer spends a claim on
+    /// the duplicate. Returns false when a consumer has it already (it then finds the row
+    /// recorded and skips it).
+    pub async fn cancel_charge(&self, id: i64) -> Result<bool> {
+        Ok(self.sub.queues().cancel(CHARGE_QUEUE, id).await?)
     }
 
     /// Whether the owner's ledger holds the row of `request_id` (a point read, no call).

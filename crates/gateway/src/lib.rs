@@ -16,6 +16,4 @@ pub use config::GatewayConfig;
 pub use ledger::{Counters, Ledger, Spend, UsageFilter, UsageRow};
 pub use limits::{FreeLimits, FreeModelLimiter, Refusal, TokenWindow};
 pub use policy::{CustomModel, OrgPolicy, Policies};
-pub use usage::{
-    SseUsageScanner, StreamFormat, Usage, count_tokens, estimated_input_tokens, warm_tokenizer,
-};
+pub use usage::{SseUsageScanner, StreamFormat, Usage, count_tokens, estimated_input_tokens};

@@ -228,18 +228,13 @@ fn content(event: &Value) -> Vec<&str> {
 }
 
 /// Tokens of `text` in OpenAI's `o200k_base` encoding (tiktoken), the estimate used for
-/// every model whose provider reports no usage. The tokenizer loads once per process
-/// ([`warm_tokenizer`] loads it ahead of the first request).
+/// every model whose provider reports no usage. The tokenizer loads on first use (a few
+/// hundred ms and ≈ 60 MB, so a server whose providers report usage never pays for it).
 pub fn count_tokens(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
     tiktoken_rs::o200k_base_singleton().count_ordinary(text) as u64
-}
-
-/// Loads the tokenizer (a few hundred ms, once), so the first estimate does not pay for it.
-pub fn warm_tokenizer() {
-    count_tokens("warm");
 }
 
 /// Tokens the provider bills per message beside its text (role and separators; OpenAI's

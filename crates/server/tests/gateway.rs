@@ -1143,51 +1143,63 @@ async fn a_foreign_bearer_is_anonymous_on_free_models(pg: bool) {
     assert_eq!(e.usage(Owner::User(e.user), 10).await.len(), 0);
 }
 
-/// Charges are durable before the response completes and exactly once: the row waits on the
-/// charge queue, whose copy of a recorded row changes nothing; a row its node never recorded
-/// (it died) is charged by the queue, once.
+/// Charges are durable before the response completes and exactly once: the row is on the
+/// charge queue by the time the client has the whole response, and withdrawn once recorded; a
+/// row its node never recorded (it died) is charged by the queue, once; a copy delivered
+/// anyway changes nothing.
 async fn charges_are_queued_durably_and_deduplicated(pg: bool) {
     use kilocloud_gateway::ledger::{CHARGE_QUEUE, CHARGE_RECOVERY_DELAY_MS, ChargeConsumer};
     let e = env(pg, Duration::from_secs(10)).await;
     let me = Owner::User(e.user);
     e.grant(me, 1_000_000).await;
     e.upstream.push(Reply::text("ok", 1000, 200));
-    let (status, _, _) = e.chat(ask(PAID, false), &[]).await;
+    let (status, _, _) = raw(
+        &e.app,
+        "/api/gateway/v1/chat/completions",
+        &e.key,
+        ask(PAID, false).to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
+    // The response is complete (its body read) and nothing has waited for the recording: the
+    // row was queued before the body went out.
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let res = e.app.clone().oneshot(req).await.unwrap();
+    let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec())
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("kilocloud_queue_sent_total{{queue=\"{CHARGE_QUEUE}\"}} 1")),
+        "{text}"
+    );
     assert_eq!(e.balance(me).await, 1_000_000 - 6_000);
     let queued = |stats: Vec<kilocloud_substrate::QueueStats>| {
         stats
             .into_iter()
             .find(|q| q.queue == CHARGE_QUEUE)
-            .map_or(0, |q| q.ready + q.delayed)
+            .map_or(0, |q| q.ready + q.delayed + q.in_flight)
     };
-    assert_eq!(queued(e.sub.queues().stats().await.unwrap()), 1);
-    // The queued copy, once due, is a duplicate: acked, no second charge.
-    e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
-    let consumer = ChargeConsumer(e.ledger.clone());
     assert_eq!(
-        e.sub
-            .queues()
-            .process_batch(CHARGE_QUEUE, &consumer)
-            .await
-            .unwrap(),
-        1
+        queued(e.sub.queues().stats().await.unwrap()),
+        0,
+        "the copy is withdrawn once the row is recorded"
     );
-    assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 6_000);
-    assert_eq!(e.usage(me, 10).await.len(), 1);
 
     // A node that queued a row and died before recording it: the queue charges it, once.
+    let consumer = ChargeConsumer(e.ledger.clone());
     let mut row = e.usage(me, 1).await.remove(0);
     row.request_id = Uuid::now_v7().to_string();
     e.ledger.enqueue_charge(&row).await.unwrap();
     e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
-    e.sub
-        .queues()
-        .process_batch(CHARGE_QUEUE, &consumer)
-        .await
-        .unwrap();
+    assert_eq!(
+        e.sub.queues().process_batch(CHARGE_QUEUE, &consumer).await.unwrap(),
+        1
+    );
     assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 12_000);
-    // Redelivered (or recorded again by anyone): nothing changes.
+    // Delivered again, or recorded again by anyone: nothing changes.
+    e.ledger.enqueue_charge(&row).await.unwrap();
+    e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
+    e.sub.queues().process_batch(CHARGE_QUEUE, &consumer).await.unwrap();
     e.ledger.record(row.clone()).await.unwrap();
     assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 12_000);
     assert_eq!(e.usage(me, 10).await.len(), 2);

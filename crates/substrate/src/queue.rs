@@ -311,6 +311,14 @@ impl Queues {
         Ok(acked)
     }
 
+    /// Deletes message `id` of `queue` if no consumer has received it yet (an outbox entry whose
+    /// work was done another way). Returns whether it was deleted: false once it has been
+    /// delivered (its consumer then decides) or when there is no such message.
+    pub async fn cancel(&self, queue: &str, id: i64) -> Result<bool> {
+        // Never delivered = zero attempts, the receipt `queue_ack` checks.
+        self.backend.queue_ack(queue, id, 0).await
+    }
+
     /// Gives a delivery back with `error`: it is delivered again after `delay_ms` (default: the
     /// queue's exponential backoff), or dead-lettered when this is its `max_attempts`th failure.
     pub async fn retry(

@@ -1045,14 +1045,19 @@ impl Meter {
 
     /// Makes the charge of `row` durable: puts it on the ledger's charge queue (awaited, so
     /// the caller can hold the response's end until it is committed), then records it in the
-    /// ledger in a tracked background task. The queued copy charges the row if this node dies
-    /// before recording it, and is skipped otherwise (the ledger deduplicates by request id).
+    /// ledger in a tracked background task and withdraws the queued copy. The copy charges the
+    /// row if this node dies before recording it; delivered anyway, it is skipped (the ledger
+    /// deduplicates by request id).
     /// Anonymous requests have no ledger and are only counted.
     async fn charge(self, row: UsageRow) {
         let Some(ledger) = self.ledger else { return };
+        let mut queued = None;
         for attempt in 0..3u32 {
             match ledger.enqueue_charge(&row).await {
-                Ok(()) => break,
+                Ok(id) => {
+                    queued = Some(id);
+                    break;
+                }
                 Err(e) if attempt < 2 => {
                     tracing::warn!(owner = %row.owner, error = %e, "queueing a gateway charge failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50 << (2 * attempt))).await;
@@ -1070,7 +1075,16 @@ impl Meter {
             let (owner, cost) = (row.owner, row.cost_microdollars);
             for attempt in 0..3u32 {
                 match ledger.record(row.clone()).await {
-                    Ok(_) => return,
+                    Ok(_) => {
+                        // The queued copy is not needed now; if withdrawing fails, it is
+                        // delivered later and skipped as recorded.
+                        if let Some(id) = queued
+                            && let Err(e) = ledger.cancel_charge(id).await
+                        {
+                            tracing::debug!(%owner, error = %e, "could not withdraw a queued charge");
+                        }
+                        return;
+                    }
                     Err(e) if attempt < 2 => {
                         tracing::warn!(%owner, error = %e, "recording gateway usage failed; retrying");
                         tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await;
@@ -1526,9 +1540,6 @@ pub fn state(
     config: &GatewayConfig,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Arc<GatewayState>, String> {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn_blocking(kilocloud_gateway::warm_tokenizer);
-    }
     Ok(Arc::new(GatewayState {
         catalog: Catalog::new(config, env)?,
         ledger: Ledger::new(sub),
