@@ -247,13 +247,8 @@ struct GrantRecord {
 }
 
 enum LedgerCall {
-    Grant {
-        amount: i64,
-        by: Uuid,
-        note: String,
-    },
-    /// Rows of this owner, recorded in order in one commit.
-    Record(Vec<UsageRow>),
+    Grant { amount: i64, by: Uuid, note: String },
+    Record(Box<UsageRow>),
 }
 
 enum LedgerReply {
@@ -283,79 +278,68 @@ impl Actor for LedgerActor {
                 ctx.put(BALANCE, &balance.saturating_add(amount))?;
                 Ok(LedgerReply::Balance(balance.saturating_add(amount)))
             }
-            LedgerCall::Record(rows) => {
-                let mut balance = balance;
-                for row in rows {
-                    balance = record_row(ctx, balance, row).await?;
+            LedgerCall::Record(mut row) => {
+                let request_key = format!("{REQUEST}{}", row.request_id);
+                if !row.request_id.is_empty() && ctx.get::<u64>(&request_key).await?.is_some() {
+                    // Recorded already (the queued copy of a row, or a redelivery).
+                    return Ok(LedgerReply::Balance(balance));
                 }
-                Ok(LedgerReply::Balance(balance))
+                let seq: u64 = ctx.get(USAGE_SEQ).await?.unwrap_or(0) + 1;
+                row.seq = seq;
+                if !row.request_id.is_empty() {
+                    ctx.put(&request_key, &seq)?;
+                }
+                let after = balance.saturating_sub(row.cost_microdollars);
+                ctx.put(&format!("{USAGE}{seq:020}"), &row)?;
+                ctx.put(USAGE_SEQ, &seq)?;
+                ctx.put(BALANCE, &after)?;
+                if row.cost_microdollars != 0 {
+                    let (day, month) = periods(row.at_ms);
+                    for key in [format!("{SPENT_DAY}{day}"), format!("{SPENT_MONTH}{month}")] {
+                        let spent: i64 = ctx.get(&key).await?.unwrap_or(0);
+                        ctx.put(&key, &spent.saturating_add(row.cost_microdollars))?;
+                    }
+                    if matches!(row.owner, Owner::Org(_)) {
+                        let key = format!("{SPENT_MEMBER}{}", row.user);
+                        let mut spent: MemberSpend = ctx.get(&key).await?.unwrap_or_default();
+                        // A row of an earlier day recorded late (a long stream) does not
+                        // reset today's count; it only counts in the day and month totals.
+                        if day > spent.day {
+                            spent = MemberSpend {
+                                day: day.clone(),
+                                microdollars: 0,
+                            };
+                        }
+                        if day == spent.day {
+                            spent.microdollars =
+                                spent.microdollars.saturating_add(row.cost_microdollars);
+                            ctx.put(&key, &spent)?;
+                        }
+                    }
+                }
+                let tokens = row.total_tokens();
+                if tokens > 0 {
+                    for key in [
+                        TPM_OWNER.to_owned(),
+                        format!("{TPM_CRED}{}", row.credential()),
+                    ] {
+                        let window: TokenWindow = ctx.get(&key).await?.unwrap_or_default();
+                        ctx.put(&key, &window.add(ctx.now_ms(), tokens))?;
+                    }
+                }
+                if seq > USAGE_RETENTION {
+                    let old = format!("{USAGE}{:020}", seq - USAGE_RETENTION);
+                    if let Some(old_row) = ctx.get::<UsageRow>(&old).await?
+                        && !old_row.request_id.is_empty()
+                    {
+                        ctx.delete(&format!("{REQUEST}{}", old_row.request_id));
+                    }
+                    ctx.delete(&old);
+                }
+                Ok(LedgerReply::Balance(after))
             }
         }
     }
-}
-
-/// Records one usage row in the ledger actor's call: a row whose request id is recorded
-/// already changes nothing; otherwise the row, the balance after it, the spend counters and
-/// the token windows are written, and the oldest row beyond [`USAGE_RETENTION`] is dropped.
-/// Returns the balance after it, microdollars.
-async fn record_row(ctx: &mut ActorContext, balance: i64, mut row: UsageRow) -> SubResult<i64> {
-    let request_key = format!("{REQUEST}{}", row.request_id);
-    if !row.request_id.is_empty() && ctx.get::<u64>(&request_key).await?.is_some() {
-        // Recorded already (the queued copy of a row, or a redelivery).
-        return Ok(balance);
-    }
-    let seq: u64 = ctx.get(USAGE_SEQ).await?.unwrap_or(0) + 1;
-    row.seq = seq;
-    if !row.request_id.is_empty() {
-        ctx.put(&request_key, &seq)?;
-    }
-    let after = balance.saturating_sub(row.cost_microdollars);
-    ctx.put(&format!("{USAGE}{seq:020}"), &row)?;
-    ctx.put(USAGE_SEQ, &seq)?;
-    ctx.put(BALANCE, &after)?;
-    if row.cost_microdollars != 0 {
-        let (day, month) = periods(row.at_ms);
-        for key in [format!("{SPENT_DAY}{day}"), format!("{SPENT_MONTH}{month}")] {
-            let spent: i64 = ctx.get(&key).await?.unwrap_or(0);
-            ctx.put(&key, &spent.saturating_add(row.cost_microdollars))?;
-        }
-        if matches!(row.owner, Owner::Org(_)) {
-            let key = format!("{SPENT_MEMBER}{}", row.user);
-            let mut spent: MemberSpend = ctx.get(&key).await?.unwrap_or_default();
-            // A row of an earlier day recorded late (a long stream) does not
-            // reset today's count; it only counts in the day and month totals.
-            if day > spent.day {
-                spent = MemberSpend {
-                    day: day.clone(),
-                    microdollars: 0,
-                };
-            }
-            if day == spent.day {
-                spent.microdollars = spent.microdollars.saturating_add(row.cost_microdollars);
-                ctx.put(&key, &spent)?;
-            }
-        }
-    }
-    let tokens = row.total_tokens();
-    if tokens > 0 {
-        for key in [
-            TPM_OWNER.to_owned(),
-            format!("{TPM_CRED}{}", row.credential()),
-        ] {
-            let window: TokenWindow = ctx.get(&key).await?.unwrap_or_default();
-            ctx.put(&key, &window.add(ctx.now_ms(), tokens))?;
-        }
-    }
-    if seq > USAGE_RETENTION {
-        let old = format!("{USAGE}{:020}", seq - USAGE_RETENTION);
-        if let Some(old_row) = ctx.get::<UsageRow>(&old).await?
-            && !old_row.request_id.is_empty()
-        {
-            ctx.delete(&format!("{REQUEST}{}", old_row.request_id));
-        }
-        ctx.delete(&old);
-    }
-    Ok(after)
 }
 
 /// Balances, grants and usage rows.
@@ -397,21 +381,11 @@ impl Ledger {
             .await?)
     }
 
-    /// Withdraws queued charges `ids` once their rows are recorded, in one statement, so no
-    /// consumer spends a claim on the duplicates. Returns how many: one a consumer has already
-    /// is left (it finds the row recorded and skips it).
-    pub async fn cancel_charges(&self, ids: &[i64]) -> Result<u64> {
-        Ok(self.sub.queues().cancel(CHARGE_QUEUE, ids).await?)
-    }
-
-    /// Puts rows on [`CHARGE_QUEUE`] in one commit (see [`Ledger::enqueue_charge`]), at most
-    /// [`kilocloud_substrate::MAX_BATCH_MESSAGES`]. Returns their message ids, in order.
-    pub async fn enqueue_charges(&self, rows: &[UsageRow]) -> Result<Vec<i64>> {
-        Ok(self
-            .sub
-            .queues()
-            .send_batch(CHARGE_QUEUE, rows, CHARGE_RECOVERY_DELAY_MS)
-            .await?)
+    /// Withdraws queued charge `id` once its row is recorded, so no consumer spends a claim on
+    /// the duplicate. Returns false when a consumer has it already (it then finds the row
+    /// recorded and skips it).
+    pub async fn cancel_charge(&self, id: i64) -> Result<bool> {
+        Ok(self.sub.queues().cancel(CHARGE_QUEUE, id).await?)
     }
 
     /// Whether the owner's ledger holds the row of `request_id` (a point read, no call).
@@ -514,24 +488,11 @@ impl Ledger {
     /// Records a request and charges its cost, in one transaction; a row whose request id the
     /// ledger holds already changes nothing. Returns the balance after.
     pub async fn record(&self, row: UsageRow) -> Result<i64> {
-        let owner = row.owner;
-        self.record_many(owner, vec![row]).await
-    }
-
-    /// Records rows of `owner` (each as [`Ledger::record`]) in one actor call and one commit.
-    /// Returns the balance after them.
-    ///
-    /// Errors: [`Error::Invalid`] when a row belongs to another owner; nothing is recorded.
-    pub async fn record_many(&self, owner: Owner, rows: Vec<UsageRow>) -> Result<i64> {
-        if rows.iter().any(|r| r.owner != owner) {
-            return Err(Error::Invalid(format!(
-                "every row recorded together must be {owner}'s"
-            )));
-        }
+        let key = row.owner.to_string();
         match self
             .sub
             .actors()
-            .call::<LedgerActor>(&owner.to_string(), LedgerCall::Record(rows))
+            .call::<LedgerActor>(&key, LedgerCall::Record(Box::new(row)))
             .await?
         {
             LedgerReply::Balance(b) => Ok(b),

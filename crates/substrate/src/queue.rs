@@ -311,14 +311,12 @@ impl Queues {
         Ok(acked)
     }
 
-    /// Deletes those of messages `ids` of `queue` that no consumer has received yet (outbox
-    /// entries whose work was done another way), in one statement. Returns how many: one that
-    /// was delivered already is left to its consumer, as is an unknown id.
-    pub async fn cancel(&self, queue: &str, ids: &[i64]) -> Result<u64> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        self.backend.queue_cancel(queue, ids).await
+    /// Deletes message `id` of `queue` if no consumer has received it yet (an outbox entry whose
+    /// work was done another way). Returns whether it was deleted: false once it has been
+    /// delivered (its consumer then decides) or when there is no such message.
+    pub async fn cancel(&self, queue: &str, id: i64) -> Result<bool> {
+        // Never delivered = zero attempts, the receipt `queue_ack` checks.
+        self.backend.queue_ack(queue, id, 0).await
     }
 
     /// Gives a delivery back with `error`: it is delivered again after `delay_ms` (default: the

@@ -85,8 +85,6 @@ pub struct GatewayState {
     pub max_body_bytes: usize,
     /// Usage recordings still running after their responses.
     recordings: Recordings,
-    /// Queues and records charges in batches.
-    charger: Arc<Charger>,
 }
 
 impl GatewayState {
@@ -108,144 +106,24 @@ impl Recordings {
         Self(Arc::new(tokio::sync::watch::Sender::new(0)))
     }
 
-    /// Counts one recording until the guard is dropped.
-    fn begin(&self) -> Running {
-        self.0.send_modify(|n| *n += 1);
-        Running(self.clone())
-    }
-
     /// Runs `recording` on `runtime`, counted until it ends (or panics).
     fn spawn(
         &self,
         runtime: &tokio::runtime::Handle,
         recording: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let running = self.begin();
+        struct Running(Recordings);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.0.send_modify(|n| *n -= 1);
+            }
+        }
+        self.0.send_modify(|n| *n += 1);
+        let running = Running(self.clone());
         runtime.spawn(async move {
             let _running = running;
             recording.await;
         });
-    }
-}
-
-/// One recording in progress (see [`Recordings::begin`]).
-struct Running(Recordings);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.0.send_modify(|n| *n -= 1);
-    }
-}
-
-/// Rows waiting to be queued, each with where its message id goes (`None`: queueing failed).
-type ToQueue = (UsageRow, tokio::sync::oneshot::Sender<Option<i64>>);
-/// Rows waiting to be recorded: the row, its queued copy, and its count in [`Recordings`].
-type ToRecord = (UsageRow, Option<i64>, Running);
-
-/// The node's charging pipeline, two workers that batch what arrives together: one puts rows
-/// on the durable charge queue (one commit for every row that came in meanwhile, so the
-/// commit a response waits for is shared under load), the other records rows in the ledger
-/// (one actor call per owner per batch) and then withdraws their queued copies in one
-/// statement. A row whose recording fails stays queued and is charged by the queue later.
-struct Charger {
-    to_queue: tokio::sync::mpsc::UnboundedSender<ToQueue>,
-    to_record: tokio::sync::mpsc::UnboundedSender<ToRecord>,
-}
-
-/// Most rows one worker takes at once.
-const CHARGE_BATCH: usize = kilocloud_substrate::MAX_BATCH_MESSAGES;
-
-impl Charger {
-    /// Starts both workers on `runtime`; they end when the charger is dropped.
-    fn start(ledger: Ledger, runtime: &tokio::runtime::Handle) -> Self {
-        let (to_queue, queue_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (to_record, record_rx) = tokio::sync::mpsc::unbounded_channel();
-        runtime.spawn(queue_worker(ledger.clone(), queue_rx));
-        runtime.spawn(record_worker(ledger, record_rx));
-        Self {
-            to_queue,
-            to_record,
-        }
-    }
-}
-
-/// Takes the first waiting item and whatever else is waiting, up to [`CHARGE_BATCH`].
-async fn next_batch<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
-    let first = rx.recv().await?;
-    let mut batch = vec![first];
-    while batch.len() < CHARGE_BATCH {
-        match rx.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
-async fn queue_worker(ledger: Ledger, mut rx: tokio::sync::mpsc::UnboundedReceiver<ToQueue>) {
-    while let Some(batch) = next_batch(&mut rx).await {
-        let rows: Vec<UsageRow> = batch.iter().map(|(row, _)| row.clone()).collect();
-        let mut ids = None;
-        for attempt in 0..3u32 {
-            match ledger.enqueue_charges(&rows).await {
-                Ok(queued) => {
-                    ids = Some(queued);
-                    break;
-                }
-                Err(e) if attempt < 2 => {
-                    tracing::warn!(rows = rows.len(), error = %e, "queueing gateway charges failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 << (2 * attempt))).await;
-                }
-                Err(e) => {
-                    tracing::error!(rows = rows.len(), error = %e,
-                        "could not queue gateway charges; recording them directly only");
-                }
-            }
-        }
-        for (i, (_, done)) in batch.into_iter().enumerate() {
-            let _ = done.send(ids.as_ref().map(|ids| ids[i]));
-        }
-    }
-}
-
-async fn record_worker(ledger: Ledger, mut rx: tokio::sync::mpsc::UnboundedReceiver<ToRecord>) {
-    while let Some(batch) = next_batch(&mut rx).await {
-        let mut by_owner: std::collections::BTreeMap<Owner, Vec<ToRecord>> = Default::default();
-        for item in batch {
-            by_owner.entry(item.0.owner).or_default().push(item);
-        }
-        let recorded = futures::future::join_all(by_owner.into_iter().map(|(owner, items)| {
-            let ledger = ledger.clone();
-            async move {
-                let rows: Vec<UsageRow> = items.iter().map(|(row, ..)| row.clone()).collect();
-                for attempt in 0..3u32 {
-                    match ledger.record_many(owner, rows.clone()).await {
-                        Ok(_) => return (true, items),
-                        Err(e) if attempt < 2 => {
-                            tracing::warn!(%owner, error = %e, "recording gateway usage failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(%owner, rows = rows.len(), error = %e,
-                                "could not record gateway usage now; the charge queue will");
-                        }
-                    }
-                }
-                (false, items)
-            }
-        }))
-        .await;
-        // The queued copies of recorded rows are not needed; one that cannot be withdrawn is
-        // delivered later and skipped as recorded. The counts drop after that.
-        let ids: Vec<i64> = recorded
-            .iter()
-            .filter(|(ok, _)| *ok)
-            .flat_map(|(_, items)| items.iter().filter_map(|(_, id, _)| *id))
-            .collect();
-        if let Err(e) = ledger.cancel_charges(&ids).await {
-            tracing::debug!(error = %e, "could not withdraw queued charges");
-        }
-        drop(recorded);
     }
 }
 
@@ -622,7 +500,7 @@ async fn forward(
         estimated: false,
     };
     let meter = Meter {
-        charger: owner.map(|_| g.charger.clone()),
+        ledger: owner.map(|_| g.ledger.clone()),
         recordings: g.recordings.clone(),
         // Label by catalog id only: request ids are caller-chosen and unbounded.
         label: match (custom, route.model) {
@@ -804,7 +682,7 @@ impl Pending {
         let (meter, mut row) = self.disarm();
         row.status = status.as_u16();
         let row = meter.price(row, usage, None);
-        let cost = meter.charger.as_ref().map(|_| row.cost_microdollars);
+        let cost = meter.ledger.as_ref().map(|_| row.cost_microdollars);
         meter.charge(row).await;
         cost
     }
@@ -1109,7 +987,7 @@ fn payment_required(balance: i64, message: &str) -> ApiError {
 /// Prices and records a finished request.
 struct Meter {
     /// Where the row goes; `None` for anonymous requests.
-    charger: Option<Arc<Charger>>,
+    ledger: Option<Ledger>,
     /// Where the recording runs.
     recordings: Recordings,
     /// The `model` label of the request counter: a catalog id, `custom` or `other`.
@@ -1166,29 +1044,66 @@ impl Meter {
     }
 
     /// Makes the charge of `row` durable: puts it on the ledger's charge queue (awaited, so
-    /// the caller can hold the response's end until it is committed; rows arriving together
-    /// share one commit), then hands it to the charger's recording worker, which records it in
-    /// the ledger and withdraws the queued copy. The copy charges the row if this node dies
-    /// before recording it; delivered anyway, it is skipped (the ledger deduplicates by
-    /// request id). Anonymous requests have no ledger and are only counted.
+    /// the caller can hold the response's end until it is committed), then records it in the
+    /// ledger in a tracked background task and withdraws the queued copy. The copy charges the
+    /// row if this node dies before recording it; delivered anyway, it is skipped (the ledger
+    /// deduplicates by request id).
+    /// Anonymous requests have no ledger and are only counted.
     async fn charge(self, row: UsageRow) {
-        let Some(charger) = self.charger else { return };
-        let running = self.recordings.begin();
-        let (done, queued) = tokio::sync::oneshot::channel();
-        if charger.to_queue.send((row.clone(), done)).is_err() {
-            tracing::error!(owner = %row.owner, "the charger has stopped; a charge is lost");
+        let Some(ledger) = self.ledger else { return };
+        let mut queued = None;
+        for attempt in 0..3u32 {
+            match ledger.enqueue_charge(&row).await {
+                Ok(id) => {
+                    queued = Some(id);
+                    break;
+                }
+                Err(e) if attempt < 2 => {
+                    tracing::warn!(owner = %row.owner, error = %e, "queueing a gateway charge failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << (2 * attempt))).await;
+                }
+                Err(e) => {
+                    tracing::error!(owner = %row.owner, request_id = %row.request_id, error = %e,
+                        "could not queue a gateway charge; recording it directly only");
+                }
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
-        }
-        let id = queued.await.ok().flatten();
-        if charger.to_record.send((row, id, running)).is_err() {
-            tracing::error!("the charger has stopped; the queued charge will be recorded later");
-        }
+        };
+        let recording = async move {
+            let (owner, cost) = (row.owner, row.cost_microdollars);
+            for attempt in 0..3u32 {
+                match ledger.record(row.clone()).await {
+                    Ok(_) => {
+                        // The queued copy is not needed now; if withdrawing fails, it is
+                        // delivered later and skipped as recorded.
+                        if let Some(id) = queued
+                            && let Err(e) = ledger.cancel_charge(id).await
+                        {
+                            tracing::debug!(%owner, error = %e, "could not withdraw a queued charge");
+                        }
+                        return;
+                    }
+                    Err(e) if attempt < 2 => {
+                        tracing::warn!(%owner, error = %e, "recording gateway usage failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await;
+                    }
+                    Err(e) => {
+                        // The queued copy charges it later.
+                        tracing::warn!(%owner, cost_microdollars = cost, error = %e,
+                            "could not record gateway usage now; the charge queue will");
+                    }
+                }
+            }
+        };
+        self.recordings.spawn(&runtime, recording);
     }
 
     /// [`Meter::charge`] in a tracked background task, for requests whose client went away
     /// (from `Drop`, which cannot wait).
     fn charge_in_background(self, row: UsageRow) {
-        if self.charger.is_none() {
+        if self.ledger.is_none() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -1625,13 +1540,9 @@ pub fn state(
     config: &GatewayConfig,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Arc<GatewayState>, String> {
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|_| "the gateway must be started on a Tokio runtime".to_owned())?;
-    let ledger = Ledger::new(sub);
     Ok(Arc::new(GatewayState {
         catalog: Catalog::new(config, env)?,
-        charger: Arc::new(Charger::start(ledger.clone(), &runtime)),
-        ledger,
+        ledger: Ledger::new(sub),
         free_limiter: FreeModelLimiter::new(
             sub,
             FreeLimits {

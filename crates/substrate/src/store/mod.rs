@@ -419,9 +419,6 @@ pub trait Backend: Send + Sync + 'static {
     async fn queue_claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedMessage>>;
     /// Deletes a delivered message if `attempts` still matches (the receipt). Returns false when stale.
     async fn queue_ack(&self, queue: &str, id: i64, attempts: u32) -> Result<bool>;
-    /// Deletes those of messages `ids` of `queue` that were never delivered (zero attempts),
-    /// in one statement. Returns how many.
-    async fn queue_cancel(&self, queue: &str, ids: &[i64]) -> Result<u64>;
     /// Extends a delivery's visibility timeout to `visible_at` while its handler runs, if the
     /// receipt (`attempts`) is current and `node` still holds it. Returns false when stale.
     async fn queue_extend(

@@ -1076,17 +1076,6 @@ impl Backend for PostgresBackend {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn queue_cancel(&self, queue: &str, ids: &[i64]) -> Result<u64> {
-        let r = sqlx::query(
-            "DELETE FROM queue_messages WHERE queue = $1 AND id = ANY($2) AND attempts = 0",
-        )
-        .bind(queue)
-        .bind(ids)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected())
-    }
-
     async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome> {
         let RetryRequest {
             queue,

@@ -777,18 +777,6 @@ impl Backend for SqliteBackend {
         .await
     }
 
-    async fn queue_cancel(&self, queue: &str, ids: &[i64]) -> Result<u64> {
-        let (queue, ids) = (queue.to_owned(), serde_json::to_string(ids)?);
-        self.write(move |c| {
-            Ok(c.prepare_cached(
-                "DELETE FROM queue_messages WHERE queue = ?1 AND attempts = 0
-                 AND id IN (SELECT value FROM json_each(?2))",
-            )?
-            .execute(params![queue, ids])? as u64)
-        })
-        .await
-    }
-
     async fn queue_retry(&self, req: RetryRequest<'_>) -> Result<RetryOutcome> {
         let RetryRequest {
             queue,
