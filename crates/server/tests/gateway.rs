@@ -1165,8 +1165,8 @@ async fn charges_are_queued_durably_and_deduplicated(pg: bool) {
     // row was queued before the body went out.
     let req = Request::get("/metrics").body(Body::empty()).unwrap();
     let res = e.app.clone().oneshot(req).await.unwrap();
-    let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec())
-        .unwrap();
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(
         text.lines()
             .any(|l| l == format!("kilocloud_queue_sent_total{{queue=\"{CHARGE_QUEUE}\"}} 1")),
@@ -1192,14 +1192,22 @@ async fn charges_are_queued_durably_and_deduplicated(pg: bool) {
     e.ledger.enqueue_charge(&row).await.unwrap();
     e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
     assert_eq!(
-        e.sub.queues().process_batch(CHARGE_QUEUE, &consumer).await.unwrap(),
+        e.sub
+            .queues()
+            .process_batch(CHARGE_QUEUE, &consumer)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 12_000);
     // Delivered again, or recorded again by anyone: nothing changes.
     e.ledger.enqueue_charge(&row).await.unwrap();
     e.clock.advance(CHARGE_RECOVERY_DELAY_MS as i64 + 1);
-    e.sub.queues().process_batch(CHARGE_QUEUE, &consumer).await.unwrap();
+    e.sub
+        .queues()
+        .process_batch(CHARGE_QUEUE, &consumer)
+        .await
+        .unwrap();
     e.ledger.record(row.clone()).await.unwrap();
     assert_eq!(e.ledger.balance(me).await.unwrap(), 1_000_000 - 12_000);
     assert_eq!(e.usage(me, 10).await.len(), 2);
