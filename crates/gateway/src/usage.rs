@@ -203,7 +203,7 @@ impl SseUsageScanner {
         self.complete
     }
 
-    /// Output tokens estimated from the content seen, counted with the `o200k_base` tokenizer
+    /// Output tokens estimated from the content seen, counted with the `cl100k_base` tokenizer
     /// (deterministic), for streams that end before reporting usage.
     pub fn estimated_output_tokens(&self) -> u64 {
         count_tokens(&self.content) + self.content_overflow.div_ceil(4)
@@ -227,14 +227,14 @@ fn content(event: &Value) -> Vec<&str> {
     out
 }
 
-/// Tokens of `text` in OpenAI's `o200k_base` encoding (tiktoken), the estimate used for
-/// every model whose provider reports no usage. The tokenizer loads on first use (a few
-/// hundred ms and ≈ 60 MB, so a server whose providers report usage never pays for it).
+/// Tokens of `text` in OpenAI's `cl100k_base` encoding (tiktoken; the smaller of its two
+/// current vocabularies), the estimate used for every model whose provider reports no usage. The tokenizer loads on first use (a few
+/// hundred ms and tens of MB, so a server whose providers report usage never pays for it).
 pub fn count_tokens(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    tiktoken_rs::o200k_base_singleton().count_ordinary(text) as u64
+    tiktoken_rs::cl100k_base_singleton().count_ordinary(text) as u64
 }
 
 /// Tokens the provider bills per message beside its text (role and separators; OpenAI's
@@ -392,7 +392,7 @@ mod tests {
 
     #[test]
     fn estimates_count_real_tokens_deterministically() {
-        // "Hello, world!" is 4 tokens in o200k_base: "Hello", ",", " world", "!".
+        // "Hello, world!" is 4 tokens in cl100k_base: "Hello", ",", " world", "!".
         assert_eq!(count_tokens("Hello, world!"), 4);
         let request = json!({
             "model": "m",
