@@ -1089,10 +1089,14 @@ impl Meter {
                         tracing::warn!(%owner, error = %e, "recording gateway usage failed; retrying");
                         tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await;
                     }
-                    Err(e) => {
+                    Err(e) if queued.is_some() => {
                         // The queued copy charges it later.
                         tracing::warn!(%owner, cost_microdollars = cost, error = %e,
                             "could not record gateway usage now; the charge queue will");
+                    }
+                    Err(e) => {
+                        tracing::error!(%owner, cost_microdollars = cost, error = %e,
+                            "could not queue or record gateway usage: this charge is lost");
                     }
                 }
             }
