@@ -612,6 +612,16 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "POST",
+            path: "/api/gateway/v1/messages/count_tokens",
+            access: AnonymousFree,
+            uri: |_| "/api/gateway/v1/messages/count_tokens".into(),
+            body: |_| {
+                Some(json!({"model": FREE_CLAUDE,
+                    "messages": [{"role": "user", "content": "hi"}]}))
+            },
+        },
+        Route {
+            method: "POST",
             path: "/api/gateway/v1/embeddings",
             access: AnonymousFree,
             uri: |_| "/api/gateway/v1/embeddings".into(),

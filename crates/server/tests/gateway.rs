@@ -1061,6 +1061,69 @@ async fn body_limits_model_lookup_and_response_headers(pg: bool) {
     assert_eq!(body["error"]["code"], "model_not_found");
 }
 
+/// Anthropic's `count_tokens`, counted by the gateway: the estimator's count, nothing sent
+/// upstream, nothing charged; unknown models 404, paid ones need credentials.
+async fn count_tokens_is_estimated_here(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let body = json!({"model": PAID, "system": "Hello, world!",
+        "messages": [{"role": "user", "content": "Hello, world!"}]});
+    let (status, _, reply) = raw(
+        &e.app,
+        "/api/gateway/v1/messages/count_tokens",
+        &e.key,
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(
+        reply["input_tokens"].as_u64(),
+        Some(kilocloud_gateway::estimated_input_tokens(&body))
+    );
+    assert_eq!(
+        reply["input_tokens"].as_u64(),
+        Some(kilocloud_gateway::count_tokens("Hello, world!\nHello, world!") + 3)
+    );
+    assert!(e.upstream.requests().is_empty(), "nothing went upstream");
+    assert_eq!(
+        e.usage(Owner::User(e.user), 10).await.len(),
+        0,
+        "not charged"
+    );
+    let unknown = json!({"model": "vendor/none", "messages": []});
+    let (status, _, reply) = raw(
+        &e.app,
+        "/api/gateway/v1/messages/count_tokens",
+        &e.key,
+        unknown.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
+    );
+    let (status, _, _) = raw(
+        &e.app,
+        "/api/gateway/v1/messages/count_tokens",
+        "",
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a paid model needs credentials"
+    );
+    let free = json!({"model": FREE, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, _) = raw(
+        &e.app,
+        "/api/gateway/v1/messages/count_tokens",
+        "sk-placeholder",
+        free.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "free models count anonymously");
+}
+
 /// A stream is complete once its terminal event went by: a client that hangs up right after
 /// `[DONE]` leaves a 200 row with the provider's usage, not a 499.
 async fn a_stream_that_relayed_done_is_complete(pg: bool) {
@@ -1259,6 +1322,7 @@ async fn usage_listing_pages_across_storage_pages(pg: bool) {
 }
 
 kilocloud_test_support::on_both_backends!(
+    count_tokens_is_estimated_here,
     body_limits_model_lookup_and_response_headers,
     a_stream_that_relayed_done_is_complete,
     a_silent_stream_is_cut_with_an_error_event,

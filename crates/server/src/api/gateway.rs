@@ -194,6 +194,84 @@ pub async fn v1_messages(
     proxy(s, Endpoint::Messages, caller, ip, headers, body).await
 }
 
+/// `POST /api/gateway/v1/messages/count_tokens`: Anthropic's token counting (Claude Code
+/// calls it to manage its context): `{model, messages, system?, tools?}` →
+/// `{"input_tokens": N}`. Counted here, for any model of the catalog or of the organization
+/// acted for, with the gateway's estimator ([`estimated_input_tokens`]: `cl100k_base`, 3
+/// tokens a message), not by the provider: an estimate, deterministic, never charged. Open to
+/// anonymous callers for free models, like the Messages route.
+///
+/// Errors: 400 `invalid_json`; 404 `model_not_found`; 401 `PAID_MODEL_AUTH_REQUIRED` (paid
+/// model, no credentials) or the credential's own 401; 413 over `gateway.max_body_bytes`.
+#[utoipa::path(post, path = "/api/gateway/v1/messages/count_tokens", tag = "gateway",
+    request_body(content = Object, description = "Anthropic count_tokens request"),
+    responses((status = 200, description = "`{input_tokens}`"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn v1_count_tokens(
+    State(s): State<AppState>,
+    caller: GatewayCaller,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = read_body(body, s.gateway.max_body_bytes).await?;
+    let request: Value = serde_json::from_slice(&body)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            )
+        })?;
+    let model = request["model"].as_str().unwrap_or("");
+    let missing = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{model}` does not exist"),
+        )
+    };
+    let scope = match caller {
+        GatewayCaller::Signed(scope) => Some(scope),
+        GatewayCaller::Anonymous => None,
+        GatewayCaller::Unverified(u) => {
+            let free = s
+                .gateway
+                .catalog
+                .route(model, None)
+                .is_some_and(|r| r.is_free());
+            if !free {
+                return Err(u.refuse(&s));
+            }
+            None
+        }
+    };
+    let custom = match scope.as_ref().map(OwnerScope::owner) {
+        Some(Owner::Org(org)) => s
+            .gateway
+            .policies
+            .get(org)
+            .await?
+            .custom_model(model)
+            .is_some(),
+        _ => false,
+    };
+    if !custom {
+        let route = s.gateway.catalog.route(model, None).ok_or_else(missing)?;
+        if scope.is_none() && !route.is_free() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "PAID_MODEL_AUTH_REQUIRED",
+                "sign in (an API key or token) to use paid models",
+            ));
+        }
+    }
+    Ok(Json(
+        json!({"input_tokens": estimated_input_tokens(&request)}),
+    ))
+}
+
 /// `POST /api/gateway/v1/embeddings`: OpenAI Embeddings, passed through to the model's
 /// provider and charged for its input tokens like a chat request.
 #[utoipa::path(post, path = "/api/gateway/v1/embeddings", tag = "gateway",

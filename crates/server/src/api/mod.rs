@@ -107,6 +107,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(gateway::v1_chat_completions))
         .routes(routes!(gateway::v1_embeddings))
         .routes(routes!(gateway::v1_messages))
+        .routes(routes!(gateway::v1_count_tokens))
         .routes(routes!(gateway::models))
         .routes(routes!(gateway::v1_models))
         .routes(routes!(gateway::providers))
