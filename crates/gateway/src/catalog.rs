@@ -121,6 +121,8 @@ pub struct Catalog {
     by_model: HashMap<String, (usize, usize)>,
     default: Option<usize>,
     auto: std::collections::BTreeMap<String, String>,
+    /// `gateway.model_aliases`: what a client's id matches → the id it is served as.
+    aliases: Vec<(globset::GlobMatcher, String)>,
 }
 
 impl Catalog {
@@ -208,12 +210,30 @@ impl Catalog {
                     })?,
             ),
         };
+        let mut aliases = Vec::new();
+        for (pattern, target) in &config.model_aliases {
+            let glob = globset::GlobBuilder::new(pattern)
+                .literal_separator(false)
+                .build()
+                .map_err(|e| {
+                    format!("gateway model_aliases: `{pattern}` is not a valid glob: {e}")
+                })?;
+            aliases.push((glob.compile_matcher(), target.clone()));
+        }
         let catalog = Self {
             providers,
             by_model,
             default,
             auto: config.auto_models.clone(),
+            aliases,
         };
+        for (pattern, target) in &config.model_aliases {
+            if catalog.route(target, None).is_none() {
+                return Err(format!(
+                    "gateway model_aliases.{pattern} = `{target}`: no provider serves it"
+                ));
+            }
+        }
         for (mode, model) in &catalog.auto {
             if catalog.route(model, None).is_none() {
                 return Err(format!(
@@ -224,10 +244,12 @@ impl Catalog {
         Ok(catalog)
     }
 
-    /// Resolves `kilo/auto` (any case) by `mode` (the `x-kilocode-mode` header; missing counts
-    /// as `build`, unknown takes the `default` entry) and `kilo-auto/<tier>` by tier; other ids
-    /// are returned as they are. `None` when the table has no answer.
+    /// Resolves `requested` through the aliases ([`Catalog::resolve_alias`]), then `kilo/auto`
+    /// (any case) by `mode` (the `x-kilocode-mode` header; missing counts as `build`, unknown
+    /// takes the `default` entry) and `kilo-auto/<tier>` by tier; other ids are returned as
+    /// they are. `None` when the table has no answer.
     pub fn resolve_auto<'a>(&'a self, requested: &'a str, mode: Option<&str>) -> Option<&'a str> {
+        let requested = self.resolve_alias(requested);
         let lower = requested.to_ascii_lowercase();
         let key = if lower == "kilo/auto" {
             mode.unwrap_or("build").to_ascii_lowercase()
@@ -240,6 +262,15 @@ impl Catalog {
             .get(&key)
             .or_else(|| self.auto.get("default"))
             .map(String::as_str)
+    }
+
+    /// `requested` through `gateway.model_aliases` (the first matching alias's target), or as
+    /// it is.
+    pub fn resolve_alias<'a>(&'a self, requested: &'a str) -> &'a str {
+        self.aliases
+            .iter()
+            .find(|(glob, _)| glob.is_match(requested))
+            .map_or(requested, |(_, target)| target.as_str())
     }
 
     /// The provider for `model` (already resolved), first match wins: the model's own provider,
@@ -435,6 +466,60 @@ mod tests {
         let (byok, secret) = c.byok("Anthropic/sonnet").unwrap();
         assert_eq!((byok.id.as_str(), secret.as_str()), ("b", "BYOK_ANTHROPIC"));
         assert!(c.byok("openai/gpt").is_none() && c.byok("no-slash").is_none());
+    }
+
+    #[test]
+    fn aliases_map_client_ids_before_routing() {
+        let mut cfg = config();
+        cfg.default_provider = String::new();
+        cfg.model_aliases = [
+            ("claude-sonnet-4-5-20250929", "anthropic/sonnet"),
+            ("claude-opus-*", "anthropic/opus"),
+            ("claude-3-5-haiku-*", "free/small"),
+            ("auto-for-claude", "kilo/auto"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let c = Catalog::new(&cfg, env).unwrap();
+        let served = |id| c.route(id, Some("plan")).map(|r| r.resolved.to_owned());
+        assert_eq!(
+            served("claude-sonnet-4-5-20250929").as_deref(),
+            Some("anthropic/sonnet")
+        );
+        assert_eq!(
+            served("claude-opus-4-1-20250805").as_deref(),
+            Some("anthropic/opus")
+        );
+        assert!(
+            c.route("claude-3-5-haiku-20241022", None)
+                .unwrap()
+                .is_free()
+        );
+        assert_eq!(
+            served("auto-for-claude").as_deref(),
+            Some("anthropic/opus"),
+            "then kilo/auto"
+        );
+        assert_eq!(served("claude-unknown"), None, "no alias, no provider: 404");
+        assert_eq!(
+            served("anthropic/sonnet").as_deref(),
+            Some("anthropic/sonnet")
+        );
+        let mut bad = cfg.clone();
+        bad.model_aliases
+            .insert("claude-*".into(), "vendor/missing".into());
+        let e = Catalog::new(&bad, env).unwrap_err();
+        assert!(
+            e.contains("model_aliases.claude-*") && e.contains("vendor/missing"),
+            "{e}"
+        );
+        bad.model_aliases = [("claude-[".to_owned(), "anthropic/sonnet".to_owned())].into();
+        assert!(
+            Catalog::new(&bad, env)
+                .unwrap_err()
+                .contains("not a valid glob")
+        );
     }
 
     #[test]

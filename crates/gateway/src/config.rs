@@ -18,6 +18,12 @@ pub struct GatewayConfig {
     /// `kilo/auto`: `x-kilocode-mode` value → model id. The `default` entry serves a missing or
     /// unknown mode (reference §1.2: plan/architect/ask… → Opus, build/code… → Sonnet).
     pub auto_models: BTreeMap<String, String>,
+    /// Model aliases: a model id clients send (exact, or a glob: `claude-sonnet-*`) → the id
+    /// it is served as, e.g. Claude Code's default `claude-sonnet-4-5-20250929` →
+    /// `anthropic/claude-sonnet-4.6`. Checked before routing, in key order (exact ids sort
+    /// with the rest; a request matching several globs takes the first); the usage row keeps
+    /// the id asked for. Targets must be routable (checked at start). Default: none.
+    pub model_aliases: BTreeMap<String, String>,
     /// Longest silence of an upstream response once it has started (between two chunks of
     /// the body), ms: an idle timeout, so a long stream that keeps sending is never cut.
     /// Default 120,000. A stream cut by it ends with an error event (`docs/gateway.md`).
@@ -66,6 +72,7 @@ impl Default for GatewayConfig {
             providers: Vec::new(),
             default_provider: String::new(),
             auto_models: BTreeMap::new(),
+            model_aliases: BTreeMap::new(),
             upstream_timeout_ms: 120_000,
             upstream_first_byte_timeout_ms: 600_000,
             max_body_bytes: 32 * 1024 * 1024,

@@ -104,6 +104,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
+        model_aliases: [("claude-sonnet-*".to_owned(), PAID.to_owned())].into(),
         upstream_timeout_ms: timeout.as_millis() as u64,
         upstream_first_byte_timeout_ms: timeout.as_millis() as u64,
         free_requests_per_hour_per_ip: 6,
@@ -1040,6 +1041,20 @@ async fn body_limits_model_lookup_and_response_headers(pg: bool) {
         body["error"]["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty())
+    );
+
+    // An alias (Claude Code's own model id) is served as its target; the row keeps both.
+    e.upstream.push(Reply::text("ok", 10, 1));
+    let (status, _, body) = e.chat(ask("claude-sonnet-4-5-20250929", false), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let row = e.usage(me, 1).await.remove(0);
+    assert_eq!(
+        (row.requested_model.as_str(), row.model.as_str()),
+        ("claude-sonnet-4-5-20250929", PAID)
+    );
+    assert_eq!(
+        e.upstream.requests().last().unwrap().body["model"],
+        "upstream-vendor-paid"
     );
 
     // GET /v1/models/{id}: ids with slashes, plain or percent-encoded.
