@@ -11,6 +11,7 @@
 
 mod actors;
 pub mod credential;
+pub mod device;
 pub mod envelope;
 mod error;
 pub mod model;
@@ -134,6 +135,7 @@ impl Identity {
     pub fn new(sub: &Substrate, config: IdentityConfig) -> Self {
         sub.actors().register(OwnerActor);
         sub.actors().register(IndexActor);
+        Self::register_device_auth(sub);
         Self {
             inner: Arc::new(Inner {
                 sub: sub.clone(),

@@ -20,15 +20,34 @@ pub struct Common {
     pub org: Option<String>,
 }
 
-/// `kilocloud login`.
+/// `kilocloud login`: store credentials, or (`approve`/`deny CODE`) decide a device's login.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct LoginArgs {
+    #[command(subcommand)]
+    device: Option<DeviceCommand>,
     /// Server URL, e.g. http://127.0.0.1:8787
-    #[arg(long)]
-    url: String,
+    #[arg(long, required = true)]
+    url: Option<String>,
     /// A JWT or API key (`kc_…`); `-` reads it from stdin (keeps it out of the process list).
-    #[arg(long)]
-    token: String,
+    #[arg(long, required = true)]
+    token: Option<String>,
+}
+
+/// A device's login (`kilo auth login` shows a code and waits), decided with the stored
+/// credential, which must be your own.
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Let the device sign in as you: it gets a token of yours, valid 365 days.
+    Approve {
+        /// The code the device shows (`XXXX-XXXX`; case and dash do not matter).
+        code: String,
+    },
+    /// Refuse the device's login.
+    Deny {
+        /// The code the device shows.
+        code: String,
+    },
 }
 
 /// `kilocloud org …`
@@ -283,7 +302,31 @@ pub(crate) fn print_json(v: &Value) -> anyhow::Result<()> {
 
 /// `kilocloud login`: checks the credential against the server, then stores it.
 pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
-    let token = match args.token.as_str() {
+    if let Some(device) = args.device {
+        let (code, what) = match &device {
+            DeviceCommand::Approve { code } => (code, "approve"),
+            DeviceCommand::Deny { code } => (code, "deny"),
+        };
+        let client = Client::new(Credentials::load()?, None)?;
+        // Codes are letters, digits and a dash; anything else is a typo, not part of it.
+        let code: String = code
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        let path = format!("/api/device-auth/codes/{code}/{what}");
+        client.call(Method::POST, &path, None).await?;
+        match device {
+            DeviceCommand::Approve { .. } => {
+                println!("approved: the device is signed in as you at its next poll")
+            }
+            DeviceCommand::Deny { .. } => println!("denied: the device's login is refused"),
+        }
+        return Ok(());
+    }
+    let (Some(url), Some(token)) = (args.url, args.token) else {
+        anyhow::bail!("kilocloud login needs --url and --token (or: login approve|deny CODE)");
+    };
+    let token = match token.as_str() {
         "-" => {
             let mut t = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
@@ -292,7 +335,7 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         t => t.to_owned(),
     };
     let creds = Credentials {
-        url: args.url.trim_end_matches('/').to_owned(),
+        url: url.trim_end_matches('/').to_owned(),
         token,
     };
     let me = Client::new(creds.clone(), None)?

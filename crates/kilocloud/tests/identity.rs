@@ -183,11 +183,41 @@ async fn done_when(store: Store) {
         "{err}"
     );
 
+    // A device login (the Kilo CLI's `kilo auth login`): a code, approved with this CLI.
+    let started = node
+        .http
+        .post(node.url("/api/device-auth/codes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 200);
+    let started: Value = started.json().await.unwrap();
+    let code = started["code"].as_str().unwrap().to_owned();
+    let poll = || {
+        node.http
+            .get(node.url(&format!("/api/device-auth/codes/{code}")))
+            .send()
+    };
+    assert_eq!(poll().await.unwrap().status(), 202);
+    let out = a(&["login", "approve", &code]);
+    assert!(out.contains("approved"), "{out}");
+    let approved: Value = poll().await.unwrap().json().await.unwrap();
+    assert_eq!(approved["userEmail"], "admin@localhost", "{approved}");
+    let device_token = approved["token"].as_str().unwrap().to_owned();
+    let me = node
+        .http
+        .get(node.url("/api/users/me"))
+        .bearer_auth(&device_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200, "the device's token works");
+
     // The server's log never saw a secret.
     node.sigterm();
     let log = read_log();
     for line in log_lines(&log) {
-        for secret in [SECRET_VALUE, &admin_key, &bob_key, &key] {
+        for secret in [SECRET_VALUE, &admin_key, &bob_key, &key, &device_token] {
             assert!(!line.contains(secret), "secret in the log: {line}");
         }
     }

@@ -61,6 +61,8 @@ pub struct AppState {
     /// Proxies whose `Forwarded`/`X-Forwarded-For` headers name the client (see
     /// [`auth::ClientIp`]).
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// Device codes started per client address: 10 a minute.
+    pub device_codes: Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
     /// Prometheus exposition handle.
     pub metrics: PrometheusHandle,
 }
@@ -129,6 +131,9 @@ impl AppState {
                 options.auth_failures_per_minute,
             )),
             trusted_proxies: options.trusted_proxies.clone().into(),
+            device_codes: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
+                std::num::NonZeroU32::new(10).expect("non-zero"),
+            ))),
             metrics: observability::metrics_handle(),
         }
         .with_zeroed_metrics()
@@ -193,6 +198,7 @@ pub fn router(state: AppState) -> Router {
         // OpenAPI document as `/api/gateway/v1/models/{id}`).
         .route("/api/gateway/v1/models/{*id}", get(api::gateway::v1_model))
         .route("/api/gateway/models/{*id}", get(api::gateway::v1_model))
+        .route("/device-auth", get(api::device::page))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -232,6 +232,9 @@ struct Fixture {
     org_key: Uuid,
     org_bot: Uuid,
     org_secret: &'static str,
+    /// Pending device codes: one to poll and approve, one to deny.
+    device_code: String,
+    device_code_denied: String,
 }
 
 impl Fixture {
@@ -282,6 +285,8 @@ impl Fixture {
             org_key: key.id,
             org_bot: bot.id,
             org_secret: "ORG_SECRET",
+            device_code: e.id.device_start().await.unwrap(),
+            device_code_denied: e.id.device_start().await.unwrap(),
         }
     }
 
@@ -338,6 +343,9 @@ enum Access {
     /// An inbound webhook (GitHub's, a trigger's): no bearer credential, authenticated by
     /// its signature or secret (tested in `automation.rs`); 503 `automation_disabled` here.
     Webhook,
+    /// A signed-in user's personal credential, acting once (a device approval): the owner
+    /// succeeds, an organization's key is refused.
+    Personal,
 }
 
 struct Route {
@@ -639,6 +647,34 @@ fn routes() -> Vec<Route> {
             path: "/api/gateway/v1/models",
             access: Public,
             uri: |_| "/api/gateway/v1/models".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/device-auth/codes",
+            access: Public,
+            uri: |_| "/api/device-auth/codes".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/device-auth/codes/{code}",
+            access: Public,
+            uri: |f| format!("/api/device-auth/codes/{}", f.device_code),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/device-auth/codes/{code}/approve",
+            access: Personal,
+            uri: |f| format!("/api/device-auth/codes/{}/approve", f.device_code),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/device-auth/codes/{code}/deny",
+            access: Personal,
+            uri: |f| format!("/api/device-auth/codes/{}/deny", f.device_code_denied),
             body: none,
         },
         Route {
@@ -1068,7 +1104,12 @@ async fn access_matrix(pg: bool) {
 
         if matches!(route.access, Access::Public) {
             let r = call(None, None).await;
-            assert_eq!(r.status, StatusCode::OK, "{label} is public: {}", r.body);
+            assert!(
+                r.status.is_success(),
+                "{label} is public: {} {}",
+                r.status,
+                r.body
+            );
             continue;
         }
         if matches!(route.access, Access::Webhook) {
@@ -1182,6 +1223,15 @@ async fn access_matrix(pg: bool) {
                     (r.status, r.code()),
                     (StatusCode::SERVICE_UNAVAILABLE, "agent_disabled"),
                     "{label} as member: {}",
+                    r.body
+                );
+            }
+            Access::Personal => {
+                let r = call(Some(&f.owner), None).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as owner: {} {}",
+                    r.status,
                     r.body
                 );
             }
@@ -1788,7 +1838,115 @@ async fn auth_failures_are_rate_limited(pg: bool) {
     assert_eq!(r.status, StatusCode::OK);
 }
 
+/// Device login as the Kilo CLI runs it: a code without credentials, polled (202) until a
+/// signed-in user approves it, then one 200 with a working token and the user's email, then
+/// 410; a denied code answers 403; an expired one 410; an org's key cannot approve.
+async fn device_login(pg: bool) {
+    let e = env(pg, 100).await;
+    let f = Fixture::new(&e).await;
+    let start = || {
+        send(
+            &e.app,
+            request("POST", "/api/device-auth/codes", None, None, None),
+        )
+    };
+    let poll = |code: String| {
+        send(
+            &e.app,
+            request(
+                "GET",
+                &format!("/api/device-auth/codes/{code}"),
+                None,
+                None,
+                None,
+            ),
+        )
+    };
+    let decide = |code: &str, what: &str, token: String| {
+        send(
+            &e.app,
+            request(
+                "POST",
+                &format!("/api/device-auth/codes/{code}/{what}"),
+                Some(&token),
+                None,
+                None,
+            ),
+        )
+    };
+    let r = start().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let code = r.body["code"].as_str().unwrap().to_owned();
+    assert_eq!(r.body["expiresIn"], 600);
+    assert!(
+        r.body["verificationUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/device-auth?code={code}")),
+        "{}",
+        r.body
+    );
+    assert_eq!(poll(code.clone()).await.status, StatusCode::ACCEPTED);
+    // An organization's key is not the user's own credential.
+    let (org_key, _) =
+        e.id.create_api_key(Owner::Org(f.org), "device", None, &by(f.owner_id))
+            .await
+            .unwrap();
+    let r = decide(&code, "approve", org_key).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // Typed in lower case without the dash, as users do.
+    let typed = code.replace('-', "").to_lowercase();
+    let r = decide(&typed, "approve", f.owner.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = poll(code.clone()).await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (StatusCode::OK, Some("approved"))
+    );
+    assert!(r.body["userEmail"].as_str().unwrap().starts_with("owner-"));
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    let me = send(
+        &e.app,
+        request("GET", "/api/users/me", Some(&token), None, None),
+    )
+    .await;
+    assert_eq!(me.status, StatusCode::OK, "the device's token works");
+    assert_eq!(me.body["user"]["id"], f.owner_id.to_string());
+    assert_eq!(
+        poll(code.clone()).await.status,
+        StatusCode::GONE,
+        "handed out once"
+    );
+    let r = decide(&code, "approve", f.owner.clone()).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let denied = start().await.body["code"].as_str().unwrap().to_owned();
+    assert_eq!(
+        decide(&denied, "deny", f.member.clone()).await.status,
+        StatusCode::OK
+    );
+    let r = poll(denied).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "device_denied")
+    );
+
+    let late = start().await.body["code"].as_str().unwrap().to_owned();
+    e.clock.advance(601_000);
+    let r = poll(late.clone()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::GONE, "device_code_expired")
+    );
+    assert_eq!(
+        decide(&late, "approve", f.owner.clone()).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(poll("NONE-SUCH".into()).await.status, StatusCode::GONE);
+}
+
 kilocloud_test_support::on_both_backends!(
+    device_login,
     access_matrix,
     credential_failures,
     auth_failures_are_rate_limited

@@ -8,6 +8,7 @@
 pub mod automation;
 mod bots;
 pub mod claw;
+pub mod device;
 pub mod gateway;
 mod orgs;
 mod secrets;
@@ -96,6 +97,10 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(tokens::create_key, tokens::list_keys))
         .routes(routes!(tokens::revoke_key))
         .routes(routes!(tokens::issue_jwt))
+        .routes(routes!(device::create_code))
+        .routes(routes!(device::poll_code))
+        .routes(routes!(device::approve_code))
+        .routes(routes!(device::deny_code))
         .routes(routes!(tickets::issue_ticket))
         .routes(routes!(tickets::redeem_ticket))
         .routes(routes!(secrets::list_secrets))
