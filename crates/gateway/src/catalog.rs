@@ -349,6 +349,27 @@ impl Catalog {
             .collect()
     }
 
+    /// The models a client without its own choice should use: `kilo/auto` when the auto table
+    /// has entries, else the first paid catalog model (else the first); and the first free
+    /// model, else `kilo-auto/free`.
+    pub fn default_models(&self) -> (Option<String>, String) {
+        let models: Vec<&ModelConfig> = self.providers.iter().flat_map(|p| &p.models).collect();
+        let paid = if self.auto.is_empty() {
+            models
+                .iter()
+                .find(|m| !m.free)
+                .or(models.first())
+                .map(|m| m.id.clone())
+        } else {
+            Some("kilo/auto".to_owned())
+        };
+        let free = models
+            .iter()
+            .find(|m| m.free)
+            .map_or_else(|| "kilo-auto/free".to_owned(), |m| m.id.clone());
+        (paid, free)
+    }
+
     /// One catalog model by id (exact).
     pub fn model(&self, id: &str) -> Option<ModelView> {
         self.models().into_iter().find(|m| m.id == id)
@@ -463,6 +484,10 @@ mod tests {
             "anthropic/opus"
         );
         assert_eq!(c.models().len(), 3);
+        assert_eq!(
+            c.default_models(),
+            (Some("kilo/auto".to_owned()), "free/small".to_owned())
+        );
         let (byok, secret) = c.byok("Anthropic/sonnet").unwrap();
         assert_eq!((byok.id.as_str(), secret.as_str()), ("b", "BYOK_ANTHROPIC"));
         assert!(c.byok("openai/gpt").is_none() && c.byok("no-slash").is_none());

@@ -370,6 +370,34 @@ fn routes() -> Vec<Route> {
             body: none,
         },
         Route {
+            method: "GET",
+            path: "/api/profile",
+            access: SignedIn,
+            uri: |_| "/api/profile".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/user",
+            access: SignedIn,
+            uri: |_| "/api/user".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/defaults",
+            access: Public,
+            uri: |_| "/api/defaults".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/organizations/{id}/defaults",
+            access: OrgPath(Role::Member),
+            uri: |f| format!("/api/organizations/{}/defaults", f.org),
+            body: none,
+        },
+        Route {
             method: "POST",
             path: "/api/users/me/rotate-pepper",
             access: SignedIn,
@@ -1939,7 +1967,68 @@ async fn device_login(pg: bool) {
     assert_eq!(poll("NONE-SUCH".into()).await.status, StatusCode::GONE);
 }
 
+/// The account routes the Kilo Code CLI reads after login, in its shapes: the profile (email
+/// and name nested and at the top, organizations with roles, the selection rule's inputs),
+/// `/api/user`'s status, and the default models.
+async fn kilo_cli_account_shapes(pg: bool) {
+    let e = env(pg, 100).await;
+    let f = Fixture::new(&e).await;
+    let r = send(
+        &e.app,
+        request("GET", "/api/profile", Some(&f.owner), None, None),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["email"], r.body["user"]["email"]);
+    assert_eq!(r.body["name"], r.body["user"]["name"]);
+    assert_eq!(r.body["hasPersonalAccount"], true);
+    assert_eq!(r.body["selectedOrganizationId"], Value::Null);
+    let orgs = r.body["organizations"].as_array().unwrap();
+    assert_eq!(orgs.len(), 1);
+    assert_eq!(
+        (
+            orgs[0]["id"].as_str(),
+            orgs[0]["name"].as_str(),
+            orgs[0]["role"].as_str()
+        ),
+        (
+            Some(f.org.to_string().as_str()),
+            Some("Acme"),
+            Some("owner")
+        )
+    );
+    // A token pinned to the organization selects it and has no personal account.
+    let (pinned, _) =
+        e.id.issue_jwt(f.owner_id, Some(f.org), None, 3600, &by(f.owner_id))
+            .await
+            .unwrap();
+    let r = send(
+        &e.app,
+        request("GET", "/api/profile", Some(&pinned), None, None),
+    )
+    .await;
+    assert_eq!(r.body["selectedOrganizationId"], f.org.to_string());
+    assert_eq!(r.body["hasPersonalAccount"], false);
+    let r = send(
+        &e.app,
+        request("GET", "/api/user", Some(&f.owner), None, None),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = send(
+        &e.app,
+        request("GET", "/api/user", Some("kc_wrong"), None, None),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = send(&e.app, request("GET", "/api/defaults", None, None, None)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body["defaultFreeModel"].is_string(), "{}", r.body);
+    assert!(r.body.get("defaultModel").is_some(), "{}", r.body);
+}
+
 kilocloud_test_support::on_both_backends!(
+    kilo_cli_account_shapes,
     device_login,
     access_matrix,
     credential_failures,

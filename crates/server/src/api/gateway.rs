@@ -1334,6 +1334,43 @@ pub async fn v1_model(
     })
 }
 
+/// Default models, as the Kilo Code CLI reads them (contract §2a).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Defaults {
+    /// For signed-in callers: `kilo/auto` when the auto table is configured, else the first
+    /// paid catalog model; absent with an empty catalog.
+    pub default_model: Option<String>,
+    /// For anonymous callers: the first free catalog model, else `kilo-auto/free`.
+    pub default_free_model: String,
+}
+
+fn defaults_of(s: &AppState) -> Defaults {
+    let (default_model, default_free_model) = s.gateway.catalog.default_models();
+    Defaults {
+        default_model,
+        default_free_model,
+    }
+}
+
+/// `GET /api/defaults`: default models. Public (the CLI reads `defaultModel` with a token,
+/// `defaultFreeModel` without).
+#[utoipa::path(get, path = "/api/defaults", tag = "gateway",
+    responses((status = 200, body = Defaults)))]
+pub async fn defaults(State(s): State<AppState>) -> Json<Defaults> {
+    Json(defaults_of(&s))
+}
+
+/// `GET /api/organizations/{id}/defaults` (members): the organization's default models (the
+/// server's).
+#[utoipa::path(get, path = "/api/organizations/{id}/defaults", tag = "gateway",
+    params(("id" = uuid::Uuid, Path, description = "Organization id")),
+    responses((status = 200, body = Defaults), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn org_defaults(State(s): State<AppState>, _access: OrgAccess<Member>) -> Json<Defaults> {
+    Json(defaults_of(&s))
+}
+
 /// The providers.
 #[derive(Serialize, ToSchema)]
 pub struct ProviderList {

@@ -86,6 +86,10 @@ impl Modify for Security {
 pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(users::me))
+        .routes(routes!(users::profile))
+        .routes(routes!(users::user))
+        .routes(routes!(gateway::defaults))
+        .routes(routes!(gateway::org_defaults))
         .routes(routes!(users::rotate_pepper))
         .routes(routes!(users::create_user))
         .routes(routes!(users::my_audit))

@@ -36,29 +36,87 @@ pub struct Me {
     security(("bearer" = [])))]
 pub async fn me(State(s): State<AppState>, auth: AuthUser) -> Result<Json<Me>, ApiError> {
     let p = &auth.principal;
-    let user = s
-        .identity
-        .user(p.user)
-        .await?
-        .ok_or_else(|| ApiError::not_found("user not found"))?;
+    let (user, organizations) = caller(&s, p).await?;
     Ok(Json(Me {
-        user: UserView::from(&user),
+        user,
         credential: match p.credential {
             kilocloud_identity::Credential::Jwt => "jwt",
             kilocloud_identity::Credential::ApiKey(_) => "api_key",
         },
         pinned_organization_id: p.pinned_org,
         bot_id: p.bot,
-        // A pinned or bot credential sees only what it may act for, not all of the user's.
-        organizations: match p.is_personal() {
-            true => s.identity.orgs_of(p.user).await?,
-            false => {
-                let mut orgs = s.identity.orgs_of(p.user).await?;
-                orgs.retain(|o| Some(o.org.id) == p.pinned_org);
-                orgs
-            }
-        },
+        organizations,
     }))
+}
+
+/// The caller's user and the organizations their credential may act for: all of the user's
+/// for a personal credential, only the pinned one for a pinned or bot credential.
+async fn caller(
+    s: &AppState,
+    p: &kilocloud_identity::Principal,
+) -> Result<(UserView, Vec<OrgMembershipView>), ApiError> {
+    let user = s
+        .identity
+        .user(p.user)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user not found"))?;
+    let mut orgs = s.identity.orgs_of(p.user).await?;
+    if !p.is_personal() {
+        orgs.retain(|o| Some(o.org.id) == p.pinned_org);
+    }
+    Ok((UserView::from(&user), orgs))
+}
+
+/// The caller as the Kilo Code CLI reads it after `kilo auth login` (contract §2a): email
+/// and name (nested and at the top), organizations with roles, the organization to select.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Profile {
+    /// The user.
+    pub user: UserView,
+    /// The user's email (as `user.email`).
+    pub email: String,
+    /// The user's name (as `user.name`).
+    pub name: String,
+    /// `[{id, name, role, …}]`, as in `GET /api/users/me`.
+    pub organizations: Vec<OrgMembershipView>,
+    /// The organization a pinned credential acts for; none for a personal one.
+    pub selected_organization_id: Option<uuid::Uuid>,
+    /// Whether the credential may act for the user personally (false when pinned to an
+    /// organization: the CLI then picks that organization).
+    pub has_personal_account: bool,
+}
+
+/// `GET /api/profile`: the caller, in the shape the Kilo Code CLI reads.
+#[utoipa::path(get, path = "/api/profile", tag = "users",
+    responses((status = 200, body = Profile), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn profile(State(s): State<AppState>, auth: AuthUser) -> Result<Json<Profile>, ApiError> {
+    let p = &auth.principal;
+    let (user, organizations) = caller(&s, p).await?;
+    Ok(Json(Profile {
+        email: user.email.clone(),
+        name: user.name.clone(),
+        user,
+        organizations,
+        selected_organization_id: p.pinned_org,
+        has_personal_account: p.pinned_org.is_none(),
+    }))
+}
+
+/// `GET /api/user`: `{id, email}` of the caller. The Kilo Code CLI reads only the status (2xx:
+/// the token is valid) before it ingests sessions.
+#[utoipa::path(get, path = "/api/user", tag = "users",
+    responses((status = 200, description = "`{id, email}`"), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn user(
+    State(s): State<AppState>,
+    auth: AuthUser,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (user, _) = caller(&s, &auth.principal).await?;
+    Ok(Json(
+        serde_json::json!({"id": user.id, "email": user.email}),
+    ))
 }
 
 /// `POST /api/users/me/rotate-pepper`: revokes every JWT of the caller (API keys stay valid).
