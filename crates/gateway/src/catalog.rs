@@ -370,6 +370,13 @@ impl Catalog {
         (paid, free)
     }
 
+    /// Every catalog model with the provider that serves it, in catalog order.
+    pub fn entries(&self) -> impl Iterator<Item = (&Provider, &ModelConfig)> {
+        self.providers
+            .iter()
+            .flat_map(|p| p.models.iter().map(move |m| (p, m)))
+    }
+
     /// One catalog model by id (exact).
     pub fn model(&self, id: &str) -> Option<ModelView> {
         self.models().into_iter().find(|m| m.id == id)

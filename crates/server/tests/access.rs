@@ -648,6 +648,30 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "POST",
+            path: "/api/openrouter/messages",
+            access: AnonymousFree,
+            uri: |_| "/api/openrouter/messages".into(),
+            body: |_| {
+                Some(json!({"model": FREE_CLAUDE, "max_tokens": 10,
+                    "messages": [{"role": "user", "content": "hi"}]}))
+            },
+        },
+        Route {
+            method: "GET",
+            path: "/api/openrouter/models",
+            access: Public,
+            uri: |_| "/api/openrouter/models".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/organizations/{id}/models",
+            access: OrgPath(Role::Member),
+            uri: |f| format!("/api/organizations/{}/models", f.org),
+            body: none,
+        },
+        Route {
+            method: "POST",
             path: "/api/gateway/v1/messages/count_tokens",
             access: AnonymousFree,
             uri: |_| "/api/gateway/v1/messages/count_tokens".into(),

@@ -1057,6 +1057,26 @@ async fn body_limits_model_lookup_and_response_headers(pg: bool) {
         "upstream-vendor-paid"
     );
 
+    // The catalog in the Kilo CLI's shape: prices per token as strings, tools supported.
+    let (status, list) = e.call("GET", "/api/openrouter/models", &e.key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let paid = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == PAID)
+        .unwrap();
+    assert_eq!(paid["pricing"]["prompt"], "0.000003");
+    assert_eq!(paid["pricing"]["completion"], "0.000015");
+    assert!(
+        paid["supported_parameters"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("tools"))
+    );
+    assert_eq!(paid["opencode"]["ai_sdk_provider"], "openai-compatible");
+    assert_eq!(paid["isFree"], false);
+
     // GET /v1/models/{id}: ids with slashes, plain or percent-encoded.
     for uri in [
         "/api/gateway/v1/models/vendor/paid",

@@ -1334,6 +1334,103 @@ pub async fn v1_model(
     })
 }
 
+/// One model as the Kilo Code CLI's catalog reads it (contract §2a, OpenRouter's model
+/// shape): prices in USD per token as strings, `tools` among the supported parameters (the
+/// CLI drops models without it), and `opencode.ai_sdk_provider` naming the API the CLI then
+/// calls: `anthropic` (Messages, `/api/openrouter/messages`) for Anthropic providers,
+/// `openai-compatible` (Chat Completions) for the rest.
+fn cli_model(
+    id: &str,
+    kind: ProviderKind,
+    context_length: u64,
+    prices: [f64; 4],
+    free: bool,
+) -> Value {
+    let per_token = |usd_per_million: f64| format!("{}", usd_per_million / 1e6);
+    json!({
+        "id": id,
+        "name": id,
+        "context_length": context_length,
+        "pricing": {
+            "prompt": per_token(prices[0]),
+            "completion": per_token(prices[1]),
+            "input_cache_read": per_token(prices[2]),
+            "input_cache_write": per_token(prices[3]),
+        },
+        "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+        "top_provider": {"max_completion_tokens": null},
+        "supported_parameters": ["tools", "temperature"],
+        "isFree": free,
+        "opencode": {"ai_sdk_provider": match kind {
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::OpenaiCompatible | ProviderKind::Openrouter => "openai-compatible",
+        }},
+    })
+}
+
+/// The catalog as the Kilo Code CLI reads it, without the models `policy` does not allow and
+/// with its custom models (`kilo/<id>`).
+fn cli_models(s: &AppState, policy: Option<&OrgPolicy>) -> Json<Value> {
+    let mut data: Vec<Value> = s
+        .gateway
+        .catalog
+        .entries()
+        .filter(|(_, m)| policy.is_none_or(|p| p.allows(&m.id)))
+        .map(|(p, m)| {
+            let prices = [
+                m.input_price,
+                m.output_price,
+                m.cache_read_price,
+                m.cache_write_price,
+            ];
+            cli_model(&m.id, p.kind, m.context_length, prices, m.free)
+        })
+        .collect();
+    for c in policy.map_or(&[][..], |p| p.custom_models.as_slice()) {
+        let id = format!("kilo/{}", c.id);
+        data.push(cli_model(&id, c.kind, c.context_length, [0.0; 4], true));
+    }
+    Json(json!({"data": data}))
+}
+
+/// `GET /api/openrouter/models`: the catalog in the Kilo Code CLI's shape. Public.
+#[utoipa::path(get, path = "/api/openrouter/models", tag = "gateway",
+    responses((status = 200, description = "`{data: [model…]}`")))]
+pub async fn openrouter_models(State(s): State<AppState>) -> Json<Value> {
+    cli_models(&s, None)
+}
+
+/// `GET /api/organizations/{id}/models` (members): the catalog as the organization's policy
+/// allows it, with its custom models, in the Kilo Code CLI's shape.
+#[utoipa::path(get, path = "/api/organizations/{id}/models", tag = "gateway",
+    params(("id" = uuid::Uuid, Path, description = "Organization id")),
+    responses((status = 200, description = "`{data: [model…]}`"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn org_models(
+    State(s): State<AppState>,
+    access: OrgAccess<Member>,
+) -> Result<Json<Value>, ApiError> {
+    let policy = s.gateway.policies.get(access.org).await?;
+    Ok(cli_models(&s, Some(&policy)))
+}
+
+/// `POST /api/openrouter/messages`: the reference's path of the Messages API (the Kilo Code
+/// CLI calls it for models whose `ai_sdk_provider` is `anthropic`), same handler as
+/// `/api/gateway/v1/messages`.
+#[utoipa::path(post, path = "/api/openrouter/messages", tag = "gateway",
+    request_body(content = Object, description = "Anthropic Messages request"),
+    responses((status = 200, description = "as /api/gateway/v1/messages")),
+    security(("bearer" = [])))]
+pub async fn openrouter_messages(
+    State(s): State<AppState>,
+    caller: GatewayCaller,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy(s, Endpoint::Messages, caller, ip, headers, body).await
+}
+
 /// Default models, as the Kilo Code CLI reads them (contract §2a).
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
