@@ -1,7 +1,9 @@
 //! The official Kilo Code CLI (`@kilocode/cli` 7.7.7 from npm, installed by `scripts/test`
 //! and named by `KILOCLOUD_TEST_KILO`) against a real `kilocloud serve`: `kilo auth login -p
 //! kilo` shows a device code from our server, a signed-in user approves it with `kilocloud
-//! login approve`, the CLI logs in, and `kilo profile --json` reads the account back.
+//! login approve`, the CLI logs in, and `kilo profile --json` reads the account back; and
+//! `kilo run --model kilo/<id>` with an API key answers through our gateway (the fake
+//! provider behind it) and is charged.
 
 mod common;
 
@@ -99,6 +101,88 @@ async fn device_login(store: Store) {
         (Some("admin@localhost"), Some("Personal")),
         "{profile}"
     );
+}
+
+/// `kilo run --model kilo/<id>` with an API key: the CLI's chat request goes through our
+/// gateway to the fake provider, the reply is printed, and the owner is charged.
+async fn run_through_the_gateway(store: Store) {
+    use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+    let upstream = FakeOpenAi::start().await;
+    let config = store.dir().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\n[[gateway.providers]]\nid = \"fake\"\nkind = \"openai-compatible\"\n\
+             base_url = \"{}\"\napi_key = \"upstream-key\"\n[[gateway.providers.models]]\n\
+             id = \"vendor/paid\"\ncontext_length = 100000\ninput_price = 3.0\noutput_price = 15.0\n",
+            upstream.base_url
+        ),
+    )
+    .unwrap();
+    let node = Node::start_with(&store, "node.log", &["--config", config.to_str().unwrap()]);
+    let (key, _) = common::admin_login(&store, &node, "node.log").await;
+    for _ in 0..4 {
+        upstream.push(Reply::text("The answer is forty-two.", 120, 8));
+    }
+    let home = store.dir().join("kilo-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let api_url = node.url("").trim_end_matches('/').to_owned();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        kilo_command(&home, &api_url)
+            .env("KILO_API_KEY", &key)
+            .args(["run", "--model", "kilo/vendor/paid", "What is the answer?"])
+            .current_dir(store.dir())
+            .output(),
+    )
+    .await
+    .expect("kilo run finishes (a guard against hangs)")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("forty-two"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let sent = upstream.requests();
+    assert!(
+        !sent.is_empty(),
+        "the CLI's request reached the provider through us"
+    );
+    assert_eq!(sent[0].body["model"], "vendor/paid");
+    // Charged to the key's owner (recorded just after the response: wait for the row).
+    let row = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let usage: Value = node
+                .http
+                .get(node.url("/api/usage"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if let Some(row) = usage["usage"].as_array().and_then(|rows| rows.first()) {
+                return row.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the request is recorded (a guard against hangs)");
+    assert_eq!(row["model"], "vendor/paid", "{row}");
+    assert!(row["costMicrodollars"].as_i64().unwrap() > 0, "{row}");
+}
+
+#[tokio::test]
+async fn kilo_run_sqlite() {
+    run_through_the_gateway(Store::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn kilo_run_postgres() {
+    run_through_the_gateway(Store::postgres().await).await;
 }
 
 #[tokio::test]
