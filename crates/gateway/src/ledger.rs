@@ -140,7 +140,7 @@ pub struct UsageRow {
     /// `x-kilocode-mode`.
     pub mode: Option<String>,
     /// The provider reported no usage (a stream cut short, or a provider that omits it): the
-    /// tokens are estimated from the request and the content relayed (4 characters a token).
+    /// tokens are estimated from the request and the content relayed (counted with the `cl100k_base` tokenizer).
     #[serde(default)]
     pub estimated: bool,
     /// `X-KiloCode-Feature`.

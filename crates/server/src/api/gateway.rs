@@ -214,16 +214,7 @@ pub async fn v1_count_tokens(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let body = read_body(body, s.gateway.max_body_bytes).await?;
-    let request: Value = serde_json::from_slice(&body)
-        .ok()
-        .filter(Value::is_object)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "the body must be a JSON object",
-            )
-        })?;
+    let request: Value = json_object(&body)?;
     let model = request["model"].as_str().unwrap_or("");
     let missing = || {
         ApiError::new(
@@ -260,11 +251,7 @@ pub async fn v1_count_tokens(
     if !custom {
         let route = s.gateway.catalog.route(model, None).ok_or_else(missing)?;
         if scope.is_none() && !route.is_free() {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "PAID_MODEL_AUTH_REQUIRED",
-                "sign in (an API key or token) to use paid models",
-            ));
+            return Err(paid_model_auth_required());
         }
     }
     Ok(Json(
@@ -288,6 +275,29 @@ pub async fn v1_embeddings(
     body: Body,
 ) -> Response {
     proxy(s, Endpoint::Embeddings, caller, ip, headers, body).await
+}
+
+/// A request body that must be a JSON object. Errors: 400 `invalid_json`.
+fn json_object(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            )
+        })
+}
+
+/// 401 `PAID_MODEL_AUTH_REQUIRED`: a paid model without credentials (reference §1.5).
+fn paid_model_auth_required() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "PAID_MODEL_AUTH_REQUIRED",
+        "sign in (an API key or token) to use paid models",
+    )
 }
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -367,16 +377,7 @@ async fn forward(
     let started = Instant::now();
     let at_ms = s.substrate.clock().now_ms();
     let g = &s.gateway;
-    let mut request: Value = serde_json::from_slice(&body)
-        .ok()
-        .filter(Value::is_object)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "the body must be a JSON object",
-            )
-        })?;
+    let mut request: Value = json_object(&body)?;
     let requested = request["model"].as_str().unwrap_or("").to_owned();
     let mode = header_str(&headers, "x-kilocode-mode");
     let model_missing = || {
@@ -437,11 +438,7 @@ async fn forward(
     }
     // Anonymous callers may use free models only (reference §1.5).
     if scope.is_none() && !free {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "PAID_MODEL_AUTH_REQUIRED",
-            "sign in (an API key or token) to use paid models",
-        ));
+        return Err(paid_model_auth_required());
     }
     if let Some(policy) = &policy
         && custom.is_none()
