@@ -93,9 +93,7 @@ pub enum StreamFormat {
 #[derive(Debug, Default)]
 pub struct SseUsageScanner {
     format: StreamFormat,
-    line: Vec<u8>,
-    /// The last byte was `\r`: a following `\n` ends no second line.
-    after_cr: bool,
+    lines: SseLines,
     usage: Option<Usage>,
     /// Generated content seen (text and tool-call arguments), at most [`MAX_CONTENT`] bytes,
     /// for estimating the output when the stream ends before reporting usage.
@@ -109,8 +107,45 @@ pub struct SseUsageScanner {
 /// Most generated content kept for counting its tokens, bytes.
 const MAX_CONTENT: usize = 4 << 20;
 
-/// Longest SSE line kept for parsing, bytes; a longer line is skipped (a usage chunk is small).
-const MAX_LINE: usize = 1 << 20;
+/// Longest SSE line kept, bytes (16 MiB: a chunk with a large tool-call argument still fits);
+/// the rest of a longer line is dropped.
+const MAX_LINE: usize = 16 << 20;
+
+/// Splits an SSE byte stream into lines, across chunk boundaries. Lines end in CRLF, LF or CR
+/// (WHATWG HTML, "Server-sent events").
+#[derive(Debug, Default)]
+pub struct SseLines {
+    line: Vec<u8>,
+    /// The last byte was `\r`: a following `\n` ends no second line.
+    after_cr: bool,
+}
+
+impl SseLines {
+    /// Consumes `bytes`, calling `on_line` with each line completed (without its end).
+    pub fn feed(&mut self, bytes: &[u8], mut on_line: impl FnMut(&[u8])) {
+        for &b in bytes {
+            match b {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\n' | b'\r' => {
+                    self.after_cr = b == b'\r';
+                    on_line(&self.line);
+                    self.line.clear();
+                }
+                _ => {
+                    self.after_cr = false;
+                    if self.line.len() < MAX_LINE {
+                        self.line.push(b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The payload of an SSE `data:` line, trimmed; `None` for any other line.
+pub fn sse_data(line: &[u8]) -> Option<&[u8]> {
+    Some(line.strip_prefix(b"data:")?.trim_ascii())
+}
 
 impl SseUsageScanner {
     /// A scanner for streams in `format`.
@@ -123,30 +158,15 @@ impl SseUsageScanner {
 
     /// Consumes the next bytes of the stream.
     pub fn feed(&mut self, bytes: &[u8]) {
-        // SSE lines end in CRLF, LF or CR (WHATWG HTML, "Server-sent events").
-        for &b in bytes {
-            match b {
-                b'\n' if self.after_cr => self.after_cr = false,
-                b'\n' | b'\r' => {
-                    self.after_cr = b == b'\r';
-                    self.line_done();
-                }
-                _ => {
-                    self.after_cr = false;
-                    if self.line.len() < MAX_LINE {
-                        self.line.push(b);
-                    }
-                }
-            }
-        }
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(bytes, |line| self.line_done(line));
+        self.lines = lines;
     }
 
-    fn line_done(&mut self) {
-        let line = std::mem::take(&mut self.line);
-        let Some(data) = line.strip_prefix(b"data:") else {
+    fn line_done(&mut self, line: &[u8]) {
+        let Some(data) = sse_data(line) else {
             return;
         };
-        let data = data.trim_ascii();
         if data == b"[DONE]" {
             self.complete |= self.format == StreamFormat::OpenAi;
             return;

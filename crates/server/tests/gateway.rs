@@ -17,6 +17,7 @@ use kilocloud_server::api::gateway;
 use kilocloud_server::{AppState, ServerOptions, router};
 use kilocloud_substrate::{Clock, ManualClock};
 use kilocloud_test_support::TestStore;
+use kilocloud_test_support::fake_anthropic::{FakeAnthropic, Reply as AnthropicReply};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -26,6 +27,8 @@ const PAID: &str = "vendor/paid";
 const FREE: &str = "vendor/free";
 /// Served by `fake`, falling back to `backup`.
 const RESILIENT: &str = "vendor/resilient";
+/// Served by `claude`, an Anthropic provider.
+const CLAUDE: &str = "anthropic/claude";
 
 struct Env {
     _store: TestStore,
@@ -33,6 +36,8 @@ struct Env {
     upstream: FakeOpenAi,
     /// The `backup` provider: fallback for RESILIENT, and BYOK for `vendor/…`.
     backup: FakeOpenAi,
+    /// The `claude` provider (Anthropic Messages), serving CLAUDE.
+    anthropic: FakeAnthropic,
     id: Identity,
     ledger: Ledger,
     gateway: Arc<gateway::GatewayState>,
@@ -75,6 +80,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
     );
     let upstream = FakeOpenAi::start().await;
     let backup = FakeOpenAi::start().await;
+    let anthropic = FakeAnthropic::start().await;
     let resilient = ModelConfig {
         fallback_providers: vec!["backup".into()],
         ..model(RESILIENT, false)
@@ -98,6 +104,15 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
                 api_key_env: String::new(),
                 byok_family: "vendor".into(),
                 models: Vec::new(),
+            },
+            ProviderConfig {
+                id: "claude".into(),
+                kind: ProviderKind::Anthropic,
+                base_url: anthropic.base_url.clone(),
+                api_key: "anthropic-platform-key".into(),
+                api_key_env: String::new(),
+                byok_family: String::new(),
+                models: vec![model(CLAUDE, false)],
             },
         ],
         auto_models: [("build", PAID), ("plan", FREE)]
@@ -136,6 +151,7 @@ async fn env_with(postgres: bool, timeout: Duration, limits: Limits) -> Env {
         sub,
         upstream,
         backup,
+        anthropic,
         id,
         ledger,
         gateway,
@@ -207,6 +223,29 @@ impl Env {
         )
     }
 
+    /// A POST of `body` to `uri` as this user: (status, content type, body text).
+    async fn post_text(&self, uri: &str, body: Value) -> (StatusCode, String, String) {
+        let req = Request::post(uri)
+            .header("authorization", format!("Bearer {}", self.key))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        self.gateway.settle().await;
+        let content_type = parts
+            .headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (
+            parts.status,
+            content_type,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
     /// Any other request, as `key`: (status, JSON body).
     async fn call(
         &self,
@@ -230,6 +269,26 @@ impl Env {
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
     }
+}
+
+/// The `(event name, data)` pairs of an SSE body (`""` for unnamed events; `[DONE]` as a
+/// string).
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap_or_else(|_| d.into());
+                }
+            }
+            (name, data)
+        })
+        .collect()
 }
 
 fn ask(model: &str, stream: bool) -> Value {
@@ -1356,8 +1415,418 @@ async fn usage_listing_pages_across_storage_pages(pg: bool) {
     assert_eq!(all[0].seq, 1101);
 }
 
+/// Chat Completions clients reach a model served by an Anthropic provider: the request goes
+/// out in Messages form (system prompt on top, `max_tokens` set, tool results in a user turn),
+/// answers come back as Chat completions and chunks, usage (with cache reads) is charged, and
+/// the provider's errors keep their status in OpenAI's error format.
+async fn chat_clients_reach_anthropic_models(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.anthropic.push(AnthropicReply::Text {
+        text: "hello from claude".into(),
+        input_tokens: 100,
+        output_tokens: 20,
+        cache_read_input_tokens: 1000,
+    });
+    let conversation = json!({
+        "model": CLAUDE,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "read a"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "read", "arguments": "{\"path\":\"a\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "A's text"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}],
+    });
+    let (status, content_type, body) = e
+        .post_text("/api/gateway/v1/chat/completions", conversation)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(content_type, "application/json");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "hello from claude"
+    );
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop");
+    assert_eq!(reply["usage"]["prompt_tokens"], 1100);
+    assert_eq!(
+        reply["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1000
+    );
+    let sent = &e.anthropic.requests()[0];
+    assert_eq!(sent.headers["x-api-key"], "anthropic-platform-key");
+    assert_eq!(sent.body["model"], "upstream-anthropic-claude");
+    assert_eq!(
+        sent.body["system"],
+        json!([{"type": "text", "text": "be brief"}])
+    );
+    assert_eq!(sent.body["max_tokens"], 4096);
+    assert_eq!(
+        sent.body["messages"][2]["content"][0]["type"],
+        "tool_result"
+    );
+    // 100 × 3 + 1000 × 0.3 + 20 × 15 = 900 µ$.
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!(
+        (
+            row.input_tokens,
+            row.cache_read_tokens,
+            row.output_tokens,
+            row.cost_microdollars
+        ),
+        (100, 1000, 20, 900)
+    );
+    assert_eq!((row.provider.as_str(), row.status), ("claude", 200));
+
+    // Streamed: Chat chunks, the usage chunk, `[DONE]`; charged from Anthropic's usage.
+    e.anthropic.push(AnthropicReply::Text {
+        text: "streamed words here".into(),
+        input_tokens: 50,
+        output_tokens: 4,
+        cache_read_input_tokens: 0,
+    });
+    let (status, content_type, body) = e
+        .post_text("/api/gateway/v1/chat/completions", ask(CLAUDE, true))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(content_type, "text/event-stream");
+    let events = sse_events(&body);
+    assert_eq!(events.last().unwrap().1, "[DONE]", "{body}");
+    let text: String = events
+        .iter()
+        .filter_map(|(_, d)| d["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "streamed words here");
+    let usage = &events[events.len() - 2].1["usage"];
+    assert_eq!(
+        (
+            usage["prompt_tokens"].as_u64(),
+            usage["completion_tokens"].as_u64()
+        ),
+        (Some(50), Some(4))
+    );
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!(
+        (
+            row.input_tokens,
+            row.output_tokens,
+            row.streaming,
+            row.estimated
+        ),
+        (50, 4, true, false)
+    );
+
+    // A streamed tool call arrives as Chat tool-call deltas.
+    e.anthropic.push(AnthropicReply::ToolUse {
+        name: "read".into(),
+        input: json!({"path": "b"}),
+    });
+    let mut tools = ask(CLAUDE, true);
+    tools["tools"] = json!([{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]);
+    let (_, _, body) = e.post_text("/api/gateway/v1/chat/completions", tools).await;
+    let events = sse_events(&body);
+    let args: String = events
+        .iter()
+        .flat_map(|(_, d)| {
+            d["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|c| c["function"]["arguments"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).unwrap(),
+        json!({"path": "b"})
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(_, d)| d["choices"][0]["finish_reason"] == "tool_calls")
+    );
+
+    // The provider's refusal keeps its status, in OpenAI's error format.
+    e.anthropic.push(AnthropicReply::Status(429));
+    let (status, _, body) = e
+        .post_text("/api/gateway/v1/chat/completions", ask(CLAUDE, false))
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["message"], "fake error 429", "{body}");
+    // A request that cannot be carried is refused before anything goes out.
+    let before = e.anthropic.requests().len();
+    let bad = json!({"model": CLAUDE, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]});
+    let (status, _, body) = e.post_text("/api/gateway/v1/chat/completions", bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        "invalid_request"
+    );
+    assert_eq!(e.anthropic.requests().len(), before);
+}
+
+/// Anthropic Messages clients (Claude Code) reach a model served by an OpenAI-compatible
+/// provider, by its id or by an alias: the request goes out as Chat Completions (tool pairing
+/// as OpenAI requires it, stream usage asked for), and answers come back as Messages and
+/// Messages events, charged; a stream cut short ends with an Anthropic `error` event.
+async fn messages_clients_reach_openai_models(pg: bool) {
+    let e = env(pg, Duration::from_millis(500)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::text("hi from gpt", 300, 30));
+    let conversation = json!({
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 200,
+        "system": [{"type": "text", "text": "you are terse"}],
+        "messages": [
+            {"role": "user", "content": "list files"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"},
+                                         {"type": "text", "text": "and now?"}]},
+        ],
+        "tools": [{"name": "ls", "input_schema": {"type": "object"}}],
+    });
+    let (status, _, body) = e.post_text("/api/gateway/v1/messages", conversation).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["type"], "message");
+    assert_eq!(
+        reply["content"],
+        json!([{"type": "text", "text": "hi from gpt"}])
+    );
+    assert_eq!(reply["stop_reason"], "end_turn");
+    assert_eq!(reply["usage"]["input_tokens"], 300);
+    let sent = &e.upstream.requests()[0];
+    assert_eq!(
+        sent.body["model"], "upstream-vendor-paid",
+        "the alias resolved"
+    );
+    assert_eq!(sent.body["max_tokens"], 200);
+    assert_eq!(
+        sent.body["messages"],
+        json!([
+            {"role": "system", "content": "you are terse"},
+            {"role": "user", "content": [{"type": "text", "text": "list files"}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "a.txt"},
+            {"role": "user", "content": [{"type": "text", "text": "and now?"}]},
+        ])
+    );
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!(
+        (row.requested_model.as_str(), row.model.as_str()),
+        ("claude-sonnet-4-5-20250929", PAID)
+    );
+    assert_eq!(
+        (row.input_tokens, row.output_tokens, row.cost_microdollars),
+        (300, 30, 1_350)
+    );
+
+    // Streamed: Messages events in order, usage in `message_delta`, charged.
+    e.upstream.push(Reply::text("one two three", 40, 3));
+    let stream = json!({"model": PAID, "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "count"}]});
+    let (status, content_type, body) = e
+        .post_text("/api/gateway/v1/messages", stream.clone())
+        .await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (StatusCode::OK, "text/event-stream"),
+        "{body}"
+    );
+    let events = sse_events(&body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"]);
+    let text: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "one two three");
+    assert_eq!(events[events.len() - 2].1["usage"]["output_tokens"], 3);
+    let sent = e.upstream.requests().pop().unwrap();
+    assert_eq!(sent.body["stream_options"], json!({"include_usage": true}));
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!(
+        (row.input_tokens, row.output_tokens, row.estimated),
+        (40, 3, false)
+    );
+
+    // A tool call streamed by the provider becomes a tool_use block.
+    e.upstream.push(Reply::ToolCall {
+        name: "ls".into(),
+        arguments: "{\"dir\":\".\"}".into(),
+    });
+    let (_, _, body) = e
+        .post_text("/api/gateway/v1/messages", stream.clone())
+        .await;
+    let events = sse_events(&body);
+    let start = events
+        .iter()
+        .find(|(n, d)| n == "content_block_start" && d["content_block"]["type"] == "tool_use")
+        .expect(&body);
+    assert_eq!(start.1["content_block"]["name"], "ls");
+    let json_text: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(json_text, "{\"dir\":\".\"}");
+    assert_eq!(
+        events[events.len() - 2].1["delta"]["stop_reason"],
+        "tool_use"
+    );
+
+    // Cut short: the client gets Anthropic's `error` event; the row says 504.
+    e.upstream.push(Reply::StreamThenHang("partial".into()));
+    let (status, _, body) = e.post_text("/api/gateway/v1/messages", stream).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = sse_events(&body).pop().unwrap();
+    assert_eq!(last.0, "error", "{body}");
+    assert_eq!(last.1["error"]["type"], "api_error");
+    assert_eq!(e.usage(me, 1).await[0].status, 504);
+
+    // The provider's errors come back in Anthropic's format.
+    e.upstream.push(Reply::Status(400));
+    let (status, _, body) = e
+        .post_text(
+            "/api/gateway/v1/messages",
+            json!({"model": PAID, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (err["type"].as_str(), err["error"]["message"].as_str()),
+        (Some("error"), Some("fake upstream error 400"))
+    );
+}
+
+/// The Responses API over both kinds of provider, streamed and not; stateless.
+async fn responses_api_over_any_provider(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::text("from chat", 12, 2));
+    let ask_r = |model: &str, stream: bool| json!({"model": model, "input": "hi", "instructions": "be nice", "max_output_tokens": 64, "store": false, "stream": stream});
+    for path in ["/api/gateway/v1/responses", "/api/openrouter/responses"] {
+        if path.contains("openrouter") {
+            e.upstream.push(Reply::text("from chat", 12, 2));
+        }
+        let (status, _, body) = e.post_text(path, ask_r(PAID, false)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        let r: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(r["object"], "response");
+        assert_eq!(r["output"][0]["content"][0]["text"], "from chat");
+        assert_eq!(
+            (
+                r["usage"]["input_tokens"].as_u64(),
+                r["usage"]["output_tokens"].as_u64()
+            ),
+            (Some(12), Some(2))
+        );
+    }
+    let sent = e.upstream.requests().pop().unwrap();
+    assert_eq!(
+        sent.body["messages"],
+        json!([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}])
+    );
+    assert_eq!(sent.body["max_tokens"], 64);
+
+    e.anthropic.push(AnthropicReply::Text {
+        text: "from claude".into(),
+        input_tokens: 7,
+        output_tokens: 3,
+        cache_read_input_tokens: 0,
+    });
+    let (status, _, body) = e
+        .post_text("/api/gateway/v1/responses", ask_r(CLAUDE, true))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let events = sse_events(&body);
+    assert_eq!(events[0].0, "response.created");
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["type"], "response.completed");
+    assert_eq!(
+        done["response"]["output"][0]["content"][0]["text"],
+        "from claude"
+    );
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .filter_map(|(_, d)| d["delta"].as_str())
+        .collect();
+    assert_eq!(text, "from claude");
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!(
+        (
+            row.provider.as_str(),
+            row.input_tokens,
+            row.output_tokens,
+            row.estimated
+        ),
+        ("claude", 7, 3, false)
+    );
+
+    let (status, _, body) = e
+        .post_text(
+            "/api/gateway/v1/responses",
+            json!({"model": PAID, "input": "more", "previous_response_id": "resp_1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("previous_response_id"), "{body}");
+}
+
+/// FIM goes to the provider's `/fim/completions` as it is and is charged like chat; a model on
+/// an Anthropic provider has no FIM.
+async fn fim_completions_are_proxied_and_charged(pg: bool) {
+    let e = env(pg, Duration::from_secs(10)).await;
+    let me = Owner::User(e.user);
+    e.grant(me, 1_000_000).await;
+    e.upstream.push(Reply::text("x + y", 30, 4));
+    let fim = json!({"model": PAID, "prompt": "fn add(x: i32, y: i32) -> i32 {", "suffix": "}", "max_tokens": 16});
+    let (status, _, body) = e.post_text("/api/fim/completions", fim.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]["content"],
+        "x + y"
+    );
+    let sent = e.upstream.requests().pop().unwrap();
+    assert_eq!(
+        (sent.body["suffix"].as_str(), sent.body["model"].as_str()),
+        (Some("}"), Some("upstream-vendor-paid"))
+    );
+    let row = &e.usage(me, 1).await[0];
+    assert_eq!(
+        (row.input_tokens, row.output_tokens, row.cost_microdollars),
+        (30, 4, 150)
+    );
+    let mut streamed = fim.clone();
+    streamed["stream"] = true.into();
+    e.upstream.push(Reply::text("a b", 5, 2));
+    let (status, _, body) = e.post_text("/api/fim/completions", streamed).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(e.usage(me, 1).await[0].output_tokens, 2);
+    let mut claude = fim;
+    claude["model"] = CLAUDE.into();
+    let (status, _, body) = e.post_text("/api/fim/completions", claude).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        "unsupported_api"
+    );
+}
+
 kilocloud_test_support::on_both_backends!(
     count_tokens_is_estimated_here,
+    chat_clients_reach_anthropic_models,
+    messages_clients_reach_openai_models,
+    responses_api_over_any_provider,
+    fim_completions_are_proxied_and_charged,
     body_limits_model_lookup_and_response_headers,
     a_stream_that_relayed_done_is_complete,
     a_silent_stream_is_cut_with_an_error_event,

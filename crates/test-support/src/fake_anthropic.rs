@@ -95,6 +95,77 @@ impl FakeAnthropic {
     }
 }
 
+/// The request rules Anthropic's Messages API enforces (and a translated request is most
+/// likely to break): `max_tokens` is an integer; `messages` is non-empty, starts with a user
+/// turn and alternates user and assistant; roles are only `user` and `assistant` (the system
+/// prompt is top-level); text blocks are not empty; every `tool_result` answers a `tool_use` of
+/// the assistant turn right before and comes before any other block of its turn.
+///
+/// Errors: Anthropic's wording of the first rule broken, e.g. `messages: roles must alternate
+/// between "user" and "assistant", but found multiple "user" roles in a row`.
+pub fn check_request(body: &Value) -> Result<(), String> {
+    if !body["max_tokens"].is_u64() {
+        return Err("max_tokens: Field required".into());
+    }
+    let Some(messages) = body["messages"].as_array().filter(|m| !m.is_empty()) else {
+        return Err("messages: at least one message is required".into());
+    };
+    let mut tool_uses: Vec<&str> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or("");
+        if role != "user" && role != "assistant" {
+            return Err(format!(
+                "messages.{i}.role: Input should be 'user' or 'assistant'"
+            ));
+        }
+        if i == 0 && role != "user" {
+            return Err("messages: first message must use the \"user\" role".into());
+        }
+        if i > 0 && messages[i - 1]["role"] == role {
+            return Err(format!(
+                "messages: roles must alternate between \"user\" and \"assistant\", but found \
+                 multiple \"{role}\" roles in a row"
+            ));
+        }
+        let blocks = match &m["content"] {
+            Value::String(_) => Vec::new(),
+            Value::Array(b) => b.iter().collect(),
+            _ => {
+                return Err(format!(
+                    "messages.{i}.content: Input should be a valid list"
+                ));
+            }
+        };
+        let mut seen_other = false;
+        for (j, b) in blocks.iter().enumerate() {
+            match b["type"].as_str() {
+                Some("text") if b["text"].as_str().is_none_or(str::is_empty) => {
+                    return Err(format!(
+                        "messages.{i}.content.{j}.text: text content blocks must be non-empty"
+                    ));
+                }
+                Some("tool_result") => {
+                    let id = b["tool_use_id"].as_str().unwrap_or("");
+                    if seen_other || !tool_uses.contains(&id) {
+                        return Err(format!(
+                            "messages.{i}.content.{j}: unexpected `tool_use_id` found in \
+                             `tool_result` blocks: {id}. Each `tool_result` block must have a \
+                             corresponding `tool_use` block in the previous message."
+                        ));
+                    }
+                }
+                _ => seen_other = true,
+            }
+        }
+        tool_uses = blocks
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .filter_map(|b| b["id"].as_str())
+            .collect();
+    }
+    Ok(())
+}
+
 async fn messages(
     State(state): State<Arc<FakeState>>,
     headers: HeaderMap,
@@ -105,6 +176,10 @@ async fn messages(
         headers,
         body: body.clone(),
     });
+    if let Err(message) = check_request(&body) {
+        let err = json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}});
+        return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+    }
     let reply = state
         .script
         .lock()

@@ -121,6 +121,7 @@ impl FakeOpenAi {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/fim/completions", post(fim))
             .layer(axum::middleware::map_response(|res| {
                 crate::with_request_id(res, "x-request-id")
             }))
@@ -180,6 +181,17 @@ async fn embeddings(
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response()
+}
+
+/// Mistral's fill-in-the-middle endpoint: `prompt` (a string) is required (400 otherwise); the
+/// answer is the next scripted reply, in the Chat format Mistral uses for FIM.
+async fn fim(state: State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if !parsed["prompt"].is_string() {
+        let err = json!({"error": {"message": "prompt: field required", "type": "invalid_request_error", "code": null}});
+        return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+    }
+    chat(state, headers, body).await
 }
 
 async fn chat(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {

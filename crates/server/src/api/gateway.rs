@@ -25,8 +25,8 @@ use kilocloud_gateway::config::{ModelConfig, ProviderKind};
 use kilocloud_gateway::ledger::credential_key;
 use kilocloud_gateway::{
     Catalog, Counters, CustomModel, FreeLimits, FreeModelLimiter, GatewayConfig, Ledger, OrgPolicy,
-    Policies, Refusal, Route, Spend, SseUsageScanner, StreamFormat, Usage, UsageFilter, UsageRow,
-    estimated_input_tokens,
+    Policies, Refusal, Route, Spend, SseUsageScanner, StreamFormat, StreamTranslator, Usage,
+    UsageFilter, UsageRow, Wire, estimated_input_tokens, translate,
 };
 use kilocloud_identity::{Credential, Owner, Principal};
 use serde::Serialize;
@@ -176,8 +176,9 @@ pub async fn v1_chat_completions(
 
 /// `POST /api/gateway/v1/messages`: the Anthropic Messages API (streaming too), for the
 /// `anthropic` SDK and Claude Code with `ANTHROPIC_BASE_URL=<server>/api/gateway`. The
-/// credential may come as `x-api-key` or `Authorization: Bearer`. Served by `anthropic`
-/// providers.
+/// credential may come as `x-api-key` or `Authorization: Bearer`. Any model: `anthropic`
+/// providers get the request as it is, OpenAI-compatible ones through Chat Completions,
+/// translated both ways ([`kilocloud_gateway::translate`]).
 #[utoipa::path(post, path = "/api/gateway/v1/messages", tag = "gateway",
     request_body(content = Object, description = "Anthropic Messages request"),
     responses((status = 200, description = "Anthropic Messages response, or an SSE stream"),
@@ -277,6 +278,67 @@ pub async fn v1_embeddings(
     proxy(s, Endpoint::Embeddings, caller, ip, headers, body).await
 }
 
+/// `POST /api/gateway/v1/responses`: the OpenAI Responses API (streaming too), for the OpenAI
+/// SDK's `client.responses` with `base_url=…/api/gateway/v1`, over any model: served through
+/// the model's provider's own API, Chat Completions or Messages, translated both ways
+/// ([`kilocloud_gateway::translate`]). Stateless: `store` is ignored and
+/// `previous_response_id` is refused (400 `invalid_request`); send the whole conversation.
+#[utoipa::path(post, path = "/api/gateway/v1/responses", tag = "gateway",
+    request_body(content = Object, description = "OpenAI Responses request"),
+    responses((status = 200, description = "A Responses `response` object, or its SSE event stream"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 402, description = "balance depleted"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn v1_responses(
+    State(s): State<AppState>,
+    caller: GatewayCaller,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy(s, Endpoint::Responses, caller, ip, headers, body).await
+}
+
+/// `POST /api/openrouter/responses`: the path the Kilo Code CLI uses for models whose
+/// `ai_sdk_provider` is `openai` (contract §2a); same handler as `/api/gateway/v1/responses`.
+#[utoipa::path(post, path = "/api/openrouter/responses", tag = "gateway",
+    request_body(content = Object, description = "OpenAI Responses request"),
+    responses((status = 200, description = "as /api/gateway/v1/responses")),
+    security(("bearer" = [])))]
+pub async fn openrouter_responses(
+    State(s): State<AppState>,
+    caller: GatewayCaller,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy(s, Endpoint::Responses, caller, ip, headers, body).await
+}
+
+/// `POST /api/fim/completions`: fill-in-the-middle completions in Mistral's format
+/// (`{model, prompt, suffix?, max_tokens?, stream?}` → a Chat-style completion or chunk
+/// stream), the autocomplete route of the Kilo Code clients (reference §1, "Endpoints").
+/// Passed to `{base_url}/fim/completions` of the model's provider, which must be
+/// OpenAI-compatible (Mistral's API is); metered and charged like a chat request. The
+/// reference serves `mistralai/` models only; here any catalog model whose provider has the
+/// endpoint. Errors as for chat, and 400 `unsupported_api` for a model on an `anthropic`
+/// provider.
+#[utoipa::path(post, path = "/api/fim/completions", tag = "gateway",
+    request_body(content = Object, description = "Mistral FIM request"),
+    responses((status = 200, description = "A completion, or an SSE chunk stream"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 402, description = "balance depleted"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn fim_completions(
+    State(s): State<AppState>,
+    caller: GatewayCaller,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy(s, Endpoint::Fim, caller, ip, headers, body).await
+}
+
 /// A request body that must be a JSON object. Errors: 400 `invalid_json`.
 fn json_object(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
@@ -307,7 +369,7 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| v.chars().take(500).collect())
 }
 
-/// The upstream endpoint a request is for.
+/// The API a request is made in, by the client or to the provider.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     /// OpenAI `/chat/completions`.
@@ -316,6 +378,10 @@ enum Endpoint {
     Embeddings,
     /// Anthropic `/messages`.
     Messages,
+    /// OpenAI `/responses`: from clients only, served through Chat Completions or Messages.
+    Responses,
+    /// Mistral's fill-in-the-middle `/fim/completions` (Chat-style responses and usage).
+    Fim,
 }
 
 impl Endpoint {
@@ -324,14 +390,36 @@ impl Endpoint {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Messages => "/messages",
+            Endpoint::Responses => "/responses",
+            Endpoint::Fim => "/fim/completions",
         }
     }
 
-    /// Whether a provider of `kind` speaks this endpoint's protocol.
-    fn served_by(self, kind: ProviderKind) -> bool {
-        (self == Endpoint::Messages) == (kind == ProviderKind::Anthropic)
+    /// The translatable API of this endpoint; `None` for those passed through only.
+    fn wire(self) -> Option<Wire> {
+        match self {
+            Endpoint::Chat => Some(Wire::Chat),
+            Endpoint::Messages => Some(Wire::Messages),
+            Endpoint::Responses => Some(Wire::Responses),
+            Endpoint::Embeddings | Endpoint::Fim => None,
+        }
     }
 
+    /// The endpoint a provider of `kind` is sent this endpoint's requests on: the same one, or
+    /// (Chat, Messages, Responses) the one of the provider's own API, translated
+    /// ([`kilocloud_gateway::translate`]). `None` when the provider cannot serve it at all
+    /// (Embeddings and FIM need an OpenAI-compatible provider).
+    fn upstream(self, kind: ProviderKind) -> Option<Endpoint> {
+        let anthropic = kind == ProviderKind::Anthropic;
+        match self {
+            Endpoint::Embeddings | Endpoint::Fim if anthropic => None,
+            Endpoint::Embeddings | Endpoint::Fim => Some(self),
+            _ if anthropic => Some(Endpoint::Messages),
+            _ => Some(Endpoint::Chat),
+        }
+    }
+
+    /// The stream format of this endpoint's responses, as a provider sends them.
     fn stream_format(self) -> StreamFormat {
         match self {
             Endpoint::Messages => StreamFormat::Anthropic,
@@ -339,6 +427,7 @@ impl Endpoint {
         }
     }
 
+    /// The usage of a provider's response on this endpoint.
     fn usage(self, body: &Value) -> Option<Usage> {
         let usage = body.get("usage")?;
         match self {
@@ -346,6 +435,48 @@ impl Endpoint {
             _ => Usage::from_openai(usage),
         }
     }
+}
+
+/// 400 `unsupported_api`: the provider serving the model cannot serve this API.
+fn unsupported_api(model: &str, provider: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unsupported_api",
+        format!(
+            "model `{model}` is served by provider `{provider}`, which does not speak this API \
+             (Embeddings and FIM need an OpenAI-compatible provider)"
+        ),
+    )
+}
+
+/// The body a provider reached on `upstream` is sent for a client request on `endpoint`:
+/// `request` itself, or translated. A Chat body made by translation asks for stream usage, and
+/// OpenRouter's cost, as the client's own Chat requests are made to (see [`forward`]).
+///
+/// Errors: 400 `invalid_request` when the request cannot be carried to the provider's API.
+fn upstream_body<'a>(
+    endpoint: Endpoint,
+    upstream: Endpoint,
+    kind: ProviderKind,
+    request: &'a Value,
+) -> Result<std::borrow::Cow<'a, Value>, ApiError> {
+    let (Some(from), Some(to)) = (endpoint.wire(), upstream.wire()) else {
+        return Ok(std::borrow::Cow::Borrowed(request));
+    };
+    if from == to {
+        return Ok(std::borrow::Cow::Borrowed(request));
+    }
+    let mut body = translate::request(from, to, request.clone())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.0))?;
+    if to == Wire::Chat {
+        if body["stream"] == true {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        if kind == ProviderKind::Openrouter {
+            body["usage"] = json!({"include": true});
+        }
+    }
+    Ok(std::borrow::Cow::Owned(body))
 }
 
 async fn proxy(
@@ -420,13 +551,8 @@ async fn forward(
             .route(&requested, mode.as_deref())
             .ok_or_else(model_missing)?,
     };
-    if !endpoint.served_by(route.provider.kind) {
-        return Err(ApiError::bad_request(format!(
-            "model `{requested}` is served by provider `{}`, which does not speak this API \
-             (Anthropic Messages needs an `anthropic` provider; Chat Completions and Embeddings \
-             an OpenAI-compatible one)",
-            route.provider.id
-        )));
+    if endpoint.upstream(route.provider.kind).is_none() {
+        return Err(unsupported_api(&requested, &route.provider.id));
     }
     let free = custom.is_none() && route.is_free();
     // A credential that did not authenticate is anonymous on a free model, and refused
@@ -509,6 +635,8 @@ async fn forward(
     }
     let streaming =
         endpoint != Endpoint::Embeddings && request["stream"].as_bool().unwrap_or(false);
+    // The client's own Chat request, when it goes to an OpenAI-compatible provider as it is;
+    // a translated one gets the same in `upstream_body`.
     request["model"] = Value::String(route.upstream_model().to_owned());
     if let Some(obj) = request.as_object_mut() {
         obj.remove("models");
@@ -530,20 +658,28 @@ async fn forward(
         request["usage"] = json!({"include": true});
     }
     if let Some(own) = &own_key
-        && !endpoint.served_by(own.provider.kind)
+        && endpoint.upstream(own.provider.kind).is_none()
     {
-        return Err(ApiError::bad_request(format!(
-            "your own key for this model goes to provider `{}`, which does not speak this API",
-            own.provider.id
-        )));
+        return Err(unsupported_api(&requested, &own.provider.id));
     }
     let attempts: Vec<(&Provider, &str)> = match &own_key {
         Some(own) => vec![(own.provider, own.key.as_str())],
         None => std::iter::once(route.provider)
             .chain(route.fallbacks.iter().copied())
+            .filter(|p| endpoint.upstream(p.kind).is_some())
             .map(|p| (p, p.api_key.as_str()))
             .collect(),
     };
+    let request = Arc::new(request);
+    // Each attempt's body, translated for its provider's API when that differs (fallbacks
+    // may be of other kinds).
+    let bodies = attempts
+        .iter()
+        .map(|(p, _)| {
+            let upstream = endpoint.upstream(p.kind).expect("filtered above");
+            upstream_body(endpoint, upstream, p.kind, &request).map(|b| (upstream, b))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let principal = scope.as_ref().map(|s| &s.auth.principal);
     let request_id = uuid::Uuid::now_v7().to_string();
     let row = UsageRow {
@@ -586,9 +722,8 @@ async fn forward(
         model: route.model.cloned(),
         charged,
         started,
-        request: Arc::new(request),
+        request: request.clone(),
     };
-    let request = meter.request.clone();
     // From here on, a client that goes away still gets its request recorded (see Pending).
     let mut pending = Pending(Some((meter, row)));
     metrics::histogram!("kilocloud_gateway_overhead_seconds")
@@ -609,8 +744,11 @@ async fn forward(
     } else {
         &g.http
     };
-    let (provider, sent) =
-        send_with_fallbacks(g, http, endpoint, &attempts, &request, &anthropic_headers).await;
+    let (attempt, sent) =
+        send_with_fallbacks(g, http, &attempts, &bodies, &anthropic_headers).await;
+    let provider = attempts[attempt].0;
+    let upstream = bodies[attempt].0;
+    drop(bodies);
     pending.row().provider = provider.id.clone();
     pending.row().ttfb_ms = started.elapsed().as_millis() as u64;
     metrics::histogram!("kilocloud_gateway_ttfb_seconds").record(started.elapsed().as_secs_f64());
@@ -694,6 +832,11 @@ async fn forward(
     let served_by =
         HeaderValue::from_str(&provider.id).unwrap_or(HeaderValue::from_static("unknown"));
     let body = guard_idle(res.bytes_stream(), g.upstream_idle_timeout);
+    // The client's and the provider's APIs, when the response must be translated.
+    let translation = match (upstream.wire(), endpoint.wire()) {
+        (Some(from), Some(to)) if from != to => Some((from, to)),
+        _ => None,
+    };
     let mut cost = None;
     let mut response = if streaming && status.is_success() {
         let (meter, mut row) = pending.disarm();
@@ -701,7 +844,9 @@ async fn forward(
         let recordings = meter.recordings.clone();
         Response::new(Body::from_stream(Metered {
             inner: body,
-            scanner: SseUsageScanner::new(endpoint.stream_format()),
+            scanner: SseUsageScanner::new(upstream.stream_format()),
+            translator: translation.map(|(from, to)| StreamTranslator::new(from, to)),
+            client: endpoint.wire().unwrap_or(Wire::Chat),
             finish: Some((meter, row)),
             charging: None,
             recordings,
@@ -716,14 +861,29 @@ async fn forward(
                 return Err(ApiError::new(status, cut.code(), cut.to_string()));
             }
         };
-        let usage = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| endpoint.usage(&v));
+        let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+        let usage = parsed.as_ref().and_then(|v| upstream.usage(v));
         cost = pending.finish(status, usage).await;
+        let bytes = match (translation, parsed) {
+            (Some((from, to)), Some(v)) if status.is_success() => {
+                Bytes::from(translate::response(from, to, v).to_string())
+            }
+            (Some((from, to)), _) => {
+                Bytes::from(translate::error_body(from, to, &bytes).to_string())
+            }
+            (None, _) => bytes,
+        };
         Response::new(Body::from(bytes))
     };
     *response.status_mut() = status;
     let headers = response.headers_mut();
+    let content_type = match translation {
+        Some(_) if streaming && status.is_success() => {
+            HeaderValue::from_static("text/event-stream")
+        }
+        Some(_) => HeaderValue::from_static("application/json"),
+        None => content_type,
+    };
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(PROVIDER_HEADER, served_by);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -812,22 +972,15 @@ impl UpstreamCut {
         }
     }
 
-    /// The event that ends a cut stream, in the stream's own format: OpenAI-style
-    /// `data: {"error":{…}}` (as OpenAI and OpenRouter send mid-stream errors), or Anthropic's
-    /// `event: error` with `{"type":"error","error":{"type":"api_error",…}}`.
-    fn event(&self, format: StreamFormat) -> Bytes {
-        let message = self.to_string();
-        let text = match format {
-            StreamFormat::OpenAi => format!(
-                "data: {}\n\n",
-                json!({"error": {"message": message, "type": "upstream_error", "code": self.code()}})
-            ),
-            StreamFormat::Anthropic => format!(
-                "event: error\ndata: {}\n\n",
-                json!({"type": "error", "error": {"type": "api_error", "message": message}})
-            ),
-        };
-        Bytes::from(text)
+    /// The event that ends a cut stream, in the client's format
+    /// ([`translate::error_event`]: OpenAI-style `data: {"error":{…}}`, as OpenAI and
+    /// OpenRouter send mid-stream errors, or an `event: error`).
+    fn event(&self, client: Wire) -> Bytes {
+        Bytes::from(translate::error_event(
+            client,
+            &self.to_string(),
+            self.code(),
+        ))
     }
 }
 
@@ -864,25 +1017,26 @@ async fn collect(mut body: ByteStream) -> Result<Bytes, UpstreamCut> {
     Ok(all.into())
 }
 
-/// Sends `request` to each provider in turn until one answers with anything but a 5xx, or
-/// the last one answers at all (reference: fallbacks on 5xx, timeouts and connection errors).
-/// Returns the provider of the last attempt and its outcome.
-async fn send_with_fallbacks<'a>(
+/// Sends each attempt's body (`bodies[i]` on its endpoint for `attempts[i]`) in turn until a
+/// provider answers with anything but a 5xx, or the last one answers at all (reference:
+/// fallbacks on 5xx, timeouts and connection errors). Returns the index of the last attempt
+/// and its outcome.
+async fn send_with_fallbacks(
     g: &GatewayState,
     http: &reqwest::Client,
-    endpoint: Endpoint,
-    attempts: &[(&'a Provider, &str)],
-    request: &Value,
+    attempts: &[(&Provider, &str)],
+    bodies: &[(Endpoint, std::borrow::Cow<'_, Value>)],
     anthropic_headers: &[(&'static str, String)],
-) -> (&'a Provider, Result<reqwest::Response, SendError>) {
+) -> (usize, Result<reqwest::Response, SendError>) {
     let mut tried = 0;
     loop {
         let (provider, key) = attempts[tried];
+        let (endpoint, body) = &bodies[tried];
         let mut upstream = http
             .post(format!("{}{}", provider.base_url, endpoint.path()))
             .header("HTTP-Referer", "https://kilocode.ai")
             .header("X-Title", "Kilo Code")
-            .json(request);
+            .json(body.as_ref());
         if provider.kind == ProviderKind::Anthropic {
             if !key.is_empty() {
                 upstream = upstream.header("x-api-key", key);
@@ -905,7 +1059,7 @@ async fn send_with_fallbacks<'a>(
             Err(_) => true,
         };
         if !failed || tried == attempts.len() {
-            return (provider, sent);
+            return (tried - 1, sent);
         }
         match &sent {
             Ok(res) => {
@@ -1203,7 +1357,12 @@ impl Meter {
 /// recorded with what was seen (499).
 struct Metered {
     inner: ByteStream,
+    /// Reads the provider's stream, before any translation.
     scanner: SseUsageScanner,
+    /// Turns the provider's stream into the client's API, when they differ.
+    translator: Option<StreamTranslator>,
+    /// The client's API, for the event that ends a cut stream.
+    client: Wire,
     finish: Option<(Meter, UsageRow)>,
     /// The charge being made durable, and the bytes to send once it is.
     charging: Option<(futures::future::BoxFuture<'static, ()>, Option<Bytes>)>,
@@ -1244,20 +1403,34 @@ impl futures::Stream for Metered {
             // Complete, cut or ended: never poll the upstream again.
             return Poll::Ready(None);
         }
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(bytes))) => {
-                self.scanner.feed(&bytes);
-                if !self.scanner.is_complete() {
-                    return Poll::Ready(Some(Ok(bytes)));
+        loop {
+            match self.inner.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(bytes))) => {
+                    self.scanner.feed(&bytes);
+                    let out = match &mut self.translator {
+                        Some(t) => Bytes::from(t.feed(&bytes)),
+                        None => bytes,
+                    };
+                    if !self.scanner.is_complete() {
+                        if out.is_empty() {
+                            // Nothing to send yet for what came (a partial line, a ping).
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                    self.start_charging(None, Some(out));
                 }
-                self.start_charging(None, Some(bytes));
+                Poll::Ready(Some(Err(cut))) => {
+                    let event = cut.event(self.client);
+                    self.start_charging(Some(cut.status()), Some(event));
+                }
+                Poll::Ready(None) => {
+                    let closing = self.translator.as_mut().map(|t| Bytes::from(t.finish()));
+                    self.start_charging(None, closing.filter(|b| !b.is_empty()));
+                }
             }
-            Poll::Ready(Some(Err(cut))) => {
-                let event = cut.event(self.scanner.format());
-                self.start_charging(Some(cut.status()), Some(event));
-            }
-            Poll::Ready(None) => self.start_charging(None, None),
+            break;
         }
         // Charging has started: poll it.
         self.poll_next(cx)
