@@ -145,6 +145,12 @@ pub struct UsageRow {
     pub estimated: bool,
     /// `X-KiloCode-Feature`.
     pub feature: Option<String>,
+    /// `X-KiloCode-MachineId`: the client machine's id (the Kilo Code CLI's telemetry id).
+    #[serde(default)]
+    pub machine_id: Option<String>,
+    /// `X-KiloCode-EditorName`: the client and its version, e.g. `Kilo CLI 7.7.7`.
+    #[serde(default)]
+    pub editor: Option<String>,
 }
 
 /// A credential as the limits key it: `key:<apiKeyId>` for an API key, `user:<userId>` for a

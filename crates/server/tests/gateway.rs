@@ -305,6 +305,8 @@ async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
         ("x-kilocode-projectid", "proj-1"),
         ("x-kilocode-taskid", "task-9"),
         ("x-kilocode-feature", "cloud-agent"),
+        ("X-KILOCODE-MACHINEID", "machine-7"),
+        ("X-KILOCODE-EDITORNAME", "Kilo CLI 7.7.7"),
     ];
     let (status, h, body) = e.chat(ask(PAID, false), &headers).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -313,6 +315,10 @@ async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
     assert_eq!(
         body["choices"][0]["message"]["content"],
         "four words of reply"
+    );
+    assert_eq!(
+        (&body["usage"]["cost"], &body["usage"]["cost_details"]),
+        (&json!(0.006), &json!({"upstream_inference_cost": 0.006}))
     );
 
     let sent = &e.upstream.requests()[0];
@@ -352,6 +358,10 @@ async fn non_streaming_is_forwarded_metered_and_charged(pg: bool) {
         ),
         (Some("proj-1"), Some("task-9"), Some("cloud-agent"))
     );
+    assert_eq!(
+        (row.machine_id.as_deref(), row.editor.as_deref()),
+        (Some("machine-7"), Some("Kilo CLI 7.7.7"))
+    );
     assert!(row.api_key.is_some() && row.user == e.user);
 }
 
@@ -384,6 +394,16 @@ async fn streaming_is_relayed_chunk_by_chunk_and_charged_at_the_end(pg: bool) {
     assert_eq!(
         e.upstream.requests()[0].body["stream_options"]["include_usage"],
         true
+    );
+    // The usage chunk carries the cost as OpenRouter reports it (USD).
+    let usage = sse_events(&body)
+        .into_iter()
+        .find_map(|(_, d)| d["usage"].as_object().cloned())
+        .expect("a usage chunk");
+    assert_eq!(usage["cost"], 0.00129, "{body}");
+    assert_eq!(
+        usage["cost_details"],
+        json!({"upstream_inference_cost": 0.00129})
     );
     // 200 × 3 + 300 × 0.3 + 40 × 15 = 600 + 90 + 600.
     assert_eq!(e.balance(me).await, 1_000_000 - 1_290);

@@ -708,6 +708,8 @@ async fn forward(
         task_id: header_str(&headers, "x-kilocode-taskid"),
         mode,
         feature: header_str(&headers, "x-kilocode-feature"),
+        machine_id: header_str(&headers, "x-kilocode-machineid"),
+        editor: header_str(&headers, "x-kilocode-editorname"),
         estimated: false,
     };
     let meter = Meter {
@@ -837,6 +839,8 @@ async fn forward(
         (Some(from), Some(to)) if from != to => Some((from, to)),
         _ => None,
     };
+    // Chat-style responses carry their cost in `usage`, as OpenRouter's do.
+    let priced = matches!(endpoint, Endpoint::Chat | Endpoint::Fim);
     let mut cost = None;
     let mut response = if streaming && status.is_success() {
         let (meter, mut row) = pending.disarm();
@@ -847,6 +851,7 @@ async fn forward(
             scanner: SseUsageScanner::new(upstream.stream_format()),
             translator: translation.map(|(from, to)| StreamTranslator::new(from, to)),
             client: endpoint.wire().unwrap_or(Wire::Chat),
+            cost_lines: priced.then(CostLines::default),
             finish: Some((meter, row)),
             charging: None,
             recordings,
@@ -863,10 +868,17 @@ async fn forward(
         };
         let parsed = serde_json::from_slice::<Value>(&bytes).ok();
         let usage = parsed.as_ref().and_then(|v| upstream.usage(v));
-        cost = pending.finish(status, usage).await;
+        let (costs, owned) = pending.finish(status, usage).await;
+        cost = owned.then_some(costs.charged);
         let bytes = match (translation, parsed) {
-            (Some((from, to)), Some(v)) if status.is_success() => {
-                Bytes::from(translate::response(from, to, v).to_string())
+            (_, Some(mut v)) if status.is_success() && (translation.is_some() || priced) => {
+                if let Some((from, to)) = translation {
+                    v = translate::response(from, to, v);
+                }
+                if priced && let Some(usage) = v.get_mut("usage").and_then(Value::as_object_mut) {
+                    costs.add_to(usage);
+                }
+                Bytes::from(v.to_string())
             }
             (Some((from, to)), _) => {
                 Bytes::from(translate::error_body(from, to, &bytes).to_string())
@@ -901,6 +913,72 @@ async fn forward(
     Ok(response)
 }
 
+/// What a request cost, microdollars.
+#[derive(Clone, Copy)]
+struct Costs {
+    /// Charged to the owner (0 for free models and the caller's own keys).
+    charged: i64,
+    /// At the provider's list price, charged or not.
+    upstream: i64,
+}
+
+impl Costs {
+    /// Adds them to a Chat `usage` object as OpenRouter reports costs and the Kilo Code CLI
+    /// reads them (contract §4): `cost`, USD charged, and
+    /// `cost_details.upstream_inference_cost`, USD the inference cost: the charge, or, when
+    /// nothing is charged (free models, the caller's own key), the provider's list price.
+    fn add_to(self, usage: &mut serde_json::Map<String, Value>) {
+        let usd = |micros: i64| micros as f64 / 1e6;
+        let inference = if self.charged > 0 {
+            self.charged
+        } else {
+            self.upstream
+        };
+        usage.insert("cost".into(), json!(usd(self.charged)));
+        usage.insert(
+            "cost_details".into(),
+            json!({"upstream_inference_cost": usd(inference)}),
+        );
+    }
+}
+
+/// Rewrites the usage chunks of a Chat stream on their way to the client to carry the
+/// request's cost ([`Costs::add_to`]); every other line goes out as it came. Works line by
+/// line, so a line is held until it is complete.
+#[derive(Default)]
+struct CostLines {
+    lines: kilocloud_gateway::usage::SseLines,
+}
+
+impl CostLines {
+    /// The client's bytes for `bytes`, usage chunks priced by `meter`.
+    fn rewrite(&mut self, bytes: &[u8], meter: &Meter) -> Vec<u8> {
+        let mut out = Vec::with_capacity(bytes.len() + 64);
+        self.lines.feed(bytes, |line| {
+            match priced_usage_line(line, meter) {
+                Some(priced) => out.extend_from_slice(priced.as_bytes()),
+                None => out.extend_from_slice(line),
+            }
+            out.push(b'\n');
+        });
+        out
+    }
+}
+
+/// A Chat stream line with usage (`data: {…"usage":{"prompt_tokens":…}}`), with its cost
+/// added; `None` for every other line.
+fn priced_usage_line(line: &[u8], meter: &Meter) -> Option<String> {
+    let data = kilocloud_gateway::usage::sse_data(line)?;
+    // Cheap test first: most chunks carry no usage.
+    if !data.windows(15).any(|w| w == b"\"prompt_tokens\"") {
+        return None;
+    }
+    let mut chunk: Value = serde_json::from_slice(data).ok()?;
+    let usage = Usage::from_openai(&chunk["usage"])?;
+    meter.costs(&usage).add_to(chunk["usage"].as_object_mut()?);
+    Some(format!("data: {chunk}"))
+}
+
 /// A request whose outcome is not recorded yet. If the handler is dropped first (the client
 /// went away, which also drops and so cancels the upstream request), it is recorded with
 /// status 499 and estimated tokens.
@@ -912,14 +990,18 @@ impl Pending {
     }
 
     /// Prices the request with `status` and `usage` and makes its charge durable (see
-    /// [`Meter::charge`]). Returns what it was charged, microdollars, when it has an owner.
-    async fn finish(mut self, status: StatusCode, usage: Option<Usage>) -> Option<i64> {
+    /// [`Meter::charge`]). Returns what it costs, and whether it has an owner to charge.
+    async fn finish(mut self, status: StatusCode, usage: Option<Usage>) -> (Costs, bool) {
         let (meter, mut row) = self.disarm();
         row.status = status.as_u16();
         let row = meter.price(row, usage, None);
-        let cost = meter.ledger.as_ref().map(|_| row.cost_microdollars);
+        let costs = Costs {
+            charged: row.cost_microdollars,
+            upstream: row.true_cost_microdollars,
+        };
+        let owned = meter.ledger.is_some();
         meter.charge(row).await;
-        cost
+        (costs, owned)
     }
 
     /// Hands the recording over (to the streamed body).
@@ -1235,6 +1317,15 @@ impl Meter {
     /// client left: 499; the stream was cut: 502/504), given as `estimated_output` (the tokens
     /// of the content relayed), without reporting usage is estimated with the tokenizer: input
     /// from the request's text, output from `estimated_output`; the row says so.
+    /// What `usage` costs on this request.
+    fn costs(&self, usage: &Usage) -> Costs {
+        let upstream = usage.cost_microdollars(self.model.as_ref());
+        Costs {
+            charged: if self.charged { upstream } else { 0 },
+            upstream,
+        }
+    }
+
     fn price(
         &self,
         mut row: UsageRow,
@@ -1259,12 +1350,9 @@ impl Meter {
         row.output_tokens = usage.output_tokens;
         row.cache_read_tokens = usage.cache_read_tokens;
         row.cache_write_tokens = usage.cache_write_tokens;
-        row.true_cost_microdollars = usage.cost_microdollars(self.model.as_ref());
-        row.cost_microdollars = if self.charged {
-            row.true_cost_microdollars
-        } else {
-            0
-        };
+        let costs = self.costs(&usage);
+        row.true_cost_microdollars = costs.upstream;
+        row.cost_microdollars = costs.charged;
         row.total_ms = self.started.elapsed().as_millis() as u64;
         metrics::counter!("kilocloud_gateway_requests_total",
             "model" => self.label.clone(), "provider" => row.provider.clone(), "status" => row.status.to_string())
@@ -1363,6 +1451,8 @@ struct Metered {
     translator: Option<StreamTranslator>,
     /// The client's API, for the event that ends a cut stream.
     client: Wire,
+    /// Adds the cost to usage chunks, for Chat-style clients.
+    cost_lines: Option<CostLines>,
     finish: Option<(Meter, UsageRow)>,
     /// The charge being made durable, and the bytes to send once it is.
     charging: Option<(futures::future::BoxFuture<'static, ()>, Option<Bytes>)>,
@@ -1407,10 +1497,15 @@ impl futures::Stream for Metered {
             match self.inner.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(bytes))) => {
-                    self.scanner.feed(&bytes);
-                    let out = match &mut self.translator {
+                    let this = &mut *self;
+                    this.scanner.feed(&bytes);
+                    let out = match &mut this.translator {
                         Some(t) => Bytes::from(t.feed(&bytes)),
                         None => bytes,
+                    };
+                    let out = match (&mut this.cost_lines, &this.finish) {
+                        (Some(lines), Some((meter, _))) => Bytes::from(lines.rewrite(&out, meter)),
+                        _ => out,
                     };
                     if !self.scanner.is_complete() {
                         if out.is_empty() {
