@@ -444,6 +444,10 @@ fn messages_request_to_chat(req: &Value) -> Result<Value, TranslateError> {
             }
         };
         match role {
+            // Claude Code sends system messages between turns too.
+            "system" => {
+                messages.push(json!({"role": "system", "content": text_of(&Value::Array(blocks))}))
+            }
             "user" => {
                 let mut parts = Vec::new();
                 for b in &blocks {

@@ -139,6 +139,7 @@ fn messages_request_becomes_chat_with_tool_messages_before_the_text() {
         ],
         "messages": [
             {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "mid-turn note"}]},
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "hmm", "signature": "s"},
                 {"type": "text", "text": "running"},
@@ -168,6 +169,7 @@ fn messages_request_becomes_chat_with_tool_messages_before_the_text() {
         json!([
             {"role": "system", "content": "sys one\nsys two"},
             {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "system", "content": "mid-turn note"},
             {"role": "assistant", "content": "running", "tool_calls": [
                 {"id": "t1", "type": "function", "function": {"name": "bash", "arguments": "{\"cmd\":\"ls\"}"}}]},
             {"role": "tool", "tool_call_id": "t1", "content": "a.txt"},
