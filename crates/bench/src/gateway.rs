@@ -5,6 +5,11 @@
 //! executable (two workers, one per core). Streaming time to first byte at 100 req/s, then
 //! paced (open-loop) load at 100, 1,000 and 5,000 req/s, non-streaming; the peak RSS of each
 //! proxy (its processes together). A request that takes over 30 s counts as an error.
+//!
+//! Translation overhead, in the same run: the gateway's passthrough (a Chat client on an
+//! OpenAI-compatible model; a Messages client on an Anthropic model) beside the translated
+//! paths (a Messages client on the OpenAI-compatible model; a Chat client on the Anthropic
+//! model), same upstreams, streamed (the whole stream) and not, at 100 and 1,000 req/s.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use kilocloud_test_support::fake_anthropic::FakeAnthropic;
 use kilocloud_test_support::fake_openai::FakeOpenAi;
 use serde_json::{Value, json};
 
@@ -19,12 +25,26 @@ use crate::Args;
 use crate::report::{histogram, p50_p99};
 
 /// One way to reach the upstream.
+#[derive(Clone)]
 struct Target {
     name: &'static str,
     url: String,
     key: String,
     model: &'static str,
     pid: Option<u32>,
+    /// The client speaks Anthropic Messages (else OpenAI Chat Completions).
+    messages: bool,
+}
+
+/// How much of a response a request waits for.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    /// The whole (non-streaming) body.
+    Body,
+    /// A stream's first chunk.
+    FirstChunk,
+    /// A whole stream.
+    Stream,
 }
 
 struct Outcome {
@@ -62,14 +82,18 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
 }
 
 /// `rate` requests per second for `secs`, each started on its tick whatever the others do.
-async fn paced(http: &reqwest::Client, t: &Target, rate: u32, secs: u64, stream: bool) -> Outcome {
+async fn paced(http: &reqwest::Client, t: &Target, rate: u32, secs: u64, wait: Wait) -> Outcome {
+    let stream = wait != Wait::Body;
     let hist = Arc::new(std::sync::Mutex::new(histogram()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let total = rate as u64 * secs;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let body = json!({"model": t.model, "stream": stream,
+    let mut body = json!({"model": t.model, "stream": stream,
         "messages": [{"role": "user", "content": "Say hello in one short sentence."}]});
+    if t.messages {
+        body["max_tokens"] = 256.into();
+    }
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..total {
@@ -80,12 +104,10 @@ async fn paced(http: &reqwest::Client, t: &Target, rate: u32, secs: u64, stream:
             let t0 = Instant::now();
             let ok = match req.send().await {
                 Ok(res) if res.status().is_success() => {
-                    // Non-streaming: the whole body; streaming: the first chunk.
                     let mut res = res;
-                    if stream {
-                        matches!(res.chunk().await, Ok(Some(_)))
-                    } else {
-                        res.bytes().await.is_ok()
+                    match wait {
+                        Wait::FirstChunk => matches!(res.chunk().await, Ok(Some(_))),
+                        Wait::Body | Wait::Stream => res.bytes().await.is_ok(),
                     }
                 }
                 _ => false,
@@ -123,7 +145,11 @@ impl Drop for Proc {
 
 /// Starts `kilocloud serve` with a gateway pointing at `upstream`; returns it with an API key
 /// holding $1,000.
-async fn start_gateway(dir: &Path, upstream: &str) -> anyhow::Result<(Proc, Target)> {
+async fn start_gateway(
+    dir: &Path,
+    upstream: &str,
+    anthropic: &str,
+) -> anyhow::Result<(Proc, Target)> {
     let bin = std::env::current_exe()?
         .parent()
         .context("no directory")?
@@ -139,7 +165,10 @@ async fn start_gateway(dir: &Path, upstream: &str) -> anyhow::Result<(Proc, Targ
         format!(
             "log_level = \"warn\"\n[gateway]\n[[gateway.providers]]\nid = \"fake\"\nkind = \"openai-compatible\"\n\
              base_url = \"{upstream}\"\napi_key = \"upstream-key\"\n[[gateway.providers.models]]\n\
-             id = \"bench/model\"\nupstream_id = \"bench-model\"\ninput_price = 3.0\noutput_price = 15.0\n"
+             id = \"bench/model\"\nupstream_id = \"bench-model\"\ninput_price = 3.0\noutput_price = 15.0\n\
+             [[gateway.providers]]\nid = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{anthropic}\"\n\
+             api_key = \"upstream-key\"\n[[gateway.providers.models]]\nid = \"bench/claude\"\n\
+             input_price = 3.0\noutput_price = 15.0\n"
         ),
     )?;
     let log = std::fs::File::create(dir.join("kilocloud.log"))?;
@@ -204,6 +233,7 @@ async fn start_gateway(dir: &Path, upstream: &str) -> anyhow::Result<(Proc, Targ
             key: admin,
             model: "bench/model",
             pid: Some(pid),
+            messages: false,
         },
     ))
 }
@@ -259,6 +289,7 @@ async fn start_litellm(
             key: "sk-bench".into(),
             model: "bench/model",
             pid: Some(pid),
+            messages: false,
         },
     ))
 }
@@ -274,8 +305,10 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
         key: "upstream-key".into(),
         model: "bench-model",
         pid: None,
+        messages: false,
     };
-    let (_gw, gateway) = start_gateway(dir.path(), &upstream.base_url).await?;
+    let claude = FakeAnthropic::start().await;
+    let (_gw, gateway) = start_gateway(dir.path(), &upstream.base_url, &claude.base_url).await?;
     let mut litellm = None;
     if let Some(path) = &args.litellm {
         litellm = Some(start_litellm(dir.path(), &PathBuf::from(path), &upstream.base_url).await?);
@@ -294,8 +327,8 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
     );
     let mut base: Option<(f64, f64)> = None;
     for t in &targets {
-        paced(&http, t, 100, 1, true).await; // warm-up
-        let o = paced(&http, t, 100, secs, true).await;
+        paced(&http, t, 100, 1, Wait::FirstChunk).await; // warm-up
+        let o = paced(&http, t, 100, secs, Wait::FirstChunk).await;
         let (b50, b99) = *base.get_or_insert((o.p50, o.p99));
         out += &format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
@@ -315,8 +348,8 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
     for rate in [100u32, 1_000, 5_000] {
         let mut base: Option<(f64, f64)> = None;
         for t in &targets {
-            paced(&http, t, rate.min(200), 1, false).await; // warm-up
-            let o = paced(&http, t, rate, secs, false).await;
+            paced(&http, t, rate.min(200), 1, Wait::Body).await; // warm-up
+            let o = paced(&http, t, rate, secs, Wait::Body).await;
             let (b50, b99) = *base.get_or_insert((o.p50, o.p99));
             out += &format!(
                 "| {rate} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |\n",
@@ -331,6 +364,73 @@ pub async fn run(args: &Args) -> anyhow::Result<String> {
             );
         }
     }
-    out.push('\n');
+    out += &translation(&http, &gateway, secs).await;
     Ok(out)
+}
+
+/// The translation table: each translated path beside the passthrough to the same upstream.
+async fn translation(http: &reqwest::Client, gateway: &Target, secs: u64) -> String {
+    let base = gateway.url.trim_end_matches("/chat/completions");
+    let path = |name, model, messages| Target {
+        name,
+        url: if messages {
+            format!("{base}/messages")
+        } else {
+            gateway.url.clone()
+        },
+        model,
+        messages,
+        ..gateway.clone()
+    };
+    let pairs = [
+        (
+            path(
+                "Chat → OpenAI-compatible (passthrough)",
+                "bench/model",
+                false,
+            ),
+            path(
+                "Messages → OpenAI-compatible (translated)",
+                "bench/model",
+                true,
+            ),
+        ),
+        (
+            path("Messages → Anthropic (passthrough)", "bench/claude", true),
+            path("Chat → Anthropic (translated)", "bench/claude", false),
+        ),
+    ];
+    let mut out = format!(
+        "\n### Translation overhead (paced for {secs} s per cell; a streamed request waits for its whole stream)\n\n\
+         | rate req/s | mode | path | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|\n"
+    );
+    for rate in [100u32, 1_000] {
+        for wait in [Wait::Body, Wait::Stream] {
+            let mode = if wait == Wait::Body {
+                "whole body"
+            } else {
+                "stream"
+            };
+            for (plain, translated) in &pairs {
+                paced(http, plain, rate.min(200), 1, wait).await; // warm-up
+                paced(http, translated, rate.min(200), 1, wait).await;
+                let p = paced(http, plain, rate, secs, wait).await;
+                let t = paced(http, translated, rate, secs, wait).await;
+                for (target, o) in [(plain, &p), (translated, &t)] {
+                    out += &format!(
+                        "| {rate} | {mode} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+                        target.name,
+                        o.p50,
+                        o.p99,
+                        o.p50 - p.p50,
+                        o.p99 - p.p99,
+                        o.errors
+                    );
+                }
+            }
+        }
+    }
+    out.push('\n');
+    out
 }
