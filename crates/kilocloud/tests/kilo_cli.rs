@@ -77,7 +77,30 @@ async fn gateway_node(
     String,
     kilocloud_test_support::fake_openai::FakeOpenAi,
 ) {
-    let (node, key, _, upstream) = gateway_node(&store, &["The answer is forty-two."; 4]).await;
+    use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+    let upstream = FakeOpenAi::start().await;
+    let config = store.dir().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\n[[gateway.providers]]\nid = \"fake\"\nkind = \"openai-compatible\"\n\
+             base_url = \"{}\"\napi_key = \"upstream-key\"\n[[gateway.providers.models]]\n\
+             id = \"vendor/paid\"\ncontext_length = 100000\ninput_price = 3.0\noutput_price = 15.0\n",
+            upstream.base_url
+        ),
+    )
+    .unwrap();
+    let node = Node::start_with(store, "node.log", &["--config", config.to_str().unwrap()]);
+    let (key, creds) = common::admin_login(store, &node, "node.log").await;
+    for text in replies {
+        upstream.push(Reply::text(text, 120, 8));
+    }
+    (node, key, creds, upstream)
+}
+
+async fn device_login(store: Store) {
+    let node = Node::start(&store, "node.log");
+    let (_, creds) = common::admin_login(&store, &node, "node.log").await;
     let home = store.dir().join("kilo-home");
     std::fs::create_dir_all(&home).unwrap();
     let api_url = node.url("").trim_end_matches('/').to_owned();
@@ -146,24 +169,7 @@ async fn gateway_node(
 /// `kilo run --model kilo/<id>` with an API key: the CLI's chat request goes through our
 /// gateway to the fake provider, the reply is printed, and the owner is charged.
 async fn run_through_the_gateway(store: Store) {
-    use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
-    let upstream = FakeOpenAi::start().await;
-    let config = store.dir().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\n[[gateway.providers]]\nid = \"fake\"\nkind = \"openai-compatible\"\n\
-             base_url = \"{}\"\napi_key = \"upstream-key\"\n[[gateway.providers.models]]\n\
-             id = \"vendor/paid\"\ncontext_length = 100000\ninput_price = 3.0\noutput_price = 15.0\n",
-            upstream.base_url
-        ),
-    )
-    .unwrap();
-    let node = Node::start_with(&store, "node.log", &["--config", config.to_str().unwrap()]);
-    let (key, _) = common::admin_login(&store, &node, "node.log").await;
-    for _ in 0..4 {
-        upstream.push(Reply::text("The answer is forty-two.", 120, 8));
-    }
+    let (node, key, _, upstream) = gateway_node(&store, &["The answer is forty-two."; 4]).await;
     let home = store.dir().join("kilo-home");
     std::fs::create_dir_all(&home).unwrap();
     let api_url = node.url("").trim_end_matches('/').to_owned();
@@ -310,9 +316,13 @@ async fn session_ingest(store: Store) {
         String::from_utf8_lossy(&import.stdout),
         String::from_utf8_lossy(&import.stderr)
     );
-    assert!(import.status.success(), "kilo import: {text}");
+    // (`kilo import` exits 0 on a failed fetch too; its output says which.)
+    assert!(
+        import.status.success() && text.contains(&format!("Imported session: {session_id}")),
+        "kilo import: {text}"
+    );
     let sessions = kilo_command(&fresh, &api_url)
-        .args(["session", "list", "--format", "json"])
+        .args(["session", "list", "--all", "--format", "json"])
         .current_dir(store.dir())
         .output()
         .await

@@ -178,6 +178,11 @@ async fn ingest_routes(pg: bool) {
         "{list}"
     );
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        row["updatedAt"],
+        env.clock.now_ms(),
+        "times are the substrate's clock"
+    );
 
     // Title.
     let (status, _) = env
@@ -299,10 +304,6 @@ async fn ingest_routes(pg: bool) {
     assert_eq!(theirs["sessions"], json!([]));
 
     // Share: the same token twice; the public fetch needs no credentials.
-    let share = |env: &Env| {
-        let path = format!("/api/session/{SESSION}/share");
-        async move { env.request(Method::POST, &path, None).await }
-    };
     let (status, shared) = share(&env).await;
     assert_eq!(status, 200, "{shared}");
     let token = shared["share_token"].as_str().unwrap().to_owned();
@@ -351,6 +352,11 @@ async fn ingest_routes(pg: bool) {
     assert_eq!(status, 404);
     let (_, list) = env.request(Method::GET, "/api/session", None).await;
     assert_eq!(list["sessions"], json!([]));
+}
+
+async fn share(env: &Env) -> (u16, Value) {
+    env.request(Method::POST, &format!("/api/session/{SESSION}/share"), None)
+        .await
 }
 
 async fn connections(env: &Env, key: &str) -> Vec<Value> {
