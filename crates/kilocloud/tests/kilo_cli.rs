@@ -360,7 +360,7 @@ async fn session_ingest(store: Store) {
 }
 
 /// `kilo remote` connects to our server's WebSocket with its credential and heartbeats: it
-/// appears in its owner's connections until it is killed.
+/// appears in its owner's connections until it is stopped.
 async fn remote(store: Store) {
     let node = Node::start(&store, "node.log");
     let (key, _) = common::admin_login(&store, &node, "node.log").await;
@@ -387,7 +387,17 @@ async fn remote(store: Store) {
         connection["instance"]["name"].is_string(),
         "the heartbeat names its instance: {connection}"
     );
-    child.kill().await.unwrap();
+    // SIGTERM: `kilo` is a Node wrapper that forwards it to the CLI binary (a SIGKILL
+    // would leave the binary running).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().expect("running") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("kilo remote exits on SIGTERM (a guard against hangs)")
+        .unwrap();
     until(60, "the connection goes away with the process", || async {
         let (_, list) = get_json(&node, &key, "/api/user/cli/connections").await;
         list["connections"].as_array()?.is_empty().then_some(())
