@@ -168,7 +168,7 @@ impl Ingest {
             )
             .await?
         {
-            Reply::Session(s) => Ok(s),
+            Reply::Session(s) => Ok(*s),
             _ => unreachable!("create replies with the session"),
         }
     }
@@ -352,7 +352,7 @@ impl Ingest {
                 sessions.push(s);
             }
         }
-        sessions.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.updated_at));
         Ok((sessions, next))
     }
 

@@ -208,7 +208,7 @@ impl Registration {
             return false;
         };
         let data = &message["data"];
-        let fits = serde_json::to_vec(data).map_or(false, |v| v.len() <= MAX_EVENT_DATA_BYTES);
+        let fits = serde_json::to_vec(data).is_ok_and(|v| v.len() <= MAX_EVENT_DATA_BYTES);
         self.with_entry(|e, now| {
             if e.events.len() >= MAX_EVENT_SESSIONS && !e.events.contains_key(session_id) {
                 let oldest = e

@@ -75,7 +75,7 @@ pub(crate) enum Call {
 }
 
 pub(crate) enum Reply {
-    Session(CliSession),
+    Session(Box<CliSession>),
     Done,
     Shared(String),
     /// Unshared or deleted, with the token it had.
@@ -96,7 +96,7 @@ impl Actor for SessionActor {
         let meta: Option<CliSession> = ctx.get(META).await?;
         if let Call::Create { session_id } = call {
             if let Some(meta) = meta {
-                return Ok(Reply::Session(meta));
+                return Ok(Reply::Session(Box::new(meta)));
             }
             let meta = CliSession {
                 session_id,
@@ -116,7 +116,7 @@ impl Actor for SessionActor {
                 share_token: None,
             };
             ctx.put(META, &meta)?;
-            return Ok(Reply::Session(meta));
+            return Ok(Reply::Session(Box::new(meta)));
         }
         let Some(mut meta) = meta else {
             return Ok(Reply::Missing);

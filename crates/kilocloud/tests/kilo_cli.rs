@@ -48,6 +48,27 @@ fn kilo_command(home: &std::path::Path, api_url: &str) -> tokio::process::Comman
     cmd
 }
 
+/// Runs `cmd` to its end (a deadline of 180 s guards against hangs): (success, stdout,
+/// stderr).
+async fn finish(cmd: &mut tokio::process::Command, what: &str) -> (bool, String, String) {
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} finishes (a guard against hangs)"))
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A new home `name` for `kilo` in the test's folder, and `node`'s base URL.
+fn kilo_home(store: &Store, node: &Node, name: &str) -> (std::path::PathBuf, String) {
+    let home = store.dir().join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    (home, node.url("").trim_end_matches('/').to_owned())
+}
+
 /// Polls `probe` until it returns `Some` (a deadline of `secs` guards against hangs).
 async fn until<T, F: std::future::Future<Output = Option<T>>>(
     secs: u64,
@@ -101,9 +122,7 @@ async fn gateway_node(
 async fn device_login(store: Store) {
     let node = Node::start(&store, "node.log");
     let (_, creds) = common::admin_login(&store, &node, "node.log").await;
-    let home = store.dir().join("kilo-home");
-    std::fs::create_dir_all(&home).unwrap();
-    let api_url = node.url("").trim_end_matches('/').to_owned();
+    let (home, api_url) = kilo_home(&store, &node, "kilo-home");
     let mut login = kilo_command(&home, &api_url)
         .args(["auth", "login", "-p", "kilo"])
         .stdout(std::process::Stdio::piped())
@@ -170,24 +189,17 @@ async fn device_login(store: Store) {
 /// gateway to the fake provider, the reply is printed, and the owner is charged.
 async fn run_through_the_gateway(store: Store) {
     let (node, key, _, upstream) = gateway_node(&store, &["The answer is forty-two."; 4]).await;
-    let home = store.dir().join("kilo-home");
-    std::fs::create_dir_all(&home).unwrap();
-    let api_url = node.url("").trim_end_matches('/').to_owned();
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
+    let (home, api_url) = kilo_home(&store, &node, "kilo-home");
+    let (ok, stdout, stderr) = finish(
         kilo_command(&home, &api_url)
             .env("KILO_API_KEY", &key)
             .args(["run", "--model", "kilo/vendor/paid", "What is the answer?"])
-            .current_dir(store.dir())
-            .output(),
+            .current_dir(store.dir()),
+        "kilo run",
     )
-    .await
-    .expect("kilo run finishes (a guard against hangs)")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    .await;
     assert!(
-        out.status.success() && stdout.contains("forty-two"),
+        ok && stdout.contains("forty-two"),
         "stdout: {stdout}\nstderr: {stderr}"
     );
     let sent = upstream.requests();
@@ -225,24 +237,17 @@ async fn get_json(node: &Node, key: &str, path: &str) -> (u16, Value) {
 /// session delete` deletes it from our server too.
 async fn session_ingest(store: Store) {
     let (node, key, creds, _upstream) = gateway_node(&store, &["Hi from the fake model."; 4]).await;
-    let home = store.dir().join("kilo-home");
-    std::fs::create_dir_all(&home).unwrap();
-    let api_url = node.url("").trim_end_matches('/').to_owned();
-    let out = tokio::time::timeout(
-        Duration::from_secs(180),
+    let (home, api_url) = kilo_home(&store, &node, "kilo-home");
+    let (ok, stdout, stderr) = finish(
         kilo_command(&home, &api_url)
             .env("KILO_API_KEY", &key)
             .args(["run", "--share", "--model", "kilo/vendor/paid", "say hi"])
-            .current_dir(store.dir())
-            .output(),
+            .current_dir(store.dir()),
+        "kilo run --share",
     )
-    .await
-    .expect("kilo run finishes (a guard against hangs)")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    .await;
     assert!(
-        out.status.success() && stdout.contains("Hi from the fake model"),
+        ok && stdout.contains("Hi from the fake model"),
         "stdout: {stdout}\nstderr: {stderr}"
     );
     let share_url = format!("{stdout}\n{stderr}")
@@ -299,26 +304,18 @@ async fn session_ingest(store: Store) {
     assert!(row.contains("cli"), "{row}");
 
     // `kilo import` of the share URL, in a fresh home with no credentials.
-    let fresh = store.dir().join("kilo-import-home");
-    std::fs::create_dir_all(&fresh).unwrap();
-    let import = tokio::time::timeout(
-        Duration::from_secs(120),
+    let (fresh, _) = kilo_home(&store, &node, "kilo-import-home");
+    let (ok, out, err) = finish(
         kilo_command(&fresh, &api_url)
             .args(["import", &share_url])
-            .current_dir(store.dir())
-            .output(),
+            .current_dir(store.dir()),
+        "kilo import",
     )
-    .await
-    .expect("kilo import finishes (a guard against hangs)")
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&import.stdout),
-        String::from_utf8_lossy(&import.stderr)
-    );
+    .await;
+    let text = format!("{out}{err}");
     // (`kilo import` exits 0 on a failed fetch too; its output says which.)
     assert!(
-        import.status.success() && text.contains(&format!("Imported session: {session_id}")),
+        ok && text.contains(&format!("Imported session: {session_id}")),
         "kilo import: {text}"
     );
     let sessions = kilo_command(&fresh, &api_url)
@@ -334,22 +331,15 @@ async fn session_ingest(store: Store) {
     );
 
     // `kilo session delete` deletes it here too.
-    let delete = tokio::time::timeout(
-        Duration::from_secs(120),
+    let (ok, _, err) = finish(
         kilo_command(&home, &api_url)
             .env("KILO_API_KEY", &key)
             .args(["session", "delete", &session_id])
-            .current_dir(store.dir())
-            .output(),
+            .current_dir(store.dir()),
+        "kilo session delete",
     )
-    .await
-    .expect("kilo session delete finishes (a guard against hangs)")
-    .unwrap();
-    assert!(
-        delete.status.success(),
-        "kilo session delete: {}",
-        String::from_utf8_lossy(&delete.stderr)
-    );
+    .await;
+    assert!(ok, "kilo session delete: {err}");
     until(60, "the session is deleted from the server", || async {
         let (status, _) = get_json(&node, &key, &format!("/api/session/{session_id}")).await;
         (status == 404).then_some(())
@@ -364,9 +354,7 @@ async fn session_ingest(store: Store) {
 async fn remote(store: Store) {
     let node = Node::start(&store, "node.log");
     let (key, _) = common::admin_login(&store, &node, "node.log").await;
-    let home = store.dir().join("kilo-home");
-    std::fs::create_dir_all(&home).unwrap();
-    let api_url = node.url("").trim_end_matches('/').to_owned();
+    let (home, api_url) = kilo_home(&store, &node, "kilo-home");
     let mut child = kilo_command(&home, &api_url)
         .env("KILO_API_KEY", &key)
         .arg("remote")
@@ -405,42 +393,25 @@ async fn remote(store: Store) {
     .await;
 }
 
-#[tokio::test]
-async fn kilo_session_ingest_sqlite() {
-    session_ingest(Store::sqlite().await).await;
+/// A test module per scenario, `<scenario>::sqlite` and `<scenario>::postgres`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Store::sqlite().await).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Store::postgres().await).await
+            }
+        }
+    )*};
 }
 
-#[tokio::test]
-async fn kilo_session_ingest_postgres() {
-    session_ingest(Store::postgres().await).await;
-}
-
-#[tokio::test]
-async fn kilo_remote_sqlite() {
-    remote(Store::sqlite().await).await;
-}
-
-#[tokio::test]
-async fn kilo_remote_postgres() {
-    remote(Store::postgres().await).await;
-}
-
-#[tokio::test]
-async fn kilo_run_sqlite() {
-    run_through_the_gateway(Store::sqlite().await).await;
-}
-
-#[tokio::test]
-async fn kilo_run_postgres() {
-    run_through_the_gateway(Store::postgres().await).await;
-}
-
-#[tokio::test]
-async fn kilo_device_login_sqlite() {
-    device_login(Store::sqlite().await).await;
-}
-
-#[tokio::test]
-async fn kilo_device_login_postgres() {
-    device_login(Store::postgres().await).await;
-}
+on_both_stores!(
+    session_ingest,
+    remote,
+    run_through_the_gateway,
+    device_login
+);

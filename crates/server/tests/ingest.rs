@@ -31,7 +31,12 @@ fn item(kind: &str, data: Value) -> Value {
     json!({"type": kind, "data": data})
 }
 
-async fn ingest(env: &Env, key: &str, id: &str, items: Vec<Value>) -> (u16, Value) {
+/// Ingests `items` into [`SESSION`] as the env's user.
+async fn ingest(env: &Env, items: Vec<Value>) -> (u16, Value) {
+    ingest_as(env, &env.key, SESSION, items).await
+}
+
+async fn ingest_as(env: &Env, key: &str, id: &str, items: Vec<Value>) -> (u16, Value) {
     env.request_as(
         key,
         Method::POST,
@@ -79,12 +84,11 @@ async fn ingest_routes(pg: bool) {
     // the status.
     let (status, body) = ingest(
         &env,
-        &env.key,
-        SESSION,
         vec![
             item(
                 "kilo_meta",
-                json!({"platform": "cli", "gitUrl": "https://example.com/r.git", "gitBranch": "main"}),
+                json!({"platform": "cli", "gitUrl": "https://example.com/r.git",
+                    "gitBranch": "main"}),
             ),
             item("session", json!({"id": SESSION, "title": "First title"})),
             item("session_status", json!({"status": "busy"})),
@@ -100,8 +104,6 @@ async fn ingest_routes(pg: bool) {
     assert_eq!((status, &body["success"]), (200, &json!(true)), "{body}");
     let (status, body) = ingest(
         &env,
-        &env.key,
-        SESSION,
         vec![
             item("message", json!({"id": "msg_002", "role": "assistant"})),
             item(
@@ -212,18 +214,12 @@ async fn ingest_routes(pg: bool) {
         (status, body["error"]["code"].as_str()),
         (400, Some("invalid_request"))
     );
-    let (status, body) = ingest(&env, &env.key, "ses_unknown", vec![]).await;
+    let (status, body) = ingest_as(&env, &env.key, "ses_unknown", vec![]).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("session_not_found"))
     );
-    let (status, body) = ingest(
-        &env,
-        &env.key,
-        SESSION,
-        vec![item("part", json!({"id": "prt_9"}))],
-    )
-    .await;
+    let (status, body) = ingest(&env, vec![item("part", json!({"id": "prt_9"}))]).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (400, Some("invalid_request"))
@@ -231,7 +227,7 @@ async fn ingest_routes(pg: bool) {
     let many = (0..=kilocloud_ingest::MAX_ITEMS_PER_INGEST)
         .map(|i| item("message", json!({"id": format!("msg_{i}")})))
         .collect();
-    let (status, body) = ingest(&env, &env.key, SESSION, many).await;
+    let (status, body) = ingest(&env, many).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (400, Some("too_many_items"))
@@ -251,8 +247,6 @@ async fn ingest_routes(pg: bool) {
     let big = "y".repeat(kilocloud_ingest::MAX_ITEM_BYTES + 1);
     let (status, body) = ingest(
         &env,
-        &env.key,
-        SESSION,
         vec![
             item(
                 "part",

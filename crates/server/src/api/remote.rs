@@ -53,11 +53,7 @@ pub async fn socket(
     auth: Result<QueryToken, ApiError>,
 ) -> Result<Response, ApiError> {
     let Ok(upgrade) = upgrade else {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "websocket_required",
-            "this route is a WebSocket; connect with a WebSocket client",
-        ));
+        return Err(ApiError::websocket_required());
     };
     let connection_id = q
         .connection_id
