@@ -319,9 +319,10 @@ impl Ingest {
             .ok_or(IngestError::NotFound { what: "session" })
     }
 
-    /// The owner's sessions, most recently updated first: at most `limit` (1 to
-    /// [`MAX_LIST_LIMIT`]) of those whose id sorts after `after` (a page cursor; `""` starts
-    /// at the beginning), and whether more follow.
+    /// A page of the owner's sessions: at most `limit` (1 to [`MAX_LIST_LIMIT`]) of those
+    /// whose id sorts after `after` (the cursor; `""` starts at the beginning; pages follow
+    /// id order), the page sorted most recently updated first; and the next page's cursor
+    /// when more may follow.
     pub async fn list(
         &self,
         owner: Owner,

@@ -85,7 +85,7 @@ pub struct ListQuery {
 /// A page of CLI sessions.
 #[derive(Serialize, ToSchema)]
 pub struct SessionPage {
-    /// The sessions, most recently updated first.
+    /// The sessions, most recently updated first within the page (pages follow id order).
     pub sessions: Vec<CliSession>,
     /// Cursor of the next page (`?after=`), when there may be more.
     pub next: Option<String>,
