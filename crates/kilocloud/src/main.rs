@@ -86,10 +86,13 @@ enum Command {
     Credits(account::CreditsCommand),
     /// Model gateway requests of the owner acted for, with tokens and cost.
     Usage(account::UsageArgs),
-    /// Cloud Agent sessions: create (and follow live), list, show, send, watch, interrupt,
-    /// delete.
+    /// Sessions: Cloud Agent sessions (create and follow live, send, watch, interrupt,
+    /// delete) and, in list and show, the Kilo Code CLI's ingested sessions.
     #[command(subcommand)]
     Session(session::SessionCommand),
+    /// `kilo remote` connections of the Kilo Code CLI.
+    #[command(subcommand)]
+    Remote(session::RemoteCommand),
     /// Triggers: webhooks and schedules that start Cloud Agent sessions.
     #[command(subcommand)]
     Trigger(automation::TriggerCommand),
@@ -388,6 +391,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Credits(c) => account::credits(c).await,
         Command::Usage(a) => account::usage(a).await,
         Command::Session(c) => session::run(c).await,
+        Command::Remote(c) => session::remote(c).await,
         Command::Trigger(c) => automation::trigger(c).await,
         Command::Review(c) => automation::review(c).await,
         Command::Github(c) => automation::github(c).await,

@@ -1,7 +1,9 @@
 //! `kilocloud session …`: Cloud Agent sessions from the terminal. `create` prepares and
 //! initiates a session, then follows its event stream live (a spinner with the elapsed time
 //! while the agent works, tool calls as they happen, the summary and branch at the end);
-//! Ctrl-C interrupts the execution and waits for it to stop.
+//! Ctrl-C interrupts the execution and waits for it to stop. `list` and `show` include the
+//! Kilo Code CLI's sessions (session ingest); `kilocloud remote list` shows its `kilo remote`
+//! connections.
 
 use std::time::{Duration, Instant};
 
@@ -20,14 +22,16 @@ use crate::client::Client;
 pub enum SessionCommand {
     /// Prepare a session on a repository, start the agent, and follow it live.
     Create(CreateArgs),
-    /// The sessions of the owner acted for, newest first.
+    /// The sessions of the owner acted for, newest first: Cloud Agent sessions and Kilo Code
+    /// CLI sessions (session ingest), with their source.
     List {
         #[command(flatten)]
         common: Common,
     },
-    /// One session and its executions.
+    /// One session: a Cloud Agent session and its executions, or a Kilo Code CLI session
+    /// (`ses_…`) and its messages.
     Show {
-        /// Session id (`agent_…`).
+        /// Session id (`agent_…` or `ses_…`).
         id: String,
         #[command(flatten)]
         common: Common,
@@ -58,6 +62,59 @@ pub enum SessionCommand {
         #[command(flatten)]
         common: Common,
     },
+}
+
+/// `kilocloud remote`.
+#[derive(Subcommand)]
+pub enum RemoteCommand {
+    /// The `kilo remote` instances of the owner acted for connected to the server's node,
+    /// with their sessions and last heartbeat.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Runs one `kilocloud remote` command.
+pub async fn remote(command: RemoteCommand) -> anyhow::Result<()> {
+    let RemoteCommand::List { common } = command;
+    let list = client(&common)?
+        .call(Method::GET, "/api/user/cli/connections", None)
+        .await?;
+    if common.json {
+        return print_json(&list);
+    }
+    let rows = list["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let sessions: Vec<String> = c["sessions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{} ({})", s(&x["id"]), s(&x["status"])))
+                .collect();
+            vec![
+                s(&c["connectionId"]),
+                s(&c["instance"]["name"]),
+                s(&c["protocolVersion"]),
+                time(&c["lastHeartbeatAt"]),
+                sessions.join(", "),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CONNECTION",
+            "HOST",
+            "VERSION",
+            "LAST HEARTBEAT",
+            "SESSIONS",
+        ],
+        rows,
+    );
+    Ok(())
 }
 
 /// `kilocloud session create`.
@@ -154,28 +211,9 @@ fn pairs(
 pub async fn run(command: SessionCommand) -> anyhow::Result<()> {
     match command {
         SessionCommand::Create(args) => create(args).await,
-        SessionCommand::List { common } => {
-            let list = client(&common)?
-                .call(Method::GET, "/api/sessions", None)
-                .await?;
-            if common.json {
-                return print_json(&list);
-            }
-            let rows = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| {
-                    vec![
-                        s(&x["sessionId"]),
-                        time(&x["createdAt"]),
-                        s(&x["repo"]),
-                        s(&x["title"]),
-                    ]
-                })
-                .collect();
-            table(&["SESSION", "CREATED", "REPOSITORY", "TITLE"], rows);
-            Ok(())
+        SessionCommand::List { common } => list(&common).await,
+        SessionCommand::Show { id, common } if id.starts_with("ses_") => {
+            show_cli(&common, &id).await
         }
         SessionCommand::Show { id, common } => {
             let view = client(&common)?
@@ -265,6 +303,99 @@ pub async fn run(command: SessionCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `session list`: Cloud Agent sessions (`/api/sessions`; none when the Cloud Agent is
+/// disabled) and Kilo Code CLI sessions (`/api/session`, session ingest) together, each
+/// with its `source` (`cloud-agent` or `cli`), newest first.
+async fn list(common: &Common) -> anyhow::Result<()> {
+    let client = client(common)?;
+    let agent = match client.call(Method::GET, "/api/sessions", None).await {
+        Ok(list) => list,
+        Err(e) if e.to_string().contains(" agent_disabled:") => json!([]),
+        Err(e) => return Err(e),
+    };
+    let cli = client.call(Method::GET, "/api/session", None).await?;
+    let mut all: Vec<Value> = Vec::new();
+    for mut x in agent.as_array().cloned().unwrap_or_default() {
+        x["source"] = json!("cloud-agent");
+        all.push(x);
+    }
+    for mut x in cli["sessions"].as_array().cloned().unwrap_or_default() {
+        x["source"] = json!("cli");
+        x["repo"] = x["gitUrl"].clone();
+        all.push(x);
+    }
+    all.sort_by_key(|x| std::cmp::Reverse(x["createdAt"].as_i64().unwrap_or(0)));
+    if common.json {
+        return print_json(&Value::Array(all));
+    }
+    let rows = all
+        .iter()
+        .map(|x| {
+            vec![
+                s(&x["sessionId"]),
+                s(&x["source"]),
+                time(&x["createdAt"]),
+                s(&x["repo"]),
+                s(&x["title"]),
+            ]
+        })
+        .collect();
+    table(
+        &["SESSION", "SOURCE", "CREATED", "REPOSITORY", "TITLE"],
+        rows,
+    );
+    Ok(())
+}
+
+/// `session show ses_…`: a Kilo Code CLI session: its summary and its messages (role and
+/// text of each), from the export.
+async fn show_cli(common: &Common, id: &str) -> anyhow::Result<()> {
+    let client = client(common)?;
+    let summary = client
+        .call(Method::GET, &format!("/api/session/{id}"), None)
+        .await?;
+    let export = client
+        .call(Method::GET, &format!("/api/session/{id}/export"), None)
+        .await?;
+    if common.json {
+        return print_json(&json!({"session": summary, "export": export}));
+    }
+    println!("session    {} (cli)", s(&summary["sessionId"]));
+    println!("title      {}", s(&summary["title"]));
+    println!(
+        "repository {} {}",
+        s(&summary["gitUrl"]),
+        s(&summary["gitBranch"])
+    );
+    println!(
+        "status     {} (closed: {})",
+        s(&summary["status"]),
+        s(&summary["closeReason"])
+    );
+    println!("updated    {}", time(&summary["updatedAt"]));
+    let rows = export["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let text: Vec<&str> = m["parts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["type"] == "text")
+                .filter_map(|p| p["text"].as_str())
+                .collect();
+            vec![
+                s(&m["info"]["id"]),
+                s(&m["info"]["role"]),
+                text.join(" ").chars().take(100).collect(),
+            ]
+        })
+        .collect();
+    table(&["MESSAGE", "ROLE", "TEXT"], rows);
+    Ok(())
 }
 
 async fn create(args: CreateArgs) -> anyhow::Result<()> {

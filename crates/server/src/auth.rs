@@ -8,6 +8,7 @@
 //! | [`PersonalAuth`] | `AuthUser` with a personal credential (not an org's key, not org-pinned, not a bot's) | 403 `personal_credential_required` |
 //! | [`PersonalRole<R>`] | `RequireRole<R>` with a personal credential (minting keys and JWTs) | 403 |
 //! | [`OwnerScope`] | `AuthUser`, and membership of the org in `X-KiloCode-OrganizationId` | 400 not a UUID, 403 not a member |
+//! | [`QueryToken`] | a valid JWT or API key in the query string `?token=` (WebSockets of CLIs); the credential's own owner | 401 (429 when rate limited) |
 //! | [`RequireRole<R>`] | `OwnerScope` with at least role `R` (a user over their own things is `owner`) | 403 `insufficient_role` |
 //! | [`OrgAccess<R>`] | `AuthUser` who is a member of the org in the path `{id}`, with at least `R` | 404 if not a member, 403 if the role is too low |
 //! | [`SiteAdmin`] | `AuthUser` who is a site administrator | 403 `admin_required` |
@@ -472,6 +473,38 @@ impl OwnerScope {
         };
         let scope = state.identity.scope(&auth.principal, header).await?;
         Ok(OwnerScope { auth, scope })
+    }
+}
+
+/// The owner a WebSocket acts for when its credential comes in the query string
+/// (`?token=<JWT or kc_ key>`, as `kilo remote` sends it, contract §5): the credential's
+/// own owner (the organization it is pinned to, else its user), checked under the same
+/// failure limiter as a bearer.
+///
+/// Rejections: 401 `unauthenticated` without a token, the credential's 401 codes, 429
+/// `too_many_auth_failures`.
+pub struct QueryToken(pub OwnerScope);
+
+impl FromRequestParts<AppState> for QueryToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned());
+        let principal = limited(parts, state, async {
+            match token.as_deref() {
+                None | Some("") => Err(kilocloud_identity::credential::AuthError::Missing.into()),
+                Some(token) => state.identity.authenticate(token).await,
+            }
+        })
+        .await?;
+        let auth = AuthUser {
+            principal,
+            request_id: request_id(parts),
+        };
+        let scope = state.identity.scope(&auth.principal, None).await?;
+        Ok(QueryToken(OwnerScope { auth, scope }))
     }
 }
 

@@ -45,6 +45,15 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 426 `websocket_required`: a plain request to a WebSocket route.
+    pub fn websocket_required() -> Self {
+        Self::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            "this route is a WebSocket; connect with a WebSocket client",
+        )
+    }
+
     /// 401 `unauthorized`.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)

@@ -51,6 +51,9 @@ pub struct AppState {
     pub automation: Option<kilocloud_automation::Automation>,
     /// KiloClaw; `None` answers its routes with 503 `claw_disabled`.
     pub claw: Option<kilocloud_claw::Claw>,
+    /// Session ingest of the Kilo Code CLI and the presence of `kilo remote` connections
+    /// (always on: it needs only the substrate).
+    pub ingest: kilocloud_ingest::Ingest,
     /// The KiloClaw proxy's per-node memory (idle connections to runtimes, callers verified
     /// in the last second).
     pub claw_proxy: Arc<claw_proxy::ProxyState>,
@@ -108,13 +111,14 @@ impl Default for ServerOptions {
 
 impl AppState {
     /// State for `substrate`, `identity` and the gateway (whose actors must already be
-    /// registered).
+    /// registered); registers session ingest's actors.
     pub fn new(
         substrate: Substrate,
         identity: Identity,
         gateway: Arc<api::gateway::GatewayState>,
         options: &ServerOptions,
     ) -> Self {
+        let ingest = kilocloud_ingest::Ingest::new(&substrate);
         Self {
             substrate,
             identity,
@@ -122,6 +126,7 @@ impl AppState {
             agents: None,
             automation: None,
             claw: None,
+            ingest,
             claw_proxy: Arc::default(),
             claw_cookie_secure: false,
             admin_token_sha256: Some(options.admin_token.as_str())

@@ -235,6 +235,8 @@ struct Fixture {
     /// Pending device codes: one to poll and approve, one to deny.
     device_code: String,
     device_code_denied: String,
+    /// A shared CLI session of the organization ([`CLI_SESSION`]) and its share token.
+    cli_share_token: String,
 }
 
 impl Fixture {
@@ -272,7 +274,36 @@ impl Fixture {
         e.id.put_secret(o, "ORG_SECRET", SECRET_VALUE.as_bytes(), &by(owner_id))
             .await
             .unwrap();
+        let org_header = org.to_string();
+        let r = send(
+            &e.app,
+            request(
+                "POST",
+                "/api/session",
+                Some(&owner),
+                Some(&org_header),
+                Some(&json!({"sessionId": CLI_SESSION})),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let r = send(
+            &e.app,
+            request(
+                "POST",
+                &format!("/api/session/{CLI_SESSION}/share"),
+                Some(&owner),
+                Some(&org_header),
+                None,
+            ),
+        )
+        .await;
+        let cli_share_token = r.body["share_token"]
+            .as_str()
+            .expect("a share token")
+            .to_owned();
         Fixture {
+            cli_share_token,
             owner,
             admin,
             member,
@@ -326,8 +357,9 @@ enum Access {
     /// runs without the Cloud Agent, so a caller who passes the checks gets 503
     /// `agent_disabled`; which sessions each owner reaches is tested in `sessions.rs`.
     Session,
-    /// The session stream: a WebSocket opened with a single-use ticket instead of a bearer
-    /// credential; a plain request gets 426 (the ticket checks are in `sessions.rs`).
+    /// A WebSocket authenticated in its query instead of a bearer header: the session
+    /// stream (a single-use ticket; checks in `sessions.rs`) and `kilo remote`'s socket
+    /// (a credential; checks in `ingest.rs`). A plain request gets 426.
     SessionStream,
     /// An automation route (triggers, review, installations), owner-scoped like `OrgHeader`
     /// with at least `min`. This matrix runs without automation, so a caller who passes the
@@ -343,6 +375,10 @@ enum Access {
     /// An inbound webhook (GitHub's, a trigger's): no bearer credential, authenticated by
     /// its signature or secret (tested in `automation.rs`); 503 `automation_disabled` here.
     Webhook,
+    /// A CLI session route (session ingest), owner-scoped: a member of the organization
+    /// reaches the organization's session [`CLI_SESSION`]; a stranger acting for themself
+    /// gets 404 `session_not_found`.
+    CliSession,
     /// A signed-in user's personal credential, acting once (a device approval): the owner
     /// succeeds, an organization's key is refused.
     Personal,
@@ -835,6 +871,101 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "POST",
+            path: "/api/session",
+            access: OrgHeader {
+                min: Role::Member,
+                addressed: false,
+            },
+            uri: |_| "/api/session".into(),
+            body: |_| Some(json!({"sessionId": "ses_another0123456789abcdefg"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/session",
+            access: OrgHeader {
+                min: Role::Member,
+                addressed: false,
+            },
+            uri: |_| "/api/session".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/session/{id}",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}"),
+            body: none,
+        },
+        Route {
+            method: "DELETE",
+            path: "/api/session/{id}",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}"),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/session/{id}/ingest",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}/ingest?v=2"),
+            body: |_| {
+                Some(json!({"data": [{"type": "session_status", "data": {"status": "idle"}}]}))
+            },
+        },
+        Route {
+            method: "POST",
+            path: "/api/session/{id}/share",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}/share"),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/session/{id}/unshare",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}/unshare"),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/session/{id}/title",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}/title"),
+            body: |_| Some(json!({"title": "t", "generated": false})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/session/{id}/export",
+            access: CliSession,
+            uri: |_| format!("/api/session/{CLI_SESSION}/export"),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/session/{shareId}",
+            access: Public,
+            uri: |f| format!("/session/{}", f.cli_share_token),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/user/cli",
+            access: SessionStream,
+            uri: |_| format!("/api/user/cli?connectionId={}", Uuid::new_v4()),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/user/cli/connections",
+            access: OrgHeader {
+                min: Role::Member,
+                addressed: false,
+            },
+            uri: |_| "/api/user/cli/connections".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
             path: "/api/github/webhook",
             access: Webhook,
             uri: |_| "/api/github/webhook".into(),
@@ -1084,6 +1215,9 @@ fn routes() -> Vec<Route> {
     ]
 }
 
+/// The id of the fixture's CLI session (the organization's).
+const CLI_SESSION: &str = "ses_fixture0123456789abcdefgh";
+
 /// A well-formed session id no one owns.
 const SESSION_ID: &str = "agent_00000000-0000-4000-8000-000000000000";
 
@@ -1275,6 +1409,29 @@ async fn access_matrix(pg: bool) {
                     (r.status, r.code()),
                     (StatusCode::SERVICE_UNAVAILABLE, "agent_disabled"),
                     "{label} as member: {}",
+                    r.body
+                );
+            }
+            Access::CliSession => {
+                let r = call(Some(&f.stranger), Some(&org)).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::FORBIDDEN, "not_a_member"),
+                    "{label} as stranger: {}",
+                    r.body
+                );
+                let r = call(Some(&f.stranger), None).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::NOT_FOUND, "session_not_found"),
+                    "{label} as stranger for themself: {}",
+                    r.body
+                );
+                let r = call(Some(&f.member), Some(&org)).await;
+                assert!(
+                    r.status.is_success(),
+                    "{label} as member: {} {}",
+                    r.status,
                     r.body
                 );
             }

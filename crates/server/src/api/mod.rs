@@ -10,7 +10,9 @@ mod bots;
 pub mod claw;
 pub mod device;
 pub mod gateway;
+pub mod ingest;
 mod orgs;
+pub mod remote;
 mod secrets;
 pub mod sessions;
 mod tickets;
@@ -56,7 +58,8 @@ pub struct ErrorDetail {
     tags(
         (name = "users"), (name = "organizations"), (name = "tokens"),
         (name = "tickets"), (name = "secrets"), (name = "bots"), (name = "gateway"), (name = "sessions"),
-        (name = "github"), (name = "triggers"), (name = "review"), (name = "claw")
+        (name = "github"), (name = "triggers"), (name = "review"), (name = "claw"),
+        (name = "cli-sessions")
     )
 )]
 struct ApiDoc;
@@ -137,6 +140,16 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(sessions::export))
         .routes(routes!(sessions::events))
         .routes(routes!(sessions::stream))
+        .routes(routes!(ingest::create, ingest::list))
+        .routes(routes!(ingest::get, ingest::delete))
+        .routes(routes!(ingest::ingest))
+        .routes(routes!(ingest::share))
+        .routes(routes!(ingest::unshare))
+        .routes(routes!(ingest::title))
+        .routes(routes!(ingest::export))
+        .routes(routes!(ingest::shared))
+        .routes(routes!(remote::socket))
+        .routes(routes!(remote::connections))
         .routes(routes!(claw::list_instances, claw::create_instance))
         .routes(routes!(claw::get_instance, claw::destroy_instance))
         .routes(routes!(claw::instance_status))

@@ -396,11 +396,7 @@ pub async fn stream(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let Ok(upgrade) = upgrade else {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "websocket_required",
-            "this route is a WebSocket; connect with a WebSocket client",
-        ));
+        return Err(ApiError::websocket_required());
     };
     let agents = agents(&s)?.clone();
     let ticket = q
