@@ -5,7 +5,8 @@
 //! agent planted cannot make the host read or write outside the workspace). The external one
 //! ([`run_external`]) runs any OpenAI-compatible agent CLI in the sandbox with
 //! `OPENAI_BASE_URL`/`OPENAI_API_KEY` pointing at the gateway, turning its output lines into
-//! events.
+//! events. The `kilo` one ([`run_kilo`]) runs the official Kilo Code CLI (`kilo run`) in the
+//! sandbox, as the reference's Cloud Agent does, its model calls going to our gateway.
 
 use std::time::Duration;
 
@@ -36,7 +37,13 @@ pub struct HarnessConfig {
     /// argument. Example: `["my-agent", "--model", "{model}", "--prompt", "{prompt}"]`.
     pub external_command: Vec<String>,
     /// Time limit of one external CLI run, ms. Default 1,200,000 (the reference's 20 min).
+    /// Also the `kilo` harness's.
     pub external_timeout_ms: u64,
+    /// The `kilo` harness: the host path of the Kilo Code CLI's native binary
+    /// (`…/node_modules/@kilocode/cli-linux-x64/bin/kilo`, as `scripts/install-kilo-cli`
+    /// installs and prints it). Its directory is mounted read-only in the sandbox. Default
+    /// empty.
+    pub kilo_path: String,
 }
 
 impl Default for HarnessConfig {
@@ -49,6 +56,7 @@ impl Default for HarnessConfig {
             model_timeout_ms: 300_000,
             external_command: Vec::new(),
             external_timeout_ms: 1_200_000,
+            kilo_path: String::new(),
         }
     }
 }
@@ -62,6 +70,8 @@ pub enum HarnessKind {
     Builtin,
     /// An external agent CLI (`external_command`).
     External,
+    /// The Kilo Code CLI (`kilo_path`).
+    Kilo,
 }
 
 /// How the harness reaches the gateway.
@@ -662,6 +672,7 @@ fn file_tool(argv: Vec<String>, stdin: Option<Vec<u8>>, cap: usize) -> ExecReque
         timeout: Duration::from_secs(60),
         output_cap: cap,
         forward: None,
+        ro_binds: Vec::new(),
     }
 }
 
@@ -690,8 +701,17 @@ async fn exec(
 /// The sandbox has no network: the gateway's address is forwarded into it
 /// ([`crate::sandbox::ExecRequest::forward`]) and `gateway.base_url` is the URL inside.
 pub async fn run_external(turn: Turn<'_>) -> (Result<Outcome, HarnessError>, NewMessages) {
-    let user = json!({"role": "user", "content": turn.prompt});
     let result = external(&turn).await;
+    conversation(&turn, result)
+}
+
+/// The messages a run of a CLI harness adds to the session: the prompt, and its summary
+/// when it finished.
+fn conversation(
+    turn: &Turn<'_>,
+    result: Result<Outcome, HarnessError>,
+) -> (Result<Outcome, HarnessError>, NewMessages) {
+    let user = json!({"role": "user", "content": turn.prompt});
     let mut added = vec![user];
     if let Ok(Outcome::Finished { summary, .. }) = &result {
         added.push(json!({"role": "assistant", "content": summary}));
@@ -729,6 +749,19 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
     if let Some(org) = turn.gateway.org {
         env.push(("KILOCODE_ORGANIZATION_ID".into(), org.to_string()));
     }
+    run_cli(turn, argv, env, Vec::new(), |line, _| Some(line.to_owned())).await
+}
+
+/// Runs a CLI harness's command in the sandbox (the gateway forwarded in, `ro_binds`
+/// mounted): each output line becomes an `output` event (a JSON object as it is), and the
+/// summary is the last `Some` that `summary_of(line, parsed)` gives. Exit code 0 finishes.
+async fn run_cli(
+    turn: &Turn<'_>,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    ro_binds: Vec<(std::path::PathBuf, String)>,
+    summary_of: impl Fn(&str, Option<&Value>) -> Option<String>,
+) -> Result<Outcome, HarnessError> {
     let request = ExecRequest {
         argv,
         env,
@@ -737,6 +770,7 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
         timeout: Duration::from_millis(turn.config.external_timeout_ms),
         output_cap: 4 << 20,
         forward: turn.gateway.forward,
+        ro_binds,
     };
     let out = turn
         .sandbox
@@ -749,12 +783,14 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut summary = String::new();
     for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
-        let data = match serde_json::from_str::<Value>(line) {
-            Ok(v) if v.is_object() => v,
-            _ => json!({"line": line}),
-        };
+        let parsed = serde_json::from_str::<Value>(line)
+            .ok()
+            .filter(Value::is_object);
+        if let Some(s) = summary_of(line, parsed.as_ref()) {
+            summary = s;
+        }
+        let data = parsed.unwrap_or_else(|| json!({"line": line}));
         turn.emit.emit("output", data).await?;
-        summary = line.to_owned();
     }
     if !out.stderr.is_empty() {
         turn.emit
@@ -775,6 +811,98 @@ async fn external(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
             code.map_or("killed".to_owned(), |c| format!("exit code {c}"))
         ))),
     }
+}
+
+/// Where the directory of the Kilo Code CLI's binary is mounted in a `local` sandbox.
+pub const KILO_DIR_INSIDE: &str = "/kilo-cli";
+
+/// Runs the Kilo Code CLI once in the sandbox: `kilo run --auto --format json --model
+/// kilo/<model> --agent <code|plan|ask> <prompt>`, with `KILO_API_URL` at the gateway's
+/// forward (its model catalog and chat calls are ours, with the owner's per-execution
+/// credential as `KILO_API_KEY`), telemetry, auto-update, session ingest and snapshots off,
+/// and the organization as `KILO_ORG_ID`. Its JSON events become `output` events; the summary
+/// is the text of its last `text` part. Exit code 0 completes the execution.
+///
+/// Errors: a [`HarnessError`] when `agent.harness.kilo_path` is empty or not a file, when the
+/// CLI fails (its exit code), or runs past `external_timeout_ms`.
+pub async fn run_kilo(turn: Turn<'_>) -> (Result<Outcome, HarnessError>, NewMessages) {
+    let result = kilo(&turn).await;
+    conversation(&turn, result)
+}
+
+async fn kilo(turn: &Turn<'_>) -> Result<Outcome, HarnessError> {
+    let path = std::path::Path::new(&turn.config.kilo_path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(HarnessError(
+            "agent.harness.kind is `kilo` but agent.harness.kilo_path is empty: install the \
+             Kilo Code CLI with scripts/install-kilo-cli and set kilo_path to the binary it \
+             prints"
+                .into(),
+        ));
+    };
+    if !path.is_file() {
+        return Err(HarnessError(format!(
+            "agent.harness.kilo_path {} is not a file (install the Kilo Code CLI with \
+             scripts/install-kilo-cli)",
+            path.display()
+        )));
+    }
+    // A `local` sandbox sees only what is mounted; the `process` provider runs on the host.
+    let (program, ro_binds) = if turn.sandbox.kind() == "local" {
+        (
+            format!("{KILO_DIR_INSIDE}/{}", name.to_string_lossy()),
+            vec![(dir.to_path_buf(), KILO_DIR_INSIDE.to_owned())],
+        )
+    } else {
+        (path.display().to_string(), Vec::new())
+    };
+    let agent = match turn.mode {
+        Mode::Code | Mode::Build | Mode::Orchestrator => "code",
+        Mode::Plan | Mode::Architect => "plan",
+        Mode::Ask => "ask",
+    };
+    let argv = vec![
+        program,
+        "run".into(),
+        "--auto".into(),
+        "--format".into(),
+        "json".into(),
+        "--model".into(),
+        format!("kilo/{}", turn.model),
+        "--agent".into(),
+        agent.into(),
+        turn.prompt.to_owned(),
+    ];
+    let api = turn
+        .gateway
+        .base_url
+        .trim_end_matches('/')
+        .trim_end_matches("/api/gateway/v1")
+        .to_owned();
+    let mut env = turn.env.to_vec();
+    env.extend(
+        [
+            ("KILO_API_URL", api.as_str()),
+            ("KILO_MODELS_URL", api.as_str()),
+            ("KILO_API_KEY", turn.gateway.token.expose()),
+            ("KILO_TELEMETRY_LEVEL", "off"),
+            ("KILO_DISABLE_AUTOUPDATE", "1"),
+            ("KILO_DISABLE_SESSION_INGEST", "1"),
+            ("KILO_CONFIG_CONTENT", r#"{"snapshot":false}"#),
+            ("KILOCODE_FEATURE", "cloud-agent"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    if let Some(org) = turn.gateway.org {
+        env.push(("KILO_ORG_ID".into(), org.to_string()));
+    }
+    run_cli(turn, argv, env, ro_binds, |_, event| {
+        let part = &event?["part"];
+        (part["type"] == "text")
+            .then(|| part["text"].as_str().map(str::to_owned))
+            .flatten()
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -253,8 +253,8 @@ async fn execute(
             org: meta.org_id,
             forward: None,
         },
-        // The external CLI runs in the sandbox: only the gateway is forwarded in.
-        HarnessKind::External => {
+        // The external CLIs run in the sandbox: only the gateway is forwarded in.
+        HarnessKind::External | HarnessKind::Kilo => {
             let url = url::Url::parse(&host_url)
                 .map_err(|e| HarnessError(format!("agent.gateway_url is not a URL: {e}")))?;
             let addr = tokio::net::lookup_host((
@@ -307,6 +307,7 @@ async fn execute(
     let (outcome, added) = match inner.config.harness.kind {
         HarnessKind::Builtin => crate::harness::run_builtin(turn).await,
         HarnessKind::External => crate::harness::run_external(turn).await,
+        HarnessKind::Kilo => crate::harness::run_kilo(turn).await,
     };
     let items: Vec<(String, Value)> = added
         .into_iter()

@@ -120,6 +120,9 @@ pub struct ExecRequest {
     /// A server on the host (the model gateway) the command may reach, at
     /// [`SandboxProvider::forwarded_url`]; nothing else is reachable.
     pub forward: Option<std::net::SocketAddr>,
+    /// Host paths mounted read-only at the given paths inside (a `local` sandbox; the
+    /// `process` provider runs on the host and ignores them).
+    pub ro_binds: Vec<(PathBuf, String)>,
 }
 
 impl ExecRequest {
@@ -133,6 +136,7 @@ impl ExecRequest {
             timeout,
             output_cap,
             forward: None,
+            ro_binds: Vec::new(),
         }
     }
 }
@@ -360,7 +364,7 @@ impl LocalSandbox {
     }
 
     /// The bubblewrap command running `request` for `mount`, confined to the sandbox's
-    /// cgroup, with `bridge`'s pipes and `ro_binds` (host path, path inside) added. Returns
+    /// cgroup, with `bridge`'s pipes and the request's `ro_binds` added. Returns
     /// the command and the files it reads at start (the open `cgroup.procs` files, the
     /// environment options and the seccomp programs), to keep open until it is spawned.
     ///
@@ -372,7 +376,6 @@ impl LocalSandbox {
         mount: &SessionMount,
         request: &ExecRequest,
         bridge: Option<&Bridge>,
-        ro_binds: &[(PathBuf, String)],
     ) -> Result<(tokio::process::Command, Vec<std::fs::File>), SandboxError> {
         let mut command = tokio::process::Command::new(&self.bwrap);
         // bubblewrap itself gets an empty environment: `--clearenv` clears only the final
@@ -403,7 +406,7 @@ impl LocalSandbox {
             &nul_separated(env_args(mount, request)),
         )?;
         inherit.push(raw_fd(&env));
-        command.args(self.args(mount, request, ro_binds, raw_fd(&env)));
+        command.args(self.args(mount, request, raw_fd(&env)));
         keep.push(env);
         let joins = match &self.cgroups {
             Some(cgroups) => cgroups.open_procs(&mount.sandbox_id)?,
@@ -449,29 +452,10 @@ impl LocalSandbox {
         }
     }
 
-    /// [`SandboxProvider::exec`] with the host paths of `ro_binds` mounted read-only at their
-    /// paths inside.
-    pub async fn exec_with_binds(
-        &self,
-        mount: &SessionMount,
-        request: ExecRequest,
-        ro_binds: &[(PathBuf, String)],
-        cancel: &CancellationToken,
-    ) -> Result<ExecOutput, SandboxError> {
-        let bridge = match request.forward {
-            Some(target) => Some(Bridge::new(Some(target))?),
-            None => None,
-        };
-        let (command, joins) = self.command(mount, &request, bridge.as_ref(), ro_binds)?;
-        let result = run(command, request, cancel, bridge).await;
-        drop(joins);
-        self.installed(result)
-    }
-
     /// Starts `request.argv` as a long-running service in the sandbox of `mount` (its
     /// `timeout`, `stdin` and `output_cap` are ignored): its own network namespace, where
     /// `request.forward` (if any) is reachable at `127.0.0.1:`[`FORWARD_PORT`], and the
-    /// host paths of `ro_binds` mounted read-only at their paths inside. Output goes to `log`.
+    /// request's `ro_binds` mounted. Output goes to `log`.
     /// The service runs until [`SandboxedService::stop`] or until it is dropped.
     ///
     /// Errors: [`SandboxError::Unavailable`] without bubblewrap; [`SandboxError::Io`].
@@ -479,11 +463,10 @@ impl LocalSandbox {
         &self,
         mount: &SessionMount,
         request: &ExecRequest,
-        ro_binds: &[(PathBuf, String)],
         log: std::fs::File,
     ) -> Result<SandboxedService, SandboxError> {
         let bridge = Bridge::new(request.forward)?;
-        let (mut command, joins) = self.command(mount, request, Some(&bridge), ro_binds)?;
+        let (mut command, joins) = self.command(mount, request, Some(&bridge))?;
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -522,13 +505,7 @@ impl LocalSandbox {
 
     /// bubblewrap's argv: namespaces, identity, mounts, then `--args env_fd` (the
     /// environment, [`env_args`]) and the command.
-    fn args(
-        &self,
-        mount: &SessionMount,
-        request: &ExecRequest,
-        ro_binds: &[(PathBuf, String)],
-        env_fd: i32,
-    ) -> Vec<OsString> {
+    fn args(&self, mount: &SessionMount, request: &ExecRequest, env_fd: i32) -> Vec<OsString> {
         let mut args: Vec<OsString> = [
             "--die-with-parent",
             "--new-session",
@@ -561,7 +538,7 @@ impl LocalSandbox {
             push(&[&"--ro-bind", &git, &format!("{}/.git", mount.workspace)]);
         }
         push(&[&"--bind", &mount.host_home, &mount.home]);
-        for (host, inside) in ro_binds {
+        for (host, inside) in &request.ro_binds {
             push(&[&"--ro-bind", host, inside]);
         }
         // The root is bubblewrap's tmpfs holding the mount points: read-only too.
@@ -756,7 +733,14 @@ impl SandboxProvider for LocalSandbox {
         request: ExecRequest,
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
-        self.exec_with_binds(mount, request, &[], cancel).await
+        let bridge = match request.forward {
+            Some(target) => Some(Bridge::new(Some(target))?),
+            None => None,
+        };
+        let (command, joins) = self.command(mount, &request, bridge.as_ref())?;
+        let result = run(command, request, cancel, bridge).await;
+        drop(joins);
+        self.installed(result)
     }
 
     async fn adopt_host_writes(&self, mount: &SessionMount) -> Result<(), SandboxError> {

@@ -520,7 +520,7 @@ async fn secrets_are_not_on_any_command_line() {
         ..ExecRequest::shell("", Duration::from_secs(60), 0)
     };
     let log = std::fs::File::create(env._dir.path().join("service.log")).unwrap();
-    let service = env.sandbox.spawn(&env.a, &request, &[], log).await.unwrap();
+    let service = env.sandbox.spawn(&env.a, &request, log).await.unwrap();
     let seen = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo)),

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kilocloud_agent::sandbox::{ExecRequest, LocalSandbox, SandboxedService, SessionMount};
+use kilocloud_agent::sandbox::{
+    ExecRequest, LocalSandbox, SandboxProvider, SandboxedService, SessionMount,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -256,6 +258,7 @@ impl LocalProvider {
             timeout: Duration::MAX,
             output_cap: 0,
             forward: self.forward,
+            ro_binds: self.ro_binds.clone(),
         };
         let log_path = self.log_path(id);
         std::fs::create_dir_all(log_path.parent().expect("logs dir")).map_err(|e| io_err(op, e))?;
@@ -270,7 +273,7 @@ impl LocalProvider {
             .map_err(|e| io_err(op, e))?;
         let service = self
             .sandbox
-            .spawn(&mount, &request, &self.ro_binds, log)
+            .spawn(&mount, &request, log)
             .await
             .map_err(|e| io_err(op, e))?;
         self.watch(app, id, spec, &service);
@@ -768,10 +771,11 @@ impl ComputeProvider for LocalProvider {
             timeout,
             output_cap: EXEC_OUTPUT_CAP,
             forward: self.forward,
+            ro_binds: self.ro_binds.clone(),
         };
         let out = self
             .sandbox
-            .exec_with_binds(&mount, request, &self.ro_binds, &CancellationToken::new())
+            .exec(&mount, request, &CancellationToken::new())
             .await
             .map_err(|e| io_err(op, e))?;
         Ok(ExecOutput {

@@ -1080,8 +1080,98 @@ async fn external_cli_harness(postgres: bool) {
     assert_eq!(usage.len(), 1, "the CLI's call was metered to the owner");
 }
 
+/// The Kilo Code CLI's native binary, from `KILOCLOUD_TEST_KILO_BIN` (scripts/test installs
+/// the CLI with scripts/install-kilo-cli and exports it); the test fails loudly without it.
+fn kilo_bin() -> String {
+    std::env::var("KILOCLOUD_TEST_KILO_BIN").expect(
+        "KILOCLOUD_TEST_KILO_BIN must name the Kilo Code CLI's native binary (scripts/test \
+         installs it with scripts/install-kilo-cli)",
+    )
+}
+
+/// The `kilo` harness: the real Kilo Code CLI runs `kilo run` in the sandbox, its catalog and
+/// model calls going to our gateway through the forward with the owner's credential; the
+/// file it writes with its own `write` tool is committed and pushed to the session's branch,
+/// and its calls are charged to the owner.
+async fn kilo_cli_harness(postgres: bool) {
+    let env = env_with(postgres, |config| {
+        config.harness.kind = kilocloud_agent::harness::HarnessKind::Kilo;
+        config.harness.kilo_path = kilo_bin();
+    })
+    .await;
+    env.upstream.push(Reply::ToolCall {
+        name: "write".into(),
+        arguments: json!({"filePath": "hello.txt", "content": "hello from kilo\n"}).to_string(),
+    });
+    env.upstream
+        .push(Reply::text("I wrote hello.txt for you.", 30, 6));
+    let session = env.prepare(json!({})).await;
+    let (_, started) = env
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/sessions/{session}/initiate"),
+            None,
+        )
+        .await;
+    let execution = started["executionId"].as_str().unwrap().to_owned();
+    let view = env.until_terminal(&session, &execution).await;
+    let events = env.events(&session, 0).await;
+    assert_eq!(
+        view["executions"][0]["status"], "completed",
+        "{view}\nevents: {events:?}"
+    );
+    let sent = env.upstream.requests();
+    let tools: Vec<&str> = sent[0].body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert!(tools.contains(&"write"), "the CLI's tools: {tools:?}");
+    assert_eq!(sent[0].body["model"], "upstream-paid");
+    let complete = events.last().unwrap();
+    assert_eq!(
+        complete["data"]["summary"], "I wrote hello.txt for you.",
+        "{events:?}"
+    );
+    let branch = format!("session/{session}");
+    assert_eq!(
+        env.git.file_at("demo", &branch, "hello.txt").unwrap(),
+        "hello from kilo\n"
+    );
+    env.gateway.settle().await;
+    let usage = env
+        .gateway
+        .ledger
+        .usage(
+            Owner::User(env.user),
+            kilocloud_gateway::UsageFilter::default(),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        usage.len(),
+        sent.len(),
+        "every CLI call was metered to the owner"
+    );
+    assert!(usage.iter().all(|r| r.cost_microdollars > 0));
+    // The CLI's own headers are on the rows.
+    assert!(
+        usage
+            .iter()
+            .all(|r| r.feature.as_deref() == Some("cloud-agent")
+                && r.editor
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("Kilo CLI"))
+                && r.task_id.as_deref().is_some_and(|t| t.starts_with("ses_"))),
+        "{usage:?}"
+    );
+}
+
 on_both_backends!(
     external_cli_harness,
+    kilo_cli_harness,
     main_path,
     conflict_and_interrupt,
     interrupted_tool_call_keeps_pairing,
