@@ -393,6 +393,156 @@ async fn remote(store: Store) {
     .await;
 }
 
+/// `kilo cloud start --stream`, then `kilo cloud result`: the CLI's tRPC calls start a Cloud
+/// Agent session on `acme/app` (cloned from the test git server as our GitHub), its stream
+/// ticket opens `/stream`, the events print until `complete`, the agent's change is pushed,
+/// and the result names the summary; `kilo cloud send` runs a follow-up on the same session.
+async fn cloud(store: Store) {
+    use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+    use kilocloud_test_support::git_server::GitServer;
+    let upstream = FakeOpenAi::start().await;
+    let git = GitServer::start_public().await;
+    git.create_repo("acme/app", &[("hello.txt", "hello\n")]);
+    let config = common::agent_config(
+        &store,
+        &upstream.base_url,
+        &format!(
+            "[agent.git]\ngithub_base = \"{}\"\nallow_http = true\nallow_private_hosts = true",
+            git.base_url
+        ),
+    );
+    let node = Node::start_with(&store, "node.log", &["--config", config.to_str().unwrap()]);
+    let (key, _) = common::admin_login(&store, &node, "node.log").await;
+    let tool = |name: &str, args: Value| Reply::ToolCall {
+        name: name.into(),
+        arguments: args.to_string(),
+    };
+    upstream.push(tool(
+        "write_file",
+        serde_json::json!({"path": "hello.txt", "content": "hello from kilo cloud\n"}),
+    ));
+    upstream.push(tool(
+        "finish",
+        serde_json::json!({"summary": "Updated the greeting"}),
+    ));
+    let (home, api_url) = kilo_home(&store, &node, "kilo-cloud");
+    let (ok, out, err) = finish(
+        kilo_command(&home, &api_url)
+            .env("KILO_API_KEY", &key)
+            .args([
+                "cloud",
+                "start",
+                "--prompt",
+                "Update the greeting",
+                "--repo",
+                "acme/app",
+                "--model",
+                "kilo/vendor/paid",
+                "--stream",
+            ])
+            .current_dir(store.dir()),
+        "kilo cloud start",
+    )
+    .await;
+    assert!(ok, "kilo cloud start failed\nstdout: {out}\nstderr: {err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["cloudAgentSessionId"].is_string() && l["messageId"].is_string())
+        .unwrap_or_else(|| panic!("a start result: {out}"));
+    let session = started["cloudAgentSessionId"].as_str().unwrap().to_owned();
+    let message = started["messageId"].as_str().unwrap().to_owned();
+    assert!(session.starts_with("agent_"), "{started}");
+    assert!(
+        lines.iter().any(|l| l["streamEventType"] == "complete"),
+        "the stream printed the events to the end: {out}"
+    );
+    assert_eq!(
+        git.file_at("acme/app", &format!("session/{session}"), "hello.txt")
+            .as_deref(),
+        Some("hello from kilo cloud\n"),
+        "the agent's change was pushed"
+    );
+    let (ok, out, err) = finish(
+        kilo_command(&home, &api_url)
+            .env("KILO_API_KEY", &key)
+            .args([
+                "cloud",
+                "result",
+                "--session-id",
+                &session,
+                "--message-id",
+                &message,
+            ]),
+        "kilo cloud result",
+    )
+    .await;
+    assert!(ok, "kilo cloud result failed\nstdout: {out}\nstderr: {err}");
+    let result: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_eq!(
+        result["assistant"]["text"], "Updated the greeting",
+        "{result}"
+    );
+
+    // A follow-up on the same session.
+    upstream.push(tool(
+        "finish",
+        serde_json::json!({"summary": "Nothing else to do"}),
+    ));
+    let (ok, out, err) = finish(
+        kilo_command(&home, &api_url)
+            .env("KILO_API_KEY", &key)
+            .args([
+                "cloud",
+                "send",
+                "--session-id",
+                &session,
+                "--prompt",
+                "Anything else?",
+            ]),
+        "kilo cloud send",
+    )
+    .await;
+    assert!(ok, "kilo cloud send failed\nstdout: {out}\nstderr: {err}");
+    let sent: Value = serde_json::from_str(out.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(sent["cloudAgentSessionId"], session.as_str(), "{sent}");
+    let followup = sent["messageId"].as_str().expect("a message id").to_owned();
+    let text = until(60, "the follow-up completes", || {
+        let (home, api_url, key, session, followup) = (
+            home.clone(),
+            api_url.clone(),
+            key.clone(),
+            session.clone(),
+            followup.clone(),
+        );
+        async move {
+            let (_, out, _) = finish(
+                kilo_command(&home, &api_url)
+                    .env("KILO_API_KEY", &key)
+                    .args([
+                        "cloud",
+                        "result",
+                        "--session-id",
+                        &session,
+                        "--message-id",
+                        &followup,
+                    ]),
+                "kilo cloud result",
+            )
+            .await;
+            let result: Value = serde_json::from_str(out.trim()).ok()?;
+            (result["status"] == "completed").then(|| result["assistant"]["text"].clone())
+        }
+    })
+    .await;
+    assert_eq!(text, "Nothing else to do");
+}
+
 /// A test module per scenario, `<scenario>::sqlite` and `<scenario>::postgres`.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {$(
@@ -410,6 +560,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    cloud,
     session_ingest,
     remote,
     run_through_the_gateway,

@@ -149,6 +149,7 @@ impl AppState {
     /// With the Cloud Agent's routes served by `agents`, which then check sessions' models
     /// against this server's gateway.
     pub fn with_agents(mut self, agents: kilocloud_agent::Agents) -> Self {
+        self.substrate.actors().register(api::cloud::MessageActor);
         agents.set_model_catalog(Arc::new(api::sessions::GatewayModels(self.gateway.clone())));
         self.agents = Some(agents);
         self

@@ -674,6 +674,27 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "POST",
+            path: "/api/gateway/v1/responses",
+            access: AnonymousFree,
+            uri: |_| "/api/gateway/v1/responses".into(),
+            body: |_| Some(json!({"model": FREE_MODEL, "input": "hi"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/openrouter/responses",
+            access: AnonymousFree,
+            uri: |_| "/api/openrouter/responses".into(),
+            body: |_| Some(json!({"model": FREE_CLAUDE, "input": "hi"})),
+        },
+        Route {
+            method: "POST",
+            path: "/api/fim/completions",
+            access: AnonymousFree,
+            uri: |_| "/api/fim/completions".into(),
+            body: |_| Some(json!({"model": FREE_MODEL, "prompt": "fn main() {", "suffix": "}"})),
+        },
+        Route {
+            method: "POST",
             path: "/api/gateway/v1/messages",
             access: AnonymousFree,
             uri: |_| "/api/gateway/v1/messages".into(),
@@ -832,6 +853,53 @@ fn routes() -> Vec<Route> {
             path: "/api/sessions/{id}/initiate",
             access: Session,
             uri: |_| format!("/api/sessions/{}/initiate", SESSION_ID),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/trpc/start",
+            access: Session,
+            uri: |_| "/trpc/start".into(),
+            body: |_| {
+                Some(
+                    json!({"message": {"prompt": "hi", "id": "msg_0123456789abAbCdEfGhIjKlMn"},
+                    "repository": {"type": "github", "repo": "acme/app"}}),
+                )
+            },
+        },
+        Route {
+            method: "POST",
+            path: "/trpc/send",
+            access: Session,
+            uri: |_| "/trpc/send".into(),
+            body: |_| {
+                Some(json!({"cloudAgentSessionId": SESSION_ID,
+                    "message": {"prompt": "more", "id": "msg_0123456789abAbCdEfGhIjKlMn"}}))
+            },
+        },
+        Route {
+            method: "GET",
+            path: "/trpc/getMessageResult",
+            access: Session,
+            uri: |_| {
+                format!(
+                    "/trpc/getMessageResult?input=%7B%22cloudAgentSessionId%22%3A%22{SESSION_ID}%22%2C%22messageId%22%3A%22msg_0123456789abAbCdEfGhIjKlMn%22%7D"
+                )
+            },
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/cloud-agent-next/sessions/stream-ticket",
+            access: Session,
+            uri: |_| "/api/cloud-agent-next/sessions/stream-ticket".into(),
+            body: |_| Some(json!({"cloudAgentSessionId": SESSION_ID})),
+        },
+        Route {
+            method: "GET",
+            path: "/stream",
+            access: SessionStream,
+            uri: |_| format!("/stream?cloudAgentSessionId={SESSION_ID}"),
             body: none,
         },
         Route {

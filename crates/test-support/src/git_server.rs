@@ -1,7 +1,8 @@
 //! A real git server for tests: `git http-backend` (git's own smart-HTTP CGI program) behind
 //! an axum listener on loopback, serving bare repositories from a temporary directory. Every
 //! request must carry `Authorization: Basic base64(x-access-token:<token>)` with the server's
-//! token, so tests prove the token travels in a header; pushes are allowed for that user.
+//! token, so tests prove the token travels in a header; pushes are allowed for that user. A
+//! public server ([`GitServer::start_public`]) takes anyone, for clients that send no token.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,7 +28,8 @@ pub struct GitServer {
 
 struct ServerState {
     root: PathBuf,
-    expected: String,
+    /// The `Authorization` header required; `None`: anyone.
+    expected: Option<String>,
     /// Authorization header values seen (to check no request went without one).
     seen_auth: Mutex<Vec<Option<String>>>,
     /// Request URIs seen (to check no token ever appears in a URL).
@@ -62,6 +64,15 @@ fn git(dir: &Path, args: &[&str]) {
 impl GitServer {
     /// Starts a server whose token is `token`.
     pub async fn start(token: &str) -> Self {
+        Self::start_with(Some(token)).await
+    }
+
+    /// Starts a server that asks for no token, to read or to push (`token` is empty).
+    pub async fn start_public() -> Self {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(token: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("repos");
         std::fs::create_dir_all(&root).expect("repos dir");
@@ -69,10 +80,12 @@ impl GitServer {
         let encode = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let state = Arc::new(ServerState {
             root: root.clone(),
-            expected: format!(
-                "Basic {}",
-                encode(format!("x-access-token:{token}").as_bytes())
-            ),
+            expected: token.map(|token| {
+                format!(
+                    "Basic {}",
+                    encode(format!("x-access-token:{token}").as_bytes())
+                )
+            }),
             seen_auth: Mutex::new(Vec::new()),
             seen_uris: Mutex::new(Vec::new()),
         });
@@ -86,7 +99,7 @@ impl GitServer {
         });
         Self {
             base_url,
-            token: token.to_owned(),
+            token: token.unwrap_or_default().to_owned(),
             root,
             _dir: dir,
             state,
@@ -218,7 +231,9 @@ async fn cgi(State(state): State<Arc<ServerState>>, request: Request) -> Respons
         .lock()
         .expect("lock")
         .push(parts.uri.to_string());
-    if auth.as_deref() != Some(state.expected.as_str()) {
+    if let Some(expected) = &state.expected
+        && auth.as_deref() != Some(expected.as_str())
+    {
         let mut res = (StatusCode::UNAUTHORIZED, "authentication required").into_response();
         res.headers_mut().insert(
             "www-authenticate",

@@ -8,6 +8,7 @@
 pub mod automation;
 mod bots;
 pub mod claw;
+pub mod cloud;
 pub mod device;
 pub mod gateway;
 pub mod ingest;
@@ -124,6 +125,11 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(gateway::v1_responses))
         .routes(routes!(gateway::openrouter_responses))
         .routes(routes!(gateway::fim_completions))
+        .routes(routes!(cloud::start))
+        .routes(routes!(cloud::send))
+        .routes(routes!(cloud::get_message_result))
+        .routes(routes!(cloud::stream_ticket))
+        .routes(routes!(cloud::stream))
         .routes(routes!(gateway::openrouter_models))
         .routes(routes!(gateway::org_models))
         .routes(routes!(gateway::models))

@@ -154,7 +154,8 @@ impl From<AgentError> for ApiError {
     }
 }
 
-fn agents(s: &AppState) -> Result<&Agents, ApiError> {
+/// The Cloud Agent, or 503 `agent_disabled`.
+pub(crate) fn agents(s: &AppState) -> Result<&Agents, ApiError> {
     s.agents.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -164,7 +165,8 @@ fn agents(s: &AppState) -> Result<&Agents, ApiError> {
     })
 }
 
-fn caller(scope: &OwnerScope) -> Caller {
+/// The Cloud Agent caller of an owner scope.
+pub(crate) fn caller(scope: &OwnerScope) -> Caller {
     Caller {
         user: scope.auth.principal.user,
         org: match scope.owner() {
