@@ -1008,21 +1008,97 @@ impl Encoder {
     fn close(&mut self, out: &mut String) {
         match self {
             Encoder::Chat => {}
-            Encoder::Messages(e) if e.finish.is_some() => e.stop(out),
-            Encoder::Responses(e) if e.finish.is_some() => e.complete(out),
+            Encoder::Messages(e) if e.progress.finish.is_some() => e.stop(out),
+            Encoder::Responses(e) if e.progress.finish.is_some() => e.stop(out),
             _ => {}
         }
     }
 }
 
-/// What a Chat stream has said so far, for the encoders: the finish reason and usage, which
-/// Chat sends in separate chunks before `[DONE]`.
-fn note_chunk(chunk: &Value, finish: &mut Option<String>, usage: &mut Option<Value>) {
-    if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
-        *finish = Some(f.to_owned());
+/// Where an encoder's stream stands.
+#[derive(Default)]
+struct Progress {
+    /// The terminal (or an error) event went out: nothing more is sent.
+    stopped: bool,
+    /// The open block or item: its index, and the Chat tool call index when it is a call.
+    open: Option<(usize, Option<u64>)>,
+    /// The finish reason and usage, which Chat sends in separate chunks before `[DONE]`.
+    finish: Option<String>,
+    usage: Option<Value>,
+}
+
+impl Progress {
+    fn note(&mut self, chunk: &Value) {
+        if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+            self.finish = Some(f.to_owned());
+        }
+        if chunk["usage"].is_object() {
+            self.usage = Some(chunk["usage"].clone());
+        }
     }
-    if chunk["usage"].is_object() {
-        *usage = Some(chunk["usage"].clone());
+
+    fn usage(&self) -> &Value {
+        self.usage.as_ref().unwrap_or(&Value::Null)
+    }
+}
+
+/// A client stream format made from Chat events. The walk over a chunk is shared (text into
+/// the open text block, each tool call's pieces into its own block, a new block closing the
+/// open one); each format says how its blocks open, grow and close.
+trait ChunkEncoder {
+    fn progress(&mut self) -> &mut Progress;
+    /// The stream's opening events, once.
+    fn start(&mut self, model: &Value, out: &mut String);
+    /// Opens a text block (closing the open one); its index.
+    fn open_text(&mut self, out: &mut String) -> usize;
+    /// Opens the block of Chat tool call `call` (index `tool`); its index.
+    fn open_tool(&mut self, call: &Value, tool: u64, out: &mut String) -> usize;
+    fn text_delta(&mut self, index: usize, text: &str, out: &mut String);
+    fn arguments_delta(&mut self, index: usize, arguments: &str, out: &mut String);
+    /// Closes the open block and ends the stream (once).
+    fn stop(&mut self, out: &mut String);
+    /// A mid-stream error, `{message, type?, code?}`.
+    fn error(&mut self, error: &Value, out: &mut String);
+
+    fn event(&mut self, event: ChatEvent, out: &mut String) {
+        if self.progress().stopped {
+            return;
+        }
+        match event {
+            ChatEvent::Chunk(chunk) => {
+                self.start(&chunk["model"], out);
+                self.progress().note(&chunk);
+                let delta = &chunk["choices"][0]["delta"];
+                if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+                    let index = match self.progress().open {
+                        Some((index, None)) => index,
+                        _ => self.open_text(out),
+                    };
+                    self.text_delta(index, text, out);
+                }
+                for call in delta["tool_calls"].as_array().into_iter().flatten() {
+                    let tool = call["index"].as_u64().unwrap_or(0);
+                    let index = match self.progress().open {
+                        Some((index, Some(t))) if t == tool => index,
+                        _ => self.open_tool(call, tool, out),
+                    };
+                    if let Some(arguments) = call["function"]["arguments"]
+                        .as_str()
+                        .filter(|a| !a.is_empty())
+                    {
+                        self.arguments_delta(index, arguments, out);
+                    }
+                }
+            }
+            ChatEvent::Done => {
+                self.start(&Value::Null, out);
+                self.stop(out);
+            }
+            ChatEvent::Error(e) => {
+                self.error(&e["error"], out);
+                self.progress().stopped = true;
+            }
+        }
     }
 }
 
@@ -1030,15 +1106,45 @@ fn note_chunk(chunk: &Value, finish: &mut Option<String>, usage: &mut Option<Val
 #[derive(Default)]
 struct MessagesEncoder {
     started: bool,
-    stopped: bool,
-    /// The open content block: its index, and the Chat tool call index when it is a tool use.
-    open: Option<(usize, Option<u64>)>,
     next_index: usize,
-    finish: Option<String>,
-    usage: Option<Value>,
+    progress: Progress,
 }
 
 impl MessagesEncoder {
+    fn close_block(&mut self, out: &mut String) {
+        if let Some((index, _)) = self.progress.open.take() {
+            out.push_str(&sse(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            ));
+        }
+    }
+
+    fn open_block(&mut self, block: Value, tool: Option<u64>, out: &mut String) -> usize {
+        self.close_block(out);
+        let index = self.next_index;
+        self.next_index += 1;
+        self.progress.open = Some((index, tool));
+        out.push_str(&sse(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        ));
+        index
+    }
+
+    fn delta(index: usize, delta: Value, out: &mut String) {
+        out.push_str(&sse(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        ));
+    }
+}
+
+impl ChunkEncoder for MessagesEncoder {
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
+    }
+
     fn start(&mut self, model: &Value, out: &mut String) {
         if self.started {
             return;
@@ -1054,100 +1160,55 @@ impl MessagesEncoder {
         ));
     }
 
-    fn close_block(&mut self, out: &mut String) {
-        if let Some((index, _)) = self.open.take() {
-            out.push_str(&sse(
-                "content_block_stop",
-                &json!({"type": "content_block_stop", "index": index}),
-            ));
-        }
+    fn open_text(&mut self, out: &mut String) -> usize {
+        self.open_block(json!({"type": "text", "text": ""}), None, out)
     }
 
-    fn open_block(&mut self, block: Value, tool: Option<u64>, out: &mut String) -> usize {
-        self.close_block(out);
-        let index = self.next_index;
-        self.next_index += 1;
-        self.open = Some((index, tool));
-        out.push_str(&sse(
-            "content_block_start",
-            &json!({"type": "content_block_start", "index": index, "content_block": block}),
-        ));
-        index
+    fn open_tool(&mut self, call: &Value, tool: u64, out: &mut String) -> usize {
+        let id = call["id"]
+            .as_str()
+            .map_or_else(|| new_id("toolu_"), str::to_owned);
+        self.open_block(
+            json!({"type": "tool_use", "id": id, "name": call["function"]["name"], "input": {}}),
+            Some(tool),
+            out,
+        )
     }
 
-    fn event(&mut self, event: ChatEvent, out: &mut String) {
-        if self.stopped {
-            return;
-        }
-        match event {
-            ChatEvent::Chunk(chunk) => {
-                self.start(&chunk["model"], out);
-                note_chunk(&chunk, &mut self.finish, &mut self.usage);
-                let delta = &chunk["choices"][0]["delta"];
-                if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-                    let index = match self.open {
-                        Some((index, None)) => index,
-                        _ => self.open_block(json!({"type": "text", "text": ""}), None, out),
-                    };
-                    out.push_str(&sse(
-                        "content_block_delta",
-                        &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}),
-                    ));
-                }
-                for call in delta["tool_calls"].as_array().into_iter().flatten() {
-                    let tool = call["index"].as_u64().unwrap_or(0);
-                    let index = match self.open {
-                        Some((index, Some(t))) if t == tool => index,
-                        _ => {
-                            let id = call["id"]
-                                .as_str()
-                                .map_or_else(|| new_id("toolu_"), str::to_owned);
-                            self.open_block(
-                                json!({"type": "tool_use", "id": id, "name": call["function"]["name"], "input": {}}),
-                                Some(tool),
-                                out,
-                            )
-                        }
-                    };
-                    if let Some(args) = call["function"]["arguments"]
-                        .as_str()
-                        .filter(|a| !a.is_empty())
-                    {
-                        out.push_str(&sse(
-                            "content_block_delta",
-                            &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": args}}),
-                        ));
-                    }
-                }
-            }
-            ChatEvent::Done => {
-                self.start(&Value::Null, out);
-                self.stop(out);
-            }
-            ChatEvent::Error(e) => {
-                out.push_str(&sse(
-                    "error",
-                    &json!({"type": "error", "error": {"type": e["error"]["type"].as_str().unwrap_or("api_error"), "message": e["error"]["message"]}}),
-                ));
-                self.stopped = true;
-            }
-        }
+    fn text_delta(&mut self, index: usize, text: &str, out: &mut String) {
+        Self::delta(index, json!({"type": "text_delta", "text": text}), out);
+    }
+
+    fn arguments_delta(&mut self, index: usize, arguments: &str, out: &mut String) {
+        Self::delta(
+            index,
+            json!({"type": "input_json_delta", "partial_json": arguments}),
+            out,
+        );
     }
 
     fn stop(&mut self, out: &mut String) {
-        if self.stopped {
+        if self.progress.stopped {
             return;
         }
-        self.stopped = true;
+        self.progress.stopped = true;
         self.close_block(out);
-        let usage = messages_usage(self.usage.as_ref().unwrap_or(&Value::Null));
+        let stop = stop_reason(self.progress.finish.as_deref().unwrap_or("stop"));
         out.push_str(&sse(
             "message_delta",
             &json!({"type": "message_delta",
-                "delta": {"stop_reason": stop_reason(self.finish.as_deref().unwrap_or("stop")), "stop_sequence": null},
-                "usage": usage}),
+                "delta": {"stop_reason": stop, "stop_sequence": null},
+                "usage": messages_usage(self.progress.usage())}),
         ));
         out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
+    }
+
+    fn error(&mut self, error: &Value, out: &mut String) {
+        let kind = error["type"].as_str().unwrap_or("api_error");
+        out.push_str(&sse(
+            "error",
+            &json!({"type": "error", "error": {"type": kind, "message": error["message"]}}),
+        ));
     }
 }
 
@@ -1159,11 +1220,7 @@ struct ResponsesEncoder {
     seq: u64,
     /// Output items so far, completed ones as they will appear in `response.completed`.
     output: Vec<Value>,
-    /// The open output item: its index, and the Chat tool call index when it is a call.
-    open: Option<(usize, Option<u64>)>,
-    finish: Option<String>,
-    usage: Option<Value>,
-    stopped: bool,
+    progress: Progress,
 }
 
 impl ResponsesEncoder {
@@ -1174,26 +1231,8 @@ impl ResponsesEncoder {
         out.push_str(&sse(kind, &data));
     }
 
-    fn start(&mut self, model: &Value, out: &mut String) {
-        if self.response.is_some() {
-            return;
-        }
-        let response = json!({
-            "id": new_id("resp_"), "object": "response", "created_at": now_secs(),
-            "status": "in_progress", "model": model, "output": [], "usage": null, "error": null,
-            "incomplete_details": null,
-        });
-        self.response = Some(response.clone());
-        self.emit("response.created", json!({"response": response}), out);
-        self.emit(
-            "response.in_progress",
-            json!({"response": self.response.clone()}),
-            out,
-        );
-    }
-
     fn close_item(&mut self, out: &mut String) {
-        let Some((index, _)) = self.open.take() else {
+        let Some((index, _)) = self.progress.open.take() else {
             return;
         };
         let mut item = self.output[index].clone();
@@ -1230,7 +1269,7 @@ impl ResponsesEncoder {
         self.close_item(out);
         let index = self.output.len();
         self.output.push(item.clone());
-        self.open = Some((index, tool));
+        self.progress.open = Some((index, tool));
         self.emit(
             "response.output_item.added",
             json!({"output_index": index, "item": item}),
@@ -1238,111 +1277,116 @@ impl ResponsesEncoder {
         );
         index
     }
+}
 
-    fn event(&mut self, event: ChatEvent, out: &mut String) {
-        if self.stopped {
-            return;
-        }
-        match event {
-            ChatEvent::Chunk(chunk) => {
-                self.start(&chunk["model"], out);
-                note_chunk(&chunk, &mut self.finish, &mut self.usage);
-                let delta = &chunk["choices"][0]["delta"];
-                if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-                    let index = match self.open {
-                        Some((index, None)) => index,
-                        _ => {
-                            let index = self.open_item(
-                                json!({"type": "message", "id": new_id("msg_"), "status": "in_progress", "role": "assistant", "content": []}),
-                                None,
-                                out,
-                            );
-                            let part =
-                                json!({"type": "output_text", "text": "", "annotations": []});
-                            self.output[index]["content"] = json!([part]);
-                            let id = self.output[index]["id"].clone();
-                            self.emit(
-                                "response.content_part.added",
-                                json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
-                                out,
-                            );
-                            index
-                        }
-                    };
-                    let item = &mut self.output[index];
-                    let sofar = item["content"][0]["text"].as_str().unwrap_or("").to_owned();
-                    item["content"][0]["text"] = (sofar + text).into();
-                    let id = item["id"].clone();
-                    self.emit(
-                        "response.output_text.delta",
-                        json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
-                        out,
-                    );
-                }
-                for call in delta["tool_calls"].as_array().into_iter().flatten() {
-                    let tool = call["index"].as_u64().unwrap_or(0);
-                    let index = match self.open {
-                        Some((index, Some(t))) if t == tool => index,
-                        _ => self.open_item(
-                            json!({"type": "function_call", "id": new_id("fc_"), "status": "in_progress",
-                                "call_id": call["id"].as_str().map_or_else(|| new_id("call_"), str::to_owned),
-                                "name": call["function"]["name"], "arguments": ""}),
-                            Some(tool),
-                            out,
-                        ),
-                    };
-                    if let Some(args) = call["function"]["arguments"]
-                        .as_str()
-                        .filter(|a| !a.is_empty())
-                    {
-                        let item = &mut self.output[index];
-                        let sofar = item["arguments"].as_str().unwrap_or("").to_owned();
-                        item["arguments"] = (sofar + args).into();
-                        let id = item["id"].clone();
-                        self.emit(
-                            "response.function_call_arguments.delta",
-                            json!({"item_id": id, "output_index": index, "delta": args}),
-                            out,
-                        );
-                    }
-                }
-            }
-            ChatEvent::Done => {
-                self.start(&Value::Null, out);
-                self.complete(out);
-            }
-            ChatEvent::Error(e) => {
-                let error = &e["error"];
-                self.emit(
-                    "error",
-                    json!({"code": error.get("code").cloned().unwrap_or(Value::Null), "message": error["message"], "param": null}),
-                    out,
-                );
-                self.stopped = true;
-            }
-        }
+/// Appends `piece` to the string in `slot`.
+fn append(slot: &mut Value, piece: &str) {
+    let sofar = slot.as_str().unwrap_or("").to_owned();
+    *slot = (sofar + piece).into();
+}
+
+impl ChunkEncoder for ResponsesEncoder {
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
     }
 
-    fn complete(&mut self, out: &mut String) {
-        if self.stopped {
+    fn start(&mut self, model: &Value, out: &mut String) {
+        if self.response.is_some() {
             return;
         }
-        self.stopped = true;
+        let response = json!({
+            "id": new_id("resp_"), "object": "response", "created_at": now_secs(),
+            "status": "in_progress", "model": model, "output": [], "usage": null, "error": null,
+            "incomplete_details": null,
+        });
+        self.response = Some(response.clone());
+        self.emit(
+            "response.created",
+            json!({"response": response.clone()}),
+            out,
+        );
+        self.emit("response.in_progress", json!({"response": response}), out);
+    }
+
+    fn open_text(&mut self, out: &mut String) -> usize {
+        let index = self.open_item(
+            json!({"type": "message", "id": new_id("msg_"), "status": "in_progress", "role": "assistant", "content": []}),
+            None,
+            out,
+        );
+        let part = json!({"type": "output_text", "text": "", "annotations": []});
+        self.output[index]["content"] = json!([part]);
+        let id = self.output[index]["id"].clone();
+        self.emit(
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+            out,
+        );
+        index
+    }
+
+    fn open_tool(&mut self, call: &Value, tool: u64, out: &mut String) -> usize {
+        let call_id = call["id"]
+            .as_str()
+            .map_or_else(|| new_id("call_"), str::to_owned);
+        self.open_item(
+            json!({"type": "function_call", "id": new_id("fc_"), "status": "in_progress",
+                "call_id": call_id, "name": call["function"]["name"], "arguments": ""}),
+            Some(tool),
+            out,
+        )
+    }
+
+    fn text_delta(&mut self, index: usize, text: &str, out: &mut String) {
+        let item = &mut self.output[index];
+        append(&mut item["content"][0]["text"], text);
+        let id = item["id"].clone();
+        self.emit(
+            "response.output_text.delta",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
+            out,
+        );
+    }
+
+    fn arguments_delta(&mut self, index: usize, arguments: &str, out: &mut String) {
+        let item = &mut self.output[index];
+        append(&mut item["arguments"], arguments);
+        let id = item["id"].clone();
+        self.emit(
+            "response.function_call_arguments.delta",
+            json!({"item_id": id, "output_index": index, "delta": arguments}),
+            out,
+        );
+    }
+
+    fn stop(&mut self, out: &mut String) {
+        if self.progress.stopped {
+            return;
+        }
+        self.progress.stopped = true;
         self.close_item(out);
         let mut response = self.response.clone().unwrap_or(Value::Null);
-        let truncated = self.finish.as_deref() == Some("length");
+        let truncated = self.progress.finish.as_deref() == Some("length");
         response["status"] = if truncated { "incomplete" } else { "completed" }.into();
         if truncated {
             response["incomplete_details"] = json!({"reason": "max_output_tokens"});
         }
         response["output"] = Value::Array(std::mem::take(&mut self.output));
-        response["usage"] = responses_usage(self.usage.as_ref().unwrap_or(&Value::Null));
+        response["usage"] = responses_usage(self.progress.usage());
         let kind = if truncated {
             "response.incomplete"
         } else {
             "response.completed"
         };
         self.emit(kind, json!({"response": response}), out);
+    }
+
+    fn error(&mut self, error: &Value, out: &mut String) {
+        self.emit(
+            "error",
+            json!({"code": error.get("code").cloned().unwrap_or(Value::Null), "message": error["message"], "param": null}),
+            out,
+        );
     }
 }
 

@@ -38,16 +38,7 @@ async fn claude_print(store: Store) {
     let node = Node::start_with(&store, "node.log", &["--config", config.to_str().unwrap()]);
     let (key, _) = common::admin_login(&store, &node, "node.log").await;
     let balance = || async {
-        let b: Value = node
-            .http
-            .get(node.url("/api/profile/balance"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, b) = node.get_as(&key, "/api/profile/balance").await;
         b["balanceMicrodollars"].as_i64().expect("a balance")
     };
     let before = balance().await;
@@ -119,16 +110,7 @@ async fn claude_print(store: Store) {
     // Charged: each request 900 × 3 + 9 × 15 = 2,835 µ$, once recorded.
     let usage = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let usage: Value = node
-                .http
-                .get(node.url("/api/usage"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let (_, usage) = node.get_as(&key, "/api/usage").await;
             let rows = usage["usage"].as_array().cloned().unwrap_or_default();
             if rows.len() >= sent.len() {
                 return rows;

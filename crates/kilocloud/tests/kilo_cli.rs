@@ -210,25 +210,12 @@ async fn run_through_the_gateway(store: Store) {
     assert_eq!(sent[0].body["model"], "vendor/paid");
     // Charged to the key's owner (recorded just after the response: wait for the row).
     let row = until(30, "the request is recorded", || async {
-        let (_, usage) = get_json(&node, &key, "/api/usage").await;
+        let (_, usage) = node.get_as(&key, "/api/usage").await;
         usage["usage"].as_array()?.first().cloned()
     })
     .await;
     assert_eq!(row["model"], "vendor/paid", "{row}");
     assert!(row["costMicrodollars"].as_i64().unwrap() > 0, "{row}");
-}
-
-/// GET `path` on `node` with `key`: status and JSON body.
-async fn get_json(node: &Node, key: &str, path: &str) -> (u16, Value) {
-    let res = node
-        .http
-        .get(node.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
 }
 
 /// `kilo run --share` ingests its session into our server: it shows in our listing (and in
@@ -265,9 +252,11 @@ async fn session_ingest(store: Store) {
     // The session is in our listing with both messages (the CLI drains its queue before
     // it exits; a poll still guards against ordering between its last flushes).
     let (session_id, export) = until(60, "the session is ingested with its reply", || async {
-        let (_, list) = get_json(&node, &key, "/api/session").await;
+        let (_, list) = node.get_as(&key, "/api/session").await;
         let id = list["sessions"][0]["sessionId"].as_str()?.to_owned();
-        let (_, export) = get_json(&node, &key, &format!("/api/session/{id}/export")).await;
+        let (_, export) = node
+            .get_as(&key, &format!("/api/session/{id}/export"))
+            .await;
         let replied = export["messages"].as_array()?.iter().any(|m| {
             m["info"]["role"] == "assistant"
                 && m["parts"].as_array().is_some_and(|parts| {
@@ -290,7 +279,9 @@ async fn session_ingest(store: Store) {
         .filter_map(|m| m["info"]["role"].as_str())
         .collect();
     assert_eq!(roles, ["user", "assistant"], "{export}");
-    let (_, summary) = get_json(&node, &key, &format!("/api/session/{session_id}")).await;
+    let (_, summary) = node
+        .get_as(&key, &format!("/api/session/{session_id}"))
+        .await;
     assert_eq!(summary["shareToken"], token.as_str(), "{summary}");
     assert_eq!(summary["platform"], "cli", "{summary}");
 
@@ -341,11 +332,13 @@ async fn session_ingest(store: Store) {
     .await;
     assert!(ok, "kilo session delete: {err}");
     until(60, "the session is deleted from the server", || async {
-        let (status, _) = get_json(&node, &key, &format!("/api/session/{session_id}")).await;
+        let (status, _) = node
+            .get_as(&key, &format!("/api/session/{session_id}"))
+            .await;
         (status == 404).then_some(())
     })
     .await;
-    let (status, _) = get_json(&node, "", &format!("/session/{token}")).await;
+    let (status, _) = node.get_as("", &format!("/session/{token}")).await;
     assert_eq!(status, 404, "the share is gone with the session");
 }
 
@@ -365,7 +358,7 @@ async fn remote(store: Store) {
         .spawn()
         .expect("run kilo remote");
     let connection = until(90, "kilo remote heartbeats", || async {
-        let (_, list) = get_json(&node, &key, "/api/user/cli/connections").await;
+        let (_, list) = node.get_as(&key, "/api/user/cli/connections").await;
         let first = list["connections"].as_array()?.first()?.clone();
         (first["heartbeats"].as_u64()? >= 1).then_some(first)
     })
@@ -387,7 +380,7 @@ async fn remote(store: Store) {
         .expect("kilo remote exits on SIGTERM (a guard against hangs)")
         .unwrap();
     until(60, "the connection goes away with the process", || async {
-        let (_, list) = get_json(&node, &key, "/api/user/cli/connections").await;
+        let (_, list) = node.get_as(&key, "/api/user/cli/connections").await;
         list["connections"].as_array()?.is_empty().then_some(())
     })
     .await;
@@ -466,22 +459,7 @@ async fn cloud(store: Store) {
         Some("hello from kilo cloud\n"),
         "the agent's change was pushed"
     );
-    let (ok, out, err) = finish(
-        kilo_command(&home, &api_url)
-            .env("KILO_API_KEY", &key)
-            .args([
-                "cloud",
-                "result",
-                "--session-id",
-                &session,
-                "--message-id",
-                &message,
-            ]),
-        "kilo cloud result",
-    )
-    .await;
-    assert!(ok, "kilo cloud result failed\nstdout: {out}\nstderr: {err}");
-    let result: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let result = cloud_result(&home, &api_url, &key, &session, &message).await;
     assert_eq!(result["status"], "completed", "{result}");
     assert_eq!(
         result["assistant"]["text"], "Updated the greeting",
@@ -521,26 +499,37 @@ async fn cloud(store: Store) {
             followup.clone(),
         );
         async move {
-            let (_, out, _) = finish(
-                kilo_command(&home, &api_url)
-                    .env("KILO_API_KEY", &key)
-                    .args([
-                        "cloud",
-                        "result",
-                        "--session-id",
-                        &session,
-                        "--message-id",
-                        &followup,
-                    ]),
-                "kilo cloud result",
-            )
-            .await;
-            let result: Value = serde_json::from_str(out.trim()).ok()?;
+            let result = cloud_result(&home, &api_url, &key, &session, &followup).await;
             (result["status"] == "completed").then(|| result["assistant"]["text"].clone())
         }
     })
     .await;
     assert_eq!(text, "Nothing else to do");
+}
+
+/// `kilo cloud result` for `message` of `session`: its JSON (the CLI exits 2 while the
+/// message is queued or running, so only its output counts).
+async fn cloud_result(
+    home: &std::path::Path,
+    api_url: &str,
+    key: &str,
+    session: &str,
+    message: &str,
+) -> Value {
+    let (_, out, err) = finish(
+        kilo_command(home, api_url).env("KILO_API_KEY", key).args([
+            "cloud",
+            "result",
+            "--session-id",
+            session,
+            "--message-id",
+            message,
+        ]),
+        "kilo cloud result",
+    )
+    .await;
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("kilo cloud result ({e})\nstdout: {out}\nstderr: {err}"))
 }
 
 /// A test module per scenario, `<scenario>::sqlite` and `<scenario>::postgres`.

@@ -288,8 +288,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<bool> {
+    use axum::serve::ListenerExt as _;
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Streams are written chunk by chunk: without TCP_NODELAY, Nagle's algorithm holds a
+    // chunk until the client acknowledges the previous one, which a delayed ACK makes ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(());

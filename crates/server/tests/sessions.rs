@@ -118,17 +118,7 @@ async fn main_path(postgres: bool) {
     let requests = env.upstream.requests();
     assert_eq!(requests.len(), 4);
     assert_eq!(requests[0].body["model"], "upstream-paid");
-    env.gateway.settle().await;
-    let usage = env
-        .gateway
-        .ledger
-        .usage(
-            Owner::User(env.user),
-            kilocloud_gateway::UsageFilter::default(),
-            10,
-        )
-        .await
-        .unwrap();
+    let usage = env.usage().await;
     assert_eq!(usage.len(), 4);
 
     // The callback, with its headers.
@@ -1040,15 +1030,7 @@ async fn external_cli_harness(postgres: bool) {
     .await;
     env.upstream.push(Reply::text("hello from the model", 7, 3));
     let session = env.prepare(json!({})).await;
-    let (_, started) = env
-        .request(
-            reqwest::Method::POST,
-            &format!("/api/sessions/{session}/initiate"),
-            None,
-        )
-        .await;
-    let execution = started["executionId"].as_str().unwrap().to_owned();
-    let view = env.until_terminal(&session, &execution).await;
+    let (_, view) = env.initiate_and_wait(&session).await;
     assert_eq!(view["executions"][0]["status"], "completed", "{view}");
     let events = env.events(&session, 0).await;
     let reply = events
@@ -1066,17 +1048,7 @@ async fn external_cli_harness(postgres: bool) {
         env.git.file_at("demo", &branch, "prompt.txt").unwrap(),
         "Change the greeting to kilo and record that you ran\n"
     );
-    env.gateway.settle().await;
-    let usage = env
-        .gateway
-        .ledger
-        .usage(
-            Owner::User(env.user),
-            kilocloud_gateway::UsageFilter::default(),
-            10,
-        )
-        .await
-        .unwrap();
+    let usage = env.usage().await;
     assert_eq!(usage.len(), 1, "the CLI's call was metered to the owner");
 }
 
@@ -1106,15 +1078,7 @@ async fn kilo_cli_harness(postgres: bool) {
     env.upstream
         .push(Reply::text("I wrote hello.txt for you.", 30, 6));
     let session = env.prepare(json!({})).await;
-    let (_, started) = env
-        .request(
-            reqwest::Method::POST,
-            &format!("/api/sessions/{session}/initiate"),
-            None,
-        )
-        .await;
-    let execution = started["executionId"].as_str().unwrap().to_owned();
-    let view = env.until_terminal(&session, &execution).await;
+    let (_, view) = env.initiate_and_wait(&session).await;
     let events = env.events(&session, 0).await;
     assert_eq!(
         view["executions"][0]["status"], "completed",
@@ -1139,17 +1103,7 @@ async fn kilo_cli_harness(postgres: bool) {
         env.git.file_at("demo", &branch, "hello.txt").unwrap(),
         "hello from kilo\n"
     );
-    env.gateway.settle().await;
-    let usage = env
-        .gateway
-        .ledger
-        .usage(
-            Owner::User(env.user),
-            kilocloud_gateway::UsageFilter::default(),
-            10,
-        )
-        .await
-        .unwrap();
+    let usage = env.usage().await;
     assert_eq!(
         usage.len(),
         sent.len(),

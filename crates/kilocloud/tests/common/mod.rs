@@ -166,6 +166,18 @@ impl Node {
             .unwrap()
     }
 
+    /// GET `path` with `key` as the bearer (none when empty): status and JSON body (`null`
+    /// when not JSON).
+    pub async fn get_as(&self, key: &str, path: &str) -> (u16, Value) {
+        let mut req = self.http.get(self.url(path));
+        if !key.is_empty() {
+            req = req.bearer_auth(key);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn actor(&self, key: &str) -> Value {
         self.get_json(&format!("/api/admin/actors/probe/{key}"))
             .await

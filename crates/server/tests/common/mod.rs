@@ -217,6 +217,39 @@ pub async fn env_full(
 }
 
 impl Env {
+    /// The user's usage rows (newest first, at most 100), once every request so far is
+    /// recorded.
+    pub async fn usage(&self) -> Vec<kilocloud_gateway::UsageRow> {
+        self.gateway.settle().await;
+        self.gateway
+            .ledger
+            .usage(
+                Owner::User(self.user),
+                kilocloud_gateway::UsageFilter::default(),
+                100,
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Initiates `session` and waits for its first execution to end: (execution id, the
+    /// session's view then).
+    pub async fn initiate_and_wait(&self, session: &str) -> (String, Value) {
+        let (_, started) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/sessions/{session}/initiate"),
+                None,
+            )
+            .await;
+        let execution = started["executionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("initiate: {started}"))
+            .to_owned();
+        let view = self.until_terminal(session, &execution).await;
+        (execution, view)
+    }
+
     pub async fn request(
         &self,
         method: reqwest::Method,
