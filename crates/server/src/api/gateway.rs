@@ -635,12 +635,12 @@ async fn forward(
     }
     let streaming =
         endpoint != Endpoint::Embeddings && request["stream"].as_bool().unwrap_or(false);
-    // The client's own Chat request, when it goes to an OpenAI-compatible provider as it is;
-    // a translated one gets the same in `upstream_body`.
     request["model"] = Value::String(route.upstream_model().to_owned());
     if let Some(obj) = request.as_object_mut() {
         obj.remove("models");
     }
+    // A client's Chat stream asks for usage (and, below, OpenRouter's cost); a request
+    // translated into Chat gets the same in `upstream_body`.
     if streaming && endpoint == Endpoint::Chat {
         match request.get_mut("stream_options") {
             None | Some(Value::Null) => request["stream_options"] = json!({"include_usage": true}),
