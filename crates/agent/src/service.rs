@@ -335,6 +335,17 @@ pub struct EventFrame {
     pub data: Value,
 }
 
+impl EventFrame {
+    /// Whether the frame ends its execution: `complete`, `interrupted`, or a fatal `error`.
+    pub fn is_terminal(&self) -> bool {
+        match self.stream_event_type.as_str() {
+            "complete" | "interrupted" => true,
+            "error" => self.data["fatal"] == true,
+            _ => false,
+        }
+    }
+}
+
 /// Which events a reader wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {

@@ -505,6 +505,86 @@ async fn cloud(store: Store) {
     })
     .await;
     assert_eq!(text, "Nothing else to do");
+
+    // For an organization (`--org-id`): the session is the organization's, and the calls
+    // that name no organization still find it.
+    let (status, org) = {
+        let res = node
+            .http
+            .post(node.url("/api/orgs"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"name": "Acme"}))
+            .send()
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 201, "{org}");
+    let org = org["id"].as_str().expect("an organization id").to_owned();
+    let granted = node
+        .http
+        .post(node.url("/api/admin/credits"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"owner": format!("org:{org}"), "amountMicrodollars": 1_000_000, "note": "test"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(granted.status().is_success());
+    upstream.push(tool(
+        "finish",
+        serde_json::json!({"summary": "Done for Acme"}),
+    ));
+    let (ok, out, err) = finish(
+        kilo_command(&home, &api_url)
+            .env("KILO_API_KEY", &key)
+            .args([
+                "cloud",
+                "start",
+                "--prompt",
+                "Work for Acme",
+                "--repo",
+                "acme/app",
+                "--model",
+                "kilo/vendor/paid",
+                "--org-id",
+                &org,
+                "--stream",
+            ]),
+        "kilo cloud start --org-id",
+    )
+    .await;
+    assert!(
+        ok,
+        "kilo cloud start --org-id failed\nstdout: {out}\nstderr: {err}"
+    );
+    let started: Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["messageId"].is_string())
+        .unwrap_or_else(|| panic!("a start result: {out}"));
+    let org_session = started["cloudAgentSessionId"].as_str().unwrap().to_owned();
+    let listed: Value = node
+        .http
+        .get(node.url("/api/sessions"))
+        .bearer_auth(&key)
+        .header("x-kilocode-organizationid", &org)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["sessionId"] == org_session.as_str()),
+        "the organization's sessions: {listed}"
+    );
+    let message = started["messageId"].as_str().unwrap();
+    let result = cloud_result(&home, &api_url, &key, &org_session, message).await;
+    assert_eq!(result["assistant"]["text"], "Done for Acme", "{result}");
 }
 
 /// `kilo cloud result` for `message` of `session`: its JSON (the CLI exits 2 while the

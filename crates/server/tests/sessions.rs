@@ -1123,8 +1123,59 @@ async fn kilo_cli_harness(postgres: bool) {
     );
 }
 
+/// `kilo cloud`'s `/stream` ends with the execution: a failed one's fatal `error` frame is
+/// followed by a normal close (1000), as a `complete` is, so the CLI is not left waiting for
+/// its idle timeout. The same session's plain stream keeps following.
+async fn cloud_stream_closes_when_the_execution_ends(postgres: bool) {
+    let env = env(postgres).await;
+    for _ in 0..4 {
+        env.upstream.push(Reply::Status(400));
+    }
+    let session = env.prepare(json!({})).await;
+    let (_, view) = env.initiate_and_wait(&session).await;
+    assert_eq!(view["executions"][0]["status"], "failed", "{view}");
+    let (status, ticket) = env
+        .request(
+            reqwest::Method::POST,
+            "/api/cloud-agent-next/sessions/stream-ticket",
+            Some(json!({"cloudAgentSessionId": session})),
+        )
+        .await;
+    assert_eq!(status, 200, "{ticket}");
+    let url = format!(
+        "{}/stream?cloudAgentSessionId={session}&ticket={}",
+        env.base.replace("http://", "ws://"),
+        ticket["ticket"].as_str().unwrap()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut types = Vec::new();
+    let close = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    types.push(frame["streamEventType"].as_str().unwrap().to_owned());
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => return frame,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the server closes the stream (a guard against hangs)");
+    assert_eq!(
+        types.first().map(String::as_str),
+        Some("started"),
+        "{types:?}"
+    );
+    assert_eq!(types.last().map(String::as_str), Some("error"), "{types:?}");
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1000);
+}
+
 on_both_backends!(
     external_cli_harness,
+    cloud_stream_closes_when_the_execution_ends,
     kilo_cli_harness,
     main_path,
     conflict_and_interrupt,

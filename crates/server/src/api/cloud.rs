@@ -8,20 +8,27 @@
 //! `messageId` and `cloudAgentSessionId`. The CLI's message ids name executions: one
 //! `kilo_cloud_message` actor per session, keyed `<owner>/<sessionId>`, keeps `m/<messageId>` →
 //! execution id, bound right after the execution starts.
+//!
+//! Organizations: the CLI names one in `start`'s `options.kilocodeOrganizationId` (and in the
+//! stream ticket's `organizationId`), not in a header, and in no other call. So `start` acts
+//! for that organization (the caller must be a member: else 403 `not_a_member`), and the
+//! other calls find a session its creator started for an organization they still belong to,
+//! as the `X-KiloCode-OrganizationId` header would.
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use kilocloud_agent::session::{ExecStatus, Mode};
-use kilocloud_agent::{FollowUp, PrepareRequest};
+use kilocloud_agent::{Caller, FollowUp, PrepareRequest};
+use kilocloud_identity::Owner;
 use kilocloud_substrate::{Actor, ActorContext, Result as SubResult};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::IntoParams;
 
 use super::ErrorBody;
-use super::sessions::{EventQuery, agents, caller};
+use super::sessions::{Ending, EventQuery, agents, caller, creator_scope, open_stream};
 use crate::auth::OwnerScope;
 use crate::{ApiError, AppState, Json};
 
@@ -113,10 +120,44 @@ struct Agent {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartOptions {
+    kilocode_organization_id: Option<uuid::Uuid>,
+}
+
+#[derive(Deserialize)]
 struct Start {
     message: Message,
     agent: Option<Agent>,
     repository: Repository,
+    options: Option<StartOptions>,
+}
+
+/// The owner a caller acts for.
+fn owner_of(caller: &Caller) -> Owner {
+    caller.org.map_or(Owner::User(caller.user), Owner::Org)
+}
+
+/// `scope`'s caller, acting for `org` when it names one and the scope is personal.
+///
+/// Errors: 403 `not_a_member` when the caller is not a member of `org`.
+async fn acting_for(
+    s: &AppState,
+    scope: &OwnerScope,
+    org: Option<uuid::Uuid>,
+) -> Result<Caller, ApiError> {
+    let mut caller = caller(scope);
+    if let (Some(org), None) = (org, caller.org) {
+        if s.identity.org_role(org, caller.user).await?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_a_member",
+                "you are not a member of this organization",
+            ));
+        }
+        caller.org = Some(org);
+    }
+    Ok(caller)
 }
 
 #[derive(Deserialize)]
@@ -128,12 +169,12 @@ struct Send {
 
 async fn bind(
     s: &AppState,
-    scope: &OwnerScope,
+    caller: &Caller,
     session_id: &str,
     message_id: &str,
     execution_id: &str,
 ) -> Result<(), ApiError> {
-    let key = format!("{}/{session_id}", scope.owner());
+    let key = format!("{}/{session_id}", owner_of(caller));
     s.substrate
         .actors()
         .call::<MessageActor>(
@@ -169,6 +210,8 @@ pub async fn start(
     let agents = agents(&s)?;
     let start: Start = parse(body)?;
     check_message(&start.message)?;
+    let org = start.options.and_then(|o| o.kilocode_organization_id);
+    let caller = acting_for(&s, &scope, org).await?;
     let (agent_mode, model) = start.agent.map(|a| (a.mode, a.model)).unwrap_or_default();
     let mode = agent_mode
         .map(|m| {
@@ -199,13 +242,11 @@ pub async fn start(
             prepare.upstream_branch = branch;
         }
     }
-    let prepared = agents.prepare(caller(&scope), prepare).await?;
-    let started = agents
-        .initiate(caller(&scope), &prepared.session_id)
-        .await?;
+    let prepared = agents.prepare(caller, prepare).await?;
+    let started = agents.initiate(caller, &prepared.session_id).await?;
     bind(
         &s,
-        &scope,
+        &caller,
         &started.session_id,
         &start.message.id,
         &started.execution_id,
@@ -241,9 +282,10 @@ pub async fn send(
     let send: Send = parse(body)?;
     check_message(&send.message)?;
     let id = send.cloud_agent_session_id;
+    let caller = creator_scope(&s, caller(&scope), &id).await?;
     let started = agents
         .send(
-            caller(&scope),
+            caller,
             &id,
             FollowUp {
                 prompt: send.message.prompt,
@@ -251,7 +293,7 @@ pub async fn send(
             },
         )
         .await?;
-    bind(&s, &scope, &id, &send.message.id, &started.execution_id).await?;
+    bind(&s, &caller, &id, &send.message.id, &started.execution_id).await?;
     let (ticket, _) = s
         .identity
         .issue_ticket(scope.auth.principal.user, &format!("session:{id}"))
@@ -261,7 +303,7 @@ pub async fn send(
         "{origin}/stream?cloudAgentSessionId={id}&ticket={ticket}&executionIds={}",
         started.execution_id
     );
-    if let kilocloud_identity::Owner::Org(org) = scope.owner() {
+    if let Some(org) = caller.org {
         stream_url += &format!("&organizationId={org}");
     }
     Ok(trpc(json!({
@@ -326,8 +368,9 @@ pub async fn get_message_result(
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
         })?)?;
     let (session, message) = (&input.cloud_agent_session_id, &input.message_id);
-    let view = agents.get(caller(&scope), session).await?;
-    let key = format!("{}/{session}", scope.owner());
+    let caller = creator_scope(&s, caller(&scope), session).await?;
+    let view = agents.get(caller, session).await?;
+    let key = format!("{}/{session}", owner_of(&caller));
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -405,7 +448,11 @@ pub async fn stream_ticket(
 ) -> Result<Json<Value>, ApiError> {
     let agents = agents(&s)?;
     let id = body.cloud_agent_session_id;
-    agents.locate(caller(&scope), &id).await?;
+    let caller = match body.organization_id {
+        Some(org) => acting_for(&s, &scope, Some(org)).await?,
+        None => creator_scope(&s, caller(&scope), &id).await?,
+    };
+    agents.locate(caller, &id).await?;
     let (ticket, expires_at) = s
         .identity
         .issue_ticket(scope.auth.principal.user, &format!("session:{id}"))
@@ -430,12 +477,14 @@ pub struct StreamQuery {
 
 /// `GET /stream?cloudAgentSessionId=…&ticket=…`: the session's event stream
 /// (`/api/sessions/{id}/stream`), one JSON text frame an event, each with its
-/// `streamEventType`; the CLI prints each and closes after `complete`.
+/// `streamEventType`; the CLI prints each. The server closes it (1000) after the first frame
+/// that ends an execution (`complete`, `interrupted`, a fatal `error`), so a failed task ends
+/// the CLI's stream at once rather than at its 30 s idle timeout.
 #[utoipa::path(get, path = "/stream", tag = "sessions", params(StreamQuery),
     responses((status = 101, description = "WebSocket of event frames"), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 426, body = ErrorBody)))]
 pub async fn stream(
-    state: State<AppState>,
+    State(s): State<AppState>,
     Query(q): Query<StreamQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -445,5 +494,12 @@ pub async fn stream(
         execution_ids: q.execution_ids,
         ..EventQuery::default()
     };
-    super::sessions::stream(state, Path(q.cloud_agent_session_id), Query(query), upgrade).await
+    open_stream(
+        s,
+        q.cloud_agent_session_id,
+        query,
+        upgrade,
+        Ending::AtTerminal,
+    )
+    .await
 }

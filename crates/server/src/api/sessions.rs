@@ -397,6 +397,52 @@ pub async fn stream(
     Query(q): Query<EventQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    open_stream(s, id, q, upgrade, Ending::Follow).await
+}
+
+/// How a stream ends besides the client going away.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// It follows the session for as long as the client stays.
+    Follow,
+    /// It closes (1000) after the first frame that ends an execution, as the Kilo CLI's
+    /// `kilo cloud --stream` expects (`api/cloud.rs`).
+    AtTerminal,
+}
+
+/// `caller` in a personal scope, acting instead for the organization it started `session`
+/// for, while it is still a member (clients such as `kilo cloud` name the organization only
+/// when they start a session). Any other caller as it is.
+pub(crate) async fn creator_scope(
+    s: &AppState,
+    caller: Caller,
+    session: &str,
+) -> Result<Caller, ApiError> {
+    if caller.org.is_some() || !kilocloud_agent::ids::is_session_id(session) {
+        return Ok(caller);
+    }
+    let key = kilocloud_agent::ids::actor_key(caller.user, session);
+    let meta: Option<kilocloud_agent::session::SessionMeta> = s
+        .substrate
+        .actor_read(kilocloud_agent::session::SESSION_ACTOR, &key, "meta")
+        .await?;
+    match meta.and_then(|m| m.org_id) {
+        Some(org) if s.identity.org_role(org, caller.user).await?.is_some() => Ok(Caller {
+            org: Some(org),
+            ..caller
+        }),
+        _ => Ok(caller),
+    }
+}
+
+/// The event stream of session `id` for the ticket in `q` (see [`stream`]).
+pub(crate) async fn open_stream(
+    s: AppState,
+    id: String,
+    q: EventQuery,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ending: Ending,
+) -> Result<Response, ApiError> {
     let Ok(upgrade) = upgrade else {
         return Err(ApiError::websocket_required());
     };
@@ -423,11 +469,16 @@ pub async fn stream(
         org: q.organization_id,
         bot: None,
     };
+    let caller = match ending {
+        // `kilo cloud`'s stream URL names no organization.
+        Ending::AtTerminal => creator_scope(&s, caller, &id).await?,
+        Ending::Follow => caller,
+    };
     let (key, _) = agents.locate(caller, &id).await?;
     let filter = q.filter();
     let from = q.from_id;
     Ok(upgrade
-        .on_upgrade(move |socket| follow(socket, agents, key, id, from, filter))
+        .on_upgrade(move |socket| follow(socket, agents, key, id, from, filter, ending))
         .into_response())
 }
 
@@ -440,6 +491,7 @@ async fn follow(
     session_id: String,
     mut cursor: u64,
     filter: EventFilter,
+    ending: Ending,
 ) {
     let mut signal = agents.event_signal();
     loop {
@@ -460,6 +512,15 @@ async fn follow(
         for frame in frames {
             let text = serde_json::to_string(&frame).expect("a frame serializes");
             if socket.send(Message::Text(text.into())).await.is_err() {
+                return;
+            }
+            if ending == Ending::AtTerminal && frame.is_terminal() {
+                let _ = socket
+                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: axum::extract::ws::close_code::NORMAL,
+                        reason: "execution ended".into(),
+                    })))
+                    .await;
                 return;
             }
         }
