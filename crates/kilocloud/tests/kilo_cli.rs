@@ -419,39 +419,17 @@ async fn cloud(store: Store) {
         serde_json::json!({"summary": "Updated the greeting"}),
     ));
     let (home, api_url) = kilo_home(&store, &node, "kilo-cloud");
-    let (ok, out, err) = finish(
-        kilo_command(&home, &api_url)
-            .env("KILO_API_KEY", &key)
-            .args([
-                "cloud",
-                "start",
-                "--prompt",
-                "Update the greeting",
-                "--repo",
-                "acme/app",
-                "--model",
-                "kilo/vendor/paid",
-                "--stream",
-            ])
-            .current_dir(store.dir()),
-        "kilo cloud start",
-    )
-    .await;
-    assert!(ok, "kilo cloud start failed\nstdout: {out}\nstderr: {err}");
-    let lines: Vec<Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines = cloud_start(&home, &api_url, &key, &["--prompt", "Update the greeting"]).await;
     let started = lines
         .iter()
         .find(|l| l["cloudAgentSessionId"].is_string() && l["messageId"].is_string())
-        .unwrap_or_else(|| panic!("a start result: {out}"));
+        .unwrap_or_else(|| panic!("a start result: {lines:?}"));
     let session = started["cloudAgentSessionId"].as_str().unwrap().to_owned();
     let message = started["messageId"].as_str().unwrap().to_owned();
     assert!(session.starts_with("agent_"), "{started}");
     assert!(
         lines.iter().any(|l| l["streamEventType"] == "complete"),
-        "the stream printed the events to the end: {out}"
+        "the stream printed the events to the end: {lines:?}"
     );
     assert_eq!(
         git.file_at("acme/app", &format!("session/{session}"), "hello.txt")
@@ -534,46 +512,19 @@ async fn cloud(store: Store) {
         "finish",
         serde_json::json!({"summary": "Done for Acme"}),
     ));
-    let (ok, out, err) = finish(
-        kilo_command(&home, &api_url)
-            .env("KILO_API_KEY", &key)
-            .args([
-                "cloud",
-                "start",
-                "--prompt",
-                "Work for Acme",
-                "--repo",
-                "acme/app",
-                "--model",
-                "kilo/vendor/paid",
-                "--org-id",
-                &org,
-                "--stream",
-            ]),
-        "kilo cloud start --org-id",
+    let lines = cloud_start(
+        &home,
+        &api_url,
+        &key,
+        &["--prompt", "Work for Acme", "--org-id", &org],
     )
     .await;
-    assert!(
-        ok,
-        "kilo cloud start --org-id failed\nstdout: {out}\nstderr: {err}"
-    );
-    let started: Value = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let started = lines
+        .iter()
         .find(|l| l["messageId"].is_string())
-        .unwrap_or_else(|| panic!("a start result: {out}"));
+        .unwrap_or_else(|| panic!("a start result: {lines:?}"));
     let org_session = started["cloudAgentSessionId"].as_str().unwrap().to_owned();
-    let listed: Value = node
-        .http
-        .get(node.url("/api/sessions"))
-        .bearer_auth(&key)
-        .header("x-kilocode-organizationid", &org)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, listed) = node.get_for(&key, Some(&org), "/api/sessions").await;
     assert!(
         listed
             .as_array()
@@ -585,6 +536,39 @@ async fn cloud(store: Store) {
     let message = started["messageId"].as_str().unwrap();
     let result = cloud_result(&home, &api_url, &key, &org_session, message).await;
     assert_eq!(result["assistant"]["text"], "Done for Acme", "{result}");
+}
+
+/// `kilo cloud start --repo acme/app --model kilo/vendor/paid --stream` with `args`, which
+/// must succeed: the JSON lines it printed (the start result, then the events).
+async fn cloud_start(
+    home: &std::path::Path,
+    api_url: &str,
+    key: &str,
+    args: &[&str],
+) -> Vec<Value> {
+    let (ok, out, err) = finish(
+        kilo_command(home, api_url)
+            .env("KILO_API_KEY", key)
+            .args([
+                "cloud",
+                "start",
+                "--repo",
+                "acme/app",
+                "--model",
+                "kilo/vendor/paid",
+                "--stream",
+            ])
+            .args(args),
+        "kilo cloud start",
+    )
+    .await;
+    assert!(
+        ok,
+        "kilo cloud start {args:?} failed\nstdout: {out}\nstderr: {err}"
+    );
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// `kilo cloud result` for `message` of `session`: its JSON (the CLI exits 2 while the

@@ -169,9 +169,17 @@ impl Node {
     /// GET `path` with `key` as the bearer (none when empty): status and JSON body (`null`
     /// when not JSON).
     pub async fn get_as(&self, key: &str, path: &str) -> (u16, Value) {
+        self.get_for(key, None, path).await
+    }
+
+    /// [`Node::get_as`], acting for organization `org` (`X-KiloCode-OrganizationId`) if given.
+    pub async fn get_for(&self, key: &str, org: Option<&str>, path: &str) -> (u16, Value) {
         let mut req = self.http.get(self.url(path));
         if !key.is_empty() {
             req = req.bearer_auth(key);
+        }
+        if let Some(org) = org {
+            req = req.header("x-kilocode-organizationid", org);
         }
         let res = req.send().await.unwrap();
         let status = res.status().as_u16();
