@@ -1,11 +1,14 @@
 //! KiCI, the CI system of kilocloud (reference `kici.md`): the lock file `.kici/kici.lock.json`
-//! and its validation ([`lock`]), and the execution state machine of jobs with run aggregation
-//! ([`state`]). Pure code: no I/O, no storage; the orchestrator and agents build on it.
+//! and its validation ([`lock`]), the execution state machine of jobs with run aggregation
+//! ([`state`]), and trigger matching with its decision trace ([`trigger`]). Pure code: no I/O,
+//! no storage; the orchestrator and agents build on it.
 
 pub mod lock;
 pub mod state;
+pub mod trigger;
 
 pub use lock::{LockError, LockFile, parse_lock_file};
 pub use state::{
     InvalidTransition, JobEvent, JobState, JobStatus, RunStatus, aggregate, transition,
 };
+pub use trigger::{Decision, Event, TraceEntry, decide};
