@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 use utoipa::IntoParams;
 
 use super::ErrorBody;
-use super::sessions::{Ending, EventQuery, agents, caller, creator_scope, open_stream};
+use super::sessions::{
+    Ending, EventQuery, agents, caller, creator_scope, open_stream, with_installation_token,
+};
 use crate::auth::OwnerScope;
 use crate::{ApiError, AppState, Json};
 
@@ -188,8 +190,9 @@ async fn bind(
     Ok(())
 }
 
-/// `POST /trpc/start`: prepares a Cloud Agent session on the repository (cloning it) and
-/// starts its first execution with the message. Body: `{message: {prompt, id}, agent?: {mode,
+/// `POST /trpc/start`: prepares a Cloud Agent session on the repository (cloning it, a GitHub
+/// one with the owner's GitHub App installation token when there is one, as `POST
+/// /api/sessions` does) and starts its first execution with the message. Body: `{message: {prompt, id}, agent?: {mode,
 /// model}, repository: {type: github, repo} | {type: git|gitlab, url}, options?}` (the raw
 /// input, no `json` wrapper). Answer: `{cloudAgentSessionId, kiloSessionId, messageId,
 /// delivery: "started"}`.
@@ -242,6 +245,7 @@ pub async fn start(
             prepare.upstream_branch = branch;
         }
     }
+    with_installation_token(&s, owner_of(&caller), &mut prepare).await?;
     let prepared = agents.prepare(caller, prepare).await?;
     let started = agents.initiate(caller, &prepared.session_id).await?;
     bind(

@@ -177,6 +177,30 @@ pub(crate) fn caller(scope: &OwnerScope) -> Caller {
     }
 }
 
+/// A GitHub repository without a token is cloned with `owner`'s GitHub App installation
+/// token when the owner has an installation there (reference §9), else anonymously: sets
+/// `body.git_token` in the first case.
+///
+/// Errors: the token service's failures other than "no installation".
+pub(crate) async fn with_installation_token(
+    s: &AppState,
+    owner: Owner,
+    body: &mut PrepareRequest,
+) -> Result<(), ApiError> {
+    if let (Some(repo), None, Some(automation)) =
+        (&body.github_repo, &body.git_token, &s.automation)
+        && automation.github().is_some()
+    {
+        match automation.token_for_repo(owner, repo).await {
+            Ok((_, token)) => body.git_token = Some(token.token),
+            Err(kilocloud_automation::AutomationError::NotFound(_))
+            | Err(kilocloud_automation::AutomationError::Invalid(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// `POST /api/sessions`: prepares a session: clones the repository into a new workspace on
 /// `session/<id>` (or `upstreamBranch`) and runs the setup commands. Then `initiate` it.
 #[utoipa::path(post, path = "/api/sessions", tag = "sessions", request_body = PrepareRequest,
@@ -190,19 +214,7 @@ pub async fn prepare(
     Json(mut body): Json<PrepareRequest>,
 ) -> Result<(StatusCode, Json<Prepared>), ApiError> {
     let agents = agents(&s)?;
-    // A GitHub repository without a token is cloned with the owner's GitHub App installation
-    // token when the owner has an installation there (reference §9), else anonymously.
-    if let (Some(repo), None, Some(automation)) =
-        (&body.github_repo, &body.git_token, &s.automation)
-        && automation.github().is_some()
-    {
-        match automation.token_for_repo(scope.owner(), repo).await {
-            Ok((_, token)) => body.git_token = Some(token.token),
-            Err(kilocloud_automation::AutomationError::NotFound(_))
-            | Err(kilocloud_automation::AutomationError::Invalid(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    with_installation_token(&s, scope.owner(), &mut body).await?;
     let prepared = agents.prepare(caller(&scope), body).await?;
     Ok((StatusCode::CREATED, Json(prepared)))
 }
