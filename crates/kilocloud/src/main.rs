@@ -677,6 +677,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(claw) => state.with_claw(claw, config.claw.secure_cookie),
         None => state,
     };
+    // The handlers are in place before anyone learns the address: a SIGTERM right after the
+    // listening line is a graceful shutdown, never the default action (death by signal).
+    let signals = ShutdownSignals::register()?;
     // Tests and scripts read this line to find the port (`--listen 127.0.0.1:0`).
     println!("kilocloud listening on http://{addr}");
     std::io::stdout().flush()?;
@@ -693,7 +696,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         listener,
         kilocloud_server::router(state),
         async move {
-            shutdown_signal().await;
+            signals.recv().await;
             let _ = on_signal.set(Instant::now());
             intake.stop_intake();
             agents_stop.stop();
@@ -729,20 +732,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// SIGTERM and SIGINT, registered when made (a signal arriving later is caught, whenever
+/// [`ShutdownSignals::recv`] is first polled).
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The first of either.
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }
