@@ -1055,10 +1055,17 @@ trait ChunkEncoder {
     fn open_tool(&mut self, call: &Value, tool: u64, out: &mut String) -> usize;
     fn text_delta(&mut self, index: usize, text: &str, out: &mut String);
     fn arguments_delta(&mut self, index: usize, arguments: &str, out: &mut String);
-    /// Closes the open block and ends the stream (once).
-    fn stop(&mut self, out: &mut String);
+    /// The closing events: the open block's, then the stream's.
+    fn end(&mut self, out: &mut String);
     /// A mid-stream error, `{message, type?, code?}`.
     fn error(&mut self, error: &Value, out: &mut String);
+
+    /// Ends the stream, once.
+    fn stop(&mut self, out: &mut String) {
+        if !std::mem::replace(&mut self.progress().stopped, true) {
+            self.end(out);
+        }
+    }
 
     fn event(&mut self, event: ChatEvent, out: &mut String) {
         if self.progress().stopped {
@@ -1187,11 +1194,7 @@ impl ChunkEncoder for MessagesEncoder {
         );
     }
 
-    fn stop(&mut self, out: &mut String) {
-        if self.progress.stopped {
-            return;
-        }
-        self.progress.stopped = true;
+    fn end(&mut self, out: &mut String) {
         self.close_block(out);
         let stop = stop_reason(self.progress.finish.as_deref().unwrap_or("stop"));
         out.push_str(&sse(
@@ -1359,11 +1362,7 @@ impl ChunkEncoder for ResponsesEncoder {
         );
     }
 
-    fn stop(&mut self, out: &mut String) {
-        if self.progress.stopped {
-            return;
-        }
-        self.progress.stopped = true;
+    fn end(&mut self, out: &mut String) {
         self.close_item(out);
         let mut response = self.response.clone().unwrap_or(Value::Null);
         let truncated = self.progress.finish.as_deref() == Some("length");

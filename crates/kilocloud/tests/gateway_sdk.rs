@@ -268,12 +268,7 @@ output_price = 15.0
         "the refused request never reached the provider"
     );
     // The anthropic SDK, with x-api-key and with a bearer token.
-    let text = |t: &str| AnthropicReply::Text {
-        text: t.into(),
-        input_tokens: 10,
-        output_tokens: 5,
-        cache_read_input_tokens: 0,
-    };
+    let text = |t: &str| AnthropicReply::text(t, 10, 5);
     let tool = || AnthropicReply::ToolUse {
         name: "read_file".into(),
         input: json!({"path": "src/lib.rs"}),

@@ -16,9 +16,9 @@ use kilocloud_identity::{Identity, IdentityConfig, Owner, Role};
 use kilocloud_server::api::gateway;
 use kilocloud_server::{AppState, ServerOptions, router};
 use kilocloud_substrate::{Clock, ManualClock};
-use kilocloud_test_support::TestStore;
 use kilocloud_test_support::fake_anthropic::{FakeAnthropic, Reply as AnthropicReply};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
+use kilocloud_test_support::{TestStore, sse_events};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -269,26 +269,6 @@ impl Env {
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
     }
-}
-
-/// The `(event name, data)` pairs of an SSE body (`""` for unnamed events; `[DONE]` as a
-/// string).
-fn sse_events(body: &str) -> Vec<(String, Value)> {
-    body.split("\n\n")
-        .filter(|b| !b.trim().is_empty())
-        .map(|block| {
-            let mut name = String::new();
-            let mut data = Value::Null;
-            for line in block.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = n.to_owned();
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data = serde_json::from_str(d).unwrap_or_else(|_| d.into());
-                }
-            }
-            (name, data)
-        })
-        .collect()
 }
 
 fn ask(model: &str, stream: bool) -> Value {
@@ -1503,12 +1483,8 @@ async fn chat_clients_reach_anthropic_models(pg: bool) {
     assert_eq!((row.provider.as_str(), row.status), ("claude", 200));
 
     // Streamed: Chat chunks, the usage chunk, `[DONE]`; charged from Anthropic's usage.
-    e.anthropic.push(AnthropicReply::Text {
-        text: "streamed words here".into(),
-        input_tokens: 50,
-        output_tokens: 4,
-        cache_read_input_tokens: 0,
-    });
+    e.anthropic
+        .push(AnthropicReply::text("streamed words here", 50, 4));
     let (status, content_type, body) = e
         .post_text("/api/gateway/v1/chat/completions", ask(CLAUDE, true))
         .await;
@@ -1755,12 +1731,7 @@ async fn responses_api_over_any_provider(pg: bool) {
     );
     assert_eq!(sent.body["max_tokens"], 64);
 
-    e.anthropic.push(AnthropicReply::Text {
-        text: "from claude".into(),
-        input_tokens: 7,
-        output_tokens: 3,
-        cache_read_input_tokens: 0,
-    });
+    e.anthropic.push(AnthropicReply::text("from claude", 7, 3));
     let (status, _, body) = e
         .post_text("/api/gateway/v1/responses", ask_r(CLAUDE, true))
         .await;

@@ -42,6 +42,18 @@ pub enum Reply {
     Status(u16),
 }
 
+impl Reply {
+    /// A text reply with this usage and no cache reads.
+    pub fn text(text: &str, input_tokens: u64, output_tokens: u64) -> Self {
+        Reply::Text {
+            text: text.to_owned(),
+            input_tokens,
+            output_tokens,
+            cache_read_input_tokens: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct FakeState {
     script: Mutex<VecDeque<Reply>>,

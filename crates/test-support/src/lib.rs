@@ -246,3 +246,23 @@ pub(crate) async fn with_request_id(
     }
     res
 }
+
+/// The events of an SSE body, for assertions: `(event name, data)` per event, the name `""`
+/// when unnamed, the data parsed as JSON (a string when it is not JSON, as `[DONE]`).
+pub fn sse_events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut name = String::new();
+            let mut data = serde_json::Value::Null;
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap_or_else(|_| d.into());
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}

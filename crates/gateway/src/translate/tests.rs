@@ -1,22 +1,8 @@
 use super::*;
 
-/// Parses SSE text into `(event name or "", data JSON or the raw text)`.
+/// The `(event name, data)` pairs of SSE bytes.
 fn events(text: &[u8]) -> Vec<(String, Value)> {
-    let text = std::str::from_utf8(text).unwrap();
-    let mut out = Vec::new();
-    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-        let mut name = String::new();
-        let mut data = Value::Null;
-        for line in block.lines() {
-            if let Some(n) = line.strip_prefix("event: ") {
-                name = n.to_owned();
-            } else if let Some(d) = line.strip_prefix("data: ") {
-                data = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()));
-            }
-        }
-        out.push((name, data));
-    }
-    out
+    kilocloud_test_support::sse_events(std::str::from_utf8(text).unwrap())
 }
 
 /// Feeds `input` one byte at a time (every chunk boundary), then finishes.

@@ -40,6 +40,7 @@ pub const MESSAGE_ACTOR: &str = "kilo_cloud_message";
 /// Binds a CLI message id to the execution it started.
 pub(crate) struct MessageActor;
 
+/// `m/<message_id>` → `execution_id`, in the session's binding actor.
 pub(crate) struct Bind {
     message_id: String,
     execution_id: String,
