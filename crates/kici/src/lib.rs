@@ -8,6 +8,7 @@ pub mod github;
 pub mod lock;
 pub mod state;
 pub mod trigger;
+pub mod workflow;
 
 pub use github::{Normalized, normalize};
 pub use lock::{LockError, LockFile, parse_lock_file};
