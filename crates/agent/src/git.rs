@@ -403,6 +403,54 @@ impl GitConfig {
             .map(drop)
     }
 
+    /// Clones `url` into the empty directory `dest` and checks out the commit `sha`
+    /// detached, as CI needs: a ref outside the branches (`refs/pull/7/head`) is fetched
+    /// first; HEAD is then verified to be `sha` (reference `kici.md` §10: clone at the ref,
+    /// token in a header, HEAD checked against the sha).
+    ///
+    /// Errors: as [`GitConfig::clone`]; [`GitError::Failed`] when the commit is not there.
+    pub async fn clone_at(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        dest: &Path,
+        git_ref: &str,
+        sha: &str,
+    ) -> Result<(), GitError> {
+        let resolve = self.pin(url).await?;
+        let mut cmd = self.git_pinned(dest, token, resolve.as_deref());
+        cmd.args([
+            "clone",
+            "--no-recurse-submodules",
+            "--no-checkout",
+            "--quiet",
+        ]);
+        cmd.args(["--", url, "."]);
+        self.run("clone", cmd, Duration::from_millis(self.clone_timeout_ms))
+            .await
+            .map_err(classify_clone_failure)?;
+        if !git_ref.is_empty() && !git_ref.starts_with("refs/heads/") {
+            let mut fetch = self.git_pinned(dest, token, resolve.as_deref());
+            fetch.args(["fetch", "--quiet", "origin", "--", git_ref]);
+            self.run("fetch", fetch, Duration::from_millis(self.clone_timeout_ms))
+                .await?;
+        }
+        let mut checkout = self.git(dest, None);
+        checkout.args(["checkout", "--quiet", "--detach", sha, "--"]);
+        self.run("checkout", checkout, Duration::from_secs(60))
+            .await?;
+        let mut head = self.git(dest, None);
+        head.args(["rev-parse", "HEAD"]);
+        let head = self.run("rev-parse", head, Duration::from_secs(30)).await?;
+        if head != sha {
+            return Err(GitError::Failed {
+                op: "checkout",
+                message: format!("HEAD is {head}, not {sha}"),
+            });
+        }
+        Ok(())
+    }
+
     /// The checked-out branch, `None` on a detached HEAD or outside a repository.
     pub async fn current_branch(&self, dir: &Path) -> Option<String> {
         let mut cmd = self.git(dir, None);

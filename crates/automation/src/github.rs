@@ -412,6 +412,88 @@ impl GitHubApp {
     }
 }
 
+impl GitHubApp {
+    /// The file at `path` of `repo` at `git_ref` (a sha, branch or tag), through the contents
+    /// API (`GET /repos/{o}/{r}/contents/{path}?ref=`); `None` when GitHub says 404 (no such
+    /// file or ref). Never clones.
+    ///
+    /// Errors: [`GitHubError`]; a directory, or a file the API does not return inline
+    /// (over 1 MB), is a 422.
+    pub async fn file_contents(
+        &self,
+        token: &AccessToken,
+        repo: &str,
+        path: &str,
+        git_ref: &str,
+    ) -> Result<Option<String>, GitHubError> {
+        let (owner, name) = split_repo(repo)?;
+        let client = self.as_installation(token)?;
+        let items = match client
+            .repos(owner, name)
+            .get_content()
+            .path(path)
+            .r#ref(git_ref)
+            .send()
+            .await
+            .map_err(GitHubError::from)
+        {
+            Ok(items) => items,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let unusable = |message: &str| GitHubError::Status {
+            status: 422,
+            message: format!("{path}: {message}"),
+        };
+        let [item] = items.items.as_slice() else {
+            return Err(unusable("is a directory"));
+        };
+        item.decoded_content()
+            .map(Some)
+            .ok_or_else(|| unusable("has no inline content (too large or not a file)"))
+    }
+
+    /// Creates a check run (`POST /repos/{o}/{r}/check-runs`) from the documented body
+    /// (`name`, `head_sha`, `status`, `conclusion`, `details_url`, `external_id`, `output`);
+    /// returns its id.
+    ///
+    /// Errors: [`GitHubError`] (422 for a missing name or head sha).
+    pub async fn create_check_run(
+        &self,
+        token: &AccessToken,
+        repo: &str,
+        body: &serde_json::Value,
+    ) -> Result<u64, GitHubError> {
+        split_repo(repo)?;
+        let created: serde_json::Value = self
+            .as_installation(token)?
+            .post(format!("/repos/{repo}/check-runs"), Some(body))
+            .await?;
+        created["id"]
+            .as_u64()
+            .ok_or_else(|| GitHubError::Transport("check run without an id".into()))
+    }
+
+    /// Updates check run `id` (`PATCH /repos/{o}/{r}/check-runs/{id}`); a `conclusion`
+    /// completes it.
+    ///
+    /// Errors: [`GitHubError`].
+    pub async fn update_check_run(
+        &self,
+        token: &AccessToken,
+        repo: &str,
+        id: u64,
+        body: &serde_json::Value,
+    ) -> Result<(), GitHubError> {
+        split_repo(repo)?;
+        let _: serde_json::Value = self
+            .as_installation(token)?
+            .patch(format!("/repos/{repo}/check-runs/{id}"), Some(body))
+            .await?;
+        Ok(())
+    }
+}
+
 /// `owner/name` split in two.
 fn split_repo(repo: &str) -> Result<(&str, &str), GitHubError> {
     repo.split_once('/')

@@ -79,6 +79,9 @@ pub enum AutomationError {
     /// The feature is not configured on this server (503).
     #[error("{0}")]
     Disabled(&'static str),
+    /// A service a delivery is handed to could not take it (503; GitHub redelivers).
+    #[error("{0}")]
+    Unavailable(String),
     /// GitHub failed (502, or 503 when transient).
     #[error(transparent)]
     GitHub(#[from] GitHubError),
@@ -98,7 +101,9 @@ impl AutomationError {
         match self {
             AutomationError::GitHub(g) => g.is_transient(),
             AutomationError::Agent(AgentError::Unavailable { retryable, .. }) => *retryable,
-            AutomationError::Agent(AgentError::Busy { .. }) => true,
+            AutomationError::Agent(AgentError::Busy { .. }) | AutomationError::Unavailable(_) => {
+                true
+            }
             AutomationError::Agent(AgentError::Substrate(_)) | AutomationError::Substrate(_) => {
                 true
             }
@@ -145,6 +150,7 @@ pub(crate) struct Inner {
     pub(crate) agents: Agents,
     pub(crate) github: Option<GitHubApp>,
     pub(crate) config: AutomationConfig,
+    pub(crate) sink: std::sync::OnceLock<Arc<dyn webhook::DeliverySink>>,
 }
 
 impl Automation {
@@ -166,6 +172,7 @@ impl Automation {
             agents,
             github,
             config,
+            sink: std::sync::OnceLock::new(),
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         installations::register(sub);
@@ -179,6 +186,13 @@ impl Automation {
     pub fn start(&self) {
         triggers::start(self);
         review::start(self);
+    }
+
+    /// Hands every verified, first-seen delivery of a claimed installation to `sink` as well
+    /// (KiCI takes pushes, pull requests and the other events its triggers match). Set once,
+    /// before [`Automation::start`]; a second call is ignored.
+    pub fn set_delivery_sink(&self, sink: Arc<dyn webhook::DeliverySink>) {
+        let _ = self.inner.sink.set(sink);
     }
 
     /// The GitHub App, when configured.

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use kilocloud_identity::Owner;
+use uuid::Uuid;
+
 use crate::github::InstallationInfo;
 use crate::review::PullRequestEvent;
 use crate::{Automation, AutomationError};
@@ -112,6 +115,36 @@ pub(crate) fn register(sub: &Substrate) {
     sub.actors().register(DeliveryActor);
 }
 
+/// A verified, first-seen delivery of an installation an owner claimed, as handed to a
+/// [`DeliverySink`].
+#[derive(Debug, Clone)]
+pub struct InboundDelivery {
+    /// `X-GitHub-Delivery`.
+    pub delivery: String,
+    /// `X-GitHub-Event`.
+    pub event: String,
+    /// The installation's owner.
+    pub owner: Owner,
+    /// The user who claimed the installation.
+    pub user: Uuid,
+    /// The installation.
+    pub installation_id: u64,
+    /// The parsed body.
+    pub payload: Value,
+}
+
+/// Another service that takes GitHub deliveries (KiCI). It must persist what it needs
+/// before it returns (a queue message), so that a delivery it accepted survives a crash;
+/// an error releases the delivery's dedup claim, so GitHub's redelivery is processed.
+#[async_trait::async_trait]
+pub trait DeliverySink: Send + Sync + 'static {
+    /// Takes one delivery; returns an outcome to record beside automation's, or `None` when
+    /// the delivery is not for it.
+    ///
+    /// Errors: a message when it could not persist the delivery.
+    async fn deliver(&self, delivery: &InboundDelivery) -> Result<Option<String>, String>;
+}
+
 /// The headers of a delivery that ingest reads.
 #[derive(Debug, Clone, Copy)]
 pub struct WebhookHeaders<'a> {
@@ -178,7 +211,17 @@ impl Automation {
                 ..seen
             });
         }
-        match self.route(event, action.as_deref(), &payload).await {
+        let routed = match self.route(event, action.as_deref(), &payload).await {
+            Ok(outcome) => self
+                .sink(delivery, event, &payload)
+                .await
+                .map(|sunk| match sunk {
+                    Some(ci) => format!("{outcome}; {ci}"),
+                    None => outcome,
+                }),
+            Err(e) => Err(e),
+        };
+        match routed {
             Ok(outcome) => {
                 metrics::counter!("kilocloud_github_webhooks_total", "outcome" => "accepted")
                     .increment(1);
@@ -208,6 +251,36 @@ impl Automation {
             .sub
             .actor_read(DELIVERY_ACTOR, id, "record")
             .await?)
+    }
+
+    /// Hands the delivery to the sink, if one is set and the installation is claimed.
+    async fn sink(
+        &self,
+        delivery: &str,
+        event: &str,
+        payload: &Value,
+    ) -> Result<Option<String>, AutomationError> {
+        let Some(sink) = self.inner.sink.get() else {
+            return Ok(None);
+        };
+        let Some(id) = payload["installation"]["id"].as_u64() else {
+            return Ok(None);
+        };
+        let Some((owner, user)) = self.installation(id).await?.and_then(|i| i.active_owner())
+        else {
+            return Ok(None);
+        };
+        let inbound = InboundDelivery {
+            delivery: delivery.to_owned(),
+            event: event.to_owned(),
+            owner,
+            user,
+            installation_id: id,
+            payload: payload.clone(),
+        };
+        sink.deliver(&inbound)
+            .await
+            .map_err(AutomationError::Unavailable)
     }
 
     /// Routes a verified, first-seen delivery; returns its outcome.

@@ -102,6 +102,25 @@ impl Client {
         Ok(url)
     }
 
+    /// A WebSocket handshake request for `path` carrying the credential as a bearer header
+    /// (and the organization header), never in the URL.
+    pub fn ws_request(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<tokio_tungstenite::tungstenite::handshake::client::Request> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self.ws_url(path)?.as_str().into_client_request()?;
+        let headers = request.headers_mut();
+        headers.insert(
+            "authorization",
+            format!("Bearer {}", self.creds.token).parse()?,
+        );
+        if let Some(org) = &self.org {
+            headers.insert("x-kilocode-organizationid", org.parse()?);
+        }
+        Ok(request)
+    }
+
     /// The organization acted for, if any.
     pub fn org(&self) -> Option<&str> {
         self.org.as_deref()

@@ -139,6 +139,8 @@ pub struct Config {
     pub review: kilocloud_automation::ReviewConfig,
     /// KiloClaw assistant runtimes: provider, regions, cadence (see `docs/claw.md`).
     pub claw: kilocloud_claw::ClawConfig,
+    /// KiCI: recovery window, lock cache, log limits (see `docs/ci.md`).
+    pub ci: kilocloud_ci::CiConfig,
 }
 
 impl Default for Config {
@@ -167,6 +169,7 @@ impl Default for Config {
             github: kilocloud_automation::GitHubConfig::default(),
             review: kilocloud_automation::ReviewConfig::default(),
             claw: kilocloud_claw::ClawConfig::default(),
+            ci: kilocloud_ci::CiConfig::default(),
         }
     }
 }
@@ -207,6 +210,7 @@ fn is_config_key(key: &str) -> bool {
             | "github"
             | "review"
             | "claw"
+            | "ci"
             | "shutdown_grace_ms"
             | "sqlite"
             | "postgres"

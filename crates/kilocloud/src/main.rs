@@ -3,6 +3,7 @@
 
 mod account;
 mod automation;
+mod ci;
 mod claw;
 mod client;
 mod config;
@@ -105,6 +106,9 @@ enum Command {
     /// KiloClaw assistant runtimes: create, list, status, start, stop, destroy, open.
     #[command(subcommand)]
     Claw(claw::ClawCommand),
+    /// KiCI: compile workflows, run an agent, follow runs and their logs, cancel, rerun.
+    #[command(subcommand)]
+    Ci(ci::CiCommand),
     /// The built-in KiloClaw runtime, run inside an instance's sandbox (not for direct use):
     /// decrypts its env (failing closed without the key) and serves on port 18789;
     /// `doctor` checks the same and prints a report.
@@ -396,6 +400,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Review(c) => automation::review(c).await,
         Command::Github(c) => automation::github(c).await,
         Command::Claw(c) => claw::claw(c).await,
+        Command::Ci(c) => ci::ci(c, &config).await,
         Command::ClawRuntime { .. } => unreachable!("run before the configuration is loaded"),
         Command::Actor(ActorCommand::Show { actor_type, key }) => {
             let sub = open(&config).await?;
@@ -611,7 +616,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let (sub, identity, gateway, agents, automation, claw) = {
+    let (sub, identity, gateway, agents, automation, claw, ci) = {
         let sub = open(&config).await?;
         probe::register(&sub)?;
         let identity = Identity::new(&sub, config.identity()?);
@@ -637,15 +642,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let claw = claw_service(&config, &sub, &identity, addr)?;
+        let ci = kilocloud_ci::Ci::new(&sub, automation.github().cloned(), config.ci.clone());
+        automation.set_delivery_sink(Arc::new(ci.clone()));
         sub.start().await?;
         gateway.ledger.start_charging();
         agents.start();
         automation.start();
+        ci.start();
         if let Some(claw) = &claw {
             // Runtimes that go down (or died with the previous server) restart within seconds.
             claw.watch_machines();
         }
-        (sub, identity, gateway, agents, automation, claw)
+        (sub, identity, gateway, agents, automation, claw, ci)
     };
     if let Err(e) = agents.sandbox().check().await {
         // Sessions will fail with this message too; the server is still useful without them.
@@ -672,7 +680,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
     )
     .with_agents(agents.clone())
-    .with_automation(automation);
+    .with_automation(automation)
+    .with_ci(ci);
     let state = match claw {
         Some(claw) => state.with_claw(claw, config.claw.secure_cookie),
         None => state,

@@ -9,7 +9,6 @@
 mod common;
 
 use common::{Node, Store, cli_as as cli};
-use kilocloud_automation::github::sign;
 use kilocloud_test_support::fake_github::{APP_PRIVATE_KEY_PEM, FakeGitHub, FakePull};
 use kilocloud_test_support::fake_openai::{FakeOpenAi, Reply};
 use kilocloud_test_support::git_server::GitServer;
@@ -58,19 +57,8 @@ fn open_pull(git: &GitServer, github: &FakeGitHub, number: u64, branch: &str) ->
 }
 
 async fn post_webhook(node: &Node, delivery: &str, body: &[u8]) -> Value {
-    let res = node
-        .http
-        .post(node.url("/api/github/webhook"))
-        .header("content-type", "application/json")
-        .header("x-github-event", "pull_request")
-        .header("x-github-delivery", delivery)
-        .header("x-hub-signature-256", sign(SECRET.as_bytes(), body))
-        .body(body.to_vec())
-        .send()
+    node.github_webhook(SECRET, "pull_request", delivery, body)
         .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.json().await.unwrap()
 }
 
 fn findings() -> Reply {

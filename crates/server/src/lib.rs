@@ -51,6 +51,8 @@ pub struct AppState {
     pub automation: Option<kilocloud_automation::Automation>,
     /// KiloClaw; `None` answers its routes with 503 `claw_disabled`.
     pub claw: Option<kilocloud_claw::Claw>,
+    /// KiCI's orchestrator; `None` answers its routes with 503 `ci_disabled`.
+    pub ci: Option<kilocloud_ci::Ci>,
     /// Session ingest of the Kilo Code CLI and the presence of `kilo remote` connections
     /// (always on: it needs only the substrate).
     pub ingest: kilocloud_ingest::Ingest,
@@ -125,6 +127,7 @@ impl AppState {
             gateway,
             agents: None,
             automation: None,
+            ci: None,
             claw: None,
             ingest,
             claw_proxy: Arc::default(),
@@ -160,6 +163,12 @@ impl AppState {
     pub fn with_claw(mut self, claw: kilocloud_claw::Claw, secure_cookie: bool) -> Self {
         self.claw = Some(claw);
         self.claw_cookie_secure = secure_cookie;
+        self
+    }
+
+    /// With the KiCI routes served by `ci`.
+    pub fn with_ci(mut self, ci: kilocloud_ci::Ci) -> Self {
+        self.ci = Some(ci);
         self
     }
 

@@ -382,6 +382,13 @@ enum Access {
     /// A signed-in user's personal credential, acting once (a device approval): the owner
     /// succeeds, an organization's key is refused.
     Personal,
+    /// A KiCI route, owner-scoped like `Automation`; without KiCI here, a caller who passes
+    /// the checks gets 503 `ci_disabled` (which runs each owner reaches is tested in the
+    /// `kilocloud` crate's `ci.rs`).
+    Ci(Role),
+    /// The KiCI agent socket: an agent token instead of a user credential (tested in
+    /// `ci.rs`); 503 `ci_disabled` here.
+    AgentSocket,
 }
 
 struct Route {
@@ -1034,6 +1041,75 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "POST",
+            path: "/api/ci/agent-tokens",
+            access: Ci(Role::Admin),
+            uri: |_| "/api/ci/agent-tokens".into(),
+            body: |_| Some(json!({"name": "t"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/agents",
+            access: Ci(Role::Member),
+            uri: |_| "/api/ci/agents".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/runs",
+            access: Ci(Role::Member),
+            uri: |_| "/api/ci/runs".into(),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/runs/{id}",
+            access: Ci(Role::Member),
+            uri: |_| format!("/api/ci/runs/{}", Uuid::new_v4()),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/runs/{id}/jobs/{job}/logs",
+            access: Ci(Role::Member),
+            uri: |_| {
+                format!(
+                    "/api/ci/runs/{}/jobs/{}/logs",
+                    Uuid::new_v4(),
+                    Uuid::new_v4()
+                )
+            },
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/ci/runs/{id}/cancel",
+            access: Ci(Role::Member),
+            uri: |_| format!("/api/ci/runs/{}/cancel", Uuid::new_v4()),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/ci/runs/{id}/rerun",
+            access: Ci(Role::Member),
+            uri: |_| format!("/api/ci/runs/{}/rerun", Uuid::new_v4()),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/runs/{id}/logs/stream",
+            access: Ci(Role::Member),
+            uri: |_| format!("/api/ci/runs/{}/logs/stream", Uuid::new_v4()),
+            body: none,
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/agent",
+            access: AgentSocket,
+            uri: |_| "/api/ci/agent".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
             path: "/api/github/webhook",
             access: Webhook,
             uri: |_| "/api/github/webhook".into(),
@@ -1313,7 +1389,7 @@ async fn matrix_covers_every_route(e: &Env) -> Vec<Route> {
                 && r.path == path
                 && matches!(
                     r.access,
-                    Access::Public | Access::SessionStream | Access::Webhook
+                    Access::Public | Access::SessionStream | Access::Webhook | Access::AgentSocket
                 )
         });
         assert_eq!(
@@ -1366,11 +1442,16 @@ async fn access_matrix(pg: bool) {
             );
             continue;
         }
-        if matches!(route.access, Access::Webhook) {
+        if matches!(route.access, Access::Webhook | Access::AgentSocket) {
             let r = call(None, None).await;
+            let disabled = if matches!(route.access, Access::AgentSocket) {
+                "ci_disabled"
+            } else {
+                "automation_disabled"
+            };
             assert_eq!(
                 (r.status, r.code()),
-                (StatusCode::SERVICE_UNAVAILABLE, "automation_disabled"),
+                (StatusCode::SERVICE_UNAVAILABLE, disabled),
                 "{label}: {}",
                 r.body
             );
@@ -1410,14 +1491,14 @@ async fn access_matrix(pg: bool) {
         }
 
         match route.access {
-            Access::Public | Access::SessionStream | Access::Webhook => {
+            Access::Public | Access::SessionStream | Access::Webhook | Access::AgentSocket => {
                 unreachable!("answered above")
             }
-            Access::Automation(min) | Access::Claw(min) => {
-                let disabled = if matches!(route.access, Access::Claw(_)) {
-                    "claw_disabled"
-                } else {
-                    "automation_disabled"
+            Access::Automation(min) | Access::Claw(min) | Access::Ci(min) => {
+                let disabled = match route.access {
+                    Access::Claw(_) => "claw_disabled",
+                    Access::Ci(_) => "ci_disabled",
+                    _ => "automation_disabled",
                 };
                 let r = call(Some(&f.stranger), Some(&org)).await;
                 assert_eq!(

@@ -146,6 +146,11 @@ struct Inner {
     created_pulls: Vec<Value>,
     reviews: Vec<RecordedReview>,
     check_runs: Vec<(RepoKey, Value)>,
+    /// Every status a check run was given, in order: (id, `status` or `completed:<conclusion>`).
+    check_run_history: Vec<(u64, String)>,
+    /// File contents per repository, ref and path (`GET …/contents/{path}?ref=`).
+    files: HashMap<(RepoKey, String, String), String>,
+    content_fetches: usize,
     labels: HashMap<(RepoKey, u64), Vec<String>>,
     comments: Vec<RecordedComment>,
     /// Full ref name (`refs/heads/main`) to commit, per repository.
@@ -215,6 +220,7 @@ impl FakeGitHub {
                 post(create_review),
             )
             .route(&format!("{repos}/check-runs"), post(create_check_run))
+            .route(&format!("{repos}/contents/{{*path}}"), get(get_contents))
             .route(
                 &format!("{repos}/check-runs/{{id}}"),
                 patch(update_check_run),
@@ -330,6 +336,31 @@ impl FakeGitHub {
     /// The reviews accepted so far, in order.
     pub fn reviews(&self) -> Vec<RecordedReview> {
         self.lock().reviews.clone()
+    }
+
+    /// Serves `contents` as the file `path` of `owner/repo` at `git_ref` (a sha, branch or
+    /// tag, matched exactly) through the contents API.
+    pub fn add_file(&self, owner: &str, repo: &str, git_ref: &str, path: &str, contents: &str) {
+        self.lock().files.insert(
+            (repo_key(owner, repo), git_ref.to_owned(), path.to_owned()),
+            contents.to_owned(),
+        );
+    }
+
+    /// Contents API requests answered so far (found or not).
+    pub fn content_fetches(&self) -> usize {
+        self.lock().content_fetches
+    }
+
+    /// The statuses check run `id` was given, in order: `queued`, `in_progress`, …, and
+    /// `completed:<conclusion>` once a conclusion was set.
+    pub fn check_run_history(&self, id: u64) -> Vec<String> {
+        self.lock()
+            .check_run_history
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 
     /// The latest state of each check run created so far, in creation order, as GitHub
@@ -1168,6 +1199,8 @@ async fn create_check_run(
         "html_url": format!("https://github.com/{owner}/{repo}/runs/{id}"),
     });
     merge_check_run(&mut run, &req);
+    let state = check_state(&run);
+    inner.check_run_history.push((id, state));
     inner
         .check_runs
         .push((repo_key(&owner, &repo), run.clone()));
@@ -1190,7 +1223,52 @@ async fn update_check_run(
         .find(|(k, run)| *k == key && run["id"] == id)
         .ok_or_else(|| gh_error(StatusCode::NOT_FOUND, "Not Found"))?;
     merge_check_run(run, &req);
-    ok(run.clone())
+    let (run, state) = (run.clone(), check_state(run));
+    inner.check_run_history.push((id, state));
+    ok(run)
+}
+
+fn check_state(run: &Value) -> String {
+    match run["conclusion"].as_str() {
+        Some(c) => format!("completed:{c}"),
+        None => run["status"].as_str().unwrap_or("queued").to_owned(),
+    }
+}
+
+/// `GET /repos/{o}/{r}/contents/{path}?ref=`: the file as the API returns it (base64, wrapped
+/// at 60 characters like GitHub), 404 for an unknown path or ref. Without `ref`, `main`.
+async fn get_contents(
+    State(s): State<Arc<FakeState>>,
+    Path((owner, repo, path)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Answer {
+    s.repo_auth(&headers, &owner)?;
+    let git_ref = q.get("ref").cloned().unwrap_or_else(|| "main".into());
+    let mut inner = s.lock();
+    inner.content_fetches += 1;
+    let text = inner
+        .files
+        .get(&(repo_key(&owner, &repo), git_ref.clone(), path.clone()))
+        .cloned()
+        .ok_or_else(|| gh_error(StatusCode::NOT_FOUND, "Not Found"))?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
+    let wrapped: Vec<String> = encoded
+        .as_bytes()
+        .chunks(60)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    let url = format!(
+        "{}/repos/{owner}/{repo}/contents/{path}?ref={git_ref}",
+        s.base_url
+    );
+    let name = path.rsplit('/').next().unwrap_or(&path).to_owned();
+    ok(json!({
+        "type": "file", "encoding": "base64", "size": text.len(), "name": name, "path": path,
+        "content": wrapped.join("\n") + "\n", "sha": format!("{:040x}", text.len()),
+        "url": url, "git_url": null, "html_url": null, "download_url": null,
+        "_links": {"self": url, "git": null, "html": null},
+    }))
 }
 
 /// Applies the fields of a create or update request; a conclusion completes the run.

@@ -219,6 +219,33 @@ impl Node {
         }
     }
 
+    /// Posts a GitHub webhook delivery of `event` signed with `secret`; asserts 200 and
+    /// returns the delivery record.
+    pub async fn github_webhook(
+        &self,
+        secret: &str,
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+    ) -> Value {
+        let res = self
+            .http
+            .post(self.url("/api/github/webhook"))
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", delivery)
+            .header(
+                "x-hub-signature-256",
+                kilocloud_automation::github::sign(secret.as_bytes(), body),
+            )
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
     /// Polls `check` until it returns true, failing after `limit` (a guard against hangs, not a
     /// timing assertion).
     pub async fn wait_until<F, Fut>(&self, what: &str, limit: Duration, mut check: F)

@@ -55,6 +55,10 @@ impl From<AutomationError> for ApiError {
             AutomationError::Disabled(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "github_disabled", message)
             }
+            AutomationError::Unavailable(_) => ApiError {
+                retry_after_secs: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            },
             AutomationError::GitHub(g) if g.is_transient() => ApiError {
                 retry_after_secs: Some(5),
                 ..ApiError::new(

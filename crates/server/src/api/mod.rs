@@ -7,6 +7,7 @@
 
 pub mod automation;
 mod bots;
+pub mod ci;
 pub mod claw;
 pub mod cloud;
 pub mod device;
@@ -28,6 +29,23 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::AppState;
+
+/// Sends a WebSocket close frame with `code` and `reason` (cut to 120 characters, within the
+/// 123 bytes a close frame allows); a socket already gone is not an error.
+pub(crate) async fn close_socket(
+    socket: &mut axum::extract::ws::WebSocket,
+    code: u16,
+    reason: &str,
+) {
+    use axum::extract::ws::{CloseFrame, Message};
+    let reason: String = reason.chars().take(120).collect();
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
 
 /// The error body every route returns: `{"error":{"code","message"}}`.
 #[derive(Serialize, ToSchema)]
@@ -155,6 +173,15 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ingest::export))
         .routes(routes!(ingest::shared))
         .routes(routes!(remote::socket))
+        .routes(routes!(ci::create_agent_token))
+        .routes(routes!(ci::agents))
+        .routes(routes!(ci::runs))
+        .routes(routes!(ci::run))
+        .routes(routes!(ci::job_logs))
+        .routes(routes!(ci::cancel))
+        .routes(routes!(ci::rerun))
+        .routes(routes!(ci::log_stream))
+        .routes(routes!(ci::agent_socket))
         .routes(routes!(remote::connections))
         .routes(routes!(claw::list_instances, claw::create_instance))
         .routes(routes!(claw::get_instance, claw::destroy_instance))

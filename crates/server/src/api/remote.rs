@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kilocloud_ingest::presence::{Connection, Registration};
@@ -92,13 +92,7 @@ pub async fn socket(
 }
 
 async fn close(mut socket: WebSocket, code: u16, reason: String) {
-    let reason: String = reason.chars().take(120).collect();
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    super::close_socket(&mut socket, code, &reason).await;
 }
 
 /// Reads the CLI's messages until it goes away or idles past [`IDLE_TIMEOUT`].
