@@ -21,6 +21,8 @@ pub mod pool;
 pub mod protocol;
 pub mod run;
 
+pub use pipeline::RunSource;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -537,23 +539,18 @@ impl Ci {
         let workflow: kilocloud_kici::lock::LockWorkflow =
             serde_json::from_value(old.workflow_lock.clone())
                 .map_err(|e| CiError::Conflict(format!("stored workflow unreadable: {e}")))?;
-        let now = self.inner.sub.clock().now_ms();
-        let mut run = RunRecord {
-            id: uuid::Uuid::now_v7().to_string(),
-            delivery: format!("rerun:{run_id}"),
-            status: kilocloud_kici::RunStatus::Pending,
-            created_at: now,
-            started_at: None,
-            completed_at: None,
-            failure_reason: None,
+        let source = pipeline::RunSource {
+            repo: old.repo.clone(),
+            clone_url: old.clone_url.clone(),
+            git_ref: old.git_ref.clone(),
+            sha: old.sha.clone(),
+            event: old.event.clone(),
+            delivery: format!("rerun:{run_id}:{}", uuid::Uuid::new_v4()),
+            installation_id: old.installation_id,
             rerun_of: Some(run_id.to_owned()),
-            cancel_requested: false,
-            jobs: Vec::new(),
-            ..old
         };
-        let jobs = run::plan_jobs(&workflow, &run).map_err(CiError::Conflict)?;
-        run.jobs = run::summaries(&workflow, &jobs);
-        self.create_run(run, jobs).await
+        self.start_run(owner, &workflow, &source, old.trace.clone())
+            .await
     }
 
     /// Mints an agent token for `owner`, shown once, stored as its SHA-256.
@@ -752,6 +749,7 @@ impl Ci {
                         agent_id: agent.agent_id.clone(),
                         job,
                         requeue: None,
+                        refused: None,
                     },
                 )
                 .await?;
@@ -811,6 +809,7 @@ impl Ci {
                             agent_id: agent.agent_id.clone(),
                             job,
                             requeue: ready,
+                            refused: Some(reason),
                         },
                     )
                     .await?
@@ -851,6 +850,7 @@ impl Ci {
                                 agent_id: agent.agent_id.clone(),
                                 job: job.clone(),
                                 requeue: None,
+                                refused: None,
                             },
                         )
                         .await?

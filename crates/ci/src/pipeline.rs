@@ -14,6 +14,8 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use kilocloud_automation::webhook::{DeliverySink, InboundDelivery};
+use kilocloud_identity::Owner;
+use kilocloud_kici::lock::LockWorkflow;
 use kilocloud_kici::{LockFile, RunStatus, decide, normalize, parse_lock_file};
 use kilocloud_substrate::{Consumer, Delivery, UnixMs};
 use lru::LruCache;
@@ -166,10 +168,31 @@ impl Ci {
         }
     }
 
+    /// Runs the pipeline for one delivery (what the `kici-webhooks` consumer does): one run
+    /// per matched workflow; returns the outcome (`runs …`, `no workflow matched`,
+    /// `lockfile_missing: …`, `lockfile_corrupt: …`, `ignored: …`). Idempotent per delivery.
+    ///
+    /// Errors: [`CiError::Disabled`] without a GitHub App; [`CiError::Substrate`] (GitHub
+    /// failures too, as handler errors the queue retries).
+    pub async fn process_delivery(&self, d: &InboundDelivery) -> Result<String, CiError> {
+        self.process(&WebhookMessage {
+            delivery: d.delivery.clone(),
+            event: d.event.clone(),
+            owner: d.owner.to_string(),
+            installation_id: d.installation_id,
+            payload: d.payload.clone(),
+        })
+        .await
+    }
+
     async fn process(&self, msg: &WebhookMessage) -> Result<String, CiError> {
         let Some(n) = normalize(&msg.event, &msg.payload) else {
             return Ok(format!("ignored: {} is not a KiCI event", msg.event));
         };
+        let owner: Owner = msg
+            .owner
+            .parse()
+            .map_err(|_| CiError::Invalid(format!("bad owner {:?}", msg.owner)))?;
         let repo = msg.payload["repository"]["full_name"]
             .as_str()
             .unwrap_or_default()
@@ -178,10 +201,6 @@ impl Ci {
             return Ok("ignored: no repository in the payload".into());
         }
         let installation_id = n.installation_id.unwrap_or(msg.installation_id);
-        let clone_url = msg.payload["repository"]["clone_url"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("https://github.com/{repo}.git"));
         let git_ref = match msg.event.as_str() {
             "push" | "create" | "delete" => {
                 msg.payload["ref"].as_str().unwrap_or_default().to_owned()
@@ -197,37 +216,18 @@ impl Ci {
                 .map(|b| format!("refs/heads/{b}"))
                 .unwrap_or_default(),
         };
-        let now = self.sub().clock().now_ms();
-        let base = RunRecord {
-            id: String::new(),
-            owner: msg.owner.clone(),
-            workflow: String::new(),
+        let source = RunSource {
+            clone_url: msg.payload["repository"]["clone_url"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("https://github.com/{repo}.git")),
             repo: repo.clone(),
-            provider: "github".into(),
             git_ref,
             sha: n.lock_ref.clone(),
             event: n.event.kind.clone(),
             delivery: msg.delivery.clone(),
             installation_id: Some(installation_id),
-            clone_url,
-            status: RunStatus::Pending,
-            created_at: now,
-            started_at: None,
-            completed_at: None,
-            failure_reason: None,
-            trace: Value::Null,
-            timeout_ms: None,
             rerun_of: None,
-            cancel_requested: false,
-            workflow_lock: Value::Null,
-            jobs: Vec::new(),
-        };
-        let run_id = |workflow: &str| {
-            uuid::Uuid::new_v5(
-                &RUN_NAMESPACE,
-                format!("{}/{}/{workflow}", msg.owner, msg.delivery).as_bytes(),
-            )
-            .to_string()
         };
         let lock = match self.read_lock(installation_id, &repo, &n.lock_ref).await? {
             Lock::Found(lock) => lock,
@@ -238,17 +238,15 @@ impl Ci {
                 ));
             }
             Lock::Corrupt(reason) => {
-                let run = RunRecord {
-                    id: run_id(""),
-                    workflow: "(lock file)".into(),
-                    status: RunStatus::Failed,
-                    completed_at: Some(now),
-                    failure_reason: Some(format!("lockfile_corrupt: {reason}")),
-                    ..base
-                };
-                let id = run.id.clone();
-                self.create_run(run, Vec::new()).await?;
-                return Ok(format!("lockfile_corrupt: run {id} records it"));
+                let run = self
+                    .record_failed_run(
+                        owner,
+                        &source,
+                        "(lock file)",
+                        format!("lockfile_corrupt: {reason}"),
+                    )
+                    .await?;
+                return Ok(format!("lockfile_corrupt: run {} records it", run.id));
             }
         };
         let mut event = n.event.clone();
@@ -267,26 +265,10 @@ impl Ci {
             if decision.matched.is_none() {
                 continue;
             }
-            let mut run = RunRecord {
-                id: run_id(&workflow.name),
-                workflow: workflow.name.clone(),
-                trace: json!(decision.trace),
-                timeout_ms: workflow.timeout,
-                workflow_lock: serde_json::to_value(workflow).unwrap_or_default(),
-                ..base.clone()
-            };
-            match run::plan_jobs(workflow, &run) {
-                Ok(jobs) => {
-                    run.jobs = run::summaries(workflow, &jobs);
-                    created.push(self.create_run(run, jobs).await?.id);
-                }
-                Err(reason) => {
-                    run.status = RunStatus::Failed;
-                    run.completed_at = Some(now);
-                    run.failure_reason = Some(format!("matrix_expansion: {reason}"));
-                    created.push(self.create_run(run, Vec::new()).await?.id);
-                }
-            }
+            let run = self
+                .start_run(owner, workflow, &source, json!(decision.trace))
+                .await?;
+            created.push(run.id);
         }
         Ok(if created.is_empty() {
             "no workflow matched".into()
@@ -294,6 +276,112 @@ impl Ci {
             format!("runs {}", created.join(", "))
         })
     }
+
+    /// The run id of `workflow` for `source`: derived from the owner, the delivery and the
+    /// workflow (UUID v5), so a redelivered message finds the run it created.
+    fn run_id(owner: Owner, source: &RunSource, workflow: &str) -> String {
+        uuid::Uuid::new_v5(
+            &RUN_NAMESPACE,
+            format!("{owner}/{}/{workflow}", source.delivery).as_bytes(),
+        )
+        .to_string()
+    }
+
+    fn run_record(&self, owner: Owner, source: &RunSource, workflow: &str) -> RunRecord {
+        RunRecord {
+            id: Self::run_id(owner, source, workflow),
+            owner: owner.to_string(),
+            workflow: workflow.to_owned(),
+            repo: source.repo.clone(),
+            provider: "github".into(),
+            git_ref: source.git_ref.clone(),
+            sha: source.sha.clone(),
+            event: source.event.clone(),
+            delivery: source.delivery.clone(),
+            installation_id: source.installation_id,
+            clone_url: source.clone_url.clone(),
+            status: RunStatus::Pending,
+            created_at: self.sub().clock().now_ms(),
+            started_at: None,
+            completed_at: None,
+            failure_reason: None,
+            trace: Value::Null,
+            timeout_ms: None,
+            rerun_of: source.rerun_of.clone(),
+            cancel_requested: false,
+            workflow_lock: Value::Null,
+            jobs: Vec::new(),
+        }
+    }
+
+    /// Records a run that failed before any job (a corrupt lock file), so it is visible.
+    async fn record_failed_run(
+        &self,
+        owner: Owner,
+        source: &RunSource,
+        workflow: &str,
+        reason: String,
+    ) -> Result<RunRecord, CiError> {
+        let mut run = self.run_record(owner, source, workflow);
+        run.status = RunStatus::Failed;
+        run.completed_at = Some(run.created_at);
+        run.failure_reason = Some(reason);
+        self.create_run(run, Vec::new()).await
+    }
+
+    /// Starts a run of `workflow` (a lock file's) on `source`: its jobs planned (matrices
+    /// expanded), root jobs queued. A workflow that cannot be planned (a dynamic job, a
+    /// matrix over the limit) is a failed run saying why. Idempotent per (owner, delivery,
+    /// workflow).
+    ///
+    /// Errors: [`CiError::Substrate`].
+    pub async fn start_run(
+        &self,
+        owner: Owner,
+        workflow: &LockWorkflow,
+        source: &RunSource,
+        trace: Value,
+    ) -> Result<RunRecord, CiError> {
+        let mut run = RunRecord {
+            trace,
+            timeout_ms: workflow.timeout,
+            workflow_lock: serde_json::to_value(workflow).unwrap_or_default(),
+            ..self.run_record(owner, source, &workflow.name)
+        };
+        match run::plan_jobs(workflow, &run) {
+            Ok(jobs) => {
+                run.jobs = run::summaries(workflow, &jobs);
+                self.create_run(run, jobs).await
+            }
+            Err(reason) => {
+                run.status = RunStatus::Failed;
+                run.completed_at = Some(run.created_at);
+                run.failure_reason = Some(format!("matrix_expansion: {reason}"));
+                self.create_run(run, Vec::new()).await
+            }
+        }
+    }
+}
+
+/// Where a run's code comes from and what started it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSource {
+    /// `owner/name`.
+    pub repo: String,
+    /// Clone URL.
+    pub clone_url: String,
+    /// The ref (`refs/heads/main`).
+    pub git_ref: String,
+    /// The commit.
+    pub sha: String,
+    /// The normalised event type.
+    pub event: String,
+    /// The delivery id (part of the run id).
+    pub delivery: String,
+    /// The installation for tokens and check runs.
+    pub installation_id: Option<u64>,
+    /// The run this one re-runs.
+    pub rerun_of: Option<String>,
 }
 
 /// The files a push changed, from its payload's commits (`added`, `modified`, `removed`;

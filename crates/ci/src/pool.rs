@@ -53,10 +53,16 @@ pub struct AgentRecord {
     pub registered_at: UnixMs,
     /// When the connection closed (the recovery window runs from here).
     pub disconnected_at: Option<UnixMs>,
+    /// It refused a job as `draining`: it gets no more until it registers again.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl AgentRecord {
     fn free(&self) -> usize {
+        if self.draining {
+            return 0;
+        }
         (self.max_concurrency as usize).saturating_sub(self.active.len())
     }
 
@@ -131,6 +137,9 @@ pub enum PoolCall {
         job: JobRef,
         /// Put the job back in the queue (a `job.reject`).
         requeue: Option<ReadyJob>,
+        /// The agent refused it: `draining` (it takes no more until it registers again) or
+        /// `busy` (it holds all it can: its capacity becomes what it holds).
+        refused: Option<String>,
     },
     /// Stops jobs: queued ones leave the queue; jobs on agents get a cancel. Replies the
     /// agents to wake.
@@ -348,6 +357,7 @@ impl Actor for PoolActor {
                     version,
                     registered_at: previous.as_ref().map_or(now, |p| p.registered_at),
                     disconnected_at: None,
+                    draining: false,
                 };
                 Self::put_agent(ctx, &agent)?;
                 state.agents.insert(agent_id, agent);
@@ -436,11 +446,17 @@ impl Actor for PoolActor {
                 agent_id,
                 job,
                 requeue,
+                refused,
             } => {
                 if let Some(agent) = state.agents.get_mut(&agent_id) {
                     agent.active.retain(|j| j != &job);
                     agent.undelivered.retain(|j| j != &job);
                     agent.cancels.retain(|(j, _)| j != &job);
+                    match refused.as_deref() {
+                        Some("draining") => agent.draining = true,
+                        Some(_) => agent.max_concurrency = (agent.active.len() as u32).max(1),
+                        None => {}
+                    }
                     Self::put_agent(ctx, agent)?;
                 }
                 if let Some(r) = requeue {

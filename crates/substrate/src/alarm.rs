@@ -266,9 +266,13 @@ impl Alarms {
                     true
                 }
             };
-            let next = if failed || self.permits.available_permits() == 0 {
+            let fenced = self.clock.now_ms() > self.lease.load(std::sync::atomic::Ordering::SeqCst);
+            let next = if failed || fenced || self.permits.available_permits() == 0 {
                 // After a failure wait for the poll interval rather than retry at once; when
-                // every permit is busy, a finished run wakes us (or the poll does).
+                // every permit is busy, a finished run wakes us (or the poll does). While the
+                // claim lease has lapsed nothing may be claimed until the heartbeat renews it:
+                // waiting for a due alarm would spin (and, on a one-thread runtime with a
+                // synchronous store, starve the heartbeat that would end it).
                 i64::MAX
             } else {
                 match self.backend.next_alarm_at(&self.actors.types()).await {
