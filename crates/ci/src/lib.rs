@@ -55,6 +55,9 @@ pub struct CiConfig {
     /// How long a disconnected agent's running jobs wait for it to come back before they
     /// fail, ms. Default 120,000 (2 × the 60 s maximum reconnect delay, `kici.md` §11).
     pub recovery_window_ms: u64,
+    /// A running job whose agent sends nothing (heartbeat, step, log) this long is
+    /// `timed_out_stale`, ms. Default 120,000 (the 60 s job heartbeat × 2, §11).
+    pub stale_after_ms: u64,
     /// Lock files cached (`KICI_LOCKFILE_CACHE_MAX`). Default 500.
     pub lock_cache_entries: usize,
     /// How long a cached lock file is used, ms (`KICI_LOCKFILE_CACHE_TTL_MS`). Default 1 h.
@@ -69,6 +72,7 @@ impl Default for CiConfig {
     fn default() -> Self {
         Self {
             recovery_window_ms: 120_000,
+            stale_after_ms: 120_000,
             lock_cache_entries: 500,
             lock_cache_ttl_ms: 3_600_000,
             max_log_bytes: protocol::DEFAULT_MAX_LOG_BYTES,
@@ -123,6 +127,24 @@ pub enum DispatchMessage {
         jobs: Vec<JobRef>,
         /// Why.
         reason: String,
+    },
+    /// A job timed out stale: free its agent's slot and tell the agent to kill it.
+    Stale {
+        /// Owner key.
+        owner: String,
+        /// The agent it was given to.
+        agent_id: String,
+        /// The job.
+        job: JobRef,
+    },
+    /// A run of a concurrency group ended: the next one may start.
+    GroupLeft {
+        /// Owner key.
+        owner: String,
+        /// The group.
+        group: String,
+        /// The run that ended.
+        run_id: String,
     },
     /// Cancel a run (the workflow deadline).
     Cancel {
@@ -212,7 +234,10 @@ impl Ci {
     /// Registers CI's actors and queues on `sub` (before [`Substrate::start`]); call
     /// [`Ci::start`] after it started.
     pub fn new(sub: &Substrate, github: Option<GitHubApp>, config: CiConfig) -> Self {
-        sub.actors().register(RunActor { sub: sub.clone() });
+        sub.actors().register(RunActor {
+            sub: sub.clone(),
+            stale_ms: config.stale_after_ms,
+        });
         sub.actors().register(PoolActor {
             sub: sub.clone(),
             recovery_ms: config.recovery_window_ms,
@@ -969,6 +994,26 @@ impl kilocloud_substrate::Consumer for DispatchConsumer {
                 run_id,
                 reason,
             } => ci.cancel_key(&owner, &run_id, &reason).await,
+            DispatchMessage::GroupLeft {
+                owner,
+                group,
+                run_id,
+            } => ci.leave_group(&owner, &group, &run_id).await,
+            DispatchMessage::Stale {
+                owner,
+                agent_id,
+                job,
+            } => {
+                let run_id = job.run_id.clone();
+                let reply = ci
+                    .pool_call(&owner, PoolCall::Stale { agent_id, job })
+                    .await;
+                if let Ok(PoolReply::Woken(w)) = &reply {
+                    ci.wake_agents(&owner, w);
+                }
+                ci.wake_followers(&owner, &run_id);
+                reply.map(|_| ())
+            }
         };
         result.map_err(|e| match e {
             CiError::Substrate(e) => e,
@@ -978,6 +1023,59 @@ impl kilocloud_substrate::Consumer for DispatchConsumer {
 }
 
 impl Ci {
+    /// A run of `group` ended: the next waiting run of the group starts.
+    async fn leave_group(&self, owner: &str, group: &str, run_id: &str) -> Result<(), CiError> {
+        let reply = self
+            .inner
+            .sub
+            .actors()
+            .call::<IndexActor>(
+                owner,
+                IndexCall::Leave {
+                    group: group.to_owned(),
+                    run_id: run_id.to_owned(),
+                },
+            )
+            .await?;
+        if let Some(next) = reply.next {
+            self.run_call(owner, &next, RunCall::Release).await?;
+        }
+        Ok(())
+    }
+
+    /// Joins `run` to its workflow's concurrency group (before it is created): older runs
+    /// are cancelled when the group cancels in progress, else `run` waits its turn.
+    pub(crate) async fn join_group(
+        &self,
+        run: &mut RunRecord,
+        cancel_in_progress: bool,
+    ) -> Result<(), CiError> {
+        let Some(group) = run.concurrency_group.clone() else {
+            return Ok(());
+        };
+        let reply = self
+            .inner
+            .sub
+            .actors()
+            .call::<IndexActor>(
+                &run.owner,
+                IndexCall::Join {
+                    group: group.clone(),
+                    run_id: run.id.clone(),
+                    cancel_in_progress,
+                },
+            )
+            .await?;
+        run.group_held = reply.wait;
+        for old in reply.supersede {
+            let reason = format!("superseded by run {} (concurrency group {group})", run.id);
+            if let Err(e) = self.cancel_key(&run.owner, &old, &reason).await {
+                tracing::warn!(run = %old, error = %e, "cannot cancel a superseded run");
+            }
+        }
+        Ok(())
+    }
+
     /// Queues a ready job in its owner's pool and wakes the agent given it.
     async fn enqueue(&self, owner: &str, job: JobRef) -> Result<(), CiError> {
         let RunReply::Ready(Some(ready)) = self
@@ -1008,6 +1106,25 @@ impl Ci {
 #[derive(Debug)]
 enum IndexCall {
     Put(String, serde_json::Value),
+    /// A run joins a concurrency group: replies (older runs to cancel, whether it waits).
+    Join {
+        group: String,
+        run_id: String,
+        cancel_in_progress: bool,
+    },
+    /// A run left its group: replies the run that may start now.
+    Leave {
+        group: String,
+        run_id: String,
+    },
+}
+
+/// Replies of [`IndexActor`].
+#[derive(Debug, Default)]
+struct IndexReply {
+    supersede: Vec<String>,
+    wait: bool,
+    next: Option<String>,
 }
 
 /// An owner's run index (`r/<inverted created ms>/<run id>`) and agent tokens (`t/<id>`).
@@ -1016,15 +1133,68 @@ struct IndexActor;
 impl kilocloud_substrate::Actor for IndexActor {
     const TYPE: &'static str = INDEX_ACTOR;
     type Call = IndexCall;
-    type Reply = ();
+    type Reply = IndexReply;
 
     async fn call(
         &self,
         ctx: &mut kilocloud_substrate::ActorContext,
         call: IndexCall,
-    ) -> kilocloud_substrate::Result<()> {
-        let IndexCall::Put(key, value) = call;
-        ctx.put(&key, &value)
+    ) -> kilocloud_substrate::Result<IndexReply> {
+        match call {
+            IndexCall::Put(key, value) => {
+                ctx.put(&key, &value)?;
+                Ok(IndexReply::default())
+            }
+            IndexCall::Join {
+                group,
+                run_id,
+                cancel_in_progress,
+            } => {
+                // `g/<group>`: the group's runs in arrival order; the first one may run.
+                let key = format!("g/{group}");
+                let mut runs: Vec<String> = ctx.get(&key).await?.unwrap_or_default();
+                if runs.contains(&run_id) {
+                    return Ok(IndexReply {
+                        wait: runs.first() != Some(&run_id),
+                        ..IndexReply::default()
+                    });
+                }
+                let reply = if cancel_in_progress {
+                    IndexReply {
+                        supersede: std::mem::take(&mut runs),
+                        ..IndexReply::default()
+                    }
+                } else {
+                    IndexReply {
+                        wait: !runs.is_empty(),
+                        ..IndexReply::default()
+                    }
+                };
+                runs.push(run_id);
+                ctx.put(&key, &runs)?;
+                Ok(reply)
+            }
+            IndexCall::Leave { group, run_id } => {
+                let key = format!("g/{group}");
+                let mut runs: Vec<String> = ctx.get(&key).await?.unwrap_or_default();
+                let was_first = runs.first() == Some(&run_id);
+                runs.retain(|r| r != &run_id);
+                let next = if was_first {
+                    runs.first().cloned()
+                } else {
+                    None
+                };
+                if runs.is_empty() {
+                    ctx.delete(&key);
+                } else {
+                    ctx.put(&key, &runs)?;
+                }
+                Ok(IndexReply {
+                    next,
+                    ..IndexReply::default()
+                })
+            }
+        }
     }
 }
 

@@ -310,6 +310,8 @@ impl Ci {
             rerun_of: source.rerun_of.clone(),
             cancel_requested: false,
             workflow_lock: Value::Null,
+            concurrency_group: None,
+            group_held: false,
             jobs: Vec::new(),
         }
     }
@@ -348,9 +350,25 @@ impl Ci {
             workflow_lock: serde_json::to_value(workflow).unwrap_or_default(),
             ..self.run_record(owner, source, &workflow.name)
         };
+        let concurrency = workflow.extra.get("concurrency");
+        if let Some(group) = concurrency.and_then(|c| c["group"].as_str()) {
+            run.concurrency_group = Some(run::render(group, workflow, &run));
+        }
         match run::plan_jobs(workflow, &run) {
-            Ok(jobs) => {
+            Ok(mut jobs) => {
                 run.jobs = run::summaries(workflow, &jobs);
+                let cancel_in_progress = concurrency
+                    .and_then(|c| c["cancelInProgress"].as_bool())
+                    .unwrap_or(true);
+                self.join_group(&mut run, cancel_in_progress).await?;
+                if run.group_held {
+                    let group = run.concurrency_group.clone().unwrap_or_default();
+                    for job in &mut jobs {
+                        job.waiting_reason = Some(format!(
+                            "waiting for an earlier run of concurrency group {group} to end"
+                        ));
+                    }
+                }
                 self.create_run(run, jobs).await
             }
             Err(reason) => {

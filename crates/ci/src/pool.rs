@@ -144,6 +144,14 @@ pub enum PoolCall {
     /// Stops jobs: queued ones leave the queue; jobs on agents get a cancel. Replies the
     /// agents to wake.
     Cancel(Vec<(String, JobRef, bool)>, Vec<JobRef>),
+    /// A job of the agent timed out stale: its slot is freed and the agent is told to kill
+    /// it. Replies the agents to wake.
+    Stale {
+        /// The agent.
+        agent_id: String,
+        /// The job.
+        job: JobRef,
+    },
     /// Agents and queue, for the API.
     Snapshot,
 }
@@ -198,6 +206,10 @@ pub struct PoolActor {
     pub(crate) recovery_ms: u64,
 }
 
+fn group_key(group: &str) -> String {
+    format!("grp/{}", hex::encode(group))
+}
+
 fn qjob_key(job: &JobRef) -> String {
     format!("qjob/{}/{}", job.run_id, job.job_id)
 }
@@ -205,6 +217,8 @@ fn qjob_key(job: &JobRef) -> String {
 struct State {
     agents: BTreeMap<String, AgentRecord>,
     queue: Vec<(String, QueueEntry)>,
+    /// Concurrency group → its job on an agent (`grp/<group>`).
+    groups: BTreeMap<String, JobRef>,
 }
 
 impl PoolActor {
@@ -216,11 +230,35 @@ impl PoolActor {
             .map(|(_, a)| (a.id.clone(), a))
             .collect();
         let queue = ctx.list::<QueueEntry>("q/").await?;
-        Ok(State { agents, queue })
+        let groups = ctx
+            .list::<(String, JobRef)>("grp/")
+            .await?
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect();
+        Ok(State {
+            agents,
+            queue,
+            groups,
+        })
     }
 
     fn put_agent(ctx: &mut ActorContext, agent: &AgentRecord) -> Result<()> {
         ctx.put(&format!("agent/{}", agent.id), agent)
+    }
+
+    /// The job no longer holds its concurrency group.
+    fn leave_group(ctx: &mut ActorContext, state: &mut State, job: &JobRef) {
+        let held: Vec<String> = state
+            .groups
+            .iter()
+            .filter(|(_, j)| *j == job)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for group in held {
+            state.groups.remove(&group);
+            ctx.delete(&group_key(&group));
+        }
     }
 
     /// Gives queued jobs, oldest first, to free agents that can run them. Replies the agents
@@ -230,6 +268,17 @@ impl PoolActor {
         let mut left = Vec::new();
         for (key, mut entry) in std::mem::take(&mut state.queue) {
             let r = &entry.ready;
+            if let Some(group) = &r.group
+                && state.groups.get(group).is_some_and(|j| j != &r.job)
+            {
+                let reason = format!("waiting for concurrency group {group}");
+                if entry.reason.as_deref() != Some(&reason) {
+                    entry.reason = Some(reason);
+                    ctx.put(&key, &entry)?;
+                }
+                left.push((key, entry));
+                continue;
+            }
             let mut candidates: Vec<&AgentRecord> = state
                 .agents
                 .values()
@@ -245,6 +294,10 @@ impl PoolActor {
                 Self::put_agent(ctx, agent)?;
                 ctx.delete(&key);
                 ctx.delete(&qjob_key(&r.job));
+                if let Some(group) = &r.group {
+                    ctx.put(&group_key(group), &(group.clone(), r.job.clone()))?;
+                    state.groups.insert(group.clone(), r.job.clone());
+                }
                 if !woken.contains(&agent.id) {
                     woken.push(agent.id.clone());
                 }
@@ -382,6 +435,9 @@ impl Actor for PoolActor {
                 agent.active.retain(|j| !undelivered.contains(j));
                 let recovering = agent.active.clone();
                 Self::put_agent(ctx, agent)?;
+                for job in &undelivered {
+                    Self::leave_group(ctx, &mut state, job);
+                }
                 for job in undelivered {
                     let msg = DispatchMessage::Requeue {
                         owner: ctx.key().to_owned(),
@@ -459,6 +515,7 @@ impl Actor for PoolActor {
                     }
                     Self::put_agent(ctx, agent)?;
                 }
+                Self::leave_group(ctx, &mut state, &job);
                 if let Some(r) = requeue {
                     // Back at the front: it was the oldest when it was given.
                     let key = format!("q/{:020}", 0);
@@ -498,6 +555,25 @@ impl Actor for PoolActor {
                 }
                 Ok(PoolReply::Woken(woken))
             }
+            PoolCall::Stale { agent_id, job } => {
+                let mut woken = Vec::new();
+                if let Some(agent) = state.agents.get_mut(&agent_id)
+                    && agent.active.contains(&job)
+                {
+                    agent.active.retain(|j| j != &job);
+                    agent.undelivered.retain(|j| j != &job);
+                    agent.cancels.push((job.clone(), true));
+                    Self::put_agent(ctx, agent)?;
+                    woken.push(agent_id);
+                }
+                Self::leave_group(ctx, &mut state, &job);
+                for w in Self::assign(ctx, &mut state)? {
+                    if !woken.contains(&w) {
+                        woken.push(w);
+                    }
+                }
+                Ok(PoolReply::Woken(woken))
+            }
             PoolCall::Snapshot => Ok(PoolReply::Snapshot {
                 agents: state.agents.into_values().collect(),
                 queue: state.queue.into_iter().map(|(_, e)| e).collect(),
@@ -509,6 +585,7 @@ impl Actor for PoolActor {
         let recovery_ms = self.recovery_ms;
         let now = ctx.now_ms();
         let mut state = Self::state(ctx).await?;
+        let mut lost = Vec::new();
         for agent in state.agents.values_mut() {
             let expired = !agent.connected
                 && agent
@@ -516,6 +593,7 @@ impl Actor for PoolActor {
                     .is_some_and(|at| at + recovery_ms as i64 <= now);
             if expired && !agent.active.is_empty() {
                 let jobs = std::mem::take(&mut agent.active);
+                lost.extend(jobs.iter().cloned());
                 agent.cancels.clear();
                 Self::put_agent(ctx, agent)?;
                 let msg = DispatchMessage::Lost {
@@ -527,6 +605,9 @@ impl Actor for PoolActor {
                 };
                 self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
             }
+        }
+        for job in &lost {
+            Self::leave_group(ctx, &mut state, job);
         }
         Self::arm(ctx, &state, recovery_ms);
         Ok(())

@@ -72,6 +72,12 @@ pub struct RunRecord {
     pub cancel_requested: bool,
     /// The workflow as locked (what a rerun runs again).
     pub workflow_lock: Value,
+    /// The workflow's concurrency group, rendered for this run (one run per group at once).
+    #[serde(default)]
+    pub concurrency_group: Option<String>,
+    /// Waiting for an older run of its group to end: no job is queued meanwhile.
+    #[serde(default)]
+    pub group_held: bool,
     /// Its jobs, in lock order (matrix children in expansion order).
     pub jobs: Vec<JobSummary>,
 }
@@ -123,6 +129,9 @@ pub struct JobRecord {
     pub exclude: Vec<LabelMatcher>,
     /// `deterministic` or `any`.
     pub pick: String,
+    /// At most one job of this group runs at once (per owner).
+    #[serde(default)]
+    pub concurrency_group: Option<String>,
     /// What the agent runs.
     pub spec: JobSpec,
     /// The agent it was given to.
@@ -191,6 +200,9 @@ pub struct ReadyJob {
     pub pick: String,
     /// When it became ready (FIFO order).
     pub queued_at: UnixMs,
+    /// Its concurrency group.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// What an agent is sent for a job given to it.
@@ -255,6 +267,8 @@ pub enum RunCall {
     Reclaimed(Vec<String>),
     /// The jobs' agent did not come back in time, or came back without them: they fail.
     Lost(Vec<String>, String),
+    /// The older run of its concurrency group ended: queue its jobs.
+    Release,
     /// The current run.
     Get,
     /// One job.
@@ -281,6 +295,9 @@ pub enum RunReply {
 /// The run actor.
 pub struct RunActor {
     pub(crate) sub: Substrate,
+    /// A running job without a sign of life this long is `timed_out_stale`, ms
+    /// ([`crate::CiConfig::stale_after_ms`]).
+    pub(crate) stale_ms: u64,
 }
 
 fn job_key(id: &str) -> String {
@@ -352,6 +369,11 @@ impl RunActor {
                 job.last_heartbeat_at = Some(now);
                 job.waiting_reason = None;
                 run.started_at.get_or_insert(now);
+                // The stale scan looks at it by then at the latest.
+                let due = now + self.stale_ms as i64;
+                if ctx.alarm().await?.is_none_or(|at| at > due) {
+                    ctx.set_alarm(due);
+                }
             }
             s if s.is_terminal() => {
                 job.completed_at = Some(now);
@@ -378,6 +400,9 @@ impl RunActor {
                 .cloned()
                 .collect();
             for summary in pending {
+                if run.group_held && !run.cancel_requested {
+                    break;
+                }
                 let verdict = needs_verdict(&summary, &run.jobs);
                 let event = match verdict {
                     Verdict::Wait => continue,
@@ -422,10 +447,33 @@ impl RunActor {
             if is_final(status) {
                 run.completed_at = Some(now);
                 ctx.delete_alarm();
+                if let Some(group) = &run.concurrency_group {
+                    let msg = DispatchMessage::GroupLeft {
+                        owner: run.owner.clone(),
+                        group: group.clone(),
+                        run_id: run.id.clone(),
+                    };
+                    self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
+                }
             }
         }
         ctx.put("run", run)?;
         Ok(())
+    }
+}
+
+/// The dispatch entry of a queued job.
+fn ready_of(run_id: &str, job: &JobRecord) -> ReadyJob {
+    ReadyJob {
+        job: JobRef {
+            run_id: run_id.to_owned(),
+            job_id: job.id.clone(),
+        },
+        runs_on: job.runs_on.clone(),
+        exclude: job.exclude.clone(),
+        pick: job.pick.clone(),
+        queued_at: job.queued_at.unwrap_or_default(),
+        group: job.concurrency_group.clone(),
     }
 }
 
@@ -494,17 +542,9 @@ impl Actor for RunActor {
                 let Some(job) = Self::job(ctx, &job_id).await? else {
                     return Ok(RunReply::Ready(None));
                 };
-                let ready =
-                    (job.state == JobState::Queued && job.agent_id.is_none()).then(|| ReadyJob {
-                        job: JobRef {
-                            run_id: ctx.key().rsplit('/').next().unwrap_or_default().to_owned(),
-                            job_id: job.id.clone(),
-                        },
-                        runs_on: job.runs_on.clone(),
-                        exclude: job.exclude.clone(),
-                        pick: job.pick.clone(),
-                        queued_at: job.queued_at.unwrap_or_default(),
-                    });
+                let run_id = ctx.key().rsplit('/').next().unwrap_or_default();
+                let ready = (job.state == JobState::Queued && job.agent_id.is_none())
+                    .then(|| ready_of(run_id, &job));
                 Ok(RunReply::Ready(ready))
             }
             RunCall::Waiting(job_id, reason) => {
@@ -559,16 +599,7 @@ impl Actor for RunActor {
                 job.agent_id = None;
                 self.save_job(ctx, &mut run, &mut job).await?;
                 ctx.put("run", &run)?;
-                Ok(RunReply::Ready(Some(ReadyJob {
-                    job: JobRef {
-                        run_id: run.id.clone(),
-                        job_id: job.id.clone(),
-                    },
-                    runs_on: job.runs_on.clone(),
-                    exclude: job.exclude.clone(),
-                    pick: job.pick.clone(),
-                    queued_at: job.queued_at.unwrap_or_default(),
-                })))
+                Ok(RunReply::Ready(Some(ready_of(&run.id, &job))))
             }
             RunCall::Report(agent_id, report) => {
                 self.report(ctx, &agent_id, report).await?;
@@ -643,23 +674,98 @@ impl Actor for RunActor {
                 self.each(ctx, &jobs, JobEvent::Fail, Some(reason)).await?;
                 Ok(RunReply::Done)
             }
+            RunCall::Release => {
+                if let Some(mut run) = Self::load(ctx).await?
+                    && run.group_held
+                {
+                    run.group_held = false;
+                    self.settle(ctx, &mut run).await?;
+                }
+                Ok(RunReply::Done)
+            }
             RunCall::Get => Ok(RunReply::Run(Self::load(ctx).await?.map(Box::new))),
             RunCall::GetJob(id) => Ok(RunReply::Job(Self::job(ctx, &id).await?.map(Box::new))),
         }
     }
 
+    /// The workflow deadline (cancel with `workflow_timeout`, through the service, which
+    /// also stops agents) and the stale scan (§11 tier 1): a running job whose agent sent
+    /// nothing for `stale_ms` is `timed_out_stale`, its slot freed and its agent told to kill
+    /// it. Re-armed at the next of both.
     async fn alarm(&self, ctx: &mut ActorContext, _alarm: AlarmInfo) -> Result<()> {
-        // The workflow deadline: cancel through the service (which also stops agents).
-        let Some(run) = Self::load(ctx).await? else {
+        let Some(mut run) = Self::load(ctx).await? else {
             return Ok(());
         };
-        if !is_final(run.status) {
-            let msg = DispatchMessage::Cancel {
-                owner: run.owner.clone(),
-                run_id: run.id.clone(),
-                reason: "workflow_timeout".into(),
+        if is_final(run.status) {
+            return Ok(());
+        }
+        let now = ctx.now_ms();
+        let mut next: Option<UnixMs> = None;
+        if let Some(ms) = run.timeout_ms
+            && !run.cancel_requested
+        {
+            let deadline = run.created_at + ms as i64;
+            if now >= deadline {
+                let msg = DispatchMessage::Cancel {
+                    owner: run.owner.clone(),
+                    run_id: run.id.clone(),
+                    reason: "workflow_timeout".into(),
+                };
+                self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
+            } else {
+                next = Some(deadline);
+            }
+        }
+        let mut stale = false;
+        let running: Vec<String> = run
+            .jobs
+            .iter()
+            .filter(|j| matches!(j.status, JobStatus::Running | JobStatus::Cancelling))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in running {
+            let Some(mut job) = Self::job(ctx, &id).await? else {
+                continue;
             };
-            self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
+            let seen = job.last_heartbeat_at.or(job.started_at).unwrap_or(now);
+            let due = seen + self.stale_ms as i64;
+            if due > now {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                continue;
+            }
+            let agent = job.agent_id.clone().unwrap_or_default();
+            let error = format!(
+                "timed_out_stale: no sign of life from agent {agent} for {} s",
+                (now - seen) / 1000
+            );
+            if self
+                .apply(ctx, &mut run, &mut job, JobEvent::Fail, Some(error))
+                .await?
+            {
+                job.status = JobStatus::TimedOutStale;
+                ctx.put(&job_key(&job.id), &job)?;
+                if let Some(s) = run.jobs.iter_mut().find(|s| s.id == job.id) {
+                    s.status = JobStatus::TimedOutStale;
+                }
+                let msg = DispatchMessage::Stale {
+                    owner: run.owner.clone(),
+                    agent_id: agent,
+                    job: JobRef {
+                        run_id: run.id.clone(),
+                        job_id: job.id.clone(),
+                    },
+                };
+                self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
+                stale = true;
+            }
+        }
+        if stale {
+            self.settle(ctx, &mut run).await?;
+        }
+        if !is_final(run.status)
+            && let Some(at) = next
+        {
+            ctx.set_alarm(at);
         }
         Ok(())
     }
@@ -850,6 +956,11 @@ pub fn plan_jobs(
                     .runs_on_pick
                     .clone()
                     .unwrap_or_else(|| "deterministic".into()),
+                concurrency_group: job
+                    .extra
+                    .get("concurrencyGroup")
+                    .and_then(Value::as_str)
+                    .map(|g| render(g, workflow, run)),
                 spec: JobSpec {
                     workflow: workflow.name.clone(),
                     name,
@@ -939,4 +1050,27 @@ fn edges_of(job: &kilocloud_kici::lock::LockJob) -> Vec<NeedEdge> {
             Need::Group { .. } => None,
         })
         .collect()
+}
+
+/// A concurrency group template rendered for `run` (placeholders of
+/// [`kilocloud_kici::workflow::GROUP_PLACEHOLDERS`]; an unknown one is kept as written).
+pub fn render(
+    template: &str,
+    workflow: &kilocloud_kici::lock::LockWorkflow,
+    run: &RunRecord,
+) -> String {
+    kilocloud_kici::workflow::render_group(template, |name| match name {
+        "workflow" => workflow.name.clone(),
+        "repo" => run.repo.clone(),
+        "ref" => run.git_ref.clone(),
+        "branch" => run
+            .git_ref
+            .strip_prefix("refs/heads/")
+            .or_else(|| run.git_ref.strip_prefix("refs/tags/"))
+            .unwrap_or(&run.git_ref)
+            .to_owned(),
+        "sha" => run.sha.clone(),
+        _ => run.event.clone(),
+    })
+    .unwrap_or_else(|_| template.to_owned())
 }

@@ -573,7 +573,151 @@ async fn pipeline_reads_and_caches_the_lock(pg: bool) {
     );
 }
 
+/// Workflow concurrency groups: without cancelInProgress a newer run waits for the older
+/// one; with it the older run is cancelled as superseded. Job-level groups let one job of
+/// the group run at a time across runs and agents.
+async fn concurrency_groups(pg: bool) {
+    let e = env(pg, false).await;
+    let a = e.agent("a", &["linux"], vec![]).await;
+    let b = e.agent("b", &["linux"], vec![]).await;
+    let queue = "name: deploy\nconcurrency: { group: \"deploy-${branch}\", cancelInProgress: false }\njobs:\n  j: { runsOn: linux, run: t }\n";
+    let first = e.start(queue, "g1").await;
+    let (j1, _) = e.dispatch(&a).await;
+    assert_eq!(j1.run_id, first);
+    let second = e.start(queue, "g2").await;
+    let held = e.jobs(&second).await;
+    assert_eq!(held[0].status, JobStatus::Pending);
+    assert!(
+        held[0]
+            .waiting_reason
+            .as_deref()
+            .unwrap()
+            .contains("deploy-main"),
+        "{held:?}"
+    );
+    e.idle(&b).await;
+    e.report(&a, &j1, ReportedJobState::Running).await;
+    e.report(&a, &j1, ReportedJobState::Success).await;
+    let (j2, _) = e.dispatch(&a).await;
+    assert_eq!(j2.run_id, second, "released when the first run ended");
+    e.report(&a, &j2, ReportedJobState::Running).await;
+    e.report(&a, &j2, ReportedJobState::Success).await;
+
+    let cancel = "name: preview\nconcurrency: { group: \"preview-${branch}\" }\njobs:\n  j: { runsOn: linux, run: t }\n";
+    let old = e.start(cancel, "g3").await;
+    let (jo, _) = e.dispatch(&a).await;
+    assert_eq!(jo.run_id, old);
+    e.report(&a, &jo, ReportedJobState::Running).await;
+    let new = e.start(cancel, "g4").await;
+    let old_jobs = e.jobs(&old).await;
+    assert_eq!(old_jobs[0].status, JobStatus::Cancelling);
+    assert!(
+        old_jobs[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains(&format!("superseded by run {new}"))
+    );
+    let (jn, _) = e.dispatch(&b).await;
+    assert_eq!(jn.run_id, new, "the newer run starts at once");
+    assert!(matches!(e.next(&a).await, ToAgent::JobCancel { .. }));
+    e.report(&a, &jo, ReportedJobState::Cancelled).await;
+    assert_eq!(e.status(&old).await, "cancelled");
+    e.report(&b, &jn, ReportedJobState::Running).await;
+    e.report(&b, &jn, ReportedJobState::Success).await;
+
+    let db = "name: migrate\njobs:\n  j: { runsOn: linux, concurrencyGroup: db, run: t }\n";
+    let m1 = e.start(db, "g5").await;
+    let m2 = e.start(db, "g6").await;
+    let (jm, _) = e.dispatch(&a).await;
+    assert_eq!(jm.run_id, m1);
+    e.eventually("the second migration waits for the group", || async {
+        e.jobs(&m2).await[0].waiting_reason.as_deref() == Some("waiting for concurrency group db")
+    })
+    .await;
+    e.idle(&b).await;
+    e.report(&a, &jm, ReportedJobState::Running).await;
+    e.report(&a, &jm, ReportedJobState::Success).await;
+    let (jm2, _) = e.dispatch(&a).await;
+    assert_eq!(jm2.run_id, m2);
+}
+
+/// A running job whose agent goes silent (a hung agent, its socket still open) is
+/// `timed_out_stale` after the threshold: the run fails and the agent is told to kill it.
+async fn silent_jobs_time_out_stale(pg: bool) {
+    let e = env(pg, false).await;
+    let agent = e.agent("a", &["linux"], vec![]).await;
+    let run = e
+        .start("name: one\njobs:\n  j: { runsOn: linux, run: t }\n", "s1")
+        .await;
+    let (job, _) = e.dispatch(&agent).await;
+    e.report(&agent, &job, ReportedJobState::Running).await;
+    e.clock.advance(60_000);
+    e.ci.agent_message(&agent, FromAgent::JobHeartbeat { job: job.clone() })
+        .await
+        .unwrap();
+    e.clock.advance(119_000);
+    assert_eq!(
+        e.jobs(&run).await[0].status,
+        JobStatus::Running,
+        "the heartbeat counted"
+    );
+    e.clock.advance(2_000);
+    e.eventually("the job times out stale", || async {
+        e.jobs(&run).await[0].status == JobStatus::TimedOutStale
+    })
+    .await;
+    assert_eq!(e.status(&run).await, "failed");
+    match e.next(&agent).await {
+        ToAgent::JobCancel { job: j, force, .. } => assert!(j == job && force),
+        other => panic!("expected a forced cancel, got {other:?}"),
+    }
+    // Its slot is free again.
+    let next = e
+        .start("name: two\njobs:\n  j: { runsOn: linux, run: t }\n", "s2")
+        .await;
+    let (j2, _) = e.dispatch(&agent).await;
+    assert_eq!(j2.run_id, next);
+}
+
+/// A rerun is a new run of the stored workflow on the same commit; the workflow deadline
+/// cancels a run that outlives it and says why.
+async fn rerun_and_workflow_timeout(pg: bool) {
+    let e = env(pg, false).await;
+    let agent = e.agent("a", &["linux"], vec![]).await;
+    let timed = "name: timed\ntimeout: 5000\njobs:\n  j: { runsOn: linux, run: t }\n";
+    let run = e.start(timed, "t1").await;
+    let refused = e.ci.rerun(e.owner, &run).await.unwrap_err();
+    assert!(refused.to_string().contains("has not ended"), "{refused}");
+    let (job, _) = e.dispatch(&agent).await;
+    e.report(&agent, &job, ReportedJobState::Running).await;
+    e.clock.advance(5_001);
+    e.eventually("the deadline cancels the run", || async {
+        e.jobs(&run).await[0].status == JobStatus::Cancelling
+    })
+    .await;
+    assert!(matches!(e.next(&agent).await, ToAgent::JobCancel { .. }));
+    e.report(&agent, &job, ReportedJobState::Cancelled).await;
+    let (record, _) = e.ci.run(e.owner, &run).await.unwrap();
+    assert_eq!(record.failure_reason.as_deref(), Some("workflow_timeout"));
+    assert_eq!(e.status(&run).await, "cancelled");
+    let again = e.ci.rerun(e.owner, &run).await.unwrap();
+    assert_ne!(again.id, run);
+    assert_eq!(
+        (again.rerun_of.as_deref(), again.sha.as_str()),
+        (Some(run.as_str()), record.sha.as_str())
+    );
+    let (j2, name) = e.dispatch(&agent).await;
+    assert_eq!(
+        (j2.run_id.as_str(), name.as_str()),
+        (again.id.as_str(), "j")
+    );
+}
+
 on_both_backends!(
+    rerun_and_workflow_timeout,
+    concurrency_groups,
+    silent_jobs_time_out_stale,
     needs_gate_and_skip_cascades,
     labels_pick_fifo_and_held_jobs,
     cancel_queued_running_and_forced,

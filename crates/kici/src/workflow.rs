@@ -13,6 +13,9 @@
 //!   - pr: { events: [opened, synchronize], target: [main] }
 //!   - dispatch: {}
 //! timeout: 3600000            # whole run, ms
+//! concurrency:                # one run per group; a newer run cancels an older one
+//!   group: deploy-${branch}   # ${workflow} ${repo} ${ref} ${branch} ${sha} ${event}
+//!   cancelInProgress: true    # false: a newer run waits for the older one
 //! jobs:
 //!   lint:
 //!     runsOn: kici:os:linux   # a label, a list (all must match) or {labels, exclude, pick}
@@ -94,7 +97,56 @@ struct WorkflowYaml {
     on: OneOrMany<BTreeMap<String, Value>>,
     #[serde(default)]
     timeout: Option<u64>,
+    #[serde(default)]
+    concurrency: Option<ConcurrencyYaml>,
     jobs: indexmap_like::Ordered<JobYaml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConcurrencyYaml {
+    group: String,
+    #[serde(default = "yes")]
+    cancel_in_progress: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The placeholders a concurrency group template may use, filled per run by the orchestrator:
+/// `${workflow}`, `${repo}` (`owner/name`), `${ref}` (`refs/heads/main`), `${branch}` (the
+/// ref without `refs/heads/` or `refs/tags/`), `${sha}`, `${event}`.
+pub const GROUP_PLACEHOLDERS: [&str; 6] = ["workflow", "repo", "ref", "branch", "sha", "event"];
+
+/// `template` with each `${name}` of [`GROUP_PLACEHOLDERS`] replaced by `value(name)`.
+///
+/// Errors: the first unknown or unterminated placeholder.
+pub fn render_group(template: &str, value: impl Fn(&str) -> String) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("`{template}`: a `${{` is not closed"))?;
+        let name = &after[..end];
+        if !GROUP_PLACEHOLDERS.contains(&name) {
+            return Err(format!(
+                "`{template}`: unknown placeholder `${{{name}}}` (use {})",
+                GROUP_PLACEHOLDERS
+                    .iter()
+                    .map(|p| format!("${{{p}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        out.push_str(&value(name));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +383,13 @@ fn compile_one(source: &WorkflowSource) -> Result<Value, CompileError> {
     }
     if let Some(t) = parsed.timeout {
         workflow["timeout"] = t.into();
+    }
+    if let Some(c) = parsed.concurrency {
+        render_group(&c.group, |_| String::new())
+            .map_err(|m| invalid(format!("concurrency: {m}")))?;
+        // `group` is an extension: the reference's group is a function the agent evaluates.
+        workflow["concurrency"] = json!({"hasGroup": true, "group": c.group,
+            "cancelInProgress": c.cancel_in_progress, "max": 1});
     }
     Ok(workflow)
 }

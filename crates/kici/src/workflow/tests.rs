@@ -224,3 +224,26 @@ fn schedule_and_generic_webhook_triggers_compile() {
             .contains("5")
     );
 }
+
+#[test]
+fn concurrency_groups_compile_and_render() {
+    let text = "name: d\nconcurrency: { group: \"deploy-${branch}\", cancelInProgress: false }\njobs:\n  a: {runsOn: x, run: t}\n";
+    let lock = compile(&[src(text)]).unwrap();
+    assert_eq!(
+        lock.workflows[0].extra["concurrency"],
+        json!({"hasGroup": true, "group": "deploy-${branch}", "cancelInProgress": false, "max": 1})
+    );
+    assert_eq!(
+        render_group("deploy-${branch}@${sha}", |p| format!("<{p}>")).unwrap(),
+        "deploy-<branch>@<sha>"
+    );
+    assert!(
+        error("name: d\nconcurrency: { group: \"x-${user}\" }\njobs:\n  a: {runsOn: x, run: t}\n")
+            .contains("unknown placeholder `${user}`")
+    );
+    assert!(
+        render_group("x-${ref", |_| String::new())
+            .unwrap_err()
+            .contains("not closed")
+    );
+}
