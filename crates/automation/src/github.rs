@@ -453,6 +453,29 @@ impl GitHubApp {
             .ok_or_else(|| unusable("has no inline content (too large or not a file)"))
     }
 
+    /// The commit at the tip of `branch` (`GET /repos/{o}/{r}/branches/{branch}`); `None`
+    /// when GitHub says 404.
+    ///
+    /// Errors: [`GitHubError`].
+    pub async fn branch_sha(
+        &self,
+        token: &AccessToken,
+        repo: &str,
+        branch: &str,
+    ) -> Result<Option<String>, GitHubError> {
+        split_repo(repo)?;
+        let answer: Result<serde_json::Value, GitHubError> = self
+            .as_installation(token)?
+            .get(format!("/repos/{repo}/branches/{branch}"), None::<&()>)
+            .await
+            .map_err(GitHubError::from);
+        match answer {
+            Ok(v) => Ok(v["commit"]["sha"].as_str().map(str::to_owned)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates a check run (`POST /repos/{o}/{r}/check-runs`) from the documented body
     /// (`name`, `head_sha`, `status`, `conclusion`, `details_url`, `external_id`, `output`);
     /// returns its id.

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod pool;
 pub mod protocol;
 pub mod run;
+pub mod sources;
 
 pub use pipeline::RunSource;
 
@@ -96,6 +97,17 @@ pub enum CiError {
     /// GitHub is not configured (503).
     #[error("{0}")]
     Disabled(&'static str),
+    /// A webhook's signature or key does not verify (401).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A body over the source's limit (413).
+    #[error("body is {size} bytes; the limit is {limit} bytes")]
+    TooLarge {
+        /// Bytes received.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A substrate failure.
     #[error(transparent)]
     Substrate(#[from] kilocloud_substrate::Error),
@@ -221,6 +233,7 @@ pub struct Ci {
 
 struct Inner {
     sub: Substrate,
+    identity: kilocloud_identity::Identity,
     github: Option<GitHubApp>,
     config: CiConfig,
     /// Agent connections on this node: (owner key, agent id) → wake-up.
@@ -233,7 +246,12 @@ struct Inner {
 impl Ci {
     /// Registers CI's actors and queues on `sub` (before [`Substrate::start`]); call
     /// [`Ci::start`] after it started.
-    pub fn new(sub: &Substrate, github: Option<GitHubApp>, config: CiConfig) -> Self {
+    pub fn new(
+        sub: &Substrate,
+        identity: kilocloud_identity::Identity,
+        github: Option<GitHubApp>,
+        config: CiConfig,
+    ) -> Self {
         sub.actors().register(RunActor {
             sub: sub.clone(),
             stale_ms: config.stale_after_ms,
@@ -244,6 +262,7 @@ impl Ci {
         });
         sub.actors().register(IndexActor);
         sub.actors().register(TokenActor);
+        sub.actors().register(sources::SourceActor);
         sub.actors().register(checks::CheckActor {
             github: github.clone(),
         });
@@ -261,6 +280,7 @@ impl Ci {
         Self {
             inner: Arc::new(Inner {
                 sub: sub.clone(),
+                identity,
                 github,
                 config,
                 agents: Mutex::new(HashMap::new()),
@@ -288,6 +308,10 @@ impl Ci {
 
     pub(crate) fn sub(&self) -> &Substrate {
         &self.inner.sub
+    }
+
+    pub(crate) fn identity(&self) -> &kilocloud_identity::Identity {
+        &self.inner.identity
     }
 
     pub(crate) fn github(&self) -> Option<&GitHubApp> {
@@ -1104,7 +1128,7 @@ impl Ci {
 
 /// Calls of [`IndexActor`].
 #[derive(Debug)]
-enum IndexCall {
+pub(crate) enum IndexCall {
     Put(String, serde_json::Value),
     /// A run joins a concurrency group: replies (older runs to cancel, whether it waits).
     Join {
@@ -1121,14 +1145,14 @@ enum IndexCall {
 
 /// Replies of [`IndexActor`].
 #[derive(Debug, Default)]
-struct IndexReply {
+pub(crate) struct IndexReply {
     supersede: Vec<String>,
     wait: bool,
     next: Option<String>,
 }
 
 /// An owner's run index (`r/<inverted created ms>/<run id>`) and agent tokens (`t/<id>`).
-struct IndexActor;
+pub(crate) struct IndexActor;
 
 impl kilocloud_substrate::Actor for IndexActor {
     const TYPE: &'static str = INDEX_ACTOR;

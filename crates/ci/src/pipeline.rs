@@ -79,7 +79,7 @@ struct WebhookMessage {
 }
 
 /// What reading the lock file found.
-enum Lock {
+pub(crate) enum Lock {
     Found(Arc<LockFile>),
     Missing,
     Corrupt(String),
@@ -128,7 +128,7 @@ impl Consumer for WebhookConsumer {
 }
 
 impl Ci {
-    async fn read_lock(
+    pub(crate) async fn read_lock(
         &self,
         installation_id: u64,
         repo: &str,
@@ -317,7 +317,7 @@ impl Ci {
     }
 
     /// Records a run that failed before any job (a corrupt lock file), so it is visible.
-    async fn record_failed_run(
+    pub(crate) async fn record_failed_run(
         &self,
         owner: Owner,
         source: &RunSource,

@@ -42,18 +42,18 @@ async fn env(postgres: bool, with_github: bool) -> Env {
     let store = TestStore::new(postgres).await;
     let clock = Arc::new(ManualClock::new(T0));
     let sub = store.open(clock.clone()).await;
+    let identity = Identity::new(
+        &sub,
+        IdentityConfig {
+            jwt_secret: b"ci-orchestrator-test-jwt-secret-0123".to_vec(),
+            master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
+            internal_api_secret: None,
+        },
+    );
     let (github, app) = if with_github {
         let fake = FakeGitHub::start(4242).await;
         fake.set_fixed_token(Some("ghs_ci".into()));
         fake.add_installation(7, "octo", "User");
-        let identity = Identity::new(
-            &sub,
-            IdentityConfig {
-                jwt_secret: b"ci-orchestrator-test-jwt-secret-0123".to_vec(),
-                master_keys: MasterKeys::new(MasterKey::generate().0, vec![]),
-                internal_api_secret: None,
-            },
-        );
         let config = kilocloud_automation::GitHubConfig {
             app_id: 4242,
             private_key: APP_PRIVATE_KEY_PEM.into(),
@@ -68,6 +68,7 @@ async fn env(postgres: bool, with_github: bool) -> Env {
     };
     let ci = Ci::new(
         &sub,
+        identity,
         app,
         CiConfig {
             recovery_window_ms: RECOVERY_MS,
@@ -714,7 +715,155 @@ async fn rerun_and_workflow_timeout(pg: bool) {
     );
 }
 
+/// Generic webhook sources: a signed delivery runs the workflows whose genericWebhook trigger
+/// names the source (and event), at the branch's tip; a bad signature or key is refused with
+/// nothing stored; a repeated idempotency key is a duplicate; limits hold.
+async fn generic_webhooks(pg: bool) {
+    use kilocloud_ci::CiError;
+    use kilocloud_ci::sources::SourceSpec;
+    let e = env(pg, true).await;
+    let github = e.github.as_ref().unwrap();
+    let sha = "d".repeat(40);
+    github.add_branch("octo", "app", "main", &sha);
+    let lock = compile(&[WorkflowSource {
+        file: ".kici/workflows/deploy.yml".into(),
+        text: "name: deploy\non: [{genericWebhook: {source: releases, events: [published]}}]\njobs:\n  j: { runsOn: linux, run: t }\n".into(),
+    }])
+    .unwrap();
+    github.add_file(
+        "octo",
+        "app",
+        &sha,
+        ".kici/kici.lock.json",
+        &to_lock_json(&lock),
+    );
+    let spec = |name: &str, method: Option<&str>| SourceSpec {
+        name: name.into(),
+        repo: "octo/app".into(),
+        branch: None,
+        clone_url: None,
+        method: method.map(str::to_owned),
+        header: None,
+        dedup_window_seconds: None,
+        max_payload_bytes: Some(1024),
+    };
+    let (source, secret) =
+        e.ci.create_source(e.owner, 7, spec("releases", None))
+            .await
+            .unwrap();
+    assert_eq!(source.path, format!("/api/ci/webhooks/{}", source.id));
+    assert!(
+        e.ci.sources(e.owner)
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.id == source.id)
+    );
+    let body = br#"{"version": "1.2.3"}"#;
+    let signed = kilocloud_automation::github::sign(secret.as_bytes(), body);
+    let headers = |sig: Option<String>, key: &str, event: &str| {
+        let (key, event) = (key.to_owned(), event.to_owned());
+        move |name: &str| match name {
+            "x-signature-256" => sig.clone(),
+            "x-idempotency-key" => Some(key.clone()),
+            "x-event-type" => Some(event.clone()),
+            _ => None,
+        }
+    };
+    let bad =
+        e.ci.generic_webhook(
+            &source.id,
+            headers(Some("sha256=00".into()), "k1", "published"),
+            body,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(bad, CiError::Unauthorized(_)), "{bad}");
+    assert!(
+        e.ci.runs(e.owner, 10, "").await.unwrap().is_empty(),
+        "nothing stored"
+    );
+    let ok =
+        e.ci.generic_webhook(
+            &source.id,
+            headers(Some(signed.clone()), "k1", "published"),
+            body,
+        )
+        .await
+        .unwrap();
+    assert!(!ok.duplicate && ok.runs.len() == 1, "{ok:?}");
+    let (run, _) = e.ci.run(e.owner, &ok.runs[0]).await.unwrap();
+    assert_eq!(
+        (run.sha.as_str(), run.event.as_str(), run.git_ref.as_str()),
+        (sha.as_str(), "generic_webhook", "refs/heads/main")
+    );
+    let again =
+        e.ci.generic_webhook(
+            &source.id,
+            headers(Some(signed.clone()), "k1", "published"),
+            body,
+        )
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.runs.is_empty());
+    let other =
+        e.ci.generic_webhook(
+            &source.id,
+            headers(Some(signed.clone()), "k2", "drafted"),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(other.outcome, "no workflow matched");
+    let big = vec![b'x'; 2048];
+    let too_large =
+        e.ci.generic_webhook(
+            &source.id,
+            headers(Some(signed.clone()), "k3", "published"),
+            &big,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(too_large, CiError::TooLarge { limit: 1024, .. }),
+        "{too_large}"
+    );
+    assert!(matches!(
+        e.ci.generic_webhook("nope", headers(None, "k", ""), body)
+            .await
+            .unwrap_err(),
+        CiError::NotFound(_)
+    ));
+    // An api-key source.
+    let (keyed, key) =
+        e.ci.create_source(e.owner, 7, spec("releases", Some("api-key")))
+            .await
+            .unwrap();
+    let bearer = |value: String| {
+        move |name: &str| match name {
+            "authorization" => Some(value.clone()),
+            "x-event-type" => Some("published".to_owned()),
+            _ => None,
+        }
+    };
+    let wrong =
+        e.ci.generic_webhook(&keyed.id, bearer("Bearer kws_wrong".into()), body)
+            .await;
+    assert!(matches!(wrong, Err(CiError::Unauthorized(_))));
+    let right =
+        e.ci.generic_webhook(&keyed.id, bearer(format!("Bearer {key}")), body)
+            .await
+            .unwrap();
+    assert_eq!(right.runs.len(), 1, "{right:?}");
+    let invalid =
+        e.ci.create_source(e.owner, 7, spec("Bad Name", None))
+            .await
+            .unwrap_err();
+    assert!(matches!(invalid, CiError::Invalid(_)));
+}
+
 on_both_backends!(
+    generic_webhooks,
     rerun_and_workflow_timeout,
     concurrency_groups,
     silent_jobs_time_out_stale,

@@ -1,7 +1,7 @@
 //! `kilocloud ci …`: KiCI. `compile` turns `.kici/workflows/*.yml` into
 //! `.kici/kici.lock.json` (offline); `agent` runs a CI agent; `runs`, `show`, `logs`,
-//! `cancel`, `rerun`, `agents` and `agent-token` talk to the server as the logged-in user
-//! (`--org` for an organization).
+//! `cancel`, `rerun`, `agents`, `agent-token` and `source` talk to the server as the
+//! logged-in user (`--org` for an organization).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub enum CiCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Generic webhook sources: create one (its secret is shown once), list them.
+    #[command(subcommand)]
+    Source(SourceCommand),
     /// The owner's agents and the jobs waiting for one.
     Agents {
         #[command(flatten)]
@@ -81,6 +84,36 @@ pub enum CiCommand {
     Rerun {
         /// Run id.
         id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// `kilocloud ci source`.
+#[derive(Subcommand)]
+pub enum SourceCommand {
+    /// Register a source; deliveries to its URL run the workflows whose genericWebhook
+    /// trigger names it, at the tip of --branch.
+    Create {
+        /// The name triggers use (`genericWebhook: {source: NAME}`).
+        name: String,
+        /// `owner/name` on GitHub (an installation of the owner must cover it).
+        #[arg(long)]
+        repo: String,
+        /// The branch whose tip runs.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// Clone URL (default `https://github.com/<repo>.git`).
+        #[arg(long)]
+        clone_url: Option<String>,
+        /// `hmac-sha256` (signature of the body) or `api-key` (the secret in a header).
+        #[arg(long, default_value = "hmac-sha256")]
+        method: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The owner's sources.
+    List {
         #[command(flatten)]
         common: Common,
     },
@@ -138,6 +171,65 @@ pub async fn ci(command: CiCommand, config: &crate::config::Config) -> anyhow::R
                 s(&created["id"]),
                 s(&created["name"])
             );
+            Ok(())
+        }
+        CiCommand::Source(SourceCommand::Create {
+            name,
+            repo,
+            branch,
+            clone_url,
+            method,
+            common,
+        }) => {
+            let mut body = json!({"name": name, "repo": repo, "branch": branch, "method": method});
+            if let Some(url) = clone_url {
+                body["cloneUrl"] = url.into();
+            }
+            let created = client(&common)?
+                .call(Method::POST, "/api/ci/sources", Some(body))
+                .await?;
+            if common.json {
+                return print_json(&created);
+            }
+            let source = &created["source"];
+            println!("{}", s(&created["secret"]));
+            eprintln!(
+                "Source {} ({}): deliveries go to POST {} with {} in {}. The secret above \
+                 is shown once.",
+                s(&source["id"]),
+                s(&source["name"]),
+                s(&source["path"]),
+                if source["method"] == "api-key" {
+                    "the secret"
+                } else {
+                    "sha256=<HMAC-SHA256 of the body>"
+                },
+                s(&source["header"])
+            );
+            Ok(())
+        }
+        CiCommand::Source(SourceCommand::List { common }) => {
+            let v = client(&common)?
+                .call(Method::GET, "/api/ci/sources", None)
+                .await?;
+            if common.json {
+                return print_json(&v);
+            }
+            let rows = v["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    vec![
+                        s(&x["id"]),
+                        s(&x["name"]),
+                        format!("{}@{}", s(&x["repo"]), s(&x["branch"])),
+                        s(&x["method"]),
+                        s(&x["path"]),
+                    ]
+                })
+                .collect();
+            table(&["SOURCE", "NAME", "REPO", "METHOD", "PATH"], rows);
             Ok(())
         }
         CiCommand::Agents { common } => {

@@ -642,7 +642,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let claw = claw_service(&config, &sub, &identity, addr)?;
-        let ci = kilocloud_ci::Ci::new(&sub, automation.github().cloned(), config.ci.clone());
+        let ci = kilocloud_ci::Ci::new(
+            &sub,
+            identity.clone(),
+            automation.github().cloned(),
+            config.ci.clone(),
+        );
         automation.set_delivery_sink(Arc::new(ci.clone()));
         sub.start().await?;
         gateway.ledger.start_charging();

@@ -7,7 +7,9 @@
 //! and the run succeeds. Then: a job whose labels no agent has waits with its reason and is
 //! cancelled; a running job is cancelled; an agent SIGKILLed mid-job leaves its job
 //! recovering, then failed when the recovery window ends; a corrupt lock file is recorded as
-//! a failed run.
+//! a failed run; a generic webhook source (created with the CLI) runs its workflow when a
+//! signed delivery arrives and refuses a bad signature; `ci logs --follow` streams a running
+//! job live; an agent whose server is gone answers 503 on /ready and drains on SIGUSR1.
 
 mod common;
 
@@ -64,6 +66,16 @@ jobs:
     runsOn: linux-test
     steps:
       - run: echo started; sleep 60
+"#;
+
+const RELEASE: &str = r#"
+name: release
+on:
+  - genericWebhook: { source: deploys, events: [published] }
+jobs:
+  publish:
+    runsOn: linux-test
+    run: echo "released $KICI_EVENT"
 "#;
 
 /// An agent process.
@@ -369,6 +381,17 @@ recovery_window_ms = 2000
     post_push(&node, "push-slow", &body).await;
     let slow = wait_run(&node, &store, &creds, &slow_sha, "slow").await;
     let slow_id = slow["id"].as_str().unwrap().to_owned();
+    // Followed live from the start: the line arrives while the job runs.
+    let follow = tokio::process::Command::new(common::bin())
+        .args(["ci", "logs", &slow_id, "--follow"])
+        .args(store.args())
+        .envs(store.env())
+        .env("KILOCLOUD_CREDENTIALS", &creds)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     node.wait_until("the slow job prints", Duration::from_secs(60), || async {
         let (_, out, _) = cli(&store, &creds, &["ci", "logs", &slow_id]).await;
         out.contains("started")
@@ -378,6 +401,19 @@ recovery_window_ms = 2000
     assert!(ok, "{err}");
     let cancelled = wait_status(&node, &store, &creds, &slow_id, "cancelled").await;
     assert_eq!(cancelled["jobs"][0]["status"], "cancelled", "{cancelled}");
+    let followed = tokio::time::timeout(Duration::from_secs(60), follow.wait_with_output())
+        .await
+        .expect("the follower ends with the run")
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&followed.stdout),
+        String::from_utf8_lossy(&followed.stderr),
+    );
+    assert!(
+        !followed.status.success() && err.contains("ended cancelled"),
+        "{err}"
+    );
+    assert!(out.contains("[wait] started"), "{out}");
 
     // An agent killed mid-job: the job recovers for the window, then fails.
     let (body, kill_sha) = push(&git, &github, "slow-2", &lock);
@@ -422,6 +458,87 @@ recovery_window_ms = 2000
     let again = post_push(&node, "push-1", &first_push).await;
     assert_eq!(again["duplicate"], true, "{again}");
     assert_eq!(runs(&store, &creds).await.len(), before);
+
+    // A generic webhook source runs the workflow its trigger names, at the branch's tip.
+    let main_sha: String = serde_json::from_slice::<Value>(&first_push).unwrap()["before"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    github.add_branch("octo", "app", "main", &main_sha);
+    let lock = compile(&store, &creds, "release", &[("release.yml", RELEASE)]).await;
+    github.add_file("octo", "app", &main_sha, LOCK, &lock);
+    let clone_url = format!("{}/{REPO}.git", git.base_url);
+    let (ok, secret, err) = cli(
+        &store,
+        &creds,
+        &[
+            "ci",
+            "source",
+            "create",
+            "deploys",
+            "--repo",
+            REPO,
+            "--clone-url",
+            &clone_url,
+        ],
+    )
+    .await;
+    assert!(ok && err.contains("/api/ci/webhooks/"), "{err}");
+    let path = err
+        .split_whitespace()
+        .find(|w| w.starts_with("/api/ci/webhooks/"))
+        .unwrap()
+        .to_owned();
+    let body = br#"{"version": "2.0.0"}"#;
+    let deliver = |signature: String| {
+        node.http
+            .post(node.url(&path))
+            .header("x-signature-256", signature)
+            .header("x-event-type", "published")
+            .header("x-idempotency-key", "release-2.0.0")
+            .body(body.to_vec())
+            .send()
+    };
+    let refused = deliver("sha256=00".into()).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let signed = kilocloud_automation::github::sign(secret.trim().as_bytes(), body);
+    let accepted = deliver(signed.clone()).await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    let outcome: Value = accepted.json().await.unwrap();
+    let release_id = outcome["runs"][0].as_str().unwrap().to_owned();
+    wait_status(&node, &store, &creds, &release_id, "success").await;
+    let (ok, out, _) = cli(&store, &creds, &["ci", "logs", &release_id]).await;
+    assert!(ok && out.contains("released generic_webhook"), "{out}");
+    let duplicate = deliver(signed).await.unwrap();
+    assert_eq!(duplicate.status(), 200);
+
+    // The server goes away: the agent is not ready; SIGUSR1 drains it (idle) and it exits 0.
+    let mut node = node;
+    assert!(node.sigterm().success());
+    let health = agents[0].health.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = reqwest::get(format!("{health}/ready")).await.unwrap();
+        if ready.status() == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent stays ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(agents[0].child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = agents[0].child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the agent drains");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -386,9 +386,10 @@ enum Access {
     /// the checks gets 503 `ci_disabled` (which runs each owner reaches is tested in the
     /// `kilocloud` crate's `ci.rs`).
     Ci(Role),
-    /// The KiCI agent socket: an agent token instead of a user credential (tested in
-    /// `ci.rs`); 503 `ci_disabled` here.
-    AgentSocket,
+    /// KiCI's inbound routes: the agent socket (an agent token instead of a user
+    /// credential) and generic webhooks (a signature or key); tested in the `ci` crate and
+    /// `ci.rs`; 503 `ci_disabled` here.
+    CiInbound,
 }
 
 struct Route {
@@ -1102,9 +1103,30 @@ fn routes() -> Vec<Route> {
             body: none,
         },
         Route {
+            method: "POST",
+            path: "/api/ci/sources",
+            access: Ci(Role::Admin),
+            uri: |_| "/api/ci/sources".into(),
+            body: |_| Some(json!({"name": "s", "repo": "o/r"})),
+        },
+        Route {
+            method: "GET",
+            path: "/api/ci/sources",
+            access: Ci(Role::Member),
+            uri: |_| "/api/ci/sources".into(),
+            body: none,
+        },
+        Route {
+            method: "POST",
+            path: "/api/ci/webhooks/{id}",
+            access: CiInbound,
+            uri: |_| format!("/api/ci/webhooks/{}", Uuid::new_v4()),
+            body: |_| Some(json!({"x": 1})),
+        },
+        Route {
             method: "GET",
             path: "/api/ci/agent",
-            access: AgentSocket,
+            access: CiInbound,
             uri: |_| "/api/ci/agent".into(),
             body: none,
         },
@@ -1389,7 +1411,7 @@ async fn matrix_covers_every_route(e: &Env) -> Vec<Route> {
                 && r.path == path
                 && matches!(
                     r.access,
-                    Access::Public | Access::SessionStream | Access::Webhook | Access::AgentSocket
+                    Access::Public | Access::SessionStream | Access::Webhook | Access::CiInbound
                 )
         });
         assert_eq!(
@@ -1442,9 +1464,9 @@ async fn access_matrix(pg: bool) {
             );
             continue;
         }
-        if matches!(route.access, Access::Webhook | Access::AgentSocket) {
+        if matches!(route.access, Access::Webhook | Access::CiInbound) {
             let r = call(None, None).await;
-            let disabled = if matches!(route.access, Access::AgentSocket) {
+            let disabled = if matches!(route.access, Access::CiInbound) {
                 "ci_disabled"
             } else {
                 "automation_disabled"
@@ -1491,7 +1513,7 @@ async fn access_matrix(pg: bool) {
         }
 
         match route.access {
-            Access::Public | Access::SessionStream | Access::Webhook | Access::AgentSocket => {
+            Access::Public | Access::SessionStream | Access::Webhook | Access::CiInbound => {
                 unreachable!("answered above")
             }
             Access::Automation(min) | Access::Claw(min) | Access::Ci(min) => {

@@ -12,6 +12,7 @@ use kilocloud_ci::protocol::{
     CLOSE_HEARTBEAT_TIMEOUT, CLOSE_INVALID_MESSAGE, CLOSE_REGISTER_TIMEOUT, FromAgent,
     MAX_FRAME_BYTES,
 };
+use kilocloud_ci::sources::SourceSpec;
 use kilocloud_ci::{AgentHandle, Ci, CiError};
 use kilocloud_identity::Owner;
 use serde::Deserialize;
@@ -39,6 +40,12 @@ impl From<CiError> for ApiError {
             CiError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             CiError::Disabled(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ci_disabled", message)
+            }
+            CiError::Unauthorized(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message)
+            }
+            CiError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
             }
             CiError::Substrate(e) => e.into(),
         }
@@ -86,6 +93,86 @@ pub async fn create_agent_token(
 pub async fn agents(State(s): State<AppState>, scope: OwnerScope) -> Result<Json<Value>, ApiError> {
     let (agents, queue) = ci(&s)?.pool(scope.owner()).await?;
     Ok(Json(json!({"agents": agents, "queue": queue})))
+}
+
+/// `POST /api/ci/sources`: registers a generic webhook source bound to a repository branch
+/// (the owner's GitHub App installation reads its lock file). Replies `{source, secret}`;
+/// the secret is shown once. Owner administrators only.
+#[utoipa::path(post, path = "/api/ci/sources", tag = "ci", request_body = SourceSpec,
+    responses((status = 201, body = Object), (status = 400, body = ErrorBody),
+        (status = 404, description = "no installation on the repository's account", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_source(
+    State(s): State<AppState>,
+    role: RequireRole<Admin>,
+    Json(spec): Json<SourceSpec>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let ci = ci(&s)?;
+    let owner = role.scope().owner();
+    let automation = s.automation.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "automation_disabled",
+            "the GitHub App is not configured on this server",
+        )
+    })?;
+    let (installation, _) = automation.token_for_repo(owner, &spec.repo).await?;
+    let (source, secret) = ci.create_source(owner, installation, spec).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"source": source, "secret": secret})),
+    ))
+}
+
+/// `GET /api/ci/sources`: the owner's generic webhook sources (without secrets).
+#[utoipa::path(get, path = "/api/ci/sources", tag = "ci",
+    responses((status = 200, body = Object), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn sources(
+    State(s): State<AppState>,
+    scope: OwnerScope,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"sources": ci(&s)?.sources(scope.owner()).await?}),
+    ))
+}
+
+/// `POST /api/ci/webhooks/{id}`: a delivery to a generic source, authenticated by its
+/// signature or key (no bearer credential). 202 with the runs started, 200 for a duplicate,
+/// 401 for a bad signature (nothing stored), 404 for an unknown source, 413 over the
+/// source's limit.
+#[utoipa::path(post, path = "/api/ci/webhooks/{id}", tag = "ci",
+    params(("id" = String, Path, description = "Source id"),
+        ("x-signature-256" = Option<String>, Header, description = "sha256=<hex HMAC-SHA256 of the body> (hmac-sha256 sources)"),
+        ("x-event-type" = Option<String>, Header), ("x-idempotency-key" = Option<String>, Header)),
+    request_body(content = String, description = "Any body (JSON is parsed for triggers)"),
+    responses((status = 202, body = Object), (status = 200, description = "duplicate", body = Object),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn generic_webhook(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    request: axum::extract::Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let ci = ci(&s)?.clone();
+    let (parts, body) = request.into_parts();
+    let body = crate::error::read_body(body, kilocloud_ci::sources::MAX_SOURCE_PAYLOAD).await?;
+    let headers = parts.headers.clone();
+    let header = move |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let outcome = crate::auth::limited_webhook(&parts, &s, async {
+        Ok(ci.generic_webhook(&id, header, &body).await?)
+    })
+    .await?;
+    let status = if outcome.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(json!(outcome))))
 }
 
 /// Query of `GET /api/ci/runs`.

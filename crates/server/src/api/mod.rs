@@ -175,6 +175,8 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(remote::socket))
         .routes(routes!(ci::create_agent_token))
         .routes(routes!(ci::agents))
+        .routes(routes!(ci::create_source, ci::sources))
+        .routes(routes!(ci::generic_webhook))
         .routes(routes!(ci::runs))
         .routes(routes!(ci::run))
         .routes(routes!(ci::job_logs))
