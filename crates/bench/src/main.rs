@@ -15,6 +15,7 @@ mod actors;
 mod alarms;
 mod auth;
 mod automation;
+mod ci;
 mod claw;
 mod drain;
 mod gateway;
@@ -37,7 +38,7 @@ struct Args {
     /// Smaller message and call counts (a smoke run, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (queue, drain, actors, alarms, auth, gateway, sandbox, automation, claw). Default: all.
+    /// Run only these groups (queue, drain, actors, alarms, auth, gateway, sandbox, automation, claw, ci). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// NATS server for the JetStream reference.
@@ -130,6 +131,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("claw") {
         out += &claw::run(&args).await?;
+    }
+    if wants("ci") {
+        out += &ci::run(&args).await?;
     }
     println!("{out}");
     Ok(())

@@ -2,10 +2,12 @@
 //! `kici/<workflow>/job/<job>`, that follows the job: `queued` while it waits, `in_progress`
 //! once it runs, then `completed` with the conclusion of its status (`timed_out_stale` is
 //! `timed_out`). The run actor sends a [`crate::CheckMessage`] whenever a job's check status
-//! changes; the consumer reads the job through the run actor (so it sees committed state) and
-//! hands it to the `kici_check` actor of that job, which creates the check run once and then
-//! updates it, never going back to an older job version. GitHub failures retry through the
-//! queue.
+//! changes, before its call commits; the consumer reads the committed job without a call
+//! (never queueing behind the run's agents) and, when the version it was sent for is not
+//! committed yet, waits for that call with a barrier call on the run, then reads again (a
+//! call that rolled back leaves nothing to post). It hands the job to the `kici_check` actor of that job, which creates
+//! the check run once and then updates it, never going back to an older job version. GitHub
+//! failures retry through the queue.
 
 use kilocloud_automation::GitHubApp;
 use kilocloud_kici::JobStatus;
@@ -13,7 +15,7 @@ use kilocloud_substrate::{Actor, ActorContext, Consumer, Delivery, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::run::{JobRecord, RunCall, RunRecord, RunReply, status_name};
+use crate::run::{JobRecord, RUN_ACTOR, RunCall, RunRecord, status_name};
 use crate::{CheckMessage, Ci};
 
 /// Actor type of a job's check run (key `<owner>/<run>/<job>`).
@@ -113,25 +115,38 @@ impl Consumer for CheckConsumer {
             return Ok(());
         }
         let key = format!("{}/{}", msg.owner, msg.job.run_id);
-        let actors = ci.sub().actors();
-        let (RunReply::Run(Some(run)), RunReply::Job(Some(job))) = (
-            actors
-                .call::<crate::run::RunActor>(&key, RunCall::Get)
-                .await?,
-            actors
-                .call::<crate::run::RunActor>(&key, RunCall::GetJob(msg.job.job_id.clone()))
-                .await?,
-        ) else {
+        let sub = ci.sub();
+        let read = || async {
+            let job: Option<JobRecord> = sub
+                .actor_read(RUN_ACTOR, &key, &format!("job/{}", msg.job.job_id))
+                .await?;
+            let run: Option<RunRecord> = sub.actor_read(RUN_ACTOR, &key, "run").await?;
+            Ok::<_, kilocloud_substrate::Error>(run.zip(job.filter(|j| j.version >= msg.version)))
+        };
+        let found = match read().await? {
+            Some(found) => Some(found),
+            None => {
+                // Sent before its call committed: wait for the call (a barrier on the run's
+                // actor), then read again; still older means the call rolled back.
+                sub.actors()
+                    .call::<crate::run::RunActor>(&key, RunCall::Barrier)
+                    .await?;
+                read().await?
+            }
+        };
+        let Some((run, job)) = found else {
+            tracing::debug!(job = %msg.job.job_id, "check update of a call that did not commit");
             return Ok(());
         };
+        let actors = sub.actors();
         let Some(installation_id) = run.installation_id else {
             return Ok(());
         };
         let sync = CheckSync {
             repo: run.repo.clone(),
             installation_id,
-            version: job.version,
-            body: body(ci, &run, &job),
+            version: msg.version,
+            body: body(ci, &run, &job, msg.status),
         };
         actors
             .call::<CheckActor>(&format!("{key}/{}", job.id), sync)
@@ -146,9 +161,10 @@ fn rfc3339(ms: i64) -> Value {
         .into()
 }
 
-/// The check-run request body of a job.
-fn body(ci: &Ci, run: &RunRecord, job: &JobRecord) -> Value {
-    let status = check_status(job.status);
+/// The check-run request body of a job as it was when its status was `status`.
+fn body(ci: &Ci, run: &RunRecord, job: &JobRecord, status: JobStatus) -> Value {
+    let shown = status;
+    let status = check_status(shown);
     let mut body = json!({
         "name": format!("kici/{}/job/{}", run.workflow, job.name),
         "head_sha": run.sha,
@@ -163,7 +179,7 @@ fn body(ci: &Ci, run: &RunRecord, job: &JobRecord) -> Value {
         )
         .into();
     }
-    if let Some(at) = job.started_at {
+    if let Some(at) = job.started_at.filter(|_| status != "queued") {
         body["started_at"] = rfc3339(at);
     }
     let summary = match (&job.error, &job.waiting_reason) {
@@ -172,10 +188,10 @@ fn body(ci: &Ci, run: &RunRecord, job: &JobRecord) -> Value {
         _ => format!("{} step(s) reported", job.steps.len()),
     };
     body["output"] = json!({
-        "title": format!("{} {}", job.name, status_name(job.status)),
+        "title": format!("{} {}", job.name, status_name(shown)),
         "summary": summary,
     });
-    if let Some(c) = conclusion(job.status) {
+    if let Some(c) = conclusion(shown) {
         body["conclusion"] = c.into();
         if let Some(at) = job.completed_at {
             body["completed_at"] = rfc3339(at);

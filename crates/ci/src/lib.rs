@@ -117,12 +117,14 @@ pub enum CiError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DispatchMessage {
-    /// A job became ready.
+    /// Jobs of a run became ready.
     Ready {
         /// Owner key.
         owner: String,
-        /// The job.
-        job: JobRef,
+        /// The run.
+        run_id: String,
+        /// The jobs.
+        jobs: Vec<String>,
     },
     /// A job given to an agent that went away before taking it.
     Requeue {
@@ -169,13 +171,20 @@ pub enum DispatchMessage {
     },
 }
 
-/// A message of [`CHECKS_QUEUE`]: make job `job`'s check run follow its state.
+/// A message of [`CHECKS_QUEUE`]: make job `job`'s check run follow its state, once the
+/// job's record of at least `version` is committed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckMessage {
     /// Owner key.
     pub owner: String,
     /// The job.
     pub job: JobRef,
+    /// The job record's version the message was sent for.
+    #[serde(default)]
+    pub version: u64,
+    /// The job's status at that version (the check run shows each status it went through,
+    /// even when a later one is committed by the time the message is handled).
+    pub status: kilocloud_kici::JobStatus,
 }
 
 /// An agent's connection on this node.
@@ -994,8 +1003,13 @@ impl kilocloud_substrate::Consumer for DispatchConsumer {
         let ci = &self.0;
         let msg: DispatchMessage = delivery.body()?;
         let result = match msg {
-            DispatchMessage::Ready { owner, job } | DispatchMessage::Requeue { owner, job } => {
-                ci.enqueue(&owner, job).await
+            DispatchMessage::Ready {
+                owner,
+                run_id,
+                jobs,
+            } => ci.enqueue(&owner, &run_id, jobs).await,
+            DispatchMessage::Requeue { owner, job } => {
+                ci.enqueue(&owner, &job.run_id, vec![job.job_id]).await
             }
             DispatchMessage::Lost {
                 owner,
@@ -1100,26 +1114,28 @@ impl Ci {
         Ok(())
     }
 
-    /// Queues a ready job in its owner's pool and wakes the agent given it.
-    async fn enqueue(&self, owner: &str, job: JobRef) -> Result<(), CiError> {
-        let RunReply::Ready(Some(ready)) = self
-            .run_call(owner, &job.run_id, RunCall::Ready(job.job_id.clone()))
-            .await?
+    /// Queues a run's ready jobs in its owner's pool, wakes the agents given them and tells
+    /// the run why the others wait.
+    async fn enqueue(&self, owner: &str, run_id: &str, jobs: Vec<String>) -> Result<(), CiError> {
+        let RunReply::ReadyJobs(ready) = self.run_call(owner, run_id, RunCall::Ready(jobs)).await?
         else {
             return Ok(());
         };
-        if let PoolReply::Enqueued { woken, waiting } = self
-            .pool_call(owner, PoolCall::Enqueue(vec![ready]))
-            .await?
+        if ready.is_empty() {
+            return Ok(());
+        }
+        if let PoolReply::Enqueued { woken, waiting } =
+            self.pool_call(owner, PoolCall::Enqueue(ready)).await?
         {
             self.wake_agents(owner, &woken);
-            for (job, reason) in waiting.into_iter().filter(|(j, _)| j == &job) {
-                self.run_call(
-                    owner,
-                    &job.run_id,
-                    RunCall::Waiting(job.job_id.clone(), reason),
-                )
-                .await?;
+            let reasons: Vec<(String, String)> = waiting
+                .into_iter()
+                .filter(|(j, _)| j.run_id == run_id)
+                .map(|(j, r)| (j.job_id, r))
+                .collect();
+            if !reasons.is_empty() {
+                self.run_call(owner, run_id, RunCall::Waiting(reasons))
+                    .await?;
             }
         }
         Ok(())

@@ -22,6 +22,8 @@ use crate::{DISPATCH_QUEUE, DispatchMessage};
 
 /// Actor type of an owner's pool.
 pub const POOL_ACTOR: &str = "kici_pool";
+/// Queue entries read per page when the pool walks its queue.
+const QUEUE_PAGE: u32 = 64;
 
 /// A registered agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,7 +218,8 @@ fn qjob_key(job: &JobRef) -> String {
 
 struct State {
     agents: BTreeMap<String, AgentRecord>,
-    queue: Vec<(String, QueueEntry)>,
+    /// Entries in the queue (`qlen`), so a call need not read the queue to know.
+    queued: u64,
     /// Concurrency group → its job on an agent (`grp/<group>`).
     groups: BTreeMap<String, JobRef>,
 }
@@ -229,7 +232,7 @@ impl PoolActor {
             .into_iter()
             .map(|(_, a)| (a.id.clone(), a))
             .collect();
-        let queue = ctx.list::<QueueEntry>("q/").await?;
+        let queued = ctx.get::<u64>("qlen").await?.unwrap_or(0);
         let groups = ctx
             .list::<(String, JobRef)>("grp/")
             .await?
@@ -238,7 +241,7 @@ impl PoolActor {
             .collect();
         Ok(State {
             agents,
-            queue,
+            queued,
             groups,
         })
     }
@@ -261,49 +264,27 @@ impl PoolActor {
         }
     }
 
-    /// Gives queued jobs, oldest first, to free agents that can run them. Replies the agents
-    /// given work; entries left get a reason.
-    fn assign(ctx: &mut ActorContext, state: &mut State) -> Result<Vec<String>> {
-        let mut woken = Vec::new();
-        let mut left = Vec::new();
-        for (key, mut entry) in std::mem::take(&mut state.queue) {
-            let r = &entry.ready;
-            if let Some(group) = &r.group
-                && state.groups.get(group).is_some_and(|j| j != &r.job)
-            {
-                let reason = format!("waiting for concurrency group {group}");
-                if entry.reason.as_deref() != Some(&reason) {
-                    entry.reason = Some(reason);
-                    ctx.put(&key, &entry)?;
-                }
-                left.push((key, entry));
-                continue;
-            }
-            let mut candidates: Vec<&AgentRecord> = state
-                .agents
-                .values()
-                .filter(|a| a.connected && a.free() > 0 && a.satisfies(&r.runs_on, &r.exclude))
-                .collect();
-            if r.pick == "any" {
-                candidates.sort_by_key(|a| std::cmp::Reverse(a.free()));
-            }
-            if let Some(agent) = candidates.first().map(|a| a.id.clone()) {
-                let agent = state.agents.get_mut(&agent).expect("a candidate");
-                agent.active.push(r.job.clone());
-                agent.undelivered.push(r.job.clone());
-                Self::put_agent(ctx, agent)?;
-                ctx.delete(&key);
-                ctx.delete(&qjob_key(&r.job));
-                if let Some(group) = &r.group {
-                    ctx.put(&group_key(group), &(group.clone(), r.job.clone()))?;
-                    state.groups.insert(group.clone(), r.job.clone());
-                }
-                if !woken.contains(&agent.id) {
-                    woken.push(agent.id.clone());
-                }
-                continue;
-            }
-            let reason = if state
+    /// Why `entry` cannot go to an agent now, or the agent it goes to.
+    fn place(state: &State, entry: &QueueEntry) -> Result<String, String> {
+        let r = &entry.ready;
+        if let Some(group) = &r.group
+            && state.groups.get(group).is_some_and(|j| j != &r.job)
+        {
+            return Err(format!("waiting for concurrency group {group}"));
+        }
+        let mut candidates: Vec<&AgentRecord> = state
+            .agents
+            .values()
+            .filter(|a| a.connected && a.free() > 0 && a.satisfies(&r.runs_on, &r.exclude))
+            .collect();
+        if r.pick == "any" {
+            candidates.sort_by_key(|a| std::cmp::Reverse(a.free()));
+        }
+        if let Some(agent) = candidates.first() {
+            return Ok(agent.id.clone());
+        }
+        Err(
+            if state
                 .agents
                 .values()
                 .any(|a| a.satisfies(&r.runs_on, &r.exclude))
@@ -315,14 +296,58 @@ impl PoolActor {
                      registers",
                     describe(&r.runs_on, &r.exclude)
                 )
-            };
-            if entry.reason.as_deref() != Some(&reason) {
-                entry.reason = Some(reason);
-                ctx.put(&key, &entry)?;
+            },
+        )
+    }
+
+    /// Gives queued jobs, oldest first, to free agents that can run them, walking the queue
+    /// from its head in pages and stopping once no agent is free (so a long queue costs a
+    /// page, not its length, while agents keep up). Entries passed over get their reason.
+    /// Replies the agents given work.
+    async fn assign(ctx: &mut ActorContext, state: &mut State) -> Result<Vec<String>> {
+        let mut woken = Vec::new();
+        let any_free = |state: &State| state.agents.values().any(|a| a.connected && a.free() > 0);
+        let mut after = String::new();
+        while state.queued > 0 && any_free(state) {
+            let (page, next) = ctx
+                .list_page::<QueueEntry>("q/", &after, QUEUE_PAGE)
+                .await?;
+            for (key, mut entry) in page {
+                if !any_free(state) {
+                    break;
+                }
+                match Self::place(state, &entry) {
+                    Ok(agent_id) => {
+                        let r = &entry.ready;
+                        let agent = state.agents.get_mut(&agent_id).expect("a candidate");
+                        agent.active.push(r.job.clone());
+                        agent.undelivered.push(r.job.clone());
+                        Self::put_agent(ctx, agent)?;
+                        ctx.delete(&key);
+                        ctx.delete(&qjob_key(&r.job));
+                        state.queued = state.queued.saturating_sub(1);
+                        if let Some(group) = &r.group {
+                            ctx.put(&group_key(group), &(group.clone(), r.job.clone()))?;
+                            state.groups.insert(group.clone(), r.job.clone());
+                        }
+                        if !woken.contains(&agent_id) {
+                            woken.push(agent_id);
+                        }
+                    }
+                    Err(reason) => {
+                        if entry.reason.as_deref() != Some(&reason) {
+                            entry.reason = Some(reason);
+                            ctx.put(&key, &entry)?;
+                        }
+                    }
+                }
             }
-            left.push((key, entry));
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
         }
-        state.queue = left;
+        ctx.put("qlen", &state.queued)?;
         Ok(woken)
     }
 
@@ -415,7 +440,7 @@ impl Actor for PoolActor {
                 Self::put_agent(ctx, &agent)?;
                 state.agents.insert(agent_id, agent);
                 // It may take queued work at once.
-                Self::assign(ctx, &mut state)?;
+                Self::assign(ctx, &mut state).await?;
                 Ok(PoolReply::Registered { reclaimed, lost })
             }
             PoolCall::Disconnect {
@@ -450,6 +475,7 @@ impl Actor for PoolActor {
             }
             PoolCall::Enqueue(ready) => {
                 let mut seq: u64 = ctx.get("seq").await?.unwrap_or(0);
+                let mut added = Vec::new();
                 for r in ready {
                     let qjob = qjob_key(&r.job);
                     let given = state.agents.values().any(|a| a.active.contains(&r.job));
@@ -458,21 +484,28 @@ impl Actor for PoolActor {
                     }
                     seq += 1;
                     let key = format!("q/{seq:020}");
-                    let entry = QueueEntry {
+                    let mut entry = QueueEntry {
                         ready: r,
                         reason: None,
                     };
+                    // Said now, since the walk below stops at the first busy moment.
+                    entry.reason = Self::place(&state, &entry).err();
                     ctx.put(&key, &entry)?;
                     ctx.put(&qjob, &key)?;
-                    state.queue.push((key, entry));
+                    state.queued += 1;
+                    added.push(entry.ready.job.clone());
                 }
                 ctx.put("seq", &seq)?;
-                let woken = Self::assign(ctx, &mut state)?;
-                let waiting = state
-                    .queue
-                    .iter()
-                    .filter_map(|(_, e)| e.reason.clone().map(|r| (e.ready.job.clone(), r)))
-                    .collect();
+                let woken = Self::assign(ctx, &mut state).await?;
+                let mut waiting = Vec::new();
+                for job in added {
+                    if let Some(key) = ctx.get::<String>(&qjob_key(&job)).await?
+                        && let Some(entry) = ctx.get::<QueueEntry>(&key).await?
+                        && let Some(reason) = entry.reason
+                    {
+                        waiting.push((job, reason));
+                    }
+                }
                 Ok(PoolReply::Enqueued { woken, waiting })
             }
             PoolCall::Take {
@@ -485,8 +518,8 @@ impl Actor for PoolActor {
                 if agent.connection != connection || !agent.connected {
                     return Ok(PoolReply::Work(Work::default()));
                 }
-                if agent.free() > 0 && !state.queue.is_empty() {
-                    Self::assign(ctx, &mut state)?;
+                if agent.free() > 0 && state.queued > 0 {
+                    Self::assign(ctx, &mut state).await?;
                 }
                 let agent = state.agents.get_mut(&agent_id).expect("present");
                 let work = Work {
@@ -526,9 +559,9 @@ impl Actor for PoolActor {
                     };
                     ctx.put(&key, &entry)?;
                     ctx.put(&qjob_key(&entry.ready.job), &key)?;
-                    state.queue.insert(0, (key, entry));
+                    state.queued += 1;
                 }
-                let woken = Self::assign(ctx, &mut state)?;
+                let woken = Self::assign(ctx, &mut state).await?;
                 Self::arm(ctx, &state, self.recovery_ms);
                 Ok(PoolReply::Woken(woken))
             }
@@ -537,8 +570,10 @@ impl Actor for PoolActor {
                     if let Some(key) = ctx.get::<String>(&qjob_key(&job)).await? {
                         ctx.delete(&key);
                         ctx.delete(&qjob_key(&job));
+                        state.queued = state.queued.saturating_sub(1);
                     }
                 }
+                ctx.put("qlen", &state.queued)?;
                 let mut woken = Vec::new();
                 for (agent_id, job, force) in on_agents {
                     if let Some(agent) = state.agents.get_mut(&agent_id) {
@@ -567,7 +602,7 @@ impl Actor for PoolActor {
                     woken.push(agent_id);
                 }
                 Self::leave_group(ctx, &mut state, &job);
-                for w in Self::assign(ctx, &mut state)? {
+                for w in Self::assign(ctx, &mut state).await? {
                     if !woken.contains(&w) {
                         woken.push(w);
                     }
@@ -576,7 +611,12 @@ impl Actor for PoolActor {
             }
             PoolCall::Snapshot => Ok(PoolReply::Snapshot {
                 agents: state.agents.into_values().collect(),
-                queue: state.queue.into_iter().map(|(_, e)| e).collect(),
+                queue: ctx
+                    .list::<QueueEntry>("q/")
+                    .await?
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect(),
             }),
         }
     }

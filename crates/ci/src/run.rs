@@ -228,10 +228,10 @@ pub enum RunCall {
     /// Stores a new run (idempotent: an existing run is returned as it is), queues its root
     /// jobs and arms the workflow deadline.
     Create(Box<RunRecord>, Vec<JobRecord>),
-    /// The ready job's dispatch entry, if it still waits for an agent.
-    Ready(String),
-    /// Why a queued job is not dispatched yet.
-    Waiting(String, String),
+    /// The dispatch entries of those of the jobs that still wait for an agent.
+    Ready(Vec<String>),
+    /// Why queued jobs are not dispatched yet: (job, reason).
+    Waiting(Vec<(String, String)>),
     /// The job was given to `agent`: what to send it, or `None` when the job no longer
     /// wants to run (cancelled meanwhile).
     Assign {
@@ -269,21 +269,19 @@ pub enum RunCall {
     Lost(Vec<String>, String),
     /// The older run of its concurrency group ended: queue its jobs.
     Release,
-    /// The current run.
-    Get,
-    /// One job.
-    GetJob(String),
+    /// Nothing: returns once the calls before it ended (their writes committed or not).
+    Barrier,
 }
 
 /// Replies of [`RunActor`].
 #[derive(Debug)]
 pub enum RunReply {
-    /// The run.
+    /// The run (of `Create`).
     Run(Option<Box<RunRecord>>),
-    /// A job.
-    Job(Option<Box<JobRecord>>),
-    /// A ready job's dispatch entry.
+    /// A ready job's dispatch entry (of `Unassign`).
     Ready(Option<ReadyJob>),
+    /// Dispatch entries (of `Ready`).
+    ReadyJobs(Vec<ReadyJob>),
     /// What to send an agent.
     Dispatch(Option<Box<Dispatch>>),
     /// Jobs to stop on agents: (agent, job).
@@ -339,6 +337,8 @@ impl RunActor {
                 run_id: run.id.clone(),
                 job_id: job.id.clone(),
             },
+            version: job.version,
+            status: job.status,
         };
         self.sub.queues().send(CHECKS_QUEUE, &msg, 0).await?;
         Ok(())
@@ -391,6 +391,7 @@ impl RunActor {
     /// After a job ended: queue downstream jobs whose needs are all met, skip (cascading)
     /// those with an upstream outside their edge's `runOn`, aggregate the run.
     async fn settle(&self, ctx: &mut ActorContext, run: &mut RunRecord) -> Result<()> {
+        let mut ready = Vec::new();
         loop {
             let mut changed = false;
             let pending: Vec<JobSummary> = run
@@ -425,20 +426,22 @@ impl RunActor {
                 if self.apply(ctx, run, &mut job, event, reason).await? {
                     changed = true;
                     if job.state == JobState::Queued {
-                        let msg = DispatchMessage::Ready {
-                            owner: run.owner.clone(),
-                            job: JobRef {
-                                run_id: run.id.clone(),
-                                job_id: job.id.clone(),
-                            },
-                        };
-                        self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
+                        ready.push(job.id.clone());
                     }
                 }
             }
             if !changed {
                 break;
             }
+        }
+        if !ready.is_empty() {
+            // One notice for all: a 250-job matrix is one message, one pool call.
+            let msg = DispatchMessage::Ready {
+                owner: run.owner.clone(),
+                run_id: run.id.clone(),
+                jobs: ready,
+            };
+            self.sub.queues().send(DISPATCH_QUEUE, &msg, 0).await?;
         }
         let status = aggregate(run.jobs.iter().map(|j| j.status));
         let now = ctx.now_ms();
@@ -538,29 +541,36 @@ impl Actor for RunActor {
                 self.settle(ctx, &mut run).await?;
                 Ok(RunReply::Run(Some(Box::new(run))))
             }
-            RunCall::Ready(job_id) => {
-                let Some(job) = Self::job(ctx, &job_id).await? else {
-                    return Ok(RunReply::Ready(None));
-                };
-                let run_id = ctx.key().rsplit('/').next().unwrap_or_default();
-                let ready = (job.state == JobState::Queued && job.agent_id.is_none())
-                    .then(|| ready_of(run_id, &job));
-                Ok(RunReply::Ready(ready))
+            RunCall::Ready(job_ids) => {
+                let run_id = ctx.key().rsplit('/').next().unwrap_or_default().to_owned();
+                let mut ready = Vec::new();
+                for id in job_ids {
+                    if let Some(job) = Self::job(ctx, &id).await?
+                        && job.state == JobState::Queued
+                        && job.agent_id.is_none()
+                    {
+                        ready.push(ready_of(&run_id, &job));
+                    }
+                }
+                Ok(RunReply::ReadyJobs(ready))
             }
-            RunCall::Waiting(job_id, reason) => {
-                let (Some(mut run), Some(mut job)) =
-                    (Self::load(ctx).await?, Self::job(ctx, &job_id).await?)
-                else {
+            RunCall::Waiting(reasons) => {
+                let Some(mut run) = Self::load(ctx).await? else {
                     return Ok(RunReply::Done);
                 };
-                if job.state == JobState::Queued
-                    && job.agent_id.is_none()
-                    && job.waiting_reason.as_deref() != Some(&reason)
-                {
-                    job.waiting_reason = Some(reason);
-                    self.save_job(ctx, &mut run, &mut job).await?;
-                    ctx.put("run", &run)?;
+                for (job_id, reason) in reasons {
+                    let Some(mut job) = Self::job(ctx, &job_id).await? else {
+                        continue;
+                    };
+                    if job.state == JobState::Queued
+                        && job.agent_id.is_none()
+                        && job.waiting_reason.as_deref() != Some(&reason)
+                    {
+                        job.waiting_reason = Some(reason);
+                        self.save_job(ctx, &mut run, &mut job).await?;
+                    }
                 }
+                ctx.put("run", &run)?;
                 Ok(RunReply::Done)
             }
             RunCall::Assign { job_id, agent_id } => {
@@ -674,6 +684,7 @@ impl Actor for RunActor {
                 self.each(ctx, &jobs, JobEvent::Fail, Some(reason)).await?;
                 Ok(RunReply::Done)
             }
+            RunCall::Barrier => Ok(RunReply::Done),
             RunCall::Release => {
                 if let Some(mut run) = Self::load(ctx).await?
                     && run.group_held
@@ -683,8 +694,6 @@ impl Actor for RunActor {
                 }
                 Ok(RunReply::Done)
             }
-            RunCall::Get => Ok(RunReply::Run(Self::load(ctx).await?.map(Box::new))),
-            RunCall::GetJob(id) => Ok(RunReply::Job(Self::job(ctx, &id).await?.map(Box::new))),
         }
     }
 

@@ -172,6 +172,57 @@ impl ActorContext {
             .collect()
     }
 
+    /// A page of [`ActorContext::list`]: entries whose key starts with `prefix` and sorts
+    /// after `after` (empty: from the start), in key order, including the call's own writes,
+    /// reading at most `limit` committed rows. Replies the entries and, when more may follow,
+    /// the key to pass as `after` for the next page (the page can be short, even empty, when
+    /// the call deleted entries, so page until `None`). For a long list an actor walks from
+    /// its start, as a queue's head.
+    ///
+    /// Errors: [`Error::Serde`], [`Error::Storage`].
+    pub async fn list_page<T: DeserializeOwned>(
+        &mut self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<(String, T)>, Option<String>)> {
+        let limit = limit.max(1);
+        let committed = if self.writes.cleared {
+            Vec::new()
+        } else {
+            self.session.list_page(prefix, after, limit).await?
+        };
+        // A full page bounds what this page covers; buffered writes past it show on a later
+        // page.
+        let bound = (committed.len() as u32 == limit)
+            .then(|| committed.last().map(|(k, _)| k.clone()))
+            .flatten();
+        let mut merged: std::collections::BTreeMap<String, Vec<u8>> =
+            committed.into_iter().collect();
+        let start = std::ops::Bound::Excluded(after.to_owned());
+        for (k, v) in self
+            .writes
+            .entries
+            .range::<String, _>((start, std::ops::Bound::Unbounded))
+        {
+            if k.as_str() < prefix {
+                continue;
+            }
+            if !k.starts_with(prefix) || bound.as_ref().is_some_and(|b| k > b) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        let entries = merged
+            .into_iter()
+            .map(|(k, v)| Ok((k, serde_json::from_slice(&v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((entries, bound))
+    }
+
     /// Commits the writes and alarm change buffered so far, keeping the actor's lock: the call
     /// goes on, and its later writes commit when it returns `Ok` (an `Err` then discards only
     /// those). For handlers that must persist an external effect before awaiting the next

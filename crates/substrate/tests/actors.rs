@@ -26,6 +26,14 @@ enum ScratchCall {
     Delete(String),
     DeleteAll,
     List(String),
+    /// Writes `put` and deletes `delete` in the call, then walks `prefix` in pages of `limit`
+    /// and compares the walk with a whole listing.
+    Pages {
+        prefix: String,
+        limit: u32,
+        put: Vec<(String, String)>,
+        delete: Vec<String>,
+    },
     Get(String),
     SetAlarm(i64),
     Alarm,
@@ -108,6 +116,35 @@ impl Actor for Scratch {
                 ScratchReply::None
             }
             ScratchCall::List(prefix) => ScratchReply::List(ctx.list(&prefix).await?),
+            ScratchCall::Pages {
+                prefix,
+                limit,
+                put,
+                delete,
+            } => {
+                for (k, v) in put {
+                    ctx.put(&k, &v)?;
+                }
+                for k in delete {
+                    ctx.delete(&k);
+                }
+                let mut walked = Vec::new();
+                let mut after = String::new();
+                loop {
+                    let (page, next) = ctx.list_page::<String>(&prefix, &after, limit).await?;
+                    assert!(
+                        page.len() <= limit as usize + 3,
+                        "a page reads at most its limit"
+                    );
+                    walked.extend(page);
+                    match next {
+                        Some(n) => after = n,
+                        None => break,
+                    }
+                }
+                assert_eq!(walked, ctx.list::<String>(&prefix).await?);
+                ScratchReply::List(walked)
+            }
             ScratchCall::Get(key) => ScratchReply::Value(ctx.get(&key).await?),
             ScratchCall::SetAlarm(at) => {
                 ctx.set_alarm(at);
@@ -411,6 +448,53 @@ async fn storage_list_delete_and_delete_all(kind: Kind) {
     assert!(snap.alarm.is_none(), "delete_all removes the alarm too");
 }
 
+/// Paged listing walks the same entries as a whole listing, the call's own writes included.
+async fn storage_pages(kind: Kind) {
+    let env = Env::new(kind).await;
+    let sub = env.open().await;
+    sub.actors().register(Scratch);
+    let actors = sub.actors();
+    for i in 1..=10 {
+        actors
+            .call::<Scratch>("k", put(&format!("a/{i:02}"), "c"))
+            .await
+            .unwrap();
+    }
+    actors.call::<Scratch>("k", put("b/1", "z")).await.unwrap();
+    actors
+        .call::<Scratch>("k", put("0", "before"))
+        .await
+        .unwrap();
+    for limit in [1, 3, 10, 50] {
+        let reply = actors
+            .call::<Scratch>(
+                "k",
+                ScratchCall::Pages {
+                    prefix: "a/".into(),
+                    limit,
+                    put: vec![
+                        ("a/05x".into(), "new".into()),
+                        ("a/99".into(), "end".into()),
+                    ],
+                    delete: vec!["a/03".into(), "a/04".into(), "a/05".into()],
+                },
+            )
+            .await
+            .unwrap();
+        let ScratchReply::List(walked) = reply else {
+            panic!("a list")
+        };
+        let keys: Vec<&str> = walked.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "a/01", "a/02", "a/05x", "a/06", "a/07", "a/08", "a/09", "a/10", "a/99"
+            ],
+            "limit {limit}"
+        );
+    }
+}
+
 async fn backlog_beyond_limit_is_overloaded(kind: Kind) {
     let env = Env::new(kind).await;
     let sub = env
@@ -472,5 +556,6 @@ on_every_backend!(
     rollback_discards_only_earlier_writes,
     point_reads_and_key_listing,
     storage_list_delete_and_delete_all,
+    storage_pages,
     backlog_beyond_limit_is_overloaded,
 );

@@ -279,6 +279,14 @@ pub trait ActorSession: Send {
     async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Committed entries whose key starts with `prefix`, in key order.
     async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    /// At most `limit` committed entries whose key starts with `prefix` and sorts after
+    /// `after`, in key order.
+    async fn list_page(
+        &mut self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>>;
     /// The committed alarm: `(fire_at, generation)`.
     async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>>;
     /// Applies `writes` atomically and keeps the lock: the call goes on, and a later

@@ -406,6 +406,28 @@ impl ActorSession for PgSession {
         list_storage(self.conn(), &t, &k, prefix).await
     }
 
+    async fn list_page(
+        &mut self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let (t, k) = (self.actor_type.clone(), self.key.clone());
+        let rows = sqlx::query(
+            "SELECT key, value FROM actor_storage WHERE actor_type = $1 AND actor_key = $2
+             AND starts_with(key, $3) AND key COLLATE \"C\" > $4
+             ORDER BY key COLLATE \"C\" LIMIT $5",
+        )
+        .bind(t)
+        .bind(k)
+        .bind(prefix)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&mut **self.conn())
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>> {
         let (t, k) = (self.actor_type.clone(), self.key.clone());
         let row = sqlx::query(

@@ -448,6 +448,33 @@ impl ActorSession for SqliteSession {
             .read(|c| list_storage(c, &self.actor_type, &self.key, prefix))
     }
 
+    async fn list_page(
+        &mut self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        self.backend.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2
+                 AND key >= ?3 AND key > ?4 ORDER BY key LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(
+                params![self.actor_type, self.key, prefix, after, limit],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (key, value): (String, Vec<u8>) = row?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push((key, value));
+            }
+            Ok(out)
+        })
+    }
+
     async fn alarm(&mut self) -> Result<Option<(UnixMs, i64)>> {
         self.backend
             .read(|c| read_alarm(c, &self.actor_type, &self.key))
