@@ -453,6 +453,40 @@ impl GitHubApp {
             .ok_or_else(|| unusable("has no inline content (too large or not a file)"))
     }
 
+    /// The paths a pull request changes (`GET /repos/{o}/{r}/pulls/{n}/files`, 100 per page;
+    /// a renamed file's old path too), at most the 3,000 GitHub lists.
+    ///
+    /// Errors: [`GitHubError`].
+    pub async fn pull_files(
+        &self,
+        token: &AccessToken,
+        repo: &str,
+        number: u64,
+    ) -> Result<Vec<String>, GitHubError> {
+        split_repo(repo)?;
+        let client = self.as_installation(token)?;
+        let mut files = Vec::new();
+        for page in 1..=30 {
+            let batch: Vec<serde_json::Value> = client
+                .get(
+                    format!("/repos/{repo}/pulls/{number}/files?per_page=100&page={page}"),
+                    None::<&()>,
+                )
+                .await?;
+            for f in &batch {
+                for key in ["filename", "previous_filename"] {
+                    if let Some(name) = f[key].as_str() {
+                        files.push(name.to_owned());
+                    }
+                }
+            }
+            if batch.len() < 100 {
+                break;
+            }
+        }
+        Ok(files)
+    }
+
     /// The commit at the tip of `branch` (`GET /repos/{o}/{r}/branches/{branch}`); `None`
     /// when GitHub says 404.
     ///

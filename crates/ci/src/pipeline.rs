@@ -168,6 +168,34 @@ impl Ci {
         }
     }
 
+    /// The files a pull request changes, through the API (fetched only when a trigger has
+    /// path filters).
+    async fn pull_changed_files(
+        &self,
+        installation_id: u64,
+        repo: &str,
+        payload: &Value,
+    ) -> Result<Vec<String>, CiError> {
+        let github = self.github().ok_or(CiError::Disabled(
+            "the GitHub App is not configured (github.app_id)",
+        ))?;
+        let number = payload["pull_request"]["number"]
+            .as_u64()
+            .or_else(|| payload["number"].as_u64())
+            .unwrap_or(0);
+        let fail = |e: kilocloud_automation::GitHubError| {
+            kilocloud_substrate::Error::Handler(format!("changed files of #{number}: {e}"))
+        };
+        let token = github
+            .installation_token(installation_id)
+            .await
+            .map_err(fail)?;
+        Ok(github
+            .pull_files(&token, repo, number)
+            .await
+            .map_err(fail)?)
+    }
+
     /// Runs the pipeline for one delivery (what the `kici-webhooks` consumer does): one run
     /// per matched workflow; returns the outcome (`runs …`, `no workflow matched`,
     /// `lockfile_missing: …`, `lockfile_corrupt: …`, `ignored: …`). Idempotent per delivery.
@@ -256,8 +284,15 @@ impl Ci {
             .iter()
             .flat_map(|w| &w.triggers)
             .any(|t| t["paths"].as_array().is_some_and(|p| !p.is_empty()));
-        if wants_files && event.kind == "push" {
-            event.changed_files = Some(push_changed_files(&msg.payload));
+        if wants_files {
+            event.changed_files = match event.kind.as_str() {
+                "push" => Some(push_changed_files(&msg.payload)),
+                "pull_request" => Some(
+                    self.pull_changed_files(installation_id, &repo, &msg.payload)
+                        .await?,
+                ),
+                _ => None,
+            };
         }
         let mut created = Vec::new();
         for workflow in &lock.workflows {

@@ -862,7 +862,66 @@ async fn generic_webhooks(pg: bool) {
     assert!(matches!(invalid, CiError::Invalid(_)));
 }
 
+/// A pull request's changed files are read through the API only when a trigger filters on
+/// paths, and decide the match.
+async fn pull_request_paths(pg: bool) {
+    use kilocloud_test_support::fake_github::FakePull;
+    let e = env(pg, true).await;
+    let github = e.github.as_ref().unwrap();
+    let head = "e".repeat(40);
+    let lock = compile(&[WorkflowSource {
+        file: ".kici/workflows/docs.yml".into(),
+        text: "name: docs\non: [{pr: {paths: [\"docs/**\"]}}]\njobs:\n  j: { runsOn: linux, run: t }\n".into(),
+    }])
+    .unwrap();
+    github.add_file(
+        "octo",
+        "app",
+        &head,
+        ".kici/kici.lock.json",
+        &to_lock_json(&lock),
+    );
+    let diff = |path: &str| {
+        format!("diff --git a/{path} b/{path}\n--- a/{path}\n+++ b/{path}\n@@ -1 +1 @@\n-a\n+b\n")
+    };
+    for (number, path) in [(1, "docs/guide.md"), (2, "src/lib.rs")] {
+        github.add_pull(
+            "octo",
+            "app",
+            FakePull {
+                number,
+                head_sha: head.clone(),
+                head_ref: format!("b{number}"),
+                base_ref: "main".into(),
+                diff: diff(path),
+                ..FakePull::default()
+            },
+        );
+    }
+    let delivery = |number: u64| InboundDelivery {
+        delivery: format!("pr-{number}"),
+        event: "pull_request".into(),
+        owner: e.owner,
+        user: Uuid::new_v4(),
+        installation_id: 7,
+        payload: json!({
+            "action": "opened", "number": number,
+            "pull_request": {"number": number, "head": {"sha": head, "ref": format!("b{number}"),
+                "repo": {"full_name": "octo/app"}}, "base": {"ref": "main", "repo": {"full_name": "octo/app"}}},
+            "repository": {"full_name": "octo/app"}, "installation": {"id": 7}, "sender": {"id": 1},
+        }),
+    };
+    let docs = e.ci.process_delivery(&delivery(1)).await.unwrap();
+    assert!(docs.starts_with("runs "), "{docs}");
+    let code = e.ci.process_delivery(&delivery(2)).await.unwrap();
+    assert_eq!(code, "no workflow matched");
+    let runs = e.ci.runs(e.owner, 10, "").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].1.git_ref, "refs/pull/1/head");
+}
+
 on_both_backends!(
+    pull_request_paths,
     generic_webhooks,
     rerun_and_workflow_timeout,
     concurrency_groups,
