@@ -455,23 +455,14 @@ impl ActorSession for SqliteSession {
         limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>> {
         self.backend.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key, value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2
-                 AND key >= ?3 AND key > ?4 ORDER BY key LIMIT ?5",
-            )?;
-            let rows = stmt.query_map(
-                params![self.actor_type, self.key, prefix, after, limit],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (key, value): (String, Vec<u8>) = row?;
-                if !key.starts_with(prefix) {
-                    break;
-                }
-                out.push((key, value));
-            }
-            Ok(out)
+            list_storage_page(
+                c,
+                &self.actor_type,
+                &self.key,
+                prefix,
+                after,
+                i64::from(limit),
+            )
         })
     }
 
@@ -508,11 +499,27 @@ impl ActorSession for SqliteSession {
 }
 
 fn list_storage(c: &Connection, t: &str, k: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    // SQLite reads `LIMIT -1` as no limit.
+    list_storage_page(c, t, k, prefix, "", -1)
+}
+
+/// At most `limit` entries (−1: all) of one actor whose key starts with `prefix` and sorts
+/// after `after`, in key order.
+fn list_storage_page(
+    c: &Connection,
+    t: &str,
+    k: &str,
+    prefix: &str,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<(String, Vec<u8>)>> {
     let mut stmt = c.prepare_cached(
         "SELECT key, value FROM actor_storage WHERE actor_type = ?1 AND actor_key = ?2
-         AND key >= ?3 ORDER BY key",
+         AND key >= ?3 AND key > ?4 ORDER BY key LIMIT ?5",
     )?;
-    let rows = stmt.query_map(params![t, k, prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = stmt.query_map(params![t, k, prefix, after, limit], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
     let mut out = Vec::new();
     for row in rows {
         let (key, value): (String, Vec<u8>) = row?;
